@@ -1,0 +1,139 @@
+//! Why a packet got the verdict it got.
+//!
+//! The XDP program counts every packet it sees in exactly one [`Reason`] slot of the per-CPU
+//! `COUNTERS` array. Each reason implies one verdict, so the counts per verdict are sums over
+//! reasons and the two can never disagree.
+
+/// XDP verdicts, with the kernel's numeric values (`enum xdp_action`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    Aborted = 0,
+    Drop = 1,
+    Pass = 2,
+    Tx = 3,
+    Redirect = 4,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 5] = [
+        Verdict::Aborted,
+        Verdict::Drop,
+        Verdict::Pass,
+        Verdict::Tx,
+        Verdict::Redirect,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Aborted => "aborted",
+            Verdict::Drop => "drop",
+            Verdict::Pass => "pass",
+            Verdict::Tx => "tx",
+            Verdict::Redirect => "redirect",
+        }
+    }
+
+    /// The kernel's `XDP_*` value for this verdict.
+    pub const fn action(self) -> u32 {
+        self as u32
+    }
+
+    pub fn from_action(action: u32) -> Option<Verdict> {
+        Verdict::ALL.into_iter().find(|v| v.action() == action)
+    }
+}
+
+macro_rules! reasons {
+    ($( $(#[$doc:meta])* $variant:ident = $id:literal, $name:literal, $verdict:ident; )*) => {
+        /// Every reason the XDP program gives a verdict. The numeric value is the slot in the
+        /// `COUNTERS` map; values are stable so that pinned counters survive an upgrade.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Reason {
+            $( $(#[$doc])* $variant = $id, )*
+        }
+
+        impl Reason {
+            /// All reasons, in slot order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant),*];
+
+            /// Short snake_case name used by `relay stats` and its JSON output.
+            pub const fn name(self) -> &'static str {
+                match self { $(Reason::$variant => $name,)* }
+            }
+
+            /// The verdict a packet counted under this reason receives.
+            pub const fn verdict(self) -> Verdict {
+                match self { $(Reason::$variant => Verdict::$verdict,)* }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// The frame carries neither IPv4 nor IPv6 (ARP, LLDP, ...).
+    NotIp = 0, "not_ip", Pass;
+    /// More than one VLAN tag (QinQ); left to the kernel.
+    VlanStacked = 1, "vlan_stacked", Pass;
+    /// The frame ends inside a header it announces.
+    Truncated = 2, "truncated", Pass;
+    /// IP version, header length or total length is inconsistent.
+    BadIpHeader = 3, "bad_ip_header", Pass;
+    /// IPv4 fragment (first or later); reassembly is the kernel's job.
+    Ipv4Fragment = 4, "ipv4_fragment", Pass;
+    /// IPv4 header with options.
+    Ipv4Options = 5, "ipv4_options", Pass;
+    /// IPv6 with an extension header before the transport header.
+    Ipv6Extension = 6, "ipv6_extension", Pass;
+    /// TCP: handled by the kernel and the controller's sockets.
+    Tcp = 7, "tcp", Pass;
+    /// Any other transport protocol (ICMP, SCTP, ...).
+    OtherL4 = 8, "other_l4", Pass;
+    /// UDP length field disagrees with the IP payload length.
+    BadUdpLength = 9, "bad_udp_length", Pass;
+    /// UDP that belongs to no session in the maps.
+    NoSession = 10, "no_session", Pass;
+}
+
+/// Number of slots in the `COUNTERS` map. Larger than the number of reasons so that a newer
+/// program with more reasons can reuse a pinned map.
+pub const COUNTER_SLOTS: u32 = 64;
+
+/// One counter slot: packets and bytes (whole frames as the program saw them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `Counter` is `repr(C)`, `Copy`, made of two u64 with no padding.
+unsafe impl aya::Pod for Counter {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_slots_are_dense_unique_and_fit_the_map() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{} is not in slot order", r.name());
+        }
+        assert!((Reason::ALL.len() as u32) < COUNTER_SLOTS);
+        let mut names: std::vec::Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Reason::ALL.len(), "duplicate reason name");
+    }
+
+    #[test]
+    fn verdict_round_trips_through_action() {
+        for v in Verdict::ALL {
+            assert_eq!(Verdict::from_action(v.action()), Some(v));
+        }
+        assert_eq!(Verdict::from_action(2), Some(Verdict::Pass));
+        assert_eq!(Verdict::from_action(99), None);
+    }
+}

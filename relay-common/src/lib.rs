@@ -1,0 +1,20 @@
+//! Types shared by the relay's XDP program (`relay-ebpf`) and its controller (`relay`), and the
+//! pure packet logic both use: header parsing, checksum arithmetic and rewrite planning.
+//!
+//! The crate is `no_std` so that it compiles for the BPF target; the `std` feature adds the
+//! host-only frame builder and the `user` feature adds `aya::Pod` impls for the map types.
+#![no_std]
+
+#[cfg(any(test, feature = "std"))]
+extern crate std;
+
+pub mod checksum;
+pub mod counters;
+#[cfg(any(test, feature = "std"))]
+pub mod frame;
+pub mod packet;
+
+/// Names of the maps, as the controller looks them up and pins them.
+pub mod maps {
+    pub const COUNTERS: &str = "COUNTERS";
+}

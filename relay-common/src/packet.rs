@@ -1,0 +1,356 @@
+//! Header parsing shared by the XDP program and the host.
+//!
+//! The parser is generic over [`Packet`], a bounds-checked view of a frame. The XDP program
+//! implements it over `data`/`data_end` (every read is checked against `data_end`, which is
+//! what the verifier wants to see); the host implements it over a byte slice, so the very same
+//! code is unit-tested here. Everything is `#[inline(always)]`: BPF-to-BPF calls cannot pass
+//! or return structs.
+
+use core::mem::size_of;
+
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+use crate::counters::Reason;
+
+/// A frame whose bytes can be read with bounds checks.
+pub trait Packet {
+    /// Length of the frame in bytes.
+    fn len(&self) -> usize;
+
+    /// Reads a `T` at byte offset `off`, or `None` if the frame is too short.
+    fn read<T: Copy>(&self, off: usize) -> Option<T>;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Packet for [u8] {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Option<T> {
+        let bytes = self.get(off..off.checked_add(size_of::<T>())?)?;
+        // SAFETY: `bytes` is exactly `size_of::<T>()` readable bytes; `read_unaligned` has no
+        // alignment requirement and every `T` used here is plain old data.
+        Some(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+    }
+}
+
+/// Address family of a parsed packet. Stored as `u8` in map types.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+const ETH_P_8021Q: u16 = EtherType::Ieee8021q as u16;
+const ETH_P_8021AD: u16 = 0x88a8_u16.to_be();
+const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
+const ETH_P_IPV6: u16 = EtherType::Ipv6 as u16;
+
+/// What the fast path needs to know about an IP packet. Addresses are 16 bytes for both
+/// families; an IPv4 address occupies the first 4 bytes and the rest are zero, so that
+/// checksum arithmetic over all 16 bytes is correct for both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Headers {
+    /// Offset of the IP header.
+    pub l3: u16,
+    /// Offset of the transport header.
+    pub l4: u16,
+    /// Length of the transport header plus payload, from the IP header.
+    pub l4_len: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// IP protocol / IPv6 next header.
+    pub proto: u8,
+    /// TTL or hop limit.
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Transport ports in host order (0 for protocols without ports).
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+impl Headers {
+    /// Offset of the address pair in the IP header (source first, destination right after).
+    pub const fn addr_offset(&self) -> usize {
+        self.l3 as usize + if self.family == FAMILY_V4 { 12 } else { 8 }
+    }
+
+    /// Address length for this family.
+    pub const fn addr_len(&self) -> usize {
+        if self.family == FAMILY_V4 {
+            4
+        } else {
+            16
+        }
+    }
+}
+
+/// IPv6 next-header values that are extension headers, not transports.
+#[inline(always)]
+fn is_ipv6_extension(next: u8) -> bool {
+    matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
+}
+
+/// Parses Ethernet (with at most one 802.1Q/802.1ad tag), IPv4 (honouring IHL) or IPv6, and the
+/// ports of UDP and TCP. Returns the reason to leave the packet alone when it is not a whole,
+/// unfragmented IP packet the fast path could own.
+#[inline(always)]
+pub fn parse<P: Packet + ?Sized>(pkt: &P) -> Result<Headers, Reason> {
+    let eth: EthHdr = pkt.read(0).ok_or(Reason::Truncated)?;
+    let mut ether_type = eth.ether_type;
+    let mut l3 = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let vlan: VlanHdr = pkt.read(l3).ok_or(Reason::Truncated)?;
+        ether_type = vlan.ether_type;
+        l3 += VlanHdr::LEN;
+        if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+            return Err(Reason::VlanStacked);
+        }
+    }
+
+    let mut h = Headers {
+        l3: l3 as u16,
+        l4: 0,
+        l4_len: 0,
+        family: 0,
+        proto: 0,
+        hop_limit: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+    };
+
+    if ether_type == ETH_P_IPV4 {
+        let ip: Ipv4Hdr = pkt.read(l3).ok_or(Reason::Truncated)?;
+        let ihl = (ip.vihl & 0x0f) as usize * 4;
+        let total = u16::from_be_bytes(ip.tot_len) as usize;
+        if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || total < ihl {
+            return Err(Reason::BadIpHeader);
+        }
+        if l3 + total > pkt.len() {
+            return Err(Reason::Truncated);
+        }
+        // More-fragments flag or a non-zero offset: some fragment of a datagram.
+        if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+            return Err(Reason::Ipv4Fragment);
+        }
+        if ihl > Ipv4Hdr::LEN {
+            return Err(Reason::Ipv4Options);
+        }
+        h.family = FAMILY_V4;
+        h.proto = ip.proto as u8;
+        h.hop_limit = ip.ttl;
+        h.l4 = (l3 + ihl) as u16;
+        h.l4_len = (total - ihl) as u16;
+        h.src[..4].copy_from_slice(&ip.src_addr);
+        h.dst[..4].copy_from_slice(&ip.dst_addr);
+    } else if ether_type == ETH_P_IPV6 {
+        let ip: Ipv6Hdr = pkt.read(l3).ok_or(Reason::Truncated)?;
+        if ip.vcf[0] >> 4 != 6 {
+            return Err(Reason::BadIpHeader);
+        }
+        let payload = u16::from_be_bytes(ip.payload_len) as usize;
+        let next = ip.next_hdr as u8;
+        if is_ipv6_extension(next) {
+            return Err(Reason::Ipv6Extension);
+        }
+        if l3 + Ipv6Hdr::LEN + payload > pkt.len() {
+            return Err(Reason::Truncated);
+        }
+        h.family = FAMILY_V6;
+        h.proto = next;
+        h.hop_limit = ip.hop_limit;
+        h.l4 = (l3 + Ipv6Hdr::LEN) as u16;
+        h.l4_len = payload as u16;
+        h.src = ip.src_addr;
+        h.dst = ip.dst_addr;
+    } else {
+        return Err(Reason::NotIp);
+    }
+
+    if h.proto == IpProto::Udp as u8 {
+        let udp: UdpHdr = pkt.read(h.l4 as usize).ok_or(Reason::Truncated)?;
+        if u16::from_be_bytes(udp.len) != h.l4_len || (h.l4_len as usize) < UdpHdr::LEN {
+            return Err(Reason::BadUdpLength);
+        }
+        h.src_port = u16::from_be_bytes(udp.src);
+        h.dst_port = u16::from_be_bytes(udp.dst);
+    } else if h.proto == IpProto::Tcp as u8 {
+        // The ports are the first four bytes of the TCP header.
+        let ports: [u8; 4] = pkt.read(h.l4 as usize).ok_or(Reason::Truncated)?;
+        h.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+        h.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+    }
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Frame;
+    use std::net::SocketAddr;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        let mut x = [0; 16];
+        x[..4].copy_from_slice(&a);
+        x
+    }
+
+    #[test]
+    fn ipv4_udp() {
+        let f = Frame::udp(sa("10.0.0.1:5000"), sa("10.0.0.2:51820"), b"hello").build();
+        let h = parse(&f[..]).unwrap();
+        assert_eq!(h.family, FAMILY_V4);
+        assert_eq!(h.proto, PROTO_UDP);
+        assert_eq!((h.l3, h.l4, h.l4_len), (14, 34, 13));
+        assert_eq!(h.src, v4([10, 0, 0, 1]));
+        assert_eq!(h.dst, v4([10, 0, 0, 2]));
+        assert_eq!((h.src_port, h.dst_port), (5000, 51820));
+        assert_eq!(h.hop_limit, 64);
+        assert_eq!(h.addr_offset(), 26);
+    }
+
+    #[test]
+    fn ipv6_udp_and_tcp() {
+        let f = Frame::udp(sa("[fd00::1]:1"), sa("[fd00::2]:2"), &[7; 100]).build();
+        let h = parse(&f[..]).unwrap();
+        assert_eq!(
+            (h.family, h.proto, h.l4, h.l4_len),
+            (FAMILY_V6, PROTO_UDP, 54, 108)
+        );
+        assert_eq!(h.addr_offset(), 22);
+        let t = Frame::udp(sa("[fd00::1]:443"), sa("[fd00::2]:80"), b"x").proto(PROTO_TCP);
+        let h = parse(&t.build()[..]).unwrap();
+        assert_eq!((h.proto, h.src_port, h.dst_port), (PROTO_TCP, 443, 80));
+    }
+
+    #[test]
+    fn one_vlan_tag_is_skipped_two_are_declined() {
+        let f = Frame::udp(sa("10.0.0.1:1"), sa("10.0.0.2:2"), b"v")
+            .vlan(42)
+            .build();
+        let h = parse(&f[..]).unwrap();
+        assert_eq!((h.l3, h.l4), (18, 38));
+        let mut qinq = f.clone();
+        // Turn the inner ethertype into another 802.1Q tag.
+        qinq[16..18].copy_from_slice(&0x8100u16.to_be_bytes());
+        assert_eq!(parse(&qinq[..]), Err(Reason::VlanStacked));
+    }
+
+    #[test]
+    fn ihl_is_honoured_and_options_are_declined() {
+        let f = Frame::udp(sa("10.0.0.1:1"), sa("10.0.0.2:2"), b"o")
+            .ipv4_options(&[1, 1, 1, 1])
+            .build();
+        assert_eq!(parse(&f[..]), Err(Reason::Ipv4Options));
+    }
+
+    #[test]
+    fn fragments_are_declined() {
+        let base = Frame::udp(sa("10.0.0.1:1"), sa("10.0.0.2:2"), b"f");
+        let first = base.clone().fragment(true, 0).build();
+        let later = base.fragment(false, 185).build();
+        assert_eq!(parse(&first[..]), Err(Reason::Ipv4Fragment));
+        assert_eq!(parse(&later[..]), Err(Reason::Ipv4Fragment));
+    }
+
+    #[test]
+    fn non_ip_and_other_protocols() {
+        let mut arp = Frame::udp(sa("10.0.0.1:1"), sa("10.0.0.2:2"), b"").build();
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        assert_eq!(parse(&arp[..]), Err(Reason::NotIp));
+        let icmp = Frame::udp(sa("10.0.0.1:1"), sa("10.0.0.2:2"), b"ping").proto(1);
+        let h = parse(&icmp.build()[..]).unwrap();
+        assert_eq!((h.proto, h.src_port, h.dst_port), (1, 0, 0));
+    }
+
+    #[test]
+    fn every_truncation_is_reported_never_panics() {
+        let frames = [
+            Frame::udp(sa("10.0.0.1:1"), sa("10.0.0.2:2"), &[1; 64])
+                .vlan(3)
+                .build(),
+            Frame::udp(sa("[fd00::1]:1"), sa("[fd00::2]:2"), &[1; 64]).build(),
+        ];
+        for f in frames {
+            for cut in 0..f.len() - 1 {
+                let r = parse(&f[..cut]);
+                assert!(
+                    matches!(r, Err(Reason::Truncated)),
+                    "cut at {cut} of {}: {r:?}",
+                    f.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn inconsistent_lengths() {
+        let f = Frame::udp(sa("10.0.0.1:1"), sa("10.0.0.2:2"), &[0; 32]).build();
+        let mut bad_ihl = f.clone();
+        bad_ihl[14] = 0x44;
+        assert_eq!(parse(&bad_ihl[..]), Err(Reason::BadIpHeader));
+        let mut bad_version = f.clone();
+        bad_version[14] = 0x65;
+        assert_eq!(parse(&bad_version[..]), Err(Reason::BadIpHeader));
+        let mut total_too_small = f.clone();
+        total_too_small[16..18].copy_from_slice(&10u16.to_be_bytes());
+        assert_eq!(parse(&total_too_small[..]), Err(Reason::BadIpHeader));
+        let mut udp_len = f.clone();
+        udp_len[38..40].copy_from_slice(&9u16.to_be_bytes());
+        assert_eq!(parse(&udp_len[..]), Err(Reason::BadUdpLength));
+        let mut v6_ext = Frame::udp(sa("[fd00::1]:1"), sa("[fd00::2]:2"), b"e").build();
+        v6_ext[20] = 44; // fragment header
+        assert_eq!(parse(&v6_ext[..]), Err(Reason::Ipv6Extension));
+    }
+
+    #[test]
+    fn ethernet_padding_is_not_payload() {
+        // 1-byte payload: the frame is padded to 60 bytes but UDP length stays 9.
+        let f = Frame::udp(sa("10.0.0.1:1"), sa("10.0.0.2:2"), b"p").build();
+        assert_eq!(f.len(), 60);
+        assert_eq!(parse(&f[..]).unwrap().l4_len, 9);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut state = 0x1234_5678_u32;
+        let mut buf = [0u8; 128];
+        for i in 0..50_000 {
+            for b in buf.iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                *b = state as u8;
+            }
+            // Make most inputs look like IP so that the deeper branches run.
+            buf[12..14].copy_from_slice(if i % 2 == 0 {
+                &[0x08, 0]
+            } else {
+                &[0x86, 0xdd]
+            });
+            let len = (state as usize) % buf.len();
+            let _ = parse(&buf[..len]);
+        }
+    }
+}
