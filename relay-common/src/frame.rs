@@ -69,7 +69,7 @@ impl Frame {
 
     pub fn ipv4_options(mut self, options: &[u8]) -> Frame {
         self.ipv4_options = options.to_vec();
-        while self.ipv4_options.len() % 4 != 0 {
+        while !self.ipv4_options.len().is_multiple_of(4) {
             self.ipv4_options.push(0);
         }
         self

@@ -154,7 +154,7 @@ pub fn parse<P: Packet + ?Sized>(pkt: &P) -> Result<Headers, Reason> {
             return Err(Reason::Ipv4Options);
         }
         h.family = FAMILY_V4;
-        h.proto = ip.proto as u8;
+        h.proto = ip.proto;
         h.hop_limit = ip.ttl;
         h.l4 = (l3 + ihl) as u16;
         h.l4_len = (total - ihl) as u16;
@@ -166,7 +166,7 @@ pub fn parse<P: Packet + ?Sized>(pkt: &P) -> Result<Headers, Reason> {
             return Err(Reason::BadIpHeader);
         }
         let payload = u16::from_be_bytes(ip.payload_len) as usize;
-        let next = ip.next_hdr as u8;
+        let next = ip.next_hdr;
         if is_ipv6_extension(next) {
             return Err(Reason::Ipv6Extension);
         }

@@ -83,26 +83,76 @@ fn rejected(e: ProgramError) -> anyhow::Error {
     }
 }
 
+/// The line of a verifier log that says why the program was refused: the last one that is
+/// not a statistics line.
+pub fn verifier_reason(log: &str) -> &str {
+    log.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| {
+            !l.is_empty()
+                && !l.starts_with("processed ")
+                && !l.starts_with("verification time")
+                && !l.starts_with("stack depth")
+        })
+        .unwrap_or("no verifier message")
+}
+
+/// Whether an attach error says another XDP program already holds the interface.
+fn already_attached(e: &ProgramError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EBUSY) | Some(libc::EEXIST)) {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// The operator's view of a failed attach.
+fn attach_error(iface: &str, mode: XdpMode, e: ProgramError) -> anyhow::Error {
+    if already_attached(&e) {
+        anyhow!(
+            "attaching XDP to {iface}: another XDP program is already attached \
+             (another relay? see `ip link show {iface}`)"
+        )
+    } else {
+        anyhow!(e).context(format!(
+            "attaching XDP to {iface} in {} mode",
+            mode_name(mode)
+        ))
+    }
+}
+
 /// Attaches the loaded program to `iface`.
 pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> anyhow::Result<XdpMode> {
     let prog = program(ebpf)?;
-    let try_attach = |prog: &mut Xdp, m: XdpMode| {
-        prog.attach(iface, m).map(|_| ()).map_err(|e| {
-            anyhow!(e).context(format!("attaching XDP to {iface} in {} mode", mode_name(m)))
-        })
+    let mut attach_in = |m: XdpMode| {
+        prog.attach(iface, m)
+            .map(|_| m)
+            .map_err(|e| attach_error(iface, m, e))
     };
-    match mode {
-        AttachMode::Driver => try_attach(prog, XdpMode::Driver).map(|()| XdpMode::Driver),
-        AttachMode::Generic => try_attach(prog, XdpMode::Skb).map(|()| XdpMode::Skb),
-        AttachMode::Auto => match try_attach(prog, XdpMode::Driver) {
-            Ok(()) => Ok(XdpMode::Driver),
+    let attached = match mode {
+        AttachMode::Driver => attach_in(XdpMode::Driver)?,
+        AttachMode::Generic => attach_in(XdpMode::Skb)?,
+        AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
+            Ok(_) => XdpMode::Driver,
+            Err(e) if already_attached(&e) => return Err(attach_error(iface, XdpMode::Driver, e)),
             Err(e) => {
-                warn!("{e:#}; falling back to generic mode, which is slower");
-                try_attach(prog, XdpMode::Skb).map(|()| XdpMode::Skb)
+                warn!(
+                    "attaching XDP to {iface} in driver mode: {e}; falling back to generic mode, which is slower"
+                );
+                prog.attach(iface, XdpMode::Skb)
+                    .map_err(|e| attach_error(iface, XdpMode::Skb, e))?;
+                XdpMode::Skb
             }
         },
-    }
-    .inspect(|m| info!("attached to {iface} in {} mode", mode_name(*m)))
+    };
+    info!("attached to {iface} in {} mode", mode_name(attached));
+    Ok(attached)
 }
 
 pub fn mode_name(m: XdpMode) -> &'static str {
@@ -111,5 +161,21 @@ pub fn mode_name(m: XdpMode) -> &'static str {
         XdpMode::Skb => "generic",
         XdpMode::Hardware => "offload",
         XdpMode::Default => "default",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verifier_reason;
+
+    #[test]
+    fn verifier_reason_skips_statistics() {
+        let log = "0: R1=ctx() R10=fp0\n; let p = ...\n12: (61) r2 = *(u32 *)(r3 +0)\n\
+                   invalid access to packet, off=0 size=4, R3(id=0,off=0,r=0)\n\
+                   R3 offset is outside of the packet\n\
+                   processed 13 insns (limit 1000000) max_states_per_insn 0\n\
+                   stack depth 0\nverification time 52 usec\n\n";
+        assert_eq!(verifier_reason(log), "R3 offset is outside of the packet");
+        assert_eq!(verifier_reason(""), "no verifier message");
     }
 }

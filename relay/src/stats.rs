@@ -1,7 +1,7 @@
 //! Counters as the operator sees them: read from the pinned maps, summed over CPUs, printed as
 //! a table or JSON.
 
-use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+use std::{borrow::Borrow, collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, PerCpuArray};
@@ -35,7 +35,9 @@ impl Totals {
 
 impl Snapshot {
     /// Sums the per-CPU `COUNTERS` map.
-    pub fn read(counters: &PerCpuArray<MapData, Counter>) -> anyhow::Result<Snapshot> {
+    pub fn read<M: Borrow<MapData>>(
+        counters: &PerCpuArray<M, Counter>,
+    ) -> anyhow::Result<Snapshot> {
         let mut s = Snapshot::default();
         for v in Verdict::ALL {
             s.verdicts.insert(v.name(), Totals::default());
@@ -55,6 +57,16 @@ impl Snapshot {
             }
         }
         Ok(s)
+    }
+
+    /// Reads the counters of a loaded program.
+    pub fn from_ebpf(ebpf: &aya::Ebpf) -> anyhow::Result<Snapshot> {
+        let map = ebpf
+            .map(maps::COUNTERS)
+            .context("the XDP object has no COUNTERS map")?;
+        let counters: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(map).context("COUNTERS is not a per-CPU array")?;
+        Snapshot::read(&counters)
     }
 
     /// Reads the counters pinned in `pin_dir` by a running (or stopped) relay.

@@ -1,1 +1,261 @@
-fn main() {}
+//! `cargo xtask`: the relay's build, run and test entry points.
+
+mod bootstrap;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, run and test the relay")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the build and test prerequisites (nightly rust-src, LLVM, bpf-linker, test tools).
+    Bootstrap {
+        /// Only report what is present and what is missing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Build the XDP program and the controller.
+    Build {
+        /// Build the controller without optimizations.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build, load and attach to an interface, and run the controller in the foreground.
+    Run {
+        /// Interface to attach to.
+        #[arg(short, long)]
+        iface: String,
+        /// Run inside this network namespace (from `ip netns add`).
+        #[arg(long)]
+        netns: Option<String>,
+        /// Build the controller without optimizations.
+        #[arg(long)]
+        debug: bool,
+        /// Further arguments for `relay run` (after `--`).
+        #[arg(last = true)]
+        relay_args: Vec<OsString>,
+    },
+    /// Run every test layer: unit tests, BPF_PROG_TEST_RUN fixtures, end-to-end namespaces;
+    /// then the linters.
+    Test {
+        /// Skip formatting and clippy checks.
+        #[arg(long)]
+        no_lint: bool,
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Check formatting and run clippy on the host crates and the eBPF crate.
+    Lint,
+    /// Format the code.
+    Fmt,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `cargo` from the workspace root, with cargo's bin directory (bpf-linker) on PATH.
+fn cargo() -> Command {
+    // Plain `cargo` (rustup's proxy), not $CARGO, so that RUSTUP_TOOLCHAIN can pick nightly.
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root());
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    if let Some(home) = home {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![home.join("bin")];
+        paths.extend(std::env::split_paths(&path));
+        if let Ok(joined) = std::env::join_paths(paths) {
+            cmd.env("PATH", joined);
+        }
+    }
+    cmd
+}
+
+/// A command as a person would type it (no environment, no directory).
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn status(mut cmd: Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting `{}`", describe(&cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", describe(&cmd));
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    bootstrap::build_prerequisites()?;
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "relay"]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(workspace_root().join("target").join(profile).join("relay"))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| l.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap_or(false)
+}
+
+/// Removes namespaces and pins that a killed test run may have left behind.
+fn clean_stale_test_state() {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if name.starts_with("rlyt") {
+                eprintln!("[test] removing stale namespace {name}");
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all("/sys/fs/bpf/relay-test");
+}
+
+fn lint() -> anyhow::Result<()> {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--check"]);
+    status(fmt)?;
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "relay-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    status(clippy)?;
+    // The eBPF crate only builds for the BPF target, with nightly (through rustup's `run`,
+    // which does not depend on the `cargo +toolchain` proxy syntax).
+    let mut ebpf = cargo();
+    ebpf.env("RUSTUP_TOOLCHAIN", "nightly")
+        .args([
+            "clippy",
+            "--package",
+            "relay-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env(
+            "CARGO_TARGET_DIR",
+            workspace_root().join("target").join("ebpf-lint"),
+        )
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"",
+        );
+    status(ebpf)
+}
+
+fn dispatch(command: Cmd) -> anyhow::Result<()> {
+    match command {
+        Cmd::Bootstrap { check: true } => {
+            bootstrap::report();
+            Ok(())
+        }
+        Cmd::Bootstrap { check: false } => {
+            bootstrap::build_prerequisites()?;
+            bootstrap::test_prerequisites()
+        }
+        Cmd::Build { debug } => build(!debug).map(|path| eprintln!("built {}", path.display())),
+        Cmd::Run {
+            iface,
+            netns,
+            debug,
+            relay_args,
+        } => {
+            let relay = build(!debug)?;
+            let mut cmd = match &netns {
+                Some(ns) => {
+                    let mut c = Command::new("nsenter");
+                    c.arg(format!("--net=/run/netns/{ns}")).arg(&relay);
+                    c
+                }
+                None => Command::new(&relay),
+            };
+            cmd.args(["run", "--iface", &iface]).args(&relay_args);
+            eprintln!("[run] {}", describe(&cmd));
+            status(cmd)
+        }
+        Cmd::Test { no_lint, filter } => {
+            if !is_root() {
+                bail!("the test suite loads BPF programs and creates network namespaces: run it as root");
+            }
+            bootstrap::build_prerequisites()?;
+            bootstrap::test_prerequisites()?;
+            clean_stale_test_state();
+            let mut test = cargo();
+            test.args(["test", "--workspace", "--exclude", "relay-ebpf"]);
+            if let Some(f) = &filter {
+                test.args(["--", f]);
+            }
+            status(test)?;
+            if !no_lint {
+                lint()?;
+            }
+            Ok(())
+        }
+        Cmd::Lint => {
+            bootstrap::build_prerequisites()?;
+            lint()
+        }
+        Cmd::Fmt => {
+            let mut fmt = cargo();
+            fmt.args(["fmt", "--all"]);
+            status(fmt)
+        }
+    }
+}

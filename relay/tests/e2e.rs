@@ -1,0 +1,200 @@
+//! End-to-end: the relay binary attached to a veth inside namespaces this test creates, real
+//! sockets sending real traffic through it.
+
+mod support;
+
+use std::{
+    net::UdpSocket,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use support::{
+    reason_packets, relay_bin, relay_cmd, stats, PinDir, Relay, Topology, CLIENT_V4, UPSTREAM_V4,
+};
+
+/// Sends `n` numbered datagrams from the client to the upstream through the relay namespace
+/// and returns the payloads the upstream received.
+fn send_through(t: &Topology, n: usize) -> Vec<Vec<u8>> {
+    let rx = t
+        .upstream
+        .run(|| UdpSocket::bind((UPSTREAM_V4, 9000)).expect("bind upstream"));
+    rx.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let tx = t
+        .client
+        .run(|| UdpSocket::bind((CLIENT_V4, 0)).expect("bind client"));
+    for i in 0..n {
+        let payload = format!("datagram {i} through the relay");
+        tx.send_to(payload.as_bytes(), (UPSTREAM_V4, 9000))
+            .expect("send");
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while got.len() < n {
+        match rx.recv_from(&mut buf) {
+            Ok((len, _)) => got.push(buf[..len].to_vec()),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+#[test]
+fn counters_move_with_traffic_and_nothing_stays_attached_after_ctrl_c() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let relay = Relay::start(&t.relay, &["--iface", "cli0", "--pin-dir", pin.arg()]);
+    assert!(
+        relay.log().contains("attached to cli0 in driver mode"),
+        "{}",
+        relay.log()
+    );
+    assert!(t.relay.xdp_attached("cli0"));
+
+    let got = send_through(&t, 50);
+    assert_eq!(
+        got.len(),
+        50,
+        "every datagram passes through to the kernel and on"
+    );
+    for (i, payload) in got.iter().enumerate() {
+        assert_eq!(
+            payload,
+            format!("datagram {i} through the relay").as_bytes()
+        );
+    }
+    let s = stats(&t.relay, "cli0", &pin);
+    assert!(
+        reason_packets(&s, "no_session") >= 50,
+        "50 UDP datagrams without a session are counted: {s}"
+    );
+    assert!(s["verdicts"]["pass"]["packets"].as_u64().unwrap_or(0) >= 50);
+    assert_eq!(s["verdicts"]["drop"]["packets"].as_u64(), Some(0));
+
+    assert!(relay.stop(libc::SIGINT), "Ctrl-C exits cleanly");
+    assert!(
+        !t.relay.xdp_attached("cli0"),
+        "the program is detached after Ctrl-C"
+    );
+}
+
+#[test]
+fn sigterm_detaches_and_a_restart_takes_over_pinned_counters() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let relay = Relay::start(&t.relay, &["--iface", "cli0", "--pin-dir", pin.arg()]);
+    assert_eq!(send_through(&t, 20).len(), 20);
+    assert!(relay.stop(libc::SIGTERM), "SIGTERM exits cleanly");
+    assert!(!t.relay.xdp_attached("cli0"));
+    let before = reason_packets(&stats(&t.relay, "cli0", &pin), "no_session");
+    assert!(before >= 20);
+
+    let relay = Relay::start(&t.relay, &["--iface", "cli0", "--pin-dir", pin.arg()]);
+    assert_eq!(send_through(&t, 20).len(), 20);
+    let after = reason_packets(&stats(&t.relay, "cli0", &pin), "no_session");
+    assert!(
+        after >= before + 20,
+        "the restarted relay counts on from the pinned state: {before} then {after}"
+    );
+    drop(relay);
+}
+
+#[test]
+fn generic_mode_on_request() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let relay = Relay::start(
+        &t.relay,
+        &[
+            "--iface",
+            "cli0",
+            "--pin-dir",
+            pin.arg(),
+            "--xdp-mode",
+            "generic",
+        ],
+    );
+    assert!(relay.log().contains("in generic mode"), "{}", relay.log());
+    let link = t.relay.ip(&["link", "show", "dev", "cli0"]);
+    assert!(link.contains("xdpgeneric"), "{link}");
+    assert_eq!(send_through(&t, 10).len(), 10);
+    assert!(reason_packets(&stats(&t.relay, "cli0", &pin), "no_session") >= 10);
+    assert!(relay.stop(libc::SIGINT));
+    assert!(!t.relay.xdp_attached("cli0"));
+}
+
+/// The one line an operator sees on stderr, and the exit code.
+fn refusal(out: &std::process::Output) -> (String, Option<i32>) {
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(err.lines().count(), 1, "one line, no backtrace: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    (err, out.status.code())
+}
+
+#[test]
+fn refuses_an_interface_that_does_not_exist() {
+    let t = Topology::new();
+    let out = relay_cmd(&t.relay, &["run", "--iface", "nosuch0"]);
+    let (err, code) = refusal(&out);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("no network interface named \"nosuch0\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn refuses_to_run_without_root() {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            relay_bin(),
+            "run",
+            "--iface",
+            "lo",
+        ])
+        .output()
+        .expect("setpriv");
+    let (err, code) = refusal(&out);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("relay needs root"), "{err}");
+}
+
+#[test]
+fn stats_without_a_relay_says_so() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let out = relay_cmd(
+        &t.relay,
+        &["stats", "--iface", "cli0", "--pin-dir", pin.arg()],
+    );
+    let (err, code) = refusal(&out);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is the relay running"), "{err}");
+}
+
+#[test]
+fn a_second_relay_on_the_same_interface_is_refused() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let _first = Relay::start(&t.relay, &["--iface", "cli0", "--pin-dir", pin.arg()]);
+    let other = PinDir::new();
+    let start = Instant::now();
+    let out = relay_cmd(
+        &t.relay,
+        &["run", "--iface", "cli0", "--pin-dir", other.arg()],
+    );
+    let (err, code) = refusal(&out);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("attaching XDP to cli0"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(20));
+    assert!(
+        t.relay.xdp_attached("cli0"),
+        "the first relay stays attached"
+    );
+}

@@ -1,0 +1,204 @@
+//! Installs what building and testing the relay needs, idempotently, saying what it does.
+//!
+//! Every step first checks whether its result is already there, so a second run costs a few
+//! process spawns. Nothing here needs to be installed by hand on a fresh Debian bookworm
+//! machine with rustup; what cannot be installed is reported as a one-line error.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _};
+
+/// The LLVM major version that the nightly toolchain (and so bpf-linker) must match.
+pub const LLVM_MAJOR: u32 = 22;
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the tests and the benchmark use, keyed by a binary each provides.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("/usr/sbin/ip", "iproute2"),
+    ("/usr/sbin/ethtool", "ethtool"),
+    ("/usr/bin/nsenter", "util-linux"),
+    ("/usr/bin/setpriv", "util-linux"),
+    ("/usr/bin/ping", "iputils-ping"),
+    ("/usr/bin/iperf3", "iperf3"),
+    ("/usr/bin/socat", "socat"),
+];
+
+fn say(msg: &str) {
+    eprintln!("[bootstrap] {msg}");
+}
+
+/// Runs `cmd`, showing it, and fails with its name if it fails.
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    say(&format!("running {cmd:?}"));
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` quietly and returns its stdout, or `None` if it cannot run or fails.
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+pub fn llvm_bin() -> PathBuf {
+    PathBuf::from(format!("/usr/lib/llvm-{LLVM_MAJOR}/bin"))
+}
+
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn install(&mut self, packages: &[&str]) -> anyhow::Result<()> {
+        if packages.is_empty() {
+            return Ok(());
+        }
+        if !is_root() {
+            bail!(
+                "missing Debian packages {}; install them (`sudo apt-get install {}`) or run as root",
+                packages.join(" "),
+                packages.join(" ")
+            );
+        }
+        if !self.updated {
+            run(Command::new("apt-get").args(["update", "-qq"]))?;
+            self.updated = true;
+        }
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    }
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+/// Everything `cargo xtask build` needs: nightly with rust-src, LLVM's development
+/// packages, and bpf-linker built against them.
+pub fn build_prerequisites() -> anyhow::Result<()> {
+    let mut apt = Apt { updated: false };
+
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is required (https://rustup.rs) and was not found")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        say("installing the nightly Rust toolchain (the eBPF crate needs -Z build-std)");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        say("adding rust-src to nightly (to build `core` for the BPF target)");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    let llvm_config = llvm_bin().join("llvm-config");
+    if !llvm_config.exists() {
+        say(&format!(
+            "installing LLVM {LLVM_MAJOR} development packages for bpf-linker"
+        ));
+        apt.install(&[
+            &format!("llvm-{LLVM_MAJOR}-dev"),
+            &format!("libpolly-{LLVM_MAJOR}-dev"),
+        ])?;
+    }
+
+    let linker = cargo_bin_dir().join("bpf-linker");
+    let have = output(Command::new(&linker).arg("--version")).unwrap_or_default();
+    if !have.contains(BPF_LINKER_VERSION) {
+        say(&format!(
+            "building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about 2 minutes, once)"
+        ));
+        let path = format!(
+            "{}:{}",
+            llvm_bin().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{LLVM_MAJOR}"))
+            .env("PATH", path))?;
+    }
+    Ok(())
+}
+
+/// Tools the test suite drives: iproute2, ethtool, iperf3 and friends.
+pub fn test_prerequisites() -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .filter(|(bin, _)| !Path::new(bin).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.dedup();
+    if !missing.is_empty() {
+        say(&format!("installing test tools: {}", missing.join(" ")));
+    }
+    Apt { updated: false }.install(&missing)
+}
+
+/// Checks only, installs nothing: used to say what is missing.
+pub fn report() {
+    let linker = cargo_bin_dir().join("bpf-linker");
+    let items = [
+        ("llvm-config", llvm_bin().join("llvm-config").exists()),
+        ("bpf-linker", linker.exists()),
+    ];
+    for (name, ok) in items {
+        say(&format!(
+            "{name}: {}",
+            if ok { "present" } else { "missing" }
+        ));
+    }
+    for (bin, pkg) in TEST_PACKAGES {
+        let ok = Path::new(bin).exists();
+        say(&format!(
+            "{bin} ({pkg}): {}",
+            if ok { "present" } else { "missing" }
+        ));
+    }
+}
