@@ -94,6 +94,26 @@ reasons! {
     BadUdpLength = 9, "bad_udp_length", Pass;
     /// UDP that belongs to no session in the maps.
     NoSession = 10, "no_session", Pass;
+    /// Relayed: rewritten and sent back out of the interface it came in on.
+    RelayedTx = 11, "relayed_tx", Tx;
+    /// Relayed: rewritten and redirected to another interface.
+    RelayedRedirect = 12, "relayed_redirect", Redirect;
+    /// Session packet whose TTL/hop limit would expire; the controller relays it.
+    TtlExpiring = 13, "ttl_expiring", Pass;
+    /// Session packet whose next hop is not resolved yet; the controller relays it.
+    NoNexthop = 14, "no_nexthop", Pass;
+    /// Session packet larger than the egress MTU; the controller relays it.
+    TooBig = 15, "too_big", Pass;
+    /// UDP to a relay session port from an address that is not that session's upstream.
+    WrongSource = 16, "wrong_source", Drop;
+    /// Session packet with a wrong IPv4 header checksum: left to the kernel, which drops it.
+    BadIpChecksum = 17, "bad_ip_checksum", Pass;
+    /// Session packet with an impossible UDP checksum (0 over IPv6): left to the kernel.
+    BadUdpChecksum = 18, "bad_udp_checksum", Pass;
+    /// Session packet to a relay address that is not the session's: not ours.
+    WrongDestination = 19, "wrong_destination", Pass;
+    /// The egress interface was not in the redirect map; the frame was lost.
+    RedirectFailed = 20, "redirect_failed", Aborted;
 }
 
 /// Number of slots in the `COUNTERS` map. Larger than the number of reasons so that a newer

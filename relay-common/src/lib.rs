@@ -13,8 +13,14 @@ pub mod counters;
 #[cfg(any(test, feature = "std"))]
 pub mod frame;
 pub mod packet;
+pub mod rewrite;
+pub mod session;
 
 /// Names of the maps, as the controller looks them up and pins them.
 pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const SESSIONS: &str = "SESSIONS";
+    pub const NEXTHOPS: &str = "NEXTHOPS";
+    pub const EGRESS: &str = "EGRESS";
 }

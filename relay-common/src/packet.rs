@@ -79,6 +79,12 @@ pub struct Headers {
     /// Transport ports in host order (0 for protocols without ports).
     pub src_port: u16,
     pub dst_port: u16,
+    /// IPv4 header checksum as on the wire (0 for IPv6).
+    pub ip_check: u16,
+    /// Whether the IPv4 header checksum verifies (always true for IPv6, which has none).
+    pub ip_check_ok: bool,
+    /// UDP checksum as on the wire (0 for other protocols).
+    pub l4_check: u16,
 }
 
 impl Headers {
@@ -95,6 +101,22 @@ impl Headers {
             16
         }
     }
+}
+
+/// One's-complement sum of an option-less IPv4 header (0xffff when its checksum is right).
+#[inline(always)]
+fn ipv4_header_sum(ip: &Ipv4Hdr) -> u16 {
+    let mut sum = ((ip.vihl as u32) << 8 | ip.tos as u32)
+        + u16::from_be_bytes(ip.tot_len) as u32
+        + u16::from_be_bytes(ip.id) as u32
+        + u16::from_be_bytes(ip.frags) as u32
+        + ((ip.ttl as u32) << 8 | ip.proto as u32)
+        + u16::from_be_bytes(ip.check) as u32;
+    sum += u16::from_be_bytes([ip.src_addr[0], ip.src_addr[1]]) as u32
+        + u16::from_be_bytes([ip.src_addr[2], ip.src_addr[3]]) as u32
+        + u16::from_be_bytes([ip.dst_addr[0], ip.dst_addr[1]]) as u32
+        + u16::from_be_bytes([ip.dst_addr[2], ip.dst_addr[3]]) as u32;
+    crate::checksum::fold(sum)
 }
 
 /// IPv6 next-header values that are extension headers, not transports.
@@ -134,6 +156,9 @@ pub fn parse<P: Packet + ?Sized>(pkt: &P) -> Result<Headers, Reason> {
         dst: [0; 16],
         src_port: 0,
         dst_port: 0,
+        ip_check: 0,
+        ip_check_ok: true,
+        l4_check: 0,
     };
 
     if ether_type == ETH_P_IPV4 {
@@ -156,6 +181,8 @@ pub fn parse<P: Packet + ?Sized>(pkt: &P) -> Result<Headers, Reason> {
         h.family = FAMILY_V4;
         h.proto = ip.proto;
         h.hop_limit = ip.ttl;
+        h.ip_check = u16::from_be_bytes(ip.check);
+        h.ip_check_ok = ipv4_header_sum(&ip) == 0xffff;
         h.l4 = (l3 + ihl) as u16;
         h.l4_len = (total - ihl) as u16;
         h.src[..4].copy_from_slice(&ip.src_addr);
@@ -191,6 +218,7 @@ pub fn parse<P: Packet + ?Sized>(pkt: &P) -> Result<Headers, Reason> {
         }
         h.src_port = u16::from_be_bytes(udp.src);
         h.dst_port = u16::from_be_bytes(udp.dst);
+        h.l4_check = u16::from_be_bytes(udp.check);
     } else if h.proto == IpProto::Tcp as u8 {
         // The ports are the first four bytes of the TCP header.
         let ports: [u8; 4] = pkt.read(h.l4 as usize).ok_or(Reason::Truncated)?;
@@ -228,6 +256,13 @@ mod tests {
         assert_eq!((h.src_port, h.dst_port), (5000, 51820));
         assert_eq!(h.hop_limit, 64);
         assert_eq!(h.addr_offset(), 26);
+        assert!(h.ip_check_ok);
+        let mut bad = f.clone();
+        bad[24] ^= 0x10;
+        assert!(
+            !parse(&bad[..]).unwrap().ip_check_ok,
+            "a flipped checksum bit is noticed"
+        );
     }
 
     #[test]

@@ -1,9 +1,14 @@
-//! The XDP side of `relay_common::packet::Packet`: reads checked against `data_end`.
+//! The XDP side of `relay_common::packet::Packet`: reads and writes checked against
+//! `data_end`.
 
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
 use relay_common::packet::Packet;
+
+/// Offsets are masked to this before use, so that the verifier always sees a bounded offset
+/// however the value travelled (headers never reach this far).
+const OFFSET_MASK: usize = 0x3fff;
 
 pub struct XdpFrame {
     start: usize,
@@ -21,12 +26,22 @@ impl XdpFrame {
 
     /// A pointer to `T` at `off`, if the frame holds all of it.
     #[inline(always)]
-    pub fn ptr_at<T>(&self, off: usize) -> Option<*mut T> {
-        let p = self.start + off;
+    fn ptr_at<T>(&self, off: usize) -> Option<*mut T> {
+        let p = self.start + (off & OFFSET_MASK);
         if p + size_of::<T>() > self.end {
             return None;
         }
         Some(p as *mut T)
+    }
+
+    /// Writes `value` at `off`, if the frame holds all of it.
+    #[inline(always)]
+    pub fn write<T: Copy>(&self, off: usize, value: T) -> Option<()> {
+        let p = self.ptr_at::<T>(off)?;
+        // SAFETY: `ptr_at` checked that `size_of::<T>()` bytes at `p` lie inside the frame,
+        // which XDP lets the program modify; unaligned because headers sit anywhere.
+        unsafe { p.write_unaligned(value) };
+        Some(())
     }
 }
 

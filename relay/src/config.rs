@@ -1,0 +1,569 @@
+//! Configuration: the TOML file (see `examples/relay.toml`) and the equivalent flags, checked
+//! into typed rules with errors that name the offending field.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr, ToSocketAddrs as _},
+    path::Path,
+    str::FromStr,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context as _};
+use serde::Deserialize;
+
+/// Idle timeout of a session when a rule does not set one: long enough for VPN keepalives
+/// (WireGuard: 25 s) and for calls on hold.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Sessions the kernel maps hold when the configuration does not say: one per session port.
+pub const DEFAULT_SESSION_CAPACITY: u32 = 10_000;
+/// Relay-side ports of sessions when the configuration does not say: below Linux's ephemeral
+/// range (32768-60999), so other programs' outgoing sockets do not compete for them.
+pub const DEFAULT_SESSION_PORTS: PortRange = PortRange {
+    first: 20_000,
+    last: 29_999,
+};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    relay: RawRelay,
+    #[serde(default)]
+    forward: Vec<RawForward>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    session_capacity: Option<u32>,
+    session_ports: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    name: Option<String>,
+    listen: String,
+    upstream: String,
+    allow: Option<Vec<String>>,
+    idle_timeout: Option<String>,
+    max_sessions: Option<u32>,
+    #[serde(default)]
+    allow_private_upstream: bool,
+}
+
+/// An inclusive port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn len(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<PortRange> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let first: u16 = a
+            .trim()
+            .parse()
+            .with_context(|| format!("bad port {a:?}"))?;
+        let last: u16 = b
+            .trim()
+            .parse()
+            .with_context(|| format!("bad port {b:?}"))?;
+        if first == 0 || last < first {
+            bail!("bad port range {s:?}: want FIRST-LAST with 0 < FIRST <= LAST");
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// An address prefix such as `198.51.100.0/24` or `2001:db8::/32`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Cidr> {
+        let (a, l) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a.parse().with_context(|| format!("bad address in {s:?}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = if l.is_empty() {
+            max
+        } else {
+            l.parse::<u8>()
+                .with_context(|| format!("bad prefix length in {s:?}"))?
+        };
+        if len > max {
+            bail!("prefix length {len} too long in {s:?}");
+        }
+        Ok(Cidr { addr, len })
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are IPv4 addresses.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Addresses a relay must not send to unless a rule says so: loopback, private, link-local,
+/// unique-local, multicast, unspecified, benchmarking and documentation ranges.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            a.is_loopback()
+                || a.is_private()
+                || a.is_link_local()
+                || a.is_multicast()
+                || a.is_unspecified()
+                || a.is_broadcast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64/10 shared address space
+                || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18/15 benchmarking
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link local
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+        }
+    }
+}
+
+/// One forward rule as configured.
+#[derive(Clone, Debug)]
+pub struct ForwardRule {
+    pub name: String,
+    /// Listen address and its ports.
+    pub listen_ip: IpAddr,
+    pub listen_ports: PortRange,
+    /// Upstream as written (host name or address) and its ports: one port, or as many as
+    /// `listen_ports` (mapped one to one).
+    pub upstream_host: String,
+    pub upstream_ports: PortRange,
+    /// Clients allowed to open sessions (empty: everyone).
+    pub allow: Vec<Cidr>,
+    pub idle_timeout: Duration,
+    pub max_sessions: u32,
+    pub allow_private_upstream: bool,
+}
+
+impl ForwardRule {
+    /// The upstream port for a listen port.
+    pub fn upstream_port(&self, listen_port: u16) -> u16 {
+        if self.upstream_ports.first == self.upstream_ports.last {
+            self.upstream_ports.first
+        } else {
+            self.upstream_ports.first + (listen_port - self.listen_ports.first)
+        }
+    }
+
+    pub fn client_allowed(&self, ip: IpAddr) -> bool {
+        self.allow.is_empty() || self.allow.iter().any(|c| c.contains(ip))
+    }
+
+    /// Resolves the upstream host to one address (preferring the listen address's family)
+    /// and checks it against the internal-address policy.
+    pub fn resolve_upstream(&self) -> anyhow::Result<IpAddr> {
+        let addrs: Vec<SocketAddr> = (self.upstream_host.as_str(), 0)
+            .to_socket_addrs()
+            .with_context(|| {
+                format!(
+                    "rule {}: resolving upstream {:?}",
+                    self.name, self.upstream_host
+                )
+            })?
+            .collect();
+        let ip = addrs
+            .iter()
+            .map(|a| canonical(a.ip()))
+            .find(|ip| ip.is_ipv4() == self.listen_ip.is_ipv4())
+            .or_else(|| addrs.first().map(|a| canonical(a.ip())))
+            .ok_or_else(|| {
+                anyhow!(
+                    "rule {}: upstream {:?} has no address",
+                    self.name,
+                    self.upstream_host
+                )
+            })?;
+        if is_internal(ip) && !self.allow_private_upstream {
+            bail!(
+                "rule {}: upstream {ip} is a loopback/private/internal address; set \
+                 allow_private_upstream = true in the rule if that is intended",
+                self.name
+            );
+        }
+        Ok(ip)
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub session_capacity: u32,
+    pub session_ports: PortRange,
+    pub forward: Vec<ForwardRule>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            session_capacity: DEFAULT_SESSION_CAPACITY,
+            session_ports: DEFAULT_SESSION_PORTS,
+            forward: Vec::new(),
+        }
+    }
+}
+
+/// `"300"`, `"300s"`, `"5m"`, `"1h"`.
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "m" | "min" => n * 60,
+        "h" => n * 3600,
+        other => bail!("bad duration unit {other:?} in {s:?} (use s, m or h)"),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Splits `HOST:PORTS` or `[V6]:PORTS` into host and port range.
+fn split_host_ports(s: &str) -> anyhow::Result<(String, PortRange)> {
+    let (host, ports) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest
+            .split_once("]:")
+            .ok_or_else(|| anyhow!("{s:?}: want [ADDRESS]:PORT"))?;
+        (h, p)
+    } else {
+        s.rsplit_once(':')
+            .ok_or_else(|| anyhow!("{s:?}: want HOST:PORT or HOST:FIRST-LAST"))?
+    };
+    if host.is_empty() {
+        bail!("{s:?}: missing host");
+    }
+    Ok((
+        host.to_owned(),
+        ports.parse().with_context(|| format!("in {s:?}"))?,
+    ))
+}
+
+impl RawForward {
+    fn check(self, index: usize, capacity: u32) -> anyhow::Result<ForwardRule> {
+        let (listen_host, listen_ports) = split_host_ports(&self.listen).context("listen")?;
+        let listen_ip: IpAddr = listen_host
+            .parse()
+            .with_context(|| format!("listen: {listen_host:?} is not an IP address"))?;
+        let (upstream_host, upstream_ports) =
+            split_host_ports(&self.upstream).context("upstream")?;
+        if upstream_ports.len() != 1 && upstream_ports.len() != listen_ports.len() {
+            bail!(
+                "upstream: port range {upstream_ports} must be one port or as long as the listen range {listen_ports}"
+            );
+        }
+        let allow = self
+            .allow
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.parse())
+            .collect::<anyhow::Result<Vec<Cidr>>>()
+            .context("allow")?;
+        let idle_timeout = match &self.idle_timeout {
+            Some(s) => parse_duration(s).context("idle_timeout")?,
+            None => DEFAULT_IDLE_TIMEOUT,
+        };
+        if idle_timeout < Duration::from_secs(10) {
+            bail!(
+                "idle_timeout: {idle_timeout:?} is shorter than VPN keepalives; use at least 10s"
+            );
+        }
+        Ok(ForwardRule {
+            name: self.name.unwrap_or_else(|| format!("forward{index}")),
+            listen_ip,
+            listen_ports,
+            upstream_host,
+            upstream_ports,
+            allow,
+            idle_timeout,
+            max_sessions: self.max_sessions.unwrap_or(capacity).min(capacity),
+            allow_private_upstream: self.allow_private_upstream,
+        })
+    }
+}
+
+impl Config {
+    /// Parses and checks a TOML document.
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| anyhow!("{}", e.message().trim()))?;
+        let capacity = raw
+            .relay
+            .session_capacity
+            .unwrap_or(DEFAULT_SESSION_CAPACITY);
+        if capacity == 0 || capacity > 16 << 20 {
+            bail!("relay.session_capacity: {capacity} is out of range (1 to 16777216)");
+        }
+        let session_ports = match &raw.relay.session_ports {
+            Some(s) => s.parse().context("relay.session_ports")?,
+            None => DEFAULT_SESSION_PORTS,
+        };
+        let forward = raw
+            .forward
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                f.check(i, capacity)
+                    .with_context(|| format!("forward[{i}]"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let config = Config {
+            session_capacity: capacity,
+            session_ports,
+            forward,
+        };
+        config.check_overlaps()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Config::from_toml(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    /// Adds a rule given on the command line as `LISTEN=UPSTREAM`.
+    pub fn add_flag_rule(&mut self, spec: &str) -> anyhow::Result<()> {
+        let (listen, upstream) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--forward {spec:?}: want LISTEN=UPSTREAM, e.g. 0.0.0.0:51820=vpn.example.net:51820"))?;
+        let index = self.forward.len();
+        let rule = RawForward {
+            name: None,
+            listen: listen.to_owned(),
+            upstream: upstream.to_owned(),
+            allow: None,
+            idle_timeout: None,
+            max_sessions: None,
+            allow_private_upstream: false,
+        }
+        .check(index, self.session_capacity)
+        .with_context(|| format!("--forward {spec:?}"))?;
+        self.forward.push(rule);
+        self.check_overlaps()
+    }
+
+    /// Listen ports must not collide with each other or with the session port range.
+    fn check_overlaps(&self) -> anyhow::Result<()> {
+        for (i, a) in self.forward.iter().enumerate() {
+            let sp = self.session_ports;
+            if a.listen_ports.first <= sp.last && sp.first <= a.listen_ports.last {
+                bail!(
+                    "rule {}: listen ports {} overlap the session port range {sp}",
+                    a.name,
+                    a.listen_ports
+                );
+            }
+            for b in &self.forward[i + 1..] {
+                let same_ip = a.listen_ip == b.listen_ip
+                    || a.listen_ip.is_unspecified()
+                    || b.listen_ip.is_unspecified();
+                let overlap = a.listen_ports.first <= b.listen_ports.last
+                    && b.listen_ports.first <= a.listen_ports.last;
+                if same_ip && overlap && a.listen_ip.is_ipv4() == b.listen_ip.is_ipv4() {
+                    bail!(
+                        "rules {} and {} listen on overlapping ports",
+                        a.name,
+                        b.name
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minimal_rule_is_two_lines() {
+        let c = Config::from_toml(
+            "[[forward]]\nlisten = \"0.0.0.0:51820\"\nupstream = \"203.0.113.7:51820\"\n",
+        )
+        .unwrap();
+        let r = &c.forward[0];
+        assert_eq!(r.name, "forward0");
+        assert_eq!(
+            r.listen_ports,
+            PortRange {
+                first: 51820,
+                last: 51820
+            }
+        );
+        assert_eq!(r.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert!(
+            r.idle_timeout >= Duration::from_secs(60),
+            "minutes, never seconds"
+        );
+        assert_eq!(r.max_sessions, DEFAULT_SESSION_CAPACITY);
+        assert!(r.client_allowed("198.51.100.1".parse().unwrap()));
+        assert_eq!(c.session_ports, DEFAULT_SESSION_PORTS);
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let text = include_str!("../../examples/relay.toml");
+        let c = Config::from_toml(text).unwrap();
+        assert!(c.forward.len() >= 2);
+    }
+
+    #[test]
+    fn port_ranges_map_one_to_one_or_to_one_port() {
+        let c = Config::from_toml(
+            "[[forward]]\nlisten = \"[::]:1000-1009\"\nupstream = \"[2001:db8::1]:2000-2009\"\n\
+             [[forward]]\nlisten = \"0.0.0.0:3000-3004\"\nupstream = \"x.example:53\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.forward[0].upstream_port(1003), 2003);
+        assert_eq!(c.forward[1].upstream_port(3004), 53);
+        let e = Config::from_toml(
+            "[[forward]]\nlisten = \"0.0.0.0:1000-1009\"\nupstream = \"h:2000-2001\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("must be one port or as long"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("[[forward]]\nlisten = \"0.0.0.0\"\nupstream = \"h:1\"\n", "forward[0]: listen"),
+            ("[[forward]]\nlisten = \"nothost:1\"\nupstream = \"h:1\"\n", "not an IP address"),
+            ("[[forward]]\nlisten = \"0.0.0.0:1\"\nupstream = \"h:1\"\nidle_timeout = \"5s\"\n", "idle_timeout"),
+            ("[[forward]]\nlisten = \"0.0.0.0:1\"\nupstream = \"h:1\"\nallow = [\"10.0.0.0/33\"]\n", "allow"),
+            ("[[forward]]\nlisten = \"0.0.0.0:1\"\nupstream = \"h:1\"\nbogus = 1\n", "unknown field"),
+            ("[[forward]]\nlisten = \"0.0.0.0:25000\"\nupstream = \"h:1\"\n", "overlap the session port range"),
+            ("[relay]\nsession_capacity = 0\n", "session_capacity"),
+            ("[[forward]]\nlisten = \"0.0.0.0:1\"\nupstream = \"h:1\"\n[[forward]]\nlisten = \"0.0.0.0:1\"\nupstream = \"h:2\"\n", "overlapping"),
+        ];
+        for (text, want) in cases {
+            let e = format!("{:#}", Config::from_toml(text).unwrap_err());
+            assert!(e.contains(want), "{text:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn cidrs_and_internal_addresses() {
+        let c: Cidr = "198.51.100.0/24".parse().unwrap();
+        assert!(c.contains("198.51.100.77".parse().unwrap()));
+        assert!(!c.contains("198.51.101.1".parse().unwrap()));
+        assert!(
+            c.contains("::ffff:198.51.100.1".parse().unwrap()),
+            "v4-mapped is v4"
+        );
+        let all: Cidr = "::/0".parse().unwrap();
+        assert!(all.contains("2001:db8::1".parse().unwrap()));
+        assert!(!all.contains("192.0.2.1".parse().unwrap()));
+        for internal in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.1.1",
+            "169.254.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "224.0.0.1",
+            "0.0.0.0",
+            "198.18.0.1",
+        ] {
+            assert!(is_internal(internal.parse().unwrap()), "{internal}");
+        }
+        for public in ["203.0.113.7", "8.8.8.8", "2606:4700::1111"] {
+            assert!(!is_internal(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[test]
+    fn private_upstreams_need_consent() {
+        let mut c = Config::default();
+        c.add_flag_rule("127.0.0.1:5000=127.0.0.1:6000").unwrap();
+        let e = c.forward[0].resolve_upstream().unwrap_err();
+        assert!(format!("{e}").contains("allow_private_upstream"));
+        c.forward[0].allow_private_upstream = true;
+        assert_eq!(
+            c.forward[0].resolve_upstream().unwrap(),
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}
