@@ -23,4 +23,6 @@ pub mod maps {
     pub const SESSIONS: &str = "SESSIONS";
     pub const NEXTHOPS: &str = "NEXTHOPS";
     pub const EGRESS: &str = "EGRESS";
+    pub const SLOWPATH: &str = "SLOWPATH";
+    pub const RULES: &str = "RULES";
 }

@@ -137,12 +137,53 @@ pub struct Target<'a> {
     pub dst_port: u16,
 }
 
+/// Value of `SLOWPATH` (indexed like `SESSIONS`): what the controller relayed itself for a
+/// session. Written only by the controller; pinned so that `relay sessions` and a restarted
+/// controller see it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlowPath {
+    pub traffic: [Traffic; 2],
+    /// CLOCK_MONOTONIC (coarse) nanoseconds of the last packet the controller relayed.
+    pub last_seen: u64,
+    /// CLOCK_REALTIME seconds when the session was opened.
+    pub opened: u64,
+}
+
+/// Value of `RULES` (indexed by rule): totals the controller keeps per forward rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleStats {
+    /// Traffic of closed sessions (XDP and slow path together); live sessions are in
+    /// `SESSIONS` and `SLOWPATH`.
+    pub retired: [Traffic; 2],
+    pub opened: u64,
+    pub closed: u64,
+    pub refused_not_allowed: u64,
+    pub refused_limit: u64,
+    pub refused_full: u64,
+    pub refused_no_port: u64,
+    /// The rule's name (NUL-padded UTF-8), for `relay stats`.
+    pub name: [u8; 32],
+    pub listen: [u8; 16],
+    pub upstream: [u8; 16],
+    pub listen_port: u16,
+    pub upstream_port: u16,
+    pub family: u8,
+    /// 1 while a controller runs with this rule.
+    pub configured: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Capacity of `RULES`: forward rules per relay.
+pub const RULE_SLOTS: u32 = 256;
+
 /// Capacity of `NEXTHOPS`.
 pub const NEXTHOP_SLOTS: u32 = 1024;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (all four): `repr(C)`, `Copy`, only integers and byte arrays, with every padding
+    // SAFETY (all of them): `repr(C)`, `Copy`, only integers and byte arrays, with every padding
     // byte spelled out as a field, so any bit pattern is valid and none is uninitialised.
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.
@@ -151,6 +192,10 @@ mod pod {
     unsafe impl aya::Pod for super::Session {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Nexthop {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SlowPath {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RuleStats {}
 }
 
 #[cfg(test)]
@@ -168,32 +213,3 @@ mod tests {
         assert_eq!(align_of::<Session>(), 8);
     }
 }
-
-/// Request to the `resolve` program (run by the controller with BPF_PROG_TEST_RUN): where
-/// would the kernel send a packet to `dst` out of `ifindex`?
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ResolveRequest {
-    pub dst: [u8; 16],
-    pub ifindex: u32,
-    pub family: u8,
-    pub _pad: [u8; 3],
-}
-
-/// The `resolve` program's answer, written over the request.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ResolveReply {
-    /// `bpf_fib_lookup`'s result: 0 = success, 7 = no neighbour, other >0 = no route (see
-    /// `BPF_FIB_LKUP_RET_*`), <0 = error.
-    pub result: i32,
-    pub ifindex: u32,
-    pub mtu: u16,
-    pub src_mac: [u8; 6],
-    pub dst_mac: [u8; 6],
-    pub _pad: [u8; 2],
-}
-
-/// Frame size for the `resolve` program: large enough for both structs and for XDP's
-/// minimum test input.
-pub const RESOLVE_FRAME: usize = 64;

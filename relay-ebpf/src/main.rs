@@ -11,7 +11,6 @@
 #![feature(core_intrinsics)]
 
 mod frame;
-mod resolve;
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
@@ -28,8 +27,8 @@ use relay_common::{
     packet::{parse, Headers, Packet, FAMILY_V4, PROTO_TCP, PROTO_UDP},
     rewrite::{plan, Rewrite},
     session::{
-        Flow, FlowKey, Nexthop, Session, Target, NEXTHOP_NONE, NEXTHOP_SLOTS, STATE_ACTIVE,
-        TO_CLIENT,
+        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Target, NEXTHOP_NONE, NEXTHOP_SLOTS,
+        RULE_SLOTS, STATE_ACTIVE, TO_CLIENT,
     },
 };
 
@@ -51,6 +50,15 @@ static SESSIONS: Array<Session> = Array::pinned(1, 0);
 /// Next hops the controller resolves from the kernel's routes and neighbours.
 #[map]
 static NEXTHOPS: Array<Nexthop> = Array::pinned(NEXTHOP_SLOTS, 0);
+
+/// What the controller relayed itself, per session. Written by the controller only; declared
+/// here so that it is created and pinned with the rest.
+#[map]
+static SLOWPATH: Array<SlowPath> = Array::pinned(1, 0);
+
+/// Per-rule totals kept by the controller (created and pinned with the rest).
+#[map]
+static RULES: Array<RuleStats> = Array::pinned(RULE_SLOTS, 0);
 
 /// Interfaces a frame may be redirected to (ifindex -> ifindex).
 #[map]

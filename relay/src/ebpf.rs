@@ -19,34 +19,105 @@ pub const PROGRAM: &str = "relay";
 /// How to attach: what `--xdp-mode` accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
-    /// Driver (native) mode, falling back to generic mode with a warning.
+    /// Driver (native) mode, falling back to generic mode with a warning, and to the
+    /// userspace relay if the kernel refuses the program.
     Auto,
     /// Driver (native) mode only.
     Driver,
     /// Generic (skb) mode only: slower, works on every interface.
     Generic,
+    /// No XDP: the controller relays every packet itself (same sessions, lower rate).
+    Off,
 }
 
-/// Loads the program into the kernel, reusing maps pinned in `pin_dir` if there are any.
-/// `log_level` is the most verbose aya-log level the program may emit (0 = off).
-pub fn load(pin_dir: &Path, log_level: u8) -> anyhow::Result<Ebpf> {
+/// What the loader needs to size and parameterise the maps.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub pin_dir: std::path::PathBuf,
+    /// Most verbose aya-log level the program may emit (0 = off).
+    pub log_level: u8,
+    /// Sessions the maps hold.
+    pub capacity: u32,
+    /// Session ports (UDP to them from strangers is dropped).
+    pub session_ports: Option<(u16, u16)>,
+}
+
+impl LoadOptions {
+    /// Options for tests and tools: small maps, no port check.
+    pub fn new(pin_dir: &Path) -> LoadOptions {
+        LoadOptions {
+            pin_dir: pin_dir.to_path_buf(),
+            log_level: 0,
+            capacity: 1024,
+            session_ports: None,
+        }
+    }
+}
+
+/// Creates (or reuses the pinned) maps and loads the program through the verifier.
+pub fn load(opts: &LoadOptions) -> anyhow::Result<Ebpf> {
+    let mut ebpf = load_maps(opts)?;
+    load_programs(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+/// Parses the object and creates or reuses its pinned maps, sized from `opts`.
+pub fn load_maps(opts: &LoadOptions) -> anyhow::Result<Ebpf> {
+    use relay_common::maps;
     if OBJECT.is_empty() {
         bail!("this relay binary was built without its XDP program (AYA_BUILD_SKIP); rebuild with `cargo xtask build`");
     }
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
-        .override_global(aya_log::LEVEL, &log_level, false)
+    let (first, last) = opts.session_ports.unwrap_or((0, 0));
+    let flows = opts.capacity.saturating_mul(2);
+    let ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&opts.pin_dir)
+        .override_global(aya_log::LEVEL, &opts.log_level, false)
+        .override_global("SESSION_PORT_FIRST", &first, true)
+        .override_global("SESSION_PORT_LAST", &last, true)
+        .map_max_entries(maps::FLOWS, flows)
+        .map_max_entries(maps::SESSIONS, opts.capacity)
+        .map_max_entries(maps::SLOWPATH, opts.capacity)
         .load(OBJECT)
         .map_err(|e| match e {
             EbpfError::MapError(e) => anyhow!(e).context(format!(
-                "creating or reusing the maps pinned in {} (remove that directory if it is from an incompatible version)",
-                pin_dir.display()
+                "creating or reusing the maps pinned in {} (remove them with `relay unpin` if they are from an incompatible version)",
+                opts.pin_dir.display()
             )),
             e => anyhow!(e).context("parsing the XDP object"),
         })?;
-    let prog: &mut Xdp = program(&mut ebpf)?;
-    prog.load().map_err(rejected)?;
+    // Pinned maps from an earlier run keep their size; a different capacity needs a reset.
+    for (name, want) in [(maps::SESSIONS, opts.capacity), (maps::FLOWS, flows)] {
+        let map = ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("the XDP object has no map {name}"))?;
+        let have = match map {
+            aya::maps::Map::Array(m) | aya::maps::Map::HashMap(m) => m.info()?.max_entries(),
+            _ => want,
+        };
+        if have != want {
+            bail!(
+                "the pinned maps in {} hold {} sessions but the configuration asks for {}; \
+                 keep the old capacity, or stop the relay and run `relay unpin` (this drops the sessions)",
+                opts.pin_dir.display(),
+                if name == maps::FLOWS { have / 2 } else { have },
+                opts.capacity
+            );
+        }
+    }
     Ok(ebpf)
+}
+
+/// Loads the data-path program (the verifier runs here).
+pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for name in [PROGRAM] {
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the XDP object has no program named {name:?}"))?
+            .try_into()
+            .context("the program in the XDP object is not an XDP program")?;
+        prog.load().map_err(rejected)?;
+    }
+    Ok(())
 }
 
 /// The XDP program in a loaded object.
@@ -138,6 +209,7 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> anyhow::Result<
     let attached = match mode {
         AttachMode::Driver => attach_in(XdpMode::Driver)?,
         AttachMode::Generic => attach_in(XdpMode::Skb)?,
+        AttachMode::Off => bail!("attach called with --xdp-mode off"),
         AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
             Ok(_) => XdpMode::Driver,
             Err(e) if already_attached(&e) => return Err(attach_error(iface, XdpMode::Driver, e)),

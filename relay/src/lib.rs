@@ -2,7 +2,12 @@
 //! statistics. `main.rs` is a thin command-line shell around these modules.
 
 pub mod config;
+pub mod datapath;
 pub mod ebpf;
+pub mod forward;
+pub mod nexthop;
 pub mod pin;
+pub mod sessions;
 pub mod stats;
 pub mod system;
+pub mod udp;

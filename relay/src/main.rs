@@ -5,7 +5,15 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use log::{info, warn};
-use relay::{ebpf, pin, stats::Snapshot, system};
+use relay::{
+    config::Config,
+    datapath::Datapath,
+    ebpf,
+    forward::{Controller, Setup},
+    pin,
+    stats::{self, Snapshot},
+    system,
+};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// An eBPF/XDP packet relay: relayed packets are rewritten and sent in the driver's XDP path;
@@ -19,27 +27,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the XDP program, attach it to an interface and run the controller in the foreground.
-    Run {
-        /// Interface to attach to.
-        #[arg(short, long)]
-        iface: String,
-        /// XDP attach mode.
-        #[arg(long, value_enum, default_value = "auto")]
-        xdp_mode: ebpf::AttachMode,
-        /// Directory on bpffs for the pinned maps [default: /sys/fs/bpf/relay/IFACE].
-        #[arg(long)]
-        pin_dir: Option<PathBuf>,
-    },
-    /// Print the data path's counters.
+    /// Load the XDP program, attach it, and relay the configured forward rules in the
+    /// foreground until Ctrl-C or SIGTERM.
+    Run(RunArgs),
+    /// Print the data path's counters and the forward rules' totals.
     Stats {
-        /// Interface the relay runs on.
+        /// Interface the relay runs on (the first one given to `relay run`).
         #[arg(short, long)]
         iface: String,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         /// Directory on bpffs of the pinned maps [default: /sys/fs/bpf/relay/IFACE].
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+    /// List the live sessions.
+    Sessions {
+        #[arg(short, long)]
+        iface: String,
+        #[arg(long)]
+        json: bool,
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
@@ -51,6 +59,38 @@ enum Command {
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Interface to attach to; repeat for several (the first names the pin directory).
+    #[arg(short, long, required = true)]
+    iface: Vec<String>,
+    /// Configuration file (see examples/relay.toml).
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// A forward rule LISTEN=UPSTREAM, e.g. 0.0.0.0:51820=vpn.example.net:51820 (repeatable;
+    /// added to the file's rules, with the defaults of a two-line rule).
+    #[arg(long, value_name = "LISTEN=UPSTREAM")]
+    forward: Vec<String>,
+    /// Let --forward rules reach loopback, private and other internal upstreams.
+    #[arg(long)]
+    allow_private_upstream: bool,
+    /// Idle timeout of --forward rules (e.g. 300s, 5m).
+    #[arg(long)]
+    idle_timeout: Option<String>,
+    /// Sessions the kernel maps hold [default: 10000 or the file's].
+    #[arg(long)]
+    session_capacity: Option<u32>,
+    /// Relay-side session ports, FIRST-LAST [default: 20000-29999 or the file's].
+    #[arg(long)]
+    session_ports: Option<String>,
+    /// XDP attach mode (`off`: the controller relays everything itself).
+    #[arg(long, value_enum, default_value = "auto")]
+    xdp_mode: ebpf::AttachMode,
+    /// Directory on bpffs for the pinned maps [default: /sys/fs/bpf/relay/IFACE].
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -81,21 +121,44 @@ fn pin_dir(iface: &str, given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     given.map_or_else(|| pin::default_dir(iface), Ok)
 }
 
+fn config(args: &RunArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(c) = args.session_capacity {
+        config.session_capacity = c;
+    }
+    if let Some(p) = &args.session_ports {
+        config.session_ports = p.parse().context("--session-ports")?;
+    }
+    for spec in &args.forward {
+        config.add_flag_rule(spec)?;
+        if let Some(rule) = config.forward.last_mut() {
+            rule.allow_private_upstream = args.allow_private_upstream;
+            if let Some(t) = &args.idle_timeout {
+                rule.idle_timeout = relay::config::parse_duration(t).context("--idle-timeout")?;
+            }
+        }
+    }
+    Ok(config)
+}
+
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run {
-            iface,
-            xdp_mode,
-            pin_dir: dir,
-        } => {
+        Command::Run(args) => {
             system::require_privileges()?;
-            system::ifindex(&iface)?;
-            let dir = pin_dir(&iface, dir)?;
+            let mut ifaces = Vec::new();
+            for name in &args.iface {
+                ifaces.push((name.clone(), system::ifindex(name)?));
+            }
+            let config = config(&args)?;
+            let dir = pin_dir(&args.iface[0], args.pin_dir.clone())?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(run(iface, xdp_mode, dir))
+                .block_on(run(ifaces, config, args.xdp_mode, dir))
         }
         Command::Stats {
             iface,
@@ -103,11 +166,28 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             pin_dir: dir,
         } => {
             system::require_privileges()?;
-            let snapshot = Snapshot::from_pin(&pin_dir(&iface, dir)?)?;
+            let dir = pin_dir(&iface, dir)?;
+            let counters = Snapshot::from_pin(&dir)?;
+            let (_, rules) = stats::sessions_and_rules(&dir)?;
+            let report = stats::Report { counters, rules };
             if json {
-                println!("{}", serde_json::to_string_pretty(&snapshot)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", snapshot.table());
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        Command::Sessions {
+            iface,
+            json,
+            pin_dir: dir,
+        } => {
+            system::require_privileges()?;
+            let (sessions, _) = stats::sessions_and_rules(&pin_dir(&iface, dir)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sessions)?);
+            } else {
+                print!("{}", stats::sessions_table(&sessions));
             }
             Ok(())
         }
@@ -124,18 +204,64 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn run(iface: String, mode: ebpf::AttachMode, dir: PathBuf) -> anyhow::Result<()> {
+async fn run(
+    ifaces: Vec<(String, u32)>,
+    config: Config,
+    mode: ebpf::AttachMode,
+    dir: PathBuf,
+) -> anyhow::Result<()> {
+    use ebpf::AttachMode;
     pin::prepare(&dir)?;
-    let mut bpf = ebpf::load(&dir, log::max_level() as u8)?;
-    match aya_log::EbpfLogger::init(&mut bpf) {
-        Ok(logger) => {
-            tokio::spawn(forward_logs(logger));
+    let opts = ebpf::LoadOptions {
+        pin_dir: dir.clone(),
+        log_level: log::max_level() as u8,
+        capacity: config.session_capacity,
+        session_ports: Some((config.session_ports.first, config.session_ports.last)),
+    };
+    let mut bpf = ebpf::load_maps(&opts)?;
+    let mut fast_path = false;
+    if mode != AttachMode::Off {
+        match ebpf::load_programs(&mut bpf) {
+            Ok(()) => fast_path = true,
+            Err(e) if mode == AttachMode::Auto => {
+                warn!("{e:#}; relaying in userspace only (same rules and sessions, lower rate)");
+            }
+            Err(e) => return Err(e),
         }
-        Err(e) => warn!("the XDP program's log records are not forwarded: {e}"),
+    } else {
+        info!("--xdp-mode off: the controller relays every packet itself");
     }
-    ebpf::attach(&mut bpf, &iface, mode)?;
+    let mut datapath = Datapath::take(&mut bpf)?;
+    if fast_path {
+        match aya_log::EbpfLogger::init(&mut bpf) {
+            Ok(logger) => {
+                tokio::spawn(forward_logs(logger));
+            }
+            Err(e) => warn!("the XDP program's log records are not forwarded: {e}"),
+        }
+        for (_, index) in &ifaces {
+            datapath.add_egress(*index)?;
+        }
+    }
+    let controller = Controller::new(Setup {
+        config,
+        ebpf: Some(bpf),
+        datapath: Some(datapath),
+        fast_path,
+        egress: ifaces.iter().map(|(_, i)| *i).collect(),
+    })?;
+    if fast_path {
+        for (name, _) in &ifaces {
+            controller
+                .with_ebpf(|bpf| ebpf::attach(bpf, name, mode))
+                .context("the XDP object is gone")??;
+        }
+    }
+    controller.spawn();
+    let names: Vec<&str> = ifaces.iter().map(|(n, _)| n.as_str()).collect();
     info!(
-        "relay running on {iface}, maps pinned in {}; Ctrl-C or SIGTERM stops it",
+        "relay running on {}, maps pinned in {}; Ctrl-C or SIGTERM stops it",
+        names.join(", "),
         dir.display()
     );
 
@@ -144,9 +270,19 @@ async fn run(iface: String, mode: ebpf::AttachMode, dir: PathBuf) -> anyhow::Res
         r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
         _ = term.recv() => {}
     }
-    drop(bpf);
+    controller.flush();
+    let sessions = controller.sessions();
+    // Dropping the object detaches the program; the pinned maps (and sessions) stay.
+    controller.with_ebpf(|bpf| {
+        for (_, p) in bpf.programs_mut() {
+            if let Ok(xdp) = <&mut aya::programs::Xdp>::try_from(p) {
+                let _ = xdp.unload();
+            }
+        }
+    });
     info!(
-        "detached from {iface}; pinned maps kept in {}",
+        "detached from {}; {sessions} sessions kept in {} for the next start",
+        names.join(", "),
         dir.display()
     );
     Ok(())

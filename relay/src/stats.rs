@@ -119,3 +119,204 @@ impl Snapshot {
         out
     }
 }
+
+/// One forward rule's totals: closed sessions plus live ones, split by who relayed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RuleReport {
+    pub index: u16,
+    pub name: String,
+    pub listen: String,
+    pub upstream: String,
+    pub sessions: u64,
+    pub opened: u64,
+    pub closed: u64,
+    pub refused: BTreeMap<&'static str, u64>,
+    /// Live sessions' traffic relayed by XDP, client to upstream and back.
+    pub xdp: Directions,
+    /// Live sessions' traffic the controller relayed itself (first packets, declined ones, or
+    /// all of it without XDP).
+    pub slow_path: Directions,
+    /// Traffic of sessions that have ended (both relayers together).
+    pub closed_sessions: Directions,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Directions {
+    pub to_upstream: Totals,
+    pub to_client: Totals,
+}
+
+impl Directions {
+    fn add(&mut self, t: &[relay_common::session::Traffic; 2]) {
+        self.to_upstream.packets += t[0].packets;
+        self.to_upstream.bytes += t[0].bytes;
+        self.to_client.packets += t[1].packets;
+        self.to_client.bytes += t[1].bytes;
+    }
+}
+
+/// One live session as `relay sessions` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SessionReport {
+    pub id: u32,
+    pub rule: u16,
+    pub client: String,
+    pub front: String,
+    pub back: String,
+    pub upstream: String,
+    pub idle_seconds: u64,
+    pub xdp: Directions,
+    pub slow_path: Directions,
+}
+
+/// Sessions and rules from the pinned maps.
+pub fn sessions_and_rules(pin_dir: &Path) -> anyhow::Result<(Vec<SessionReport>, Vec<RuleReport>)> {
+    use relay_common::session::{RULE_SLOTS, STATE_ACTIVE};
+    let view = crate::datapath::Datapath::from_pins(pin_dir)?;
+    let now = crate::forward::monotonic_ns();
+    let mut rules: BTreeMap<u16, RuleReport> = BTreeMap::new();
+    for index in 0..RULE_SLOTS as u16 {
+        let r = view.rules.get(&u32::from(index), 0)?;
+        if r.configured == 0 && r.opened == 0 {
+            continue;
+        }
+        let name_len = r.name.iter().position(|b| *b == 0).unwrap_or(r.name.len());
+        let mut report = RuleReport {
+            index,
+            name: String::from_utf8_lossy(&r.name[..name_len]).into_owned(),
+            listen: std::net::SocketAddr::new(
+                crate::datapath::ip_of(r.family, &r.listen),
+                r.listen_port,
+            )
+            .to_string(),
+            upstream: std::net::SocketAddr::new(
+                crate::datapath::ip_of(r.family, &r.upstream),
+                r.upstream_port,
+            )
+            .to_string(),
+            opened: r.opened,
+            closed: r.closed,
+            ..Default::default()
+        };
+        report.refused.insert("not_allowed", r.refused_not_allowed);
+        report.refused.insert("rule_limit", r.refused_limit);
+        report.refused.insert("table_full", r.refused_full);
+        report.refused.insert("no_port", r.refused_no_port);
+        report.closed_sessions.add(&r.retired);
+        rules.insert(index, report);
+    }
+    let mut sessions = Vec::new();
+    for id in 0..view.sessions.len() {
+        let s = view.sessions.get(&id, 0)?;
+        if s.state != STATE_ACTIVE {
+            continue;
+        }
+        let slow = view.slow.get(&id, 0)?;
+        let e = crate::datapath::endpoints(&s);
+        let mut xdp = Directions::default();
+        xdp.add(&s.traffic);
+        let mut slow_path = Directions::default();
+        slow_path.add(&slow.traffic);
+        let last = s.last_seen.max(slow.last_seen);
+        let report = SessionReport {
+            id,
+            rule: s.rule,
+            client: e.client.to_string(),
+            front: e.front.to_string(),
+            back: e.back.to_string(),
+            upstream: e.upstream.to_string(),
+            idle_seconds: now.saturating_sub(last) / 1_000_000_000,
+            xdp,
+            slow_path,
+        };
+        if let Some(r) = rules.get_mut(&s.rule) {
+            r.sessions += 1;
+            r.xdp.add(&s.traffic);
+            r.slow_path.add(&slow.traffic);
+        }
+        sessions.push(report);
+    }
+    Ok((sessions, rules.into_values().collect()))
+}
+
+/// `relay stats`: counters, rules.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    #[serde(flatten)]
+    pub counters: Snapshot,
+    pub rules: Vec<RuleReport>,
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let mut out = self.counters.table();
+        if self.rules.is_empty() {
+            return out;
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<12} {:<24} {:<24} {:>8} {:>8} {:>8} {:>12} {:>12} {:>12} {:>12}",
+            "rule",
+            "listen",
+            "upstream",
+            "sessions",
+            "opened",
+            "refused",
+            "xdp pkts ->",
+            "xdp pkts <-",
+            "slow pkts ->",
+            "slow pkts <-"
+        );
+        for r in &self.rules {
+            let _ = writeln!(
+                out,
+                "{:<12} {:<24} {:<24} {:>8} {:>8} {:>8} {:>12} {:>12} {:>12} {:>12}",
+                r.name,
+                r.listen,
+                r.upstream,
+                r.sessions,
+                r.opened,
+                r.refused.values().sum::<u64>(),
+                r.xdp.to_upstream.packets,
+                r.xdp.to_client.packets,
+                r.slow_path.to_upstream.packets,
+                r.slow_path.to_client.packets
+            );
+        }
+        out
+    }
+}
+
+pub fn sessions_table(sessions: &[SessionReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>6} {:>4} {:<40} {:<40} {:>6} {:>10} {:>10} {:>10} {:>10}",
+        "id",
+        "rule",
+        "client -> front",
+        "back -> upstream",
+        "idle",
+        "xdp ->",
+        "xdp <-",
+        "slow ->",
+        "slow <-"
+    );
+    for s in sessions {
+        let _ = writeln!(
+            out,
+            "{:>6} {:>4} {:<40} {:<40} {:>5}s {:>10} {:>10} {:>10} {:>10}",
+            s.id,
+            s.rule,
+            format!("{} -> {}", s.client, s.front),
+            format!("{} -> {}", s.back, s.upstream),
+            s.idle_seconds,
+            s.xdp.to_upstream.packets,
+            s.xdp.to_client.packets,
+            s.slow_path.to_upstream.packets,
+            s.slow_path.to_client.packets
+        );
+    }
+    out
+}

@@ -1,0 +1,267 @@
+//! The kernel maps as the controller uses them: installing and removing sessions, next hops,
+//! and the accounting the controller keeps next to the data path's.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use anyhow::{anyhow, Context as _};
+use aya::{
+    maps::{Array, DevMapHash, HashMap, MapData},
+    Ebpf,
+};
+use relay_common::{
+    maps,
+    packet::{FAMILY_V4, FAMILY_V6, PROTO_UDP},
+    session::{
+        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Traffic, NEXTHOP_NONE, STATE_ACTIVE,
+        TO_CLIENT, TO_UPSTREAM,
+    },
+};
+
+/// A session's four endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    pub client: SocketAddr,
+    pub front: SocketAddr,
+    pub back: SocketAddr,
+    pub upstream: SocketAddr,
+}
+
+impl Endpoints {
+    /// Whether XDP can relay this session: one address family on both sides.
+    pub fn same_family(&self) -> bool {
+        let v4 = self.client.is_ipv4();
+        [self.front, self.back, self.upstream]
+            .iter()
+            .all(|a| a.is_ipv4() == v4)
+    }
+}
+
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut x = [0; 16];
+            x[..4].copy_from_slice(&a.octets());
+            x
+        }
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+pub fn ip_of(family: u8, a: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*a))
+    }
+}
+
+fn family(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        FAMILY_V4
+    } else {
+        FAMILY_V6
+    }
+}
+
+/// The endpoints a session record describes.
+pub fn endpoints(s: &Session) -> Endpoints {
+    let sa = |a: &[u8; 16], p: u16| SocketAddr::new(ip_of(s.family, a), p);
+    Endpoints {
+        client: sa(&s.client, s.client_port),
+        front: sa(&s.front, s.front_port),
+        back: sa(&s.back, s.back_port),
+        upstream: sa(&s.upstream, s.upstream_port),
+    }
+}
+
+/// The two flow keys of a session: client side and upstream side.
+pub fn flow_keys(e: &Endpoints) -> [FlowKey; 2] {
+    let key = |remote: SocketAddr, local_port: u16| FlowKey {
+        remote: addr16(remote.ip()),
+        remote_port: remote.port(),
+        local_port,
+        family: family(remote.ip()),
+        proto: PROTO_UDP,
+        _pad: [0; 2],
+    };
+    [
+        key(e.client, e.front.port()),
+        key(e.upstream, e.back.port()),
+    ]
+}
+
+/// The record `SESSIONS` holds for a new session.
+pub fn record(e: &Endpoints, rule: u16, nexthop: [u16; 2], now: u64) -> Session {
+    Session {
+        client: addr16(e.client.ip()),
+        front: addr16(e.front.ip()),
+        back: addr16(e.back.ip()),
+        upstream: addr16(e.upstream.ip()),
+        client_port: e.client.port(),
+        front_port: e.front.port(),
+        back_port: e.back.port(),
+        upstream_port: e.upstream.port(),
+        nexthop,
+        rule,
+        family: family(e.client.ip()),
+        state: STATE_ACTIVE,
+        last_seen: now,
+        traffic: [Traffic::default(); 2],
+    }
+}
+
+/// Owned handles on the maps.
+pub struct Datapath {
+    flows: HashMap<MapData, FlowKey, Flow>,
+    sessions: Array<MapData, Session>,
+    nexthops: Array<MapData, Nexthop>,
+    slow: Array<MapData, SlowPath>,
+    rules: Array<MapData, RuleStats>,
+    egress: DevMapHash<MapData>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map>,
+    <T as TryFrom<aya::maps::Map>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("the XDP object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Datapath {
+    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Datapath> {
+        Ok(Datapath {
+            flows: take(ebpf, maps::FLOWS)?,
+            sessions: take(ebpf, maps::SESSIONS)?,
+            nexthops: take(ebpf, maps::NEXTHOPS)?,
+            slow: take(ebpf, maps::SLOWPATH)?,
+            rules: take(ebpf, maps::RULES)?,
+            egress: take(ebpf, maps::EGRESS)?,
+        })
+    }
+
+    /// Opens the maps pinned in `dir` (for `relay stats` and `relay sessions`).
+    pub fn from_pins(dir: &std::path::Path) -> anyhow::Result<PinnedView> {
+        let open = |name: &str| -> anyhow::Result<MapData> {
+            let path = dir.join(name);
+            MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "no relay maps at {} (is the relay running on this interface?)",
+                    path.display()
+                )
+            })
+        };
+        Ok(PinnedView {
+            sessions: Array::try_from(aya::maps::Map::Array(open(maps::SESSIONS)?))?,
+            slow: Array::try_from(aya::maps::Map::Array(open(maps::SLOWPATH)?))?,
+            rules: Array::try_from(aya::maps::Map::Array(open(maps::RULES)?))?,
+        })
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.sessions.len()
+    }
+
+    /// Makes `ifindex` a possible redirect target.
+    pub fn add_egress(&mut self, ifindex: u32) -> anyhow::Result<()> {
+        self.egress
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("adding ifindex {ifindex} to the redirect map"))
+    }
+
+    /// Installs session `id`: the record first, then the flows that lead to it.
+    pub fn install(&mut self, id: u32, s: &Session, slow: &SlowPath) -> anyhow::Result<()> {
+        self.slow.set(id, slow, 0).context("writing SLOWPATH")?;
+        self.sessions.set(id, s, 0).context("writing SESSIONS")?;
+        let keys = flow_keys(&endpoints(s));
+        for (direction, key) in [TO_UPSTREAM, TO_CLIENT].into_iter().zip(keys) {
+            let flow = Flow {
+                session: id,
+                direction,
+            };
+            if let Err(e) = self.flows.insert(key, flow, 0) {
+                let _ = self.flows.remove(&keys[0]);
+                let _ = self.sessions.set(id, Session::default(), 0);
+                return Err(anyhow!(e).context("writing FLOWS (is the flow table full?)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes session `id`: flows first (no new packet finds it), then the record, whose
+    /// final counters are returned.
+    pub fn remove(&mut self, id: u32) -> anyhow::Result<(Session, SlowPath)> {
+        let s = self.sessions.get(&id, 0).context("reading SESSIONS")?;
+        if s.state == STATE_ACTIVE {
+            for key in flow_keys(&endpoints(&s)) {
+                // Missing keys are fine: a failed install or an earlier partial removal.
+                let _ = self.flows.remove(&key);
+            }
+        }
+        // Read again: the fast path may have counted packets until the flows went away.
+        let last = self.sessions.get(&id, 0).context("reading SESSIONS")?;
+        let slow = self.slow.get(&id, 0).context("reading SLOWPATH")?;
+        self.sessions
+            .set(id, Session::default(), 0)
+            .context("clearing SESSIONS")?;
+        self.slow
+            .set(id, SlowPath::default(), 0)
+            .context("clearing SLOWPATH")?;
+        Ok((last, slow))
+    }
+
+    pub fn session(&self, id: u32) -> anyhow::Result<Session> {
+        self.sessions.get(&id, 0).context("reading SESSIONS")
+    }
+
+    pub fn slow(&self, id: u32) -> anyhow::Result<SlowPath> {
+        self.slow.get(&id, 0).context("reading SLOWPATH")
+    }
+
+    pub fn set_slow(&mut self, id: u32, v: &SlowPath) -> anyhow::Result<()> {
+        self.slow.set(id, v, 0).context("writing SLOWPATH")
+    }
+
+    pub fn set_nexthop(&mut self, slot: u16, nh: &Nexthop) -> anyhow::Result<()> {
+        self.nexthops
+            .set(u32::from(slot), nh, 0)
+            .context("writing NEXTHOPS")
+    }
+
+    pub fn rule(&self, rule: u16) -> anyhow::Result<RuleStats> {
+        self.rules.get(&u32::from(rule), 0).context("reading RULES")
+    }
+
+    pub fn update_rule(&mut self, rule: u16, f: impl FnOnce(&mut RuleStats)) -> anyhow::Result<()> {
+        let mut r = self.rule(rule)?;
+        f(&mut r);
+        self.rules
+            .set(u32::from(rule), r, 0)
+            .context("writing RULES")
+    }
+
+    /// Active sessions in the maps (after a restart: the state to take over).
+    pub fn active(&self) -> Vec<(u32, Session)> {
+        (0..self.capacity())
+            .filter_map(|id| {
+                let s = self.sessions.get(&id, 0).ok()?;
+                (s.state == STATE_ACTIVE).then_some((id, s))
+            })
+            .collect()
+    }
+}
+
+/// Read-only handles on pinned maps, for the operator's commands.
+pub struct PinnedView {
+    pub sessions: Array<MapData, Session>,
+    pub slow: Array<MapData, SlowPath>,
+    pub rules: Array<MapData, RuleStats>,
+}
+
+/// The session's next-hop slots, if any.
+pub fn nexthop_slots(s: &Session) -> [Option<u16>; 2] {
+    s.nexthop.map(|n| (n != NEXTHOP_NONE).then_some(n))
+}

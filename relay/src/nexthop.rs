@@ -1,0 +1,421 @@
+//! Next hops: which interface and which MAC addresses a rewritten frame gets.
+//!
+//! The kernel knows, and the controller asks it over rtnetlink: the routing table says which
+//! interface and gateway lead to an address (`RTM_GETROUTE`, what `ip route get` does), the
+//! neighbour table says the gateway's MAC (`RTM_GETNEIGH`, `ip neigh get`), and the link says
+//! its own MAC and MTU (`RTM_GETLINK`). Sessions refer to a slot of the small `NEXTHOPS` table;
+//! the controller refreshes the slots every second, so a neighbour that becomes reachable or
+//! changes its MAC is picked up without touching the sessions, and the fast path pays one array
+//! read per packet instead of a `bpf_fib_lookup` (which also insists on IP forwarding being
+//! enabled on the interface, something a relay should not need).
+
+use std::{collections::HashMap, io, mem::size_of, net::IpAddr, os::fd::AsRawFd as _};
+
+use relay_common::{
+    packet::{FAMILY_V4, FAMILY_V6},
+    session::{Nexthop, NEXTHOP_NONE, NEXTHOP_SLOTS},
+};
+
+/// Where the routing table sends packets for an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub oif: u32,
+    /// The gateway, or `None` when the destination is on the link.
+    pub gateway: Option<IpAddr>,
+}
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_GETNEIGH: u16 = 30;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 1;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RTA_VIA: u16 = 18;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+const IFLA_ADDRESS: u16 = 1;
+const IFLA_MTU: u16 = 4;
+/// Neighbour states whose MAC address can be used (reachable, stale, delay, probe, noarp,
+/// permanent).
+const NUD_USABLE: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
+
+/// A link's own MAC address and MTU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+/// An rtnetlink socket for route queries.
+pub struct Netlink {
+    fd: std::os::fd::OwnedFd,
+    seq: u32,
+}
+
+impl Netlink {
+    pub fn open() -> io::Result<Netlink> {
+        // SAFETY: plain socket(2); the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        // SAFETY: `tv` is a valid timeval of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as u32,
+            )
+        };
+        Ok(Netlink { fd, seq: 1 })
+    }
+
+    /// Sends one request and returns the body of the answer of type `answer` (`None` when the
+    /// kernel answers with an error that means "no such thing").
+    fn request(&mut self, kind: u16, body: &[u8], answer: u16) -> io::Result<Option<Vec<u8>>> {
+        self.seq = self.seq.wrapping_add(1);
+        let len = 16 + body.len();
+        let mut msg = Vec::with_capacity(len);
+        msg.extend_from_slice(&(len as u32).to_ne_bytes());
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+        msg.extend_from_slice(&self.seq.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(body);
+        // SAFETY: `msg` is a readable buffer of the length passed.
+        let sent = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; 16384];
+        loop {
+            // SAFETY: `buf` is a writable buffer of the length passed.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(reply) = find_reply(&buf[..n as usize], self.seq, answer)? {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// `ip route get DST`: the route the kernel would use, or `None` if there is none.
+    pub fn route_get(&mut self, dst: IpAddr) -> io::Result<Option<Route>> {
+        let (family, addr) = family_and_bytes(dst);
+        let mut body = vec![family, (addr.len() * 8) as u8, 0, 0, 0, 0, 0, 0];
+        body.extend_from_slice(&0u32.to_ne_bytes());
+        push_attr(&mut body, RTA_DST, &addr);
+        let Some(reply) = self.request(RTM_GETROUTE, &body, RTM_NEWROUTE)? else {
+            return Ok(None);
+        };
+        let mut route = Route {
+            oif: 0,
+            gateway: None,
+        };
+        for (kind, data) in attrs(&reply, 12) {
+            match kind {
+                RTA_OIF => route.oif = u32_at(data, 0).unwrap_or(0),
+                RTA_GATEWAY => route.gateway = ip_from(data),
+                // RTA_VIA: 2-byte family, then the address (IPv4 routes via IPv6).
+                RTA_VIA => route.gateway = data.get(2..).and_then(ip_from),
+                _ => {}
+            }
+        }
+        Ok((route.oif != 0).then_some(route))
+    }
+
+    /// `ip neigh get ADDR dev OIF`: the neighbour's MAC if the kernel has a usable one.
+    pub fn neigh_get(&mut self, addr: IpAddr, oif: u32) -> io::Result<Option<[u8; 6]>> {
+        let (family, bytes) = family_and_bytes(addr);
+        let mut body = vec![family, 0, 0, 0];
+        body.extend_from_slice(&(oif as i32).to_ne_bytes());
+        body.extend_from_slice(&[0, 0, 0, 0]);
+        push_attr(&mut body, NDA_DST, &bytes);
+        let Some(reply) = self.request(RTM_GETNEIGH, &body, RTM_NEWNEIGH)? else {
+            return Ok(None);
+        };
+        let state = u16_at(&reply, 8).unwrap_or(0);
+        if state & NUD_USABLE == 0 {
+            return Ok(None);
+        }
+        let mac = attrs(&reply, 12)
+            .find(|(k, _)| *k == NDA_LLADDR)
+            .and_then(|(_, d)| <[u8; 6]>::try_from(d).ok());
+        Ok(mac)
+    }
+
+    /// A link's MAC address and MTU.
+    pub fn link_get(&mut self, ifindex: u32) -> io::Result<Option<Link>> {
+        let mut body = vec![0u8, 0, 0, 0];
+        body.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+        body.extend_from_slice(&[0; 8]);
+        let Some(reply) = self.request(RTM_GETLINK, &body, RTM_NEWLINK)? else {
+            return Ok(None);
+        };
+        let mut link = Link {
+            mac: [0; 6],
+            mtu: 0,
+        };
+        for (kind, data) in attrs(&reply, 16) {
+            match kind {
+                IFLA_ADDRESS => link.mac = <[u8; 6]>::try_from(data).unwrap_or_default(),
+                IFLA_MTU => link.mtu = u32_at(data, 0).unwrap_or(0),
+                _ => {}
+            }
+        }
+        Ok(Some(link))
+    }
+
+    /// The `NEXTHOPS` value for sending to `via` out of `oif` (unresolved: ifindex 0, so the
+    /// fast path hands such packets to the controller, whose sending makes the kernel resolve
+    /// the neighbour).
+    pub fn nexthop(&mut self, oif: u32, via: IpAddr) -> io::Result<Nexthop> {
+        let (Some(link), Some(mac)) = (self.link_get(oif)?, self.neigh_get(via, oif)?) else {
+            return Ok(Nexthop::default());
+        };
+        Ok(Nexthop {
+            ifindex: oif,
+            mtu: link.mtu.min(u32::from(u16::MAX)) as u16,
+            src_mac: link.mac,
+            dst_mac: mac,
+            _pad: [0; 2],
+        })
+    }
+}
+
+fn family_and_bytes(ip: IpAddr) -> (u8, Vec<u8>) {
+    match ip {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    }
+}
+
+fn push_attr(body: &mut Vec<u8>, kind: u16, data: &[u8]) {
+    body.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+    body.extend_from_slice(&kind.to_ne_bytes());
+    body.extend_from_slice(data);
+    while body.len() % 4 != 0 {
+        body.push(0);
+    }
+}
+
+/// The attributes of a message body, after its fixed header of `skip` bytes.
+fn attrs(body: &[u8], skip: usize) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut at = skip;
+    std::iter::from_fn(move || {
+        let len = u16_at(body, at)? as usize;
+        let kind = u16_at(body, at + 2)? & 0x3fff;
+        if len < 4 || at + len > body.len() {
+            return None;
+        }
+        let data = &body[at + 4..at + len];
+        at += (len + 3) & !3;
+        Some((kind, data))
+    })
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
+/// Finds the answer to `seq` in one datagram: `Some(Some(body))` for a message of type
+/// `answer`, `Some(None)` for a "not found" error, `None` if the datagram holds no answer.
+fn find_reply(buf: &[u8], seq: u32, answer: u16) -> io::Result<Option<Option<Vec<u8>>>> {
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let len = u32_at(buf, off).unwrap_or(0) as usize;
+        let kind = u16_at(buf, off + 4).unwrap_or(0);
+        let msg_seq = u32_at(buf, off + 8).unwrap_or(0);
+        if len < 16 || off + len > buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "truncated netlink message",
+            ));
+        }
+        let body = &buf[off + 16..off + len];
+        if msg_seq == seq {
+            if kind == NLMSG_ERROR {
+                let errno = u32_at(body, 0).unwrap_or(0) as i32;
+                return match -errno {
+                    0 => Ok(None),
+                    libc::ENETUNREACH
+                    | libc::EHOSTUNREACH
+                    | libc::ESRCH
+                    | libc::ENOENT
+                    | libc::ENODEV => Ok(Some(None)),
+                    e => Err(io::Error::from_raw_os_error(e)),
+                };
+            }
+            if kind == answer {
+                return Ok(Some(Some(body.to_vec())));
+            }
+        }
+        off += (len + 3) & !3;
+    }
+    Ok(None)
+}
+
+/// The controller's table of next hops: slots in `NEXTHOPS`, keyed by interface and the
+/// address on the link (gateway, or the destination itself).
+#[derive(Default)]
+pub struct Table {
+    slots: HashMap<(u32, IpAddr), u16>,
+    keys: Vec<(u32, IpAddr)>,
+}
+
+impl Table {
+    /// The slot for `(oif, via)`, allocating one if needed; `None` when all are taken.
+    pub fn slot(&mut self, oif: u32, via: IpAddr) -> Option<u16> {
+        if let Some(s) = self.slots.get(&(oif, via)) {
+            return Some(*s);
+        }
+        if self.keys.len() as u32 >= NEXTHOP_SLOTS || self.keys.len() >= usize::from(NEXTHOP_NONE) {
+            return None;
+        }
+        let s = self.keys.len() as u16;
+        self.keys.push((oif, via));
+        self.slots.insert((oif, via), s);
+        Some(s)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = (u16, u32, IpAddr)> + '_ {
+        self.keys
+            .iter()
+            .enumerate()
+            .map(|(i, (oif, via))| (i as u16, *oif, *via))
+    }
+}
+
+pub fn family_of(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        FAMILY_V4
+    } else {
+        FAMILY_V6
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nlmsg(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn rta(kind: u16, data: &[u8]) -> Vec<u8> {
+        let mut a = Vec::new();
+        a.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+        a.extend_from_slice(&kind.to_ne_bytes());
+        a.extend_from_slice(data);
+        while a.len() % 4 != 0 {
+            a.push(0);
+        }
+        a
+    }
+
+    #[test]
+    fn finds_the_answer_and_its_attributes() {
+        let mut body = vec![2, 32, 0, 0, 254, 4, 0, 1, 0, 0, 0, 0];
+        body.extend(rta(RTA_DST, &[203, 0, 113, 7]));
+        body.extend(rta(RTA_OIF, &3u32.to_ne_bytes()));
+        body.extend(rta(RTA_GATEWAY, &[198, 18, 2, 254]));
+        let reply = find_reply(&nlmsg(RTM_NEWROUTE, 9, &body), 9, RTM_NEWROUTE).unwrap();
+        let got = reply.unwrap().unwrap();
+        let a: Vec<(u16, Vec<u8>)> = attrs(&got, 12).map(|(k, d)| (k, d.to_vec())).collect();
+        assert_eq!(a[1], (RTA_OIF, 3u32.to_ne_bytes().to_vec()));
+        assert_eq!(a[2], (RTA_GATEWAY, vec![198, 18, 2, 254]));
+        assert_eq!(
+            find_reply(&nlmsg(RTM_NEWROUTE, 8, &body), 9, RTM_NEWROUTE).unwrap(),
+            None,
+            "other seq"
+        );
+    }
+
+    #[test]
+    fn not_found_and_errors() {
+        for errno in [libc::ENETUNREACH, libc::ENOENT] {
+            let e = (-errno).to_ne_bytes();
+            assert_eq!(
+                find_reply(&nlmsg(NLMSG_ERROR, 1, &e), 1, RTM_NEWNEIGH).unwrap(),
+                Some(None)
+            );
+        }
+        let other = (-libc::EPERM).to_ne_bytes();
+        assert!(find_reply(&nlmsg(NLMSG_ERROR, 1, &other), 1, RTM_NEWNEIGH).is_err());
+        assert!(
+            find_reply(&[0xff; 20], 1, RTM_NEWNEIGH).is_err(),
+            "garbage is an error, not a panic"
+        );
+        let broken_attr = [8u8, 0, 1, 0, 1, 2];
+        assert_eq!(
+            attrs(&broken_attr, 0).count(),
+            0,
+            "an attribute past the end is ignored"
+        );
+    }
+
+    #[test]
+    fn asks_the_kernel_about_loopback() {
+        // Read-only queries in this process's namespace: the route to 127.0.0.1 is on `lo`.
+        let mut nl = Netlink::open().unwrap();
+        let route = nl.route_get("127.0.0.1".parse().unwrap()).unwrap().unwrap();
+        assert_eq!(route.gateway, None);
+        let link = nl.link_get(route.oif).unwrap().unwrap();
+        assert_eq!(link.mac, [0; 6], "loopback has an all-zero MAC");
+        assert!(link.mtu >= 1500);
+        assert_eq!(nl.link_get(u32::MAX >> 1).unwrap(), None, "no such link");
+    }
+
+    #[test]
+    fn slots_are_shared_and_bounded() {
+        let mut t = Table::default();
+        let gw: IpAddr = "198.18.2.254".parse().unwrap();
+        assert_eq!(t.slot(3, gw), Some(0));
+        assert_eq!(t.slot(4, gw), Some(1));
+        assert_eq!(t.slot(3, gw), Some(0));
+        for i in 2..NEXTHOP_SLOTS {
+            assert!(t.slot(5, IpAddr::from((i).to_be_bytes())).is_some());
+        }
+        assert_eq!(t.slot(9, gw), None, "full");
+    }
+}
