@@ -117,7 +117,9 @@ impl Drop for Netns {
 
 /// Joins `a`'s `a_if` and `b`'s `b_if` with a veth pair, brings both up and gives them
 /// addresses (CIDR notation, IPv4 and IPv6 lists). Checksum offload is off on both ends so that
-/// the frames XDP sees carry complete checksums, as from a real NIC.
+/// the frames XDP sees carry complete checksums, as from a real NIC; GRO is switched on once
+/// both ends are up, so that frames XDP redirects or transmits into either end are delivered
+/// (a veth only accepts XDP frames when its peer runs NAPI).
 pub fn veth(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_addrs: &[&str]) {
     sh(&[
         "ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
@@ -133,6 +135,9 @@ pub fn veth(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_ad
         }
         ns.exec(&["ethtool", "-K", iface, "tx", "off"]);
         ns.ip(&["link", "set", iface, "up"]);
+    }
+    for (ns, iface) in [(a, a_if), (b, b_if)] {
+        ns.exec(&["ethtool", "-K", iface, "gro", "on"]);
     }
 }
 
