@@ -183,8 +183,10 @@ pub const NEXTHOP_SLOTS: u32 = 1024;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (all of them): `repr(C)`, `Copy`, only integers and byte arrays, with every padding
-    // byte spelled out as a field, so any bit pattern is valid and none is uninitialised.
+    // All of these are `repr(C)`, `Copy`, only integers and byte arrays, with every padding
+    // byte spelled out as a field (checked by `layouts_have_no_implicit_padding`).
+
+    // SAFETY: as above: any bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Flow {}

@@ -107,7 +107,7 @@ fn relay_udp(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Result<Reason, 
         proto: PROTO_UDP,
         _pad: [0; 2],
     };
-    let Some(flow) = FLOWS.get_ptr(&key) else {
+    let Some(flow) = FLOWS.get_ptr(key) else {
         let (first, last) = (SESSION_PORT_FIRST.load(), SESSION_PORT_LAST.load());
         if first != 0 && h.dst_port >= first && h.dst_port <= last {
             return Err(Reason::WrongSource);

@@ -109,15 +109,7 @@ pub fn load_maps(opts: &LoadOptions) -> anyhow::Result<Ebpf> {
 
 /// Loads the data-path program (the verifier runs here).
 pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    for name in [PROGRAM] {
-        let prog: &mut Xdp = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("the XDP object has no program named {name:?}"))?
-            .try_into()
-            .context("the program in the XDP object is not an XDP program")?;
-        prog.load().map_err(rejected)?;
-    }
-    Ok(())
+    program(ebpf)?.load().map_err(rejected)
 }
 
 /// The XDP program in a loaded object.

@@ -653,18 +653,18 @@ impl Controller {
                     let slow = live
                         .as_ref()
                         .map_or(slow_pinned, |l| l.io.slow.snapshot(l.io.opened));
-                    for d in 0..2 {
-                        retired[d].packets = session.traffic[d].packets + slow.traffic[d].packets;
-                        retired[d].bytes = session.traffic[d].bytes + slow.traffic[d].bytes;
+                    for (d, r) in retired.iter_mut().enumerate() {
+                        r.packets = session.traffic[d].packets + slow.traffic[d].packets;
+                        r.bytes = session.traffic[d].bytes + slow.traffic[d].bytes;
                     }
                 }
                 Err(e) => warn!("session {id}: removing from the maps: {e:#}"),
             }
             let _ = dp.update_rule(entry.rule, |r| {
                 r.closed += 1;
-                for d in 0..2 {
-                    r.retired[d].packets += retired[d].packets;
-                    r.retired[d].bytes += retired[d].bytes;
+                for (total, t) in r.retired.iter_mut().zip(retired) {
+                    total.packets += t.packets;
+                    total.bytes += t.bytes;
                 }
             });
         }

@@ -212,6 +212,13 @@ async fn run(
 ) -> anyhow::Result<()> {
     use ebpf::AttachMode;
     pin::prepare(&dir)?;
+    let files = system::raise_fd_limit();
+    if u64::from(config.session_capacity) + 64 > files {
+        warn!(
+            "the open-file limit ({files}) is below session_capacity ({}): each session needs a socket",
+            config.session_capacity
+        );
+    }
     let opts = ebpf::LoadOptions {
         pin_dir: dir.clone(),
         log_level: log::max_level() as u8,

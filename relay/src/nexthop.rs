@@ -215,7 +215,7 @@ fn push_attr(body: &mut Vec<u8>, kind: u16, data: &[u8]) {
     body.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
     body.extend_from_slice(&kind.to_ne_bytes());
     body.extend_from_slice(data);
-    while body.len() % 4 != 0 {
+    while !body.len().is_multiple_of(4) {
         body.push(0);
     }
 }
@@ -347,7 +347,7 @@ mod tests {
         a.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
         a.extend_from_slice(&kind.to_ne_bytes());
         a.extend_from_slice(data);
-        while a.len() % 4 != 0 {
+        while !a.len().is_multiple_of(4) {
             a.push(0);
         }
         a

@@ -51,3 +51,17 @@ pub fn netns() -> anyhow::Result<(u64, bool)> {
         .ino();
     Ok((ours, ours == INIT_NETNS_INO))
 }
+
+/// Raises the open-file limit to its hard maximum: every session holds a socket.
+pub fn raise_fd_limit() -> u64 {
+    // SAFETY: all-zero is a valid rlimit, which getrlimit fills in.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    lim.rlim_cur
+}

@@ -210,6 +210,8 @@ fn local_addr_from_control(control: &[u8], len: usize) -> Option<IpAddr> {
 
 /// Receives up to [`BATCH`] datagrams without blocking and hands them to `f` as one batch.
 /// Returns how many were received (`WouldBlock` when none were waiting).
+// Parallel arrays (headers, names, control buffers) are indexed together.
+#[allow(clippy::needless_range_loop)]
 pub fn recv_batch(fd: RawFd, f: impl FnOnce(&[Datagram<'_>])) -> io::Result<usize> {
     BUFFERS.with(|b| {
         let b = &mut *b.borrow_mut();
@@ -270,6 +272,8 @@ pub struct Outgoing<'a> {
     pub from: Option<IpAddr>,
 }
 
+// Parallel arrays (headers, names, control buffers) are indexed together.
+#[allow(clippy::needless_range_loop)]
 /// Sends `msgs` with as few `sendmmsg` calls as possible. Returns how many were sent; stops
 /// at the first error that is not a full buffer of the batch (reported if nothing was sent).
 pub fn send_batch(fd: RawFd, msgs: &[Outgoing<'_>]) -> io::Result<usize> {

@@ -441,12 +441,11 @@ fn fixtures_through_the_verified_program() {
     }
     for (id, want) in want_traffic.iter().enumerate() {
         let s = dp.session(id as u32).expect("session");
-        for d in 0..2 {
-            let got = (s.traffic[d].packets, s.traffic[d].bytes);
-            if got != want[d] {
+        for (d, (t, want)) in s.traffic.iter().zip(want).enumerate() {
+            let got = (t.packets, t.bytes);
+            if got != *want {
                 failures.push(format!(
-                    "session {id} direction {d}: counted {got:?}, want {:?}",
-                    want[d]
+                    "session {id} direction {d}: counted {got:?}, want {want:?}"
                 ));
             }
         }

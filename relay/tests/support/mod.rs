@@ -191,6 +191,110 @@ impl Topology {
     }
 }
 
+/// A one-interface topology (see [`Topology::one_nic`]). Fields drop in order: the
+/// pass-through program's process first, then the namespaces.
+pub struct OneNic {
+    _pass: Relay,
+    _pass_pin: PinDir,
+    pub t: Topology,
+    _switch: Netns,
+}
+
+impl Topology {
+    /// One interface: client (198.18.3.2, fd00:5a:3::2), upstream (198.18.3.3, fd00:5a:3::3)
+    /// and the relay's `eth0` (198.18.3.1, fd00:5a:3::1) on one bridged segment, so relayed
+    /// frames leave by the interface they came in on (XDP_TX).
+    ///
+    /// A veth delivers frames XDP transmits into it reliably only when its peer runs an XDP
+    /// program (with GRO alone most are lost). A real NIC puts them on the wire; here the
+    /// bridge port facing the relay gets a relay without rules, which passes everything.
+    pub fn one_nic() -> OneNic {
+        let t = Topology {
+            client: Netns::new("c"),
+            relay: Netns::new("r"),
+            upstream: Netns::new("u"),
+        };
+        let switch = Netns::new("s");
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        for (ns, port, v4, v6) in [
+            (&t.relay, "p1", "198.18.3.1/24", "fd00:5a:3::1/64"),
+            (&t.client, "p2", "198.18.3.2/24", "fd00:5a:3::2/64"),
+            (&t.upstream, "p3", "198.18.3.3/24", "fd00:5a:3::3/64"),
+        ] {
+            veth(ns, "eth0", &[v4, v6], &switch, port, &[]);
+            switch.ip(&["link", "set", port, "master", "br0"]);
+        }
+        let pass_pin = PinDir::new();
+        let pass = Relay::start(&switch, &["--iface", "p1", "--pin-dir", pass_pin.arg()]);
+        OneNic {
+            _pass: pass,
+            _pass_pin: pass_pin,
+            t,
+            _switch: switch,
+        }
+    }
+}
+
+/// Raises this process's open-file limit (tests open thousands of sockets).
+pub fn raise_fd_limit() {
+    // SAFETY: all-zero is a valid rlimit, which getrlimit fills in.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is valid and writable.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+}
+
+/// A UDP echo server on a thread inside a namespace; stops on drop.
+pub struct Echo {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<u64>>,
+}
+
+impl Echo {
+    pub fn start(ns: &Netns, addr: std::net::SocketAddr) -> Echo {
+        let socket = ns.run(move || std::net::UdpSocket::bind(addr).expect("bind echo"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            let mut echoed = 0;
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                    if socket.send_to(&buf[..n], peer).is_ok() {
+                        echoed += 1;
+                    }
+                }
+            }
+            echoed
+        });
+        Echo {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the server and returns how many datagrams it echoed.
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map_or(0, |t| t.join().unwrap_or(0))
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Path of the relay binary under test.
 pub fn relay_bin() -> &'static str {
     env!("CARGO_BIN_EXE_relay")
