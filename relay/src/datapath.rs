@@ -63,9 +63,11 @@ fn family(ip: IpAddr) -> u8 {
     }
 }
 
-/// The endpoints a session record describes.
+/// The endpoints a session record describes (IPv4-mapped addresses of a mixed-family session
+/// come back as IPv4).
 pub fn endpoints(s: &Session) -> Endpoints {
-    let sa = |a: &[u8; 16], p: u16| SocketAddr::new(ip_of(s.family, a), p);
+    let sa =
+        |a: &[u8; 16], p: u16| SocketAddr::new(crate::config::canonical(ip_of(s.family, a)), p);
     Endpoints {
         client: sa(&s.client, s.client_port),
         front: sa(&s.front, s.front_port),
@@ -90,20 +92,36 @@ pub fn flow_keys(e: &Endpoints) -> [FlowKey; 2] {
     ]
 }
 
-/// The record `SESSIONS` holds for a new session.
+/// An address as IPv6 (IPv4-mapped if need be).
+fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The record `SESSIONS` holds for a new session. A session whose two sides differ in family
+/// (an IPv4 client relayed to an IPv6 upstream) is stored with IPv6 (mapped) addresses and no
+/// next hops, so the controller relays all of it.
 pub fn record(e: &Endpoints, rule: u16, nexthop: [u16; 2], now: u64) -> Session {
+    let same = e.same_family();
+    let a = |ip: IpAddr| if same { addr16(ip) } else { mapped(ip) };
     Session {
-        client: addr16(e.client.ip()),
-        front: addr16(e.front.ip()),
-        back: addr16(e.back.ip()),
-        upstream: addr16(e.upstream.ip()),
+        client: a(e.client.ip()),
+        front: a(e.front.ip()),
+        back: a(e.back.ip()),
+        upstream: a(e.upstream.ip()),
         client_port: e.client.port(),
         front_port: e.front.port(),
         back_port: e.back.port(),
         upstream_port: e.upstream.port(),
         nexthop,
         rule,
-        family: family(e.client.ip()),
+        family: if same {
+            family(e.client.ip())
+        } else {
+            FAMILY_V6
+        },
         state: STATE_ACTIVE,
         last_seen: now,
         traffic: [Traffic::default(); 2],
@@ -176,6 +194,9 @@ impl Datapath {
     pub fn install(&mut self, id: u32, s: &Session, slow: &SlowPath) -> anyhow::Result<()> {
         self.slow.set(id, slow, 0).context("writing SLOWPATH")?;
         self.sessions.set(id, s, 0).context("writing SESSIONS")?;
+        // Mixed-family sessions get flows too: without them the fast path would take the
+        // upstream's replies to the session port for a stranger's. Their record (IPv6 family,
+        // no next hops) makes the fast path hand every packet to the controller.
         let keys = flow_keys(&endpoints(s));
         for (direction, key) in [TO_UPSTREAM, TO_CLIENT].into_iter().zip(keys) {
             let flow = Flow {
@@ -264,4 +285,65 @@ pub struct PinnedView {
 /// The session's next-hop slots, if any.
 pub fn nexthop_slots(s: &Session) -> [Option<u16>; 2] {
     s.nexthop.map(|n| (n != NEXTHOP_NONE).then_some(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(client: &str, front: &str, back: &str, upstream: &str) -> Endpoints {
+        Endpoints {
+            client: client.parse().unwrap(),
+            front: front.parse().unwrap(),
+            back: back.parse().unwrap(),
+            upstream: upstream.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_to_endpoints() {
+        for ends in [
+            e(
+                "198.51.100.2:4000",
+                "192.0.2.1:51820",
+                "192.0.2.1:20000",
+                "203.0.113.7:51820",
+            ),
+            e(
+                "[2001:db8::2]:4000",
+                "[2001:db8::1]:443",
+                "[2001:db8:1::1]:20001",
+                "[2001:db8:2::7]:443",
+            ),
+            // Mixed families: stored mapped, read back as they were.
+            e(
+                "198.51.100.2:4000",
+                "192.0.2.1:51820",
+                "[2001:db8:1::1]:20002",
+                "[2001:db8:2::7]:51820",
+            ),
+        ] {
+            let r = record(&ends, 3, [NEXTHOP_NONE; 2], 9);
+            assert_eq!(endpoints(&r), ends);
+            assert_eq!((r.rule, r.state, r.last_seen), (3, STATE_ACTIVE, 9));
+        }
+    }
+
+    #[test]
+    fn flow_keys_are_the_remote_ends_and_local_ports() {
+        let ends = e(
+            "198.51.100.2:4000",
+            "192.0.2.1:51820",
+            "192.0.2.1:20000",
+            "203.0.113.7:51820",
+        );
+        let [c, u] = flow_keys(&ends);
+        assert_eq!(
+            (c.remote_port, c.local_port, c.family),
+            (4000, 51820, FAMILY_V4)
+        );
+        assert_eq!(&c.remote[..4], &[198, 51, 100, 2]);
+        assert_eq!((u.remote_port, u.local_port), (51820, 20000));
+        assert_eq!(&u.remote[..4], &[203, 0, 113, 7]);
+    }
 }

@@ -49,19 +49,60 @@ fn unix_seconds() -> u64 {
 /// One listen port of a forward rule.
 pub struct Rule {
     pub index: u16,
-    pub config: ForwardRule,
     pub listen: SocketAddr,
-    pub upstream: SocketAddr,
     socket: UdpSocket,
+    /// What a reload may change: limits, allow list, the upstream's address.
+    current: std::sync::RwLock<Current>,
+}
+
+#[derive(Clone)]
+struct Current {
+    config: ForwardRule,
+    upstream: SocketAddr,
 }
 
 impl Rule {
+    fn current(&self) -> Current {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn limits(&self) -> RuleLimits {
+        let c = self.current.read().unwrap_or_else(|e| e.into_inner());
         RuleLimits {
-            max_sessions: self.config.max_sessions,
-            idle_timeout: self.config.idle_timeout,
+            max_sessions: c.config.max_sessions,
+            idle_timeout: c.config.idle_timeout,
         }
     }
+
+    fn name(&self) -> String {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .config
+            .name
+            .clone()
+    }
+}
+
+/// Expands configured rules into one entry per listen port, resolving upstream names.
+fn expand(config: &Config) -> anyhow::Result<Vec<(SocketAddr, Current)>> {
+    let mut out = Vec::new();
+    for rule in &config.forward {
+        let upstream_ip = rule.resolve_upstream()?;
+        for port in rule.listen_ports.first..=rule.listen_ports.last {
+            out.push((
+                SocketAddr::new(rule.listen_ip, port),
+                Current {
+                    config: rule.clone(),
+                    upstream: SocketAddr::new(upstream_ip, rule.upstream_port(port)),
+                },
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// Traffic the controller relayed itself for one session, not yet written to `SLOWPATH`.
@@ -130,6 +171,29 @@ pub struct Controller {
     egress: Vec<u32>,
 }
 
+/// Writes a rule's name and addresses into its `RULES` slot.
+fn label(r: &mut relay_common::session::RuleStats, listen: SocketAddr, c: &Current) {
+    r.name = [0; 32];
+    let name = c.config.name.as_bytes();
+    let n = name.len().min(32);
+    r.name[..n].copy_from_slice(&name[..n]);
+    // Mixed families are shown IPv6 (mapped), like the session records.
+    let same = listen.is_ipv4() == c.upstream.is_ipv4();
+    let a = |ip: IpAddr| match (same, ip) {
+        (false, IpAddr::V4(v4)) => v4.to_ipv6_mapped().octets(),
+        _ => datapath::addr16(ip),
+    };
+    r.listen = a(listen.ip());
+    r.upstream = a(c.upstream.ip());
+    r.listen_port = listen.port();
+    r.upstream_port = c.upstream.port();
+    r.family = if same {
+        nexthop::family_of(listen.ip())
+    } else {
+        relay_common::packet::FAMILY_V6
+    };
+}
+
 /// What the controller starts from.
 pub struct Setup {
     pub config: Config,
@@ -159,40 +223,36 @@ impl Controller {
             egress,
         } = setup;
         let mut rules = Vec::new();
-        for rule in &config.forward {
-            let upstream_ip = rule.resolve_upstream()?;
-            for port in rule.listen_ports.first..=rule.listen_ports.last {
-                let listen = SocketAddr::new(rule.listen_ip, port);
-                let std = udp::bind(listen, false).with_context(|| {
-                    format!(
-                        "rule {}: cannot listen on {listen} (in use by another program?)",
-                        rule.name
+        for (listen, current) in expand(&config)? {
+            let rule = &current.config;
+            let std = udp::bind(listen, false).with_context(|| {
+                format!(
+                    "rule {}: cannot listen on {listen} (in use by another program?)",
+                    rule.name
+                )
+            })?;
+            let index = u16::try_from(rules.len())
+                .ok()
+                .filter(|i| u32::from(*i) < relay_common::session::RULE_SLOTS)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "too many listen ports (at most {})",
+                        relay_common::session::RULE_SLOTS
                     )
                 })?;
-                let index = u16::try_from(rules.len())
-                    .ok()
-                    .filter(|i| u32::from(*i) < relay_common::session::RULE_SLOTS)
-                    .ok_or_else(|| {
-                        anyhow!(
-                            "too many listen ports (at most {})",
-                            relay_common::session::RULE_SLOTS
-                        )
-                    })?;
-                rules.push(Rule {
-                    index,
-                    config: rule.clone(),
-                    listen,
-                    upstream: SocketAddr::new(upstream_ip, rule.upstream_port(port)),
-                    socket: UdpSocket::from_std(std).context("registering a listening socket")?,
-                });
-                info!(
-                    "rule {}: {listen} -> {} (idle timeout {}s, at most {} sessions)",
-                    rule.name,
-                    SocketAddr::new(upstream_ip, rule.upstream_port(port)),
-                    rule.idle_timeout.as_secs(),
-                    rule.max_sessions
-                );
-            }
+            info!(
+                "rule {}: {listen} -> {} (idle timeout {}s, at most {} sessions)",
+                rule.name,
+                current.upstream,
+                rule.idle_timeout.as_secs(),
+                rule.max_sessions
+            );
+            rules.push(Rule {
+                index,
+                listen,
+                socket: UdpSocket::from_std(std).context("registering a listening socket")?,
+                current: std::sync::RwLock::new(current),
+            });
         }
         let netlink = if fast_path {
             Some(nexthop::Netlink::open().context("opening an rtnetlink socket")?)
@@ -206,15 +266,7 @@ impl Controller {
                 dp.update_rule(index, |r| {
                     r.configured = u8::from(rule.is_some());
                     if let Some(rule) = rule {
-                        r.name = [0; 32];
-                        let name = rule.config.name.as_bytes();
-                        let n = name.len().min(32);
-                        r.name[..n].copy_from_slice(&name[..n]);
-                        r.listen = datapath::addr16(rule.listen.ip());
-                        r.upstream = datapath::addr16(rule.upstream.ip());
-                        r.listen_port = rule.listen.port();
-                        r.upstream_port = rule.upstream.port();
-                        r.family = nexthop::family_of(rule.listen.ip());
+                        label(r, rule.listen, &rule.current());
                     }
                 })?;
             }
@@ -267,7 +319,7 @@ impl Controller {
         let rule = &self.rules[i];
         loop {
             if let Err(e) = rule.socket.readable().await {
-                warn!("rule {}: listening socket failed: {e}", rule.config.name);
+                warn!("rule {}: listening socket failed: {e}", rule.name());
                 return;
             }
             let fd = rule.socket.as_raw_fd();
@@ -281,7 +333,7 @@ impl Controller {
             });
             if let Err(e) = r {
                 if e.kind() != io::ErrorKind::WouldBlock {
-                    warn!("rule {}: receiving: {e}", rule.config.name);
+                    warn!("rule {}: receiving: {e}", rule.name());
                 }
             }
         }
@@ -293,7 +345,8 @@ impl Controller {
         if d.truncated {
             warn!(
                 "rule {}: dropped a truncated datagram from {}",
-                rule.config.name, d.peer
+                rule.name(),
+                d.peer
             );
             return;
         }
@@ -344,7 +397,7 @@ impl Controller {
             };
             warn!(
                 "rule {}: refused a session for {client}: {msg}",
-                rule.config.name
+                rule.name()
             );
         }
     }
@@ -359,7 +412,8 @@ impl Controller {
         local: Option<IpAddr>,
         now: u64,
     ) -> Option<Arc<SessionIo>> {
-        let allowed = rule.config.client_allowed(client.ip());
+        let current = rule.current();
+        let allowed = current.config.client_allowed(client.ip());
         let entry = match st
             .table
             .open(rule.index, rule.limits(), client, allowed, now)
@@ -370,12 +424,12 @@ impl Controller {
                 return None;
             }
         };
-        let socket = match self.session_socket(st, &entry, rule) {
+        let socket = match self.session_socket(st, &entry, current.upstream) {
             Ok(s) => s,
             Err(e) => {
                 warn!(
                     "rule {}: no socket for a session of {client}: {e:#}",
-                    rule.config.name
+                    rule.name()
                 );
                 st.table.close(entry.id);
                 return None;
@@ -396,14 +450,14 @@ impl Controller {
             client,
             front: SocketAddr::new(front_ip, rule.listen.port()),
             back,
-            upstream: rule.upstream,
+            upstream: current.upstream,
         };
         let io = match self.start(st, entry.id, rule.index, ends, socket, unix_seconds(), now) {
             Ok(io) => io,
             Err(e) => {
                 warn!(
                     "rule {}: session for {client} not installed: {e:#}",
-                    rule.config.name
+                    rule.name()
                 );
                 st.table.close(entry.id);
                 return None;
@@ -424,17 +478,17 @@ impl Controller {
         &self,
         st: &mut State,
         entry: &Entry,
-        rule: &Rule,
+        upstream: SocketAddr,
     ) -> anyhow::Result<std::net::UdpSocket> {
         let mut port = entry.port;
         for _ in 0..64 {
             match udp::bind(
-                SocketAddr::new(unspecified(rule.upstream.is_ipv4()), port),
+                SocketAddr::new(unspecified(upstream.is_ipv4()), port),
                 false,
             ) {
                 Ok(s) => {
-                    s.connect(rule.upstream)
-                        .with_context(|| format!("connecting to {}", rule.upstream))?;
+                    s.connect(upstream)
+                        .with_context(|| format!("connecting to {upstream}"))?;
                     return Ok(s);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
@@ -686,7 +740,7 @@ impl Controller {
             let rule = self.rules.iter().find(|r| {
                 r.index == record.rule
                     && r.listen.port() == ends.front.port()
-                    && r.upstream == ends.upstream
+                    && r.current().upstream == ends.upstream
             });
             let slow_pinned = st
                 .datapath
@@ -751,6 +805,43 @@ impl Controller {
         if kept + dropped > 0 {
             info!("took over {kept} sessions from the pinned maps ({dropped} no longer match the rules)");
         }
+    }
+
+    /// Applies a re-read configuration: new limits, allow lists and upstream addresses (names
+    /// resolved again) for new sessions; live sessions keep their upstream. Listen addresses
+    /// cannot change without a restart, which keeps the sessions anyway.
+    pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
+        let expanded = expand(config)?;
+        let same_listeners = expanded.len() == self.rules.len()
+            && expanded
+                .iter()
+                .zip(&self.rules)
+                .all(|((l, _), r)| *l == r.listen);
+        if !same_listeners {
+            anyhow::bail!(
+                "the listen addresses changed; restart the relay to apply that (sessions survive a restart)"
+            );
+        }
+        let mut st = self.lock();
+        for ((_, new), rule) in expanded.into_iter().zip(&self.rules) {
+            let old = rule.current();
+            if old.upstream != new.upstream {
+                info!(
+                    "rule {}: new sessions go to {} (was {})",
+                    new.config.name, new.upstream, old.upstream
+                );
+            }
+            if let Some(dp) = st.datapath.as_mut() {
+                let _ = dp.update_rule(rule.index, |r| label(r, rule.listen, &new));
+            }
+            *rule.current.write().unwrap_or_else(|e| e.into_inner()) = new;
+        }
+        // A lower capacity or other table-wide change needs a restart as well.
+        if config.session_capacity != st.table.capacity() {
+            warn!("relay.session_capacity changes need `relay unpin` and a restart; keeping the old one");
+        }
+        info!("configuration reloaded");
+        Ok(())
     }
 
     /// Number of live sessions.

@@ -154,11 +154,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             let config = config(&args)?;
             let dir = pin_dir(&args.iface[0], args.pin_dir.clone())?;
+            let mode = args.xdp_mode;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(run(ifaces, config, args.xdp_mode, dir))
+                .block_on(run(ifaces, config, mode, dir, move || self::config(&args)))
         }
         Command::Stats {
             iface,
@@ -209,6 +210,7 @@ async fn run(
     config: Config,
     mode: ebpf::AttachMode,
     dir: PathBuf,
+    reread: impl Fn() -> anyhow::Result<Config>,
 ) -> anyhow::Result<()> {
     use ebpf::AttachMode;
     pin::prepare(&dir)?;
@@ -273,9 +275,21 @@ async fn run(
     );
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-        _ = term.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                r.context("waiting for Ctrl-C")?;
+                break;
+            }
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                if let Err(e) = reread().and_then(|c| controller.reload(&c)) {
+                    warn!("reload failed, keeping the running configuration: {e:#}");
+                }
+            }
+        }
     }
     controller.flush();
     let sessions = controller.sessions();

@@ -505,3 +505,168 @@ fn iperf3_udp_through_the_relay() {
         "at least 90% of iperf3's datagrams went through XDP ({xdp} of {sent}): {s}"
     );
 }
+
+#[test]
+fn fragments_and_expiring_ttls_are_relayed_by_the_controller() {
+    use std::os::fd::AsRawFd as _;
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let _echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
+    let _relay = start_two_nic(&t, &pin, &[]);
+    let socks = clients(&t.client, "198.18.1.2", 2);
+    let to: SocketAddr = FRONT_V4.parse().unwrap();
+    assert!(exchange(&socks, to, 0, 1).is_empty());
+    settle();
+    let before = stats(&t.relay, "cli0", &pin);
+
+    // 3000 bytes over a 1500-byte MTU: the client's kernel fragments it, XDP declines the
+    // fragments, the kernel reassembles and the controller relays.
+    let big: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut buf = [0u8; 4096];
+    socks[0].send_to(&big, to).expect("send");
+    let (n, from) = socks[0]
+        .recv_from(&mut buf)
+        .expect("the fragmented datagram comes back");
+    assert_eq!((&buf[..n], from), (&big[..], to));
+
+    // TTL 1: XDP must not forward it (the TTL would expire); the controller relays it.
+    let ttl: libc::c_int = 1;
+    // SAFETY: setsockopt on our own socket with a valid c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            socks[1].as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_TTL,
+            (&ttl as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    assert_eq!(rc, 0);
+    for i in 0..5u8 {
+        socks[1].send_to(&[i; 100], to).expect("send");
+        let (n, _) = socks[1]
+            .recv_from(&mut buf)
+            .expect("a TTL-1 datagram comes back");
+        assert_eq!(&buf[..n], &[i; 100]);
+    }
+
+    // The controller publishes its own counters once a second.
+    thread::sleep(Duration::from_millis(1500));
+    let after = stats(&t.relay, "cli0", &pin);
+    let grew = |reason: &str| reason_packets(&after, reason) - reason_packets(&before, reason);
+    assert!(
+        grew("ipv4_fragment") >= 4,
+        "fragments both ways were declined: {after}"
+    );
+    assert_eq!(grew("ttl_expiring"), 5, "{after}");
+    let r = rule(&after, "forward0");
+    let slow = packets(&r["slow_path"]["to_upstream"])
+        - packets(&rule(&before, "forward0")["slow_path"]["to_upstream"]);
+    assert_eq!(
+        slow, 6,
+        "the big datagram and five TTL-1 ones took the slow path: {r}"
+    );
+}
+
+#[test]
+fn ipv4_clients_reach_an_ipv6_upstream() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let _echo = Echo::start(&t.upstream, "[fd00:5a:2::2]:6000".parse().unwrap());
+    let _relay = Relay::start(
+        &t.relay,
+        &[
+            "--iface",
+            "cli0",
+            "--iface",
+            "up0",
+            "--pin-dir",
+            pin.arg(),
+            "--forward",
+            "198.18.1.1:5001=[fd00:5a:2::2]:6000",
+            "--allow-private-upstream",
+        ],
+    );
+    let socks = clients(&t.client, "198.18.1.2", 20);
+    let to: SocketAddr = "198.18.1.1:5001".parse().unwrap();
+    let failures = exchange(&socks, to, 0, 3);
+    assert!(failures.is_empty(), "{failures:?}");
+    thread::sleep(Duration::from_millis(1500));
+    let listed = sessions(&t.relay, "cli0", &pin);
+    assert_eq!(listed.len(), 20);
+    assert!(listed.iter().all(|s| s["upstream"] == "[fd00:5a:2::2]:6000"
+        && s["client"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("198.18.1.2:")));
+    let s = stats(&t.relay, "cli0", &pin);
+    let r = rule(&s, "forward0");
+    assert_eq!(packets(&r["slow_path"]["to_client"]), 60, "{r}");
+    assert_eq!(
+        packets(&r["xdp"]["to_upstream"]),
+        0,
+        "XDP does not translate families"
+    );
+}
+
+#[test]
+fn sighup_reloads_rules_for_new_sessions() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let first = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
+    let second = Echo::start(&t.upstream, "198.18.2.2:6001".parse().unwrap());
+    let config = std::env::temp_dir().join(format!("{}.toml", support::unique("cfg")));
+    let write = |port: u16| {
+        std::fs::write(
+            &config,
+            format!(
+                "[[forward]]\nlisten = \"198.18.1.1:5000\"\nupstream = \"198.18.2.2:{port}\"\n\
+                 allow_private_upstream = true\n"
+            ),
+        )
+        .unwrap()
+    };
+    write(6000);
+    let mut relay = Relay::start(
+        &t.relay,
+        &[
+            "--iface",
+            "cli0",
+            "--iface",
+            "up0",
+            "--pin-dir",
+            pin.arg(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let to: SocketAddr = FRONT_V4.parse().unwrap();
+    let old = clients(&t.client, "198.18.1.2", 5);
+    assert!(exchange(&old, to, 0, 2).is_empty());
+    write(6001);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(relay.child.id() as i32, libc::SIGHUP) };
+    relay.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    assert!(
+        relay.log().contains("new sessions go to 198.18.2.2:6001"),
+        "{}",
+        relay.log()
+    );
+    let new = clients(&t.client, "198.18.1.2", 5);
+    assert!(
+        exchange(&new, to, 1, 2).is_empty(),
+        "new sessions use the new upstream"
+    );
+    assert!(
+        exchange(&old, to, 2, 2).is_empty(),
+        "live sessions keep theirs"
+    );
+    drop(relay);
+    assert_eq!(
+        first.finish(),
+        5 * 2 + 5 * 2,
+        "old sessions stayed on the first upstream"
+    );
+    assert_eq!(second.finish(), 5 * 2, "new sessions went to the second");
+    let _ = std::fs::remove_file(config);
+}
