@@ -15,6 +15,7 @@ pub mod frame;
 pub mod packet;
 pub mod rewrite;
 pub mod session;
+pub mod socks5;
 
 /// Names of the maps, as the controller looks them up and pins them.
 pub mod maps {
@@ -25,4 +26,5 @@ pub mod maps {
     pub const EGRESS: &str = "EGRESS";
     pub const SLOWPATH: &str = "SLOWPATH";
     pub const RULES: &str = "RULES";
+    pub const USERS: &str = "USERS";
 }

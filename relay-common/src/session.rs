@@ -175,6 +175,31 @@ pub struct RuleStats {
     pub _pad: [u8; 2],
 }
 
+/// Value of `USERS` (indexed by SOCKS5 user; 0 is unauthenticated): the controller's
+/// per-user accounting, pinned so that `relay stats` can show it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserStats {
+    /// NUL-padded UTF-8 name.
+    pub name: [u8; 32],
+    /// CONNECT bytes, client to destination and back.
+    pub tcp_bytes: [u64; 2],
+    /// UDP ASSOCIATE datagrams and payload bytes, client to destination and back.
+    pub udp: [Traffic; 2],
+    pub connections: u64,
+    pub associations: u64,
+    pub active_connections: u64,
+    pub active_associations: u64,
+    pub auth_failures: u64,
+    pub refused: u64,
+    pub udp_dropped: u64,
+    /// 1 while a controller runs with this user.
+    pub configured: u64,
+}
+
+/// Capacity of `USERS`.
+pub const USER_SLOTS: u32 = 1024;
+
 /// Capacity of `RULES`: forward rules per relay.
 pub const RULE_SLOTS: u32 = 256;
 
@@ -198,6 +223,8 @@ mod pod {
     unsafe impl aya::Pod for super::SlowPath {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RuleStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UserStats {}
 }
 
 #[cfg(test)]

@@ -27,8 +27,8 @@ use relay_common::{
     packet::{parse, Headers, Packet, FAMILY_V4, PROTO_TCP, PROTO_UDP},
     rewrite::{plan, Rewrite},
     session::{
-        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Target, NEXTHOP_NONE, NEXTHOP_SLOTS,
-        RULE_SLOTS, STATE_ACTIVE, TO_CLIENT,
+        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Target, UserStats, NEXTHOP_NONE,
+        NEXTHOP_SLOTS, RULE_SLOTS, STATE_ACTIVE, TO_CLIENT, USER_SLOTS,
     },
 };
 
@@ -59,6 +59,10 @@ static SLOWPATH: Array<SlowPath> = Array::pinned(1, 0);
 /// Per-rule totals kept by the controller (created and pinned with the rest).
 #[map]
 static RULES: Array<RuleStats> = Array::pinned(RULE_SLOTS, 0);
+
+/// Per-user SOCKS5 accounting kept by the controller (created and pinned with the rest).
+#[map]
+static USERS: Array<UserStats> = Array::pinned(USER_SLOTS, 0);
 
 /// Interfaces a frame may be redirected to (ifindex -> ifindex).
 #[map]

@@ -31,7 +31,117 @@ struct RawConfig {
     relay: RawRelay,
     #[serde(default)]
     forward: Vec<RawForward>,
+    socks5: Option<RawSocks5>,
+    #[serde(default)]
+    policy: RawPolicy,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSocks5 {
+    listen: String,
+    public_address: Option<String>,
+    udp_ports: Option<String>,
+    #[serde(default)]
+    allow_no_auth: bool,
+    handshake_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    udp_idle_timeout: Option<String>,
+    max_handshakes: Option<u32>,
+    #[serde(default)]
+    users: Vec<RawUser>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: String,
+    password_hash: String,
+    max_associations: Option<u32>,
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    #[serde(default)]
+    allow_ports: Vec<String>,
+    #[serde(default)]
+    deny_ports: Vec<String>,
+}
+
+/// The SOCKS5 server's settings.
+#[derive(Clone, Debug)]
+pub struct Socks5Config {
+    pub listen: SocketAddr,
+    /// BND.ADDR for UDP ASSOCIATE when the relay sits behind NAT (default: the address the
+    /// client connected to).
+    pub public_address: Option<IpAddr>,
+    pub udp_ports: PortRange,
+    pub allow_no_auth: bool,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub udp_idle_timeout: Duration,
+    pub max_handshakes: u32,
+    pub users: Vec<crate::socks5::users::User>,
+}
+
+impl RawSocks5 {
+    fn check(self) -> anyhow::Result<Socks5Config> {
+        let listen: SocketAddr = self
+            .listen
+            .parse()
+            .with_context(|| format!("listen: {:?} is not ADDRESS:PORT", self.listen))?;
+        let dur = |v: &Option<String>, d: u64, what: &str| -> anyhow::Result<Duration> {
+            v.as_deref().map_or(Ok(Duration::from_secs(d)), |s| {
+                parse_duration(s).with_context(|| what.to_owned())
+            })
+        };
+        let users = self
+            .users
+            .into_iter()
+            .map(|u| crate::socks5::users::User {
+                name: u.name,
+                password_hash: u.password_hash,
+                max_associations: u.max_associations.unwrap_or(16),
+                max_connections: u.max_connections.unwrap_or(256),
+            })
+            .collect::<Vec<_>>();
+        if users.is_empty() && !self.allow_no_auth {
+            bail!("no users: add [[socks5.users]] (or set allow_no_auth = true for an open proxy, which is not recommended)");
+        }
+        Ok(Socks5Config {
+            listen,
+            public_address: self
+                .public_address
+                .map(|a| {
+                    a.parse()
+                        .with_context(|| format!("public_address: {a:?} is not an IP address"))
+                })
+                .transpose()?,
+            udp_ports: match &self.udp_ports {
+                Some(s) => s.parse().context("udp_ports")?,
+                None => DEFAULT_SOCKS_UDP_PORTS,
+            },
+            allow_no_auth: self.allow_no_auth,
+            handshake_timeout: dur(&self.handshake_timeout, 10, "handshake_timeout")?,
+            connect_timeout: dur(&self.connect_timeout, 10, "connect_timeout")?,
+            udp_idle_timeout: dur(&self.udp_idle_timeout, 300, "udp_idle_timeout")?,
+            max_handshakes: self.max_handshakes.unwrap_or(256),
+            users,
+        })
+    }
+}
+
+/// UDP ASSOCIATE ports when the configuration does not say.
+pub const DEFAULT_SOCKS_UDP_PORTS: PortRange = PortRange {
+    first: 30_000,
+    last: 31_999,
+};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -259,6 +369,8 @@ pub struct Config {
     pub session_capacity: u32,
     pub session_ports: PortRange,
     pub forward: Vec<ForwardRule>,
+    pub socks5: Option<Socks5Config>,
+    pub policy: crate::policy::Policy,
 }
 
 impl Default for Config {
@@ -267,6 +379,8 @@ impl Default for Config {
             session_capacity: DEFAULT_SESSION_CAPACITY,
             session_ports: DEFAULT_SESSION_PORTS,
             forward: Vec::new(),
+            socks5: None,
+            policy: crate::policy::Policy::default(),
         }
     }
 }
@@ -374,10 +488,34 @@ impl Config {
                     .with_context(|| format!("forward[{i}]"))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let cidrs = |v: &[String]| {
+            v.iter()
+                .map(|c| c.parse())
+                .collect::<anyhow::Result<Vec<Cidr>>>()
+        };
+        let ports = |v: &[String]| {
+            v.iter()
+                .map(|c| c.parse())
+                .collect::<anyhow::Result<Vec<PortRange>>>()
+        };
+        let policy = crate::policy::Policy {
+            allow: cidrs(&raw.policy.allow).context("policy.allow")?,
+            deny: cidrs(&raw.policy.deny).context("policy.deny")?,
+            allow_ports: ports(&raw.policy.allow_ports).context("policy.allow_ports")?,
+            deny_ports: ports(&raw.policy.deny_ports).context("policy.deny_ports")?,
+            own: Vec::new(),
+        };
+        let socks5 = raw
+            .socks5
+            .map(RawSocks5::check)
+            .transpose()
+            .context("socks5")?;
         let config = Config {
             session_capacity: capacity,
             session_ports,
             forward,
+            socks5,
+            policy,
         };
         config.check_overlaps()?;
         Ok(config)
@@ -412,6 +550,12 @@ impl Config {
 
     /// Listen ports must not collide with each other or with the session port range.
     fn check_overlaps(&self) -> anyhow::Result<()> {
+        if let Some(s) = &self.socks5 {
+            let (a, b) = (s.udp_ports, self.session_ports);
+            if a.first <= b.last && b.first <= a.last {
+                bail!("socks5.udp_ports {a} overlap relay.session_ports {b}");
+            }
+        }
         for (i, a) in self.forward.iter().enumerate() {
             let sp = self.session_ports;
             if a.listen_ports.first <= sp.last && sp.first <= a.listen_ports.last {

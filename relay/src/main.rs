@@ -51,6 +51,9 @@ enum Command {
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
+    /// Print an Argon2id hash of a password read from standard input, for
+    /// `[[socks5.users]] password_hash`.
+    HashPassword,
     /// Remove the pinned maps of an interface (its sessions and counters). The relay must be
     /// stopped.
     Unpin {
@@ -170,7 +173,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let dir = pin_dir(&iface, dir)?;
             let counters = Snapshot::from_pin(&dir)?;
             let (_, rules) = stats::sessions_and_rules(&dir)?;
-            let report = stats::Report { counters, rules };
+            let users = stats::users(&dir)?;
+            let report = stats::Report {
+                counters,
+                rules,
+                users,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -190,6 +198,21 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             } else {
                 print!("{}", stats::sessions_table(&sessions));
             }
+            Ok(())
+        }
+        Command::HashPassword => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from standard input")?;
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                anyhow::bail!("empty password (type it on standard input, then Enter)");
+            }
+            println!(
+                "{}",
+                relay::socks5::users::hash_password(password.as_bytes())?
+            );
             Ok(())
         }
         Command::Unpin {
@@ -240,6 +263,11 @@ async fn run(
     } else {
         info!("--xdp-mode off: the controller relays every packet itself");
     }
+    let users_map: aya::maps::Array<aya::maps::MapData, relay_common::session::UserStats> = bpf
+        .take_map(relay_common::maps::USERS)
+        .context("the XDP object has no USERS map")?
+        .try_into()
+        .context("USERS has an unexpected type")?;
     let mut datapath = Datapath::take(&mut bpf)?;
     if fast_path {
         match aya_log::EbpfLogger::init(&mut bpf) {
@@ -252,6 +280,16 @@ async fn run(
             datapath.add_egress(*index)?;
         }
     }
+    let socks5 = match &config.socks5 {
+        Some(cfg) => {
+            let server = relay::socks5::server::Server::new(cfg.clone(), config.policy.clone())?;
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| format!("SOCKS5: cannot listen on {} (in use?)", cfg.listen))?;
+            Some((server, listener))
+        }
+        None => None,
+    };
     let controller = Controller::new(Setup {
         config,
         ebpf: Some(bpf),
@@ -267,6 +305,10 @@ async fn run(
         }
     }
     controller.spawn();
+    if let Some((server, listener)) = socks5 {
+        tokio::spawn(std::sync::Arc::clone(&server).publish(users_map));
+        tokio::spawn(server.serve(listener));
+    }
     let names: Vec<&str> = ifaces.iter().map(|(n, _)| n.as_str()).collect();
     info!(
         "relay running on {}, maps pinned in {}; Ctrl-C or SIGTERM stops it",

@@ -239,17 +239,100 @@ pub fn sessions_and_rules(pin_dir: &Path) -> anyhow::Result<(Vec<SessionReport>,
     Ok((sessions, rules.into_values().collect()))
 }
 
-/// `relay stats`: counters, rules.
+/// One SOCKS5 user's totals.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UserReport {
+    pub name: String,
+    pub connect_bytes_to_destination: u64,
+    pub connect_bytes_to_client: u64,
+    pub udp: Directions,
+    pub connections: u64,
+    pub associations: u64,
+    pub active_connections: u64,
+    pub active_associations: u64,
+    pub auth_failures: u64,
+    pub refused: u64,
+    pub udp_dropped: u64,
+}
+
+/// SOCKS5 users from the pinned `USERS` map (those a controller configured or that did
+/// anything).
+pub fn users(pin_dir: &Path) -> anyhow::Result<Vec<UserReport>> {
+    use relay_common::session::{UserStats, USER_SLOTS};
+    let path = pin_dir.join(maps::USERS);
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("no relay maps at {}", path.display()))?;
+    let map: aya::maps::Array<MapData, UserStats> = aya::maps::Array::try_from(Map::Array(data))?;
+    let mut out = Vec::new();
+    for i in 0..USER_SLOTS.min(map.len()) {
+        let u = map.get(&i, 0)?;
+        let active = u.connections + u.associations + u.auth_failures + u.refused;
+        if u.configured == 0 || (i == 0 && active == 0) {
+            continue;
+        }
+        let len = u.name.iter().position(|b| *b == 0).unwrap_or(u.name.len());
+        let mut udp = Directions::default();
+        udp.add(&u.udp);
+        out.push(UserReport {
+            name: String::from_utf8_lossy(&u.name[..len]).into_owned(),
+            connect_bytes_to_destination: u.tcp_bytes[0],
+            connect_bytes_to_client: u.tcp_bytes[1],
+            udp,
+            connections: u.connections,
+            associations: u.associations,
+            active_connections: u.active_connections,
+            active_associations: u.active_associations,
+            auth_failures: u.auth_failures,
+            refused: u.refused,
+            udp_dropped: u.udp_dropped,
+        });
+    }
+    Ok(out)
+}
+
+/// `relay stats`: counters, rules, SOCKS5 users.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     #[serde(flatten)]
     pub counters: Snapshot,
     pub rules: Vec<RuleReport>,
+    pub users: Vec<UserReport>,
 }
 
 impl Report {
     pub fn table(&self) -> String {
         let mut out = self.counters.table();
+        if !self.users.is_empty() {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "{:<16} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}",
+                "socks5 user",
+                "tcp bytes ->",
+                "tcp bytes <-",
+                "udp pkts ->",
+                "udp pkts <-",
+                "conns",
+                "assocs",
+                "authfail",
+                "refused"
+            );
+            for u in &self.users {
+                let _ = writeln!(
+                    out,
+                    "{:<16} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}",
+                    u.name,
+                    u.connect_bytes_to_destination,
+                    u.connect_bytes_to_client,
+                    u.udp.to_upstream.packets,
+                    u.udp.to_client.packets,
+                    u.connections,
+                    u.associations,
+                    u.auth_failures,
+                    u.refused
+                );
+            }
+        }
         if self.rules.is_empty() {
             return out;
         }

@@ -24,6 +24,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/ping", "iputils-ping"),
     ("/usr/bin/iperf3", "iperf3"),
     ("/usr/bin/socat", "socat"),
+    ("/usr/bin/curl", "curl"),
+    ("/usr/bin/python3", "python3"),
+    ("/usr/lib/python3/dist-packages/socks.py", "python3-socks"),
 ];
 
 fn say(msg: &str) {
@@ -167,7 +170,7 @@ pub fn build_prerequisites() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tools the test suite drives: iproute2, ethtool, iperf3 and friends.
+/// Tools the test suite drives: iproute2, ethtool, iperf3, curl, PySocks and friends.
 pub fn test_prerequisites() -> anyhow::Result<()> {
     let mut missing: Vec<&str> = TEST_PACKAGES
         .iter()

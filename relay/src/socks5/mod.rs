@@ -1,0 +1,5 @@
+//! The SOCKS5 front door: RFC 1928 with RFC 1929 username/password.
+
+pub mod handshake;
+pub mod server;
+pub mod users;

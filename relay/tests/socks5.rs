@@ -1,0 +1,394 @@
+//! End-to-end: the SOCKS5 front door with clients nobody here wrote (curl, PySocks) and raw
+//! sockets for the RFC's edge cases, in namespaces this test creates.
+
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    process::{Child, Stdio},
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+use support::{stats, Echo, Netns, PinDir, Relay, Topology};
+
+const PASSWORD: &str = "correct horse battery";
+const PROXY: &str = "198.18.1.1:1080";
+
+struct Setup {
+    _relay: Relay,
+    _http: HttpServer,
+    _echo: Echo,
+    pin: PinDir,
+    t: Topology,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct HttpServer(Child);
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A file served by the upstream's web server.
+fn page() -> Vec<u8> {
+    (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+fn setup() -> Setup {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let dir = TempDir(std::env::temp_dir().join(support::unique("www")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    std::fs::write(dir.0.join("page.txt"), page()).unwrap();
+    let http = HttpServer(
+        t.upstream
+            .command("/usr/bin/python3")
+            .args([
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                "198.18.2.2",
+                "--directory",
+            ])
+            .arg(&dir.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("http.server"),
+    );
+    let echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
+    let hash = relay::socks5::users::hash_password(PASSWORD.as_bytes()).unwrap();
+    let config = dir.0.join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[socks5]\nlisten = \"{PROXY}\"\nhandshake_timeout = \"2s\"\nudp_idle_timeout = \"30s\"\n\
+             [[socks5.users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\nmax_associations = 2\n\
+             [policy]\nallow = [\"198.18.2.0/24\"]\n"
+        ),
+    )
+    .unwrap();
+    let relay = Relay::start(
+        &t.relay,
+        &[
+            "--iface",
+            "cli0",
+            "--iface",
+            "up0",
+            "--pin-dir",
+            pin.arg(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    // The web server needs a moment to listen.
+    for _ in 0..50 {
+        if t.upstream
+            .run(|| TcpStream::connect("198.18.2.2:8080").is_ok())
+        {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Setup {
+        _relay: relay,
+        _http: http,
+        _echo: echo,
+        pin,
+        t,
+        _dir: dir,
+    }
+}
+
+fn user<'a>(s: &'a Value, name: &str) -> &'a Value {
+    s["users"]
+        .as_array()
+        .and_then(|u| u.iter().find(|u| u["name"] == name))
+        .unwrap_or_else(|| panic!("no user {name} in {s}"))
+}
+
+fn curl(ns: &Netns, args: &[&str]) -> std::process::Output {
+    ns.command("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl")
+}
+
+#[test]
+fn curl_fetches_a_page_with_a_username_and_password() {
+    let s = setup();
+    let creds = format!("alice:{PASSWORD}");
+    let proxy = format!("socks5h://{PROXY}");
+    let out = curl(
+        &s.t.client,
+        &[
+            "--proxy",
+            &proxy,
+            "--proxy-user",
+            &creds,
+            "http://198.18.2.2:8080/page.txt",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, page(), "the page arrives intact");
+
+    thread::sleep(Duration::from_millis(1500));
+    let st = stats(&s.t.relay, "cli0", &s.pin);
+    let alice = user(&st, "alice");
+    assert_eq!(alice["connections"], 1, "{alice}");
+    assert!(
+        alice["connect_bytes_to_client"].as_u64().unwrap() > 100_000,
+        "{alice}"
+    );
+    assert!(
+        alice["connect_bytes_to_destination"].as_u64().unwrap() > 50,
+        "{alice}"
+    );
+}
+
+#[test]
+fn a_wrong_password_and_a_refused_destination_behave_as_documented() {
+    let s = setup();
+    let proxy = format!("socks5h://{PROXY}");
+    let out = curl(
+        &s.t.client,
+        &[
+            "--proxy",
+            &proxy,
+            "--proxy-user",
+            "alice:wrong",
+            "http://198.18.2.2:8080/page.txt",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let creds = format!("alice:{PASSWORD}");
+    // Loopback and a name that resolves to it are internal: refused with reply 2.
+    for url in [
+        "http://127.0.0.1:8080/",
+        "http://localhost:8080/",
+        "http://198.18.1.1:1080/",
+    ] {
+        let out = curl(
+            &s.t.client,
+            &["--proxy", &proxy, "--proxy-user", &creds, url],
+        );
+        assert!(!out.status.success(), "{url} must be refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        // curl prints the reply code: 2, "connection not allowed by ruleset".
+        assert!(err.contains("(2)"), "{url}: {err}");
+    }
+    thread::sleep(Duration::from_millis(1500));
+    let st = stats(&s.t.relay, "cli0", &s.pin);
+    let alice = user(&st, "alice");
+    assert_eq!(alice["auth_failures"], 1, "{alice}");
+    assert_eq!(alice["refused"], 3, "{alice}");
+    assert_eq!(alice["connections"], 0, "{alice}");
+}
+
+#[test]
+fn pysocks_exchanges_datagrams_through_udp_associate() {
+    let s = setup();
+    let script = format!(
+        r#"
+import socket, socks
+s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+s.set_proxy(socks.SOCKS5, "198.18.1.1", 1080, username="alice", password="{PASSWORD}")
+s.settimeout(3)
+for i in range(20):
+    msg = b"datagram %d " % i + bytes(range(i * 10 % 256)) * 3
+    s.sendto(msg, ("198.18.2.2", 6000))
+    data, addr = s.recvfrom(4096)
+    assert data == msg, (i, data)
+    assert addr == ("198.18.2.2", 6000), addr
+print("ok")
+"#
+    );
+    let out =
+        s.t.client
+            .command("/usr/bin/python3")
+            .args(["-c", &script])
+            .output()
+            .expect("python3");
+    assert!(
+        out.status.success() && out.stdout == b"ok\n",
+        "PySocks: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    thread::sleep(Duration::from_millis(1500));
+    let st = stats(&s.t.relay, "cli0", &s.pin);
+    let alice = user(&st, "alice");
+    assert_eq!(alice["associations"], 1, "{alice}");
+    assert_eq!(alice["udp"]["to_upstream"]["packets"], 20, "{alice}");
+    assert_eq!(alice["udp"]["to_client"]["packets"], 20, "{alice}");
+}
+
+/// A raw client: greeting, username/password, request. Returns the stream and the reply.
+fn raw_request(ns: &Netns, request: Vec<u8>) -> (TcpStream, Vec<u8>) {
+    ns.run(move || {
+        let mut c = TcpStream::connect(PROXY).expect("connect to the proxy");
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        c.write_all(&[5, 1, 2]).unwrap();
+        let mut b = [0u8; 2];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(b, [5, 2]);
+        let mut auth = vec![1, 5];
+        auth.extend_from_slice(b"alice");
+        auth.push(PASSWORD.len() as u8);
+        auth.extend_from_slice(PASSWORD.as_bytes());
+        c.write_all(&auth).unwrap();
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(b, [1, 0]);
+        c.write_all(&request).unwrap();
+        let mut reply = vec![0u8; 10];
+        let n = c.read(&mut reply).unwrap_or(0);
+        reply.truncate(n);
+        (c, reply)
+    })
+}
+
+fn udp_header(dest: SocketAddr, frag: u8) -> Vec<u8> {
+    let mut h = vec![0, 0, frag];
+    match dest {
+        SocketAddr::V4(a) => {
+            h.push(1);
+            h.extend_from_slice(&a.ip().octets());
+        }
+        SocketAddr::V6(a) => {
+            h.push(4);
+            h.extend_from_slice(&a.ip().octets());
+        }
+    }
+    h.extend_from_slice(&dest.port().to_be_bytes());
+    h
+}
+
+#[test]
+fn rfc_edge_cases_on_raw_sockets() {
+    let s = setup();
+    // BIND is answered with "command not supported".
+    let (_c, reply) = raw_request(&s.t.client, vec![5, 2, 0, 1, 198, 18, 2, 2, 0, 80]);
+    assert_eq!(reply.get(..2), Some(&[5, 7][..]), "{reply:?}");
+
+    // A handshake that stalls is closed after handshake_timeout (2 s here).
+    let closed = s.t.client.run(|| {
+        let mut c = TcpStream::connect(PROXY).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+        c.write_all(&[5]).unwrap();
+        let mut b = [0u8; 8];
+        matches!(c.read(&mut b), Ok(0))
+    });
+    assert!(closed, "a stalled handshake is closed");
+
+    // A version 4 greeting is closed without a reply.
+    let v4 = s.t.client.run(|| {
+        let mut c = TcpStream::connect(PROXY).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        c.write_all(&[4, 1, 0, 80, 198, 18, 2, 2, 0]).unwrap();
+        let mut b = [0u8; 8];
+        c.read(&mut b).unwrap_or(0)
+    });
+    assert_eq!(v4, 0);
+
+    // UDP ASSOCIATE: the reply's BND is where datagrams go; replies come from exactly there.
+    let (control, reply) = raw_request(&s.t.client, vec![5, 3, 0, 1, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(reply[..4], [5, 0, 0, 1], "{reply:?}");
+    let bnd = SocketAddr::from((
+        [reply[4], reply[5], reply[6], reply[7]],
+        u16::from_be_bytes([reply[8], reply[9]]),
+    ));
+    assert_eq!(
+        bnd.ip().to_string(),
+        "198.18.1.1",
+        "BND.ADDR is the address the client reached"
+    );
+    let udp = s.t.client.run(|| UdpSocket::bind("198.18.1.2:0").unwrap());
+    udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let echo: SocketAddr = "198.18.2.2:6000".parse().unwrap();
+    let mut dgram = udp_header(echo, 0);
+    dgram.extend_from_slice(b"hello");
+    udp.send_to(&dgram, bnd).unwrap();
+    let mut buf = [0u8; 512];
+    let (n, from) = udp
+        .recv_from(&mut buf)
+        .expect("echo through the association");
+    assert_eq!(from, bnd, "the reply comes from exactly BND.ADDR:BND.PORT");
+    assert_eq!(
+        &buf[..n],
+        &dgram[..],
+        "header names the echo server, payload intact"
+    );
+
+    // FRAG != 0 is dropped.
+    let mut frag = udp_header(echo, 1);
+    frag.extend_from_slice(b"fragment");
+    udp.send_to(&frag, bnd).unwrap();
+    assert!(udp.recv_from(&mut buf).is_err(), "a fragment is dropped");
+    // Garbage is dropped.
+    udp.send_to(&[0xff; 7], bnd).unwrap();
+    assert!(udp.recv_from(&mut buf).is_err());
+    // Another port of the client's address, after the first was seen: dropped.
+    let other = s.t.client.run(|| UdpSocket::bind("198.18.1.2:0").unwrap());
+    other
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    other.send_to(&dgram, bnd).unwrap();
+    assert!(
+        other.recv_from(&mut buf).is_err(),
+        "only the client's first port is served"
+    );
+
+    // Closing the control connection ends the association.
+    drop(control);
+    thread::sleep(Duration::from_millis(500));
+    udp.send_to(&dgram, bnd).unwrap();
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "no relaying after the control connection closed"
+    );
+
+    thread::sleep(Duration::from_millis(1500));
+    let st = stats(&s.t.relay, "cli0", &s.pin);
+    let alice = user(&st, "alice");
+    assert_eq!(
+        alice["udp_dropped"], 3,
+        "fragment, garbage and the stranger port: {alice}"
+    );
+    assert_eq!(alice["active_associations"], 0, "{alice}");
+}
+
+#[test]
+fn association_limits_are_per_user() {
+    let s = setup();
+    let req = vec![5, 3, 0, 1, 0, 0, 0, 0, 0, 0];
+    let (_a, r1) = raw_request(&s.t.client, req.clone());
+    let (_b, r2) = raw_request(&s.t.client, req.clone());
+    let (_c, r3) = raw_request(&s.t.client, req);
+    assert_eq!((r1[1], r2[1]), (0, 0));
+    assert_eq!(
+        r3.get(1),
+        Some(&2),
+        "the third association is not allowed (max_associations = 2)"
+    );
+}
