@@ -438,7 +438,7 @@ impl Server {
                 && assoc.client.is_none_or(|c| c.port() == from.port());
             if from_client {
                 assoc.client.get_or_insert(from);
-                match self.from_client(assoc, &data).await {
+                match self.client_datagram(assoc, &data).await {
                     Some((dest, payload)) => to_send.push((dest, payload, true)),
                     None => add(&acct.udp_dropped, 1),
                 }
@@ -476,7 +476,7 @@ impl Server {
     }
 
     /// A datagram from the client: its destination and payload, or `None` to drop it.
-    async fn from_client(
+    async fn client_datagram(
         &self,
         assoc: &mut Association,
         data: &[u8],
