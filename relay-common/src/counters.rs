@@ -114,6 +114,13 @@ reasons! {
     WrongDestination = 19, "wrong_destination", Pass;
     /// The egress interface was not in the redirect map; the frame was lost.
     RedirectFailed = 20, "redirect_failed", Aborted;
+    /// SOCKS5 UDP datagram with FRAG != 0: dropped (fragmentation is not supported).
+    SocksFragment = 21, "socks_fragment", Drop;
+    /// SOCKS5 UDP datagram the fast path leaves to the controller: a domain name, a
+    /// destination not yet approved, another sender, a malformed header.
+    SocksSlowPath = 22, "socks_slow_path", Pass;
+    /// Moving the headers for a SOCKS5 header failed; the frame was lost.
+    AdjustFailed = 23, "adjust_failed", Aborted;
 }
 
 /// Number of slots in the `COUNTERS` map. Larger than the number of reasons so that a newer

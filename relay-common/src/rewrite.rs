@@ -21,14 +21,103 @@ pub struct Rewrite {
     pub ip_check: u16,
     /// New UDP checksum.
     pub l4_check: u16,
+    /// New IPv4 total length or IPv6 payload length.
+    pub ip_len: u16,
+    /// New UDP length.
+    pub l4_len: u16,
     /// Egress interface.
     pub ifindex: u32,
+}
+
+/// A change at the start of the UDP payload: a SOCKS5 UDP header removed (client to
+/// destination) or added (destination to client).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resize {
+    /// Bytes added (positive) or removed (negative) at the payload's start; always even, so
+    /// the rest of the payload keeps its 16-bit alignment in the checksum.
+    pub bytes: i32,
+    /// The checksum effect of the bytes added or removed.
+    pub delta: Delta,
+}
+
+impl Resize {
+    pub const NONE: Resize = Resize {
+        bytes: 0,
+        delta: Delta::NONE,
+    };
+}
+
+/// The SOCKS5 UDP header for `addr` (4 or 16 bytes by family) and `port`: RSV RSV FRAG ATYP
+/// ADDR PORT. Returns the header (in a 22-byte buffer) and its length (10 or 22).
+#[inline(always)]
+pub fn socks_udp_header(family: u8, addr: &[u8; 16], port: u16) -> ([u8; 22], usize) {
+    let mut h = [0u8; 22];
+    let p = port.to_be_bytes();
+    if family == FAMILY_V4 {
+        h[3] = 1;
+        h[4] = addr[0];
+        h[5] = addr[1];
+        h[6] = addr[2];
+        h[7] = addr[3];
+        h[8] = p[0];
+        h[9] = p[1];
+        (h, 10)
+    } else {
+        h[3] = 4;
+        let mut i = 0;
+        while i < 16 {
+            h[4 + i] = addr[i];
+            i += 1;
+        }
+        h[20] = p[0];
+        h[21] = p[1];
+        (h, 22)
+    }
+}
+
+/// The checksum effect of adding (or removing) a SOCKS5 UDP header for `addr`, `port`.
+#[inline(always)]
+pub fn socks_header_resize(family: u8, addr: &[u8; 16], port: u16, adding: bool) -> Resize {
+    // Header words: 0x0000, ATYP, the address, the port. Zero words change nothing.
+    let atyp: u16 = if family == FAMILY_V4 { 1 } else { 4 };
+    let mut words = Delta::NONE;
+    let mut bump = |w: u16| {
+        words = if adding {
+            words.replace(0, w)
+        } else {
+            words.replace(w, 0)
+        };
+    };
+    bump(atyp);
+    let n = if family == FAMILY_V4 { 4 } else { 16 };
+    let mut i = 0;
+    while i < n {
+        bump(u16::from_be_bytes([addr[i], addr[i + 1]]));
+        i += 2;
+    }
+    bump(port);
+    let len = if family == FAMILY_V4 { 10 } else { 22 };
+    Resize {
+        bytes: if adding { len } else { -len },
+        delta: words,
+    }
 }
 
 /// Plans the rewrite of a UDP packet of a session toward `target` via `nexthop`, or says why
 /// the fast path must leave it to the controller.
 #[inline(always)]
 pub fn plan(h: &Headers, target: &Target, nexthop: &Nexthop) -> Result<Rewrite, Reason> {
+    plan_resized(h, target, nexthop, Resize::NONE)
+}
+
+/// [`plan`] for a packet whose payload also grows or shrinks at its start (`resize`).
+#[inline(always)]
+pub fn plan_resized(
+    h: &Headers,
+    target: &Target,
+    nexthop: &Nexthop,
+    resize: Resize,
+) -> Result<Rewrite, Reason> {
     if !h.ip_check_ok {
         return Err(Reason::BadIpChecksum);
     }
@@ -41,17 +130,32 @@ pub fn plan(h: &Headers, target: &Target, nexthop: &Nexthop) -> Result<Rewrite, 
     if nexthop.ifindex == 0 {
         return Err(Reason::NoNexthop);
     }
-    let ip_len = (h.l4 - h.l3) as u32 + h.l4_len as u32;
-    if ip_len > nexthop.mtu as u32 {
+    let new_l4 = h.l4_len as i32 + resize.bytes;
+    if new_l4 < 8 {
+        return Err(Reason::BadUdpLength);
+    }
+    let l3_header = (h.l4 - h.l3) as u32;
+    let new_packet = l3_header + new_l4 as u32;
+    if new_packet > nexthop.mtu as u32 || new_packet > 0xffff {
         return Err(Reason::TooBig);
     }
+    let new_l4 = new_l4 as u16;
+    let (old_ip_len, new_ip_len) = if h.family == FAMILY_V4 {
+        ((l3_header as u16) + h.l4_len, new_packet as u16)
+    } else {
+        (h.l4_len, new_l4)
+    };
 
     let addrs = Delta::NONE
         .replace_addr(&h.src, target.src)
         .replace_addr(&h.dst, target.dst);
     let ports = Delta::NONE
         .replace(h.src_port, target.src_port)
-        .replace(h.dst_port, target.dst_port);
+        .replace(h.dst_port, target.dst_port)
+        // The UDP length is in the pseudo header and in the UDP header: twice.
+        .replace(h.l4_len, new_l4)
+        .replace(h.l4_len, new_l4)
+        .add(resize.delta);
     let hop_limit = h.hop_limit - 1;
     let ip_check = if h.family == FAMILY_V4 {
         // TTL shares a 16-bit word with the protocol.
@@ -61,6 +165,7 @@ pub fn plan(h: &Headers, target: &Target, nexthop: &Nexthop) -> Result<Rewrite, 
                 (h.hop_limit as u16) << 8 | proto,
                 (hop_limit as u16) << 8 | proto,
             )
+            .replace(old_ip_len, new_ip_len)
             .apply(h.ip_check)
     } else {
         0
@@ -71,6 +176,8 @@ pub fn plan(h: &Headers, target: &Target, nexthop: &Nexthop) -> Result<Rewrite, 
         hop_limit,
         ip_check,
         l4_check: addrs.add(ports).apply_udp(h.l4_check),
+        ip_len: new_ip_len,
+        l4_len: new_l4,
         ifindex: nexthop.ifindex,
     })
 }
@@ -84,18 +191,43 @@ pub fn apply_to_slice(frame: &mut [u8], h: &Headers, t: &Target, rw: &Rewrite) {
     let l3 = h.l3 as usize;
     let l4 = h.l4 as usize;
     if h.family == FAMILY_V4 {
+        frame[l3 + 2..l3 + 4].copy_from_slice(&rw.ip_len.to_be_bytes());
         frame[l3 + 8] = rw.hop_limit;
         frame[l3 + 10..l3 + 12].copy_from_slice(&rw.ip_check.to_be_bytes());
         frame[l3 + 12..l3 + 16].copy_from_slice(&t.src[..4]);
         frame[l3 + 16..l3 + 20].copy_from_slice(&t.dst[..4]);
     } else {
+        frame[l3 + 4..l3 + 6].copy_from_slice(&rw.ip_len.to_be_bytes());
         frame[l3 + 7] = rw.hop_limit;
         frame[l3 + 8..l3 + 24].copy_from_slice(t.src);
         frame[l3 + 24..l3 + 40].copy_from_slice(t.dst);
     }
     frame[l4..l4 + 2].copy_from_slice(&t.src_port.to_be_bytes());
     frame[l4 + 2..l4 + 4].copy_from_slice(&t.dst_port.to_be_bytes());
+    frame[l4 + 4..l4 + 6].copy_from_slice(&rw.l4_len.to_be_bytes());
     frame[l4 + 6..l4 + 8].copy_from_slice(&rw.l4_check.to_be_bytes());
+}
+
+/// The host's version of a resized rewrite: rewrite the headers in place, then remove or
+/// insert `resize.bytes` at the start of the payload (`inserted` are the new bytes).
+#[cfg(any(test, feature = "std"))]
+pub fn apply_resized(
+    frame: &mut std::vec::Vec<u8>,
+    h: &Headers,
+    t: &Target,
+    rw: &Rewrite,
+    resize: Resize,
+    inserted: &[u8],
+) {
+    apply_to_slice(frame, h, t, rw);
+    let at = h.l4 as usize + 8;
+    if resize.bytes < 0 {
+        frame.drain(at..at + (-resize.bytes) as usize);
+    } else {
+        let tail = frame.split_off(at);
+        frame.extend_from_slice(inserted);
+        frame.extend_from_slice(&tail);
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +347,76 @@ mod tests {
         want.hop_limit -= 1;
         want = want.macs(NH.src_mac, NH.dst_mac);
         assert_eq!(bytes, want.build());
+    }
+
+    /// Stripping a SOCKS5 header (client to destination) gives exactly the frame a
+    /// destination would receive, and prepending one (destination to client) exactly the
+    /// frame a client expects: both checked against frames built from scratch.
+    #[test]
+    fn socks_strip_and_prepend_match_frames_built_from_scratch() {
+        use crate::packet::FAMILY_V6;
+        let cases = [
+            (
+                "198.18.1.2:40000",
+                "198.18.1.1:30000",
+                "198.18.2.1:30000",
+                "198.18.2.2:53",
+                FAMILY_V4,
+            ),
+            (
+                "[fd00:5a:1::2]:40000",
+                "[fd00:5a:1::1]:30001",
+                "[fd00:5a:2::1]:30001",
+                "[fd00:5a:2::2]:443",
+                FAMILY_V6,
+            ),
+        ];
+        for (client, front, back, dest, family) in cases {
+            for payload in [&b""[..], b"x", b"even", &[0x5a; 999]] {
+                let d = sa(dest);
+                let daddr = addr16(d.ip());
+                let (hdr, hlen) = socks_udp_header(family, &daddr, d.port());
+                // Client to destination: header + payload in, payload out.
+                let mut wrapped = hdr[..hlen].to_vec();
+                wrapped.extend_from_slice(payload);
+                let input = Frame::udp(sa(client), sa(front), &wrapped);
+                let mut bytes = input.build();
+                bytes.truncate(14 + if family == FAMILY_V4 { 20 } else { 40 } + 8 + wrapped.len());
+                let h = parse(&bytes[..]).unwrap();
+                let e = target(back, dest);
+                let resize = socks_header_resize(family, &daddr, d.port(), false);
+                let rw = plan_resized(&h, &e.target(), &NH, resize).unwrap();
+                apply_resized(&mut bytes, &h, &e.target(), &rw, resize, &[]);
+                let mut want = Frame::udp(sa(back), sa(dest), payload)
+                    .macs(NH.src_mac, NH.dst_mac)
+                    .hop_limit(63);
+                want.payload = payload.to_vec();
+                let mut want = want.build();
+                want.truncate(bytes.len().max(60));
+                while bytes.len() < 60 {
+                    bytes.push(0);
+                }
+                assert_eq!(bytes, want, "strip {family} {}", payload.len());
+
+                // Destination to client: payload in, header + payload out.
+                let input = Frame::udp(sa(dest), sa(back), payload);
+                let mut bytes = input.build();
+                bytes.truncate(14 + if family == FAMILY_V4 { 20 } else { 40 } + 8 + payload.len());
+                let h = parse(&bytes[..]).unwrap();
+                let e = target(front, client);
+                let resize = socks_header_resize(family, &daddr, d.port(), true);
+                let rw = plan_resized(&h, &e.target(), &NH, resize).unwrap();
+                apply_resized(&mut bytes, &h, &e.target(), &rw, resize, &hdr[..hlen]);
+                let want = Frame::udp(sa(front), sa(client), &wrapped)
+                    .macs(NH.src_mac, NH.dst_mac)
+                    .hop_limit(63)
+                    .build();
+                while bytes.len() < 60 {
+                    bytes.push(0);
+                }
+                assert_eq!(bytes, want, "prepend {family} {}", payload.len());
+            }
+        }
     }
 
     #[test]

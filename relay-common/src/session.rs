@@ -14,6 +14,12 @@
 /// Direction of a flow: client to upstream, or upstream to client.
 pub const TO_UPSTREAM: u32 = 0;
 pub const TO_CLIENT: u32 = 1;
+/// A SOCKS5 UDP association's flow to one destination, keyed by the destination and the
+/// association port: replies match it directly; the client's datagrams match it through the
+/// destination in their SOCKS5 header.
+pub const FLOW_SOCKS: u32 = 2;
+/// `Session::rule` of a SOCKS5 flow: this bit plus the user's index.
+pub const RULE_SOCKS: u16 = 0x8000;
 
 /// `Session::state` values.
 pub const STATE_FREE: u8 = 0;
@@ -195,6 +201,9 @@ pub struct UserStats {
     pub udp_dropped: u64,
     /// 1 while a controller runs with this user.
     pub configured: u64,
+    /// UDP datagrams and payload bytes XDP relayed for ended associations (live ones are in
+    /// their `SESSIONS` records).
+    pub udp_xdp: [Traffic; 2],
 }
 
 /// Capacity of `USERS`.

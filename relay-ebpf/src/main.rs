@@ -15,7 +15,7 @@ mod frame;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_ktime_get_coarse_ns, generated::bpf_xdp_adjust_head},
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
@@ -24,11 +24,11 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use relay_common::{
     counters::{Counter, Reason, COUNTER_SLOTS},
-    packet::{parse, Headers, Packet, FAMILY_V4, PROTO_TCP, PROTO_UDP},
-    rewrite::{plan, Rewrite},
+    packet::{parse, Headers, Packet, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP},
+    rewrite::{plan, plan_resized, socks_header_resize, socks_udp_header, Rewrite},
     session::{
-        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Target, UserStats, NEXTHOP_NONE,
-        NEXTHOP_SLOTS, RULE_SLOTS, STATE_ACTIVE, TO_CLIENT, USER_SLOTS,
+        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Target, UserStats, FLOW_SOCKS,
+        NEXTHOP_NONE, NEXTHOP_SLOTS, RULE_SLOTS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
     },
 };
 
@@ -75,6 +75,13 @@ static SESSION_PORT_FIRST: Global<u16> = Global::new(0);
 #[unsafe(no_mangle)]
 static SESSION_PORT_LAST: Global<u16> = Global::new(0);
 
+/// SOCKS5 UDP ASSOCIATE ports: datagrams to them may carry a SOCKS5 header to strip. 0/0: no
+/// SOCKS5 fast path.
+#[unsafe(no_mangle)]
+static SOCKS_PORT_FIRST: Global<u16> = Global::new(0);
+#[unsafe(no_mangle)]
+static SOCKS_PORT_LAST: Global<u16> = Global::new(0);
+
 #[xdp]
 pub fn relay(ctx: XdpContext) -> u32 {
     let frame = XdpFrame::new(&ctx);
@@ -100,7 +107,7 @@ fn classify(ctx: &XdpContext, frame: &XdpFrame) -> Result<Reason, Reason> {
     }
 }
 
-/// The fast path: find the session, plan, apply, account, send.
+/// The fast path: find the flow, then the session, plan, apply, account, send.
 #[inline(always)]
 fn relay_udp(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Result<Reason, Reason> {
     let key = FlowKey {
@@ -112,6 +119,10 @@ fn relay_udp(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Result<Reason, 
         _pad: [0; 2],
     };
     let Some(flow) = FLOWS.get_ptr(key) else {
+        let (first, last) = (SOCKS_PORT_FIRST.load(), SOCKS_PORT_LAST.load());
+        if first != 0 && h.dst_port >= first && h.dst_port <= last {
+            return socks_to_destination(ctx, frame, h);
+        }
         let (first, last) = (SESSION_PORT_FIRST.load(), SESSION_PORT_LAST.load());
         if first != 0 && h.dst_port >= first && h.dst_port <= last {
             return Err(Reason::WrongSource);
@@ -120,9 +131,26 @@ fn relay_udp(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Result<Reason, 
     };
     // SAFETY: a pointer the map lookup returned, valid for this program run.
     let flow = unsafe { *flow };
-    let session = SESSIONS
-        .get_ptr_mut(flow.session)
-        .ok_or(Reason::NoSession)?;
+    if flow.direction == FLOW_SOCKS {
+        return socks_to_client(ctx, h, flow.session);
+    }
+    let direction = flow.direction & TO_CLIENT;
+    let (session, s) = active_session(flow.session, h)?;
+    if *s.local(direction) != h.dst {
+        return Err(Reason::WrongDestination);
+    }
+    let nexthop = nexthop_of(s, direction)?;
+    let target = s.target(direction);
+    let rewrite = plan(h, &target, nexthop)?;
+    apply(frame, h, &target, &rewrite).ok_or(Reason::Truncated)?;
+    account(session, direction, h.l4 - h.l3 + rewrite.l4_len);
+    send(ctx, rewrite.ifindex)
+}
+
+/// The active session `id` of the packet's family.
+#[inline(always)]
+fn active_session(id: u32, h: &Headers) -> Result<(*mut Session, &'static Session), Reason> {
+    let session = SESSIONS.get_ptr_mut(id).ok_or(Reason::NoSession)?;
     // SAFETY: a pointer into the array map's value, valid for this program run. The controller
     // only writes whole records of free or retired sessions, so the fields read here are
     // consistent for an active one.
@@ -130,42 +158,160 @@ fn relay_udp(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Result<Reason, 
     if s.state != STATE_ACTIVE || s.family != h.family {
         return Err(Reason::NoSession);
     }
-    let direction = flow.direction & TO_CLIENT;
-    if *s.local(direction) != h.dst {
-        return Err(Reason::WrongDestination);
-    }
-    let hop = s.nexthop[direction as usize];
+    Ok((session, s))
+}
+
+#[inline(always)]
+fn nexthop_of(s: &Session, direction: u32) -> Result<&'static Nexthop, Reason> {
+    let hop = s.nexthop[(direction & 1) as usize];
     if hop == NEXTHOP_NONE {
         return Err(Reason::NoNexthop);
     }
-    let nexthop = NEXTHOPS.get(hop as u32).ok_or(Reason::NoNexthop)?;
-    let target = s.target(direction);
-    let rewrite = plan(h, &target, nexthop)?;
-    apply(frame, h, &target, &rewrite).ok_or(Reason::Truncated)?;
+    NEXTHOPS.get(hop as u32).ok_or(Reason::NoNexthop)
+}
 
-    let traffic = &s.traffic[direction as usize];
-    let ip_len = (h.l4 - h.l3) as u64 + h.l4_len as u64;
-    // SAFETY: the counters live in the map value; atomics because two CPUs may relay the same
-    // session at once (one per direction, or RSS spreading a flow).
+/// Adds one packet of `ip_len` bytes to a session's counters and marks it seen.
+#[inline(always)]
+fn account(session: *mut Session, direction: u32, ip_len: u16) {
+    // SAFETY: `session` points into the SESSIONS array value; atomics because two CPUs may
+    // relay the same session at once (one per direction, or RSS spreading a flow).
     unsafe {
+        let traffic = &(*session).traffic[(direction & 1) as usize];
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
             &traffic.packets as *const u64 as *mut u64,
             1,
         );
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
             &traffic.bytes as *const u64 as *mut u64,
-            ip_len,
+            ip_len as u64,
         );
         // A plain store: any CPU's recent time is as good as another's.
         (*session).last_seen = bpf_ktime_get_coarse_ns();
     }
+}
 
-    if rewrite.ifindex as usize == ctx.ingress_ifindex() {
+/// XDP_TX if the egress is the ingress interface, else XDP_REDIRECT through `EGRESS`.
+#[inline(always)]
+fn send(ctx: &XdpContext, ifindex: u32) -> Result<Reason, Reason> {
+    if ifindex as usize == ctx.ingress_ifindex() {
         return Ok(Reason::RelayedTx);
     }
-    match EGRESS.redirect(rewrite.ifindex, 0) {
+    match EGRESS.redirect(ifindex, 0) {
         Ok(_) => Ok(Reason::RelayedRedirect),
         Err(_) => Err(Reason::RedirectFailed),
+    }
+}
+
+/// A client's SOCKS5 UDP datagram to a destination the controller has approved for its
+/// association: strip the header, rewrite, send from the association's port.
+#[inline(always)]
+fn socks_to_destination(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Result<Reason, Reason> {
+    let at = h.l4 as usize + 8;
+    let head: [u8; 4] = frame.read(at).ok_or(Reason::SocksSlowPath)?;
+    if head[0] != 0 || head[1] != 0 {
+        return Err(Reason::SocksSlowPath);
+    }
+    if head[2] != 0 {
+        return Err(Reason::SocksFragment);
+    }
+    let mut dest = [0u8; 16];
+    let (family, port) = if head[3] == 1 {
+        let b: [u8; 6] = frame.read(at + 4).ok_or(Reason::SocksSlowPath)?;
+        dest[..4].copy_from_slice(&b[..4]);
+        (FAMILY_V4, u16::from_be_bytes([b[4], b[5]]))
+    } else if head[3] == 4 {
+        let b: [u8; 18] = frame.read(at + 4).ok_or(Reason::SocksSlowPath)?;
+        dest.copy_from_slice(&b[..16]);
+        (FAMILY_V6, u16::from_be_bytes([b[16], b[17]]))
+    } else {
+        // A domain name: the controller resolves it.
+        return Err(Reason::SocksSlowPath);
+    };
+    if family != h.family {
+        return Err(Reason::SocksSlowPath);
+    }
+    let key = FlowKey {
+        remote: dest,
+        remote_port: port,
+        local_port: h.dst_port,
+        family,
+        proto: PROTO_UDP,
+        _pad: [0; 2],
+    };
+    let flow = FLOWS.get_ptr(key).ok_or(Reason::SocksSlowPath)?;
+    // SAFETY: a pointer the map lookup returned, valid for this program run.
+    let flow = unsafe { *flow };
+    if flow.direction != FLOW_SOCKS {
+        return Err(Reason::SocksSlowPath);
+    }
+    let (session, s) = active_session(flow.session, h).map_err(|_| Reason::SocksSlowPath)?;
+    // Only the association's client, to the address it reached.
+    if s.client != h.src || s.client_port != h.src_port || s.front != h.dst {
+        return Err(Reason::SocksSlowPath);
+    }
+    let nexthop = nexthop_of(s, TO_UPSTREAM)?;
+    let target = s.target(TO_UPSTREAM);
+    let resize = socks_header_resize(family, &dest, port, false);
+    let rewrite = plan_resized(h, &target, nexthop, resize)?;
+    apply(frame, h, &target, &rewrite).ok_or(Reason::Truncated)?;
+    let shift = (-resize.bytes) as usize;
+    // Move the rewritten headers forward over the SOCKS5 header, then drop what is before.
+    move_headers(frame, h.l4 as usize + 8, 0, shift).ok_or(Reason::AdjustFailed)?;
+    // SAFETY: `ctx.ctx` is this program's context; the helper invalidates packet pointers,
+    // and nothing below uses `frame` again.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, shift as i32) } != 0 {
+        return Err(Reason::AdjustFailed);
+    }
+    // SOCKS5 accounting counts UDP payload bytes, as the controller does.
+    account(session, TO_UPSTREAM, rewrite.l4_len - 8);
+    send(ctx, rewrite.ifindex)
+}
+
+/// A destination's reply to an association: rewrite toward the client and prepend the SOCKS5
+/// header naming the destination.
+#[inline(always)]
+fn socks_to_client(ctx: &XdpContext, h: &Headers, id: u32) -> Result<Reason, Reason> {
+    let frame = XdpFrame::new(ctx);
+    let (session, s) = active_session(id, h)?;
+    if s.back != h.dst {
+        return Err(Reason::WrongDestination);
+    }
+    let nexthop = nexthop_of(s, TO_CLIENT)?;
+    let target = s.target(TO_CLIENT);
+    let resize = socks_header_resize(s.family, &s.upstream, s.upstream_port, true);
+    let rewrite = plan_resized(h, &target, nexthop, resize)?;
+    apply(&frame, h, &target, &rewrite).ok_or(Reason::Truncated)?;
+    let headers = h.l4 as usize + 8;
+    let grow = resize.bytes as usize;
+    // SAFETY: `ctx.ctx` is this program's context. Negative delta makes room in front; every
+    // packet pointer is re-read afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
+        return Err(Reason::AdjustFailed);
+    }
+    let frame = XdpFrame::new(ctx);
+    move_headers(&frame, headers, grow, 0).ok_or(Reason::AdjustFailed)?;
+    let (header, _) = socks_udp_header(s.family, &s.upstream, s.upstream_port);
+    if s.family == FAMILY_V4 {
+        let mut h10 = [0u8; 10];
+        h10.copy_from_slice(&header[..10]);
+        frame.write(headers, h10).ok_or(Reason::AdjustFailed)?;
+    } else {
+        frame.write(headers, header).ok_or(Reason::AdjustFailed)?;
+    }
+    account(session, TO_CLIENT, rewrite.l4_len - 8);
+    send(ctx, rewrite.ifindex)
+}
+
+/// Copies the first `len` bytes at `from` to `to` (Ethernet, IP and UDP headers: 42, 46, 62
+/// or 66 bytes). The copy goes through the stack, so overlapping ranges are fine.
+#[inline(always)]
+fn move_headers(frame: &XdpFrame, len: usize, from: usize, to: usize) -> Option<()> {
+    match len {
+        42 => frame.write(to, frame.read::<[u8; 42]>(from)?),
+        46 => frame.write(to, frame.read::<[u8; 46]>(from)?),
+        62 => frame.write(to, frame.read::<[u8; 62]>(from)?),
+        66 => frame.write(to, frame.read::<[u8; 66]>(from)?),
+        _ => None,
     }
 }
 
@@ -177,17 +323,20 @@ fn apply(frame: &XdpFrame, h: &Headers, t: &Target, rw: &Rewrite) -> Option<()> 
     let l3 = h.l3 as usize;
     let l4 = h.l4 as usize;
     if h.family == FAMILY_V4 {
+        frame.write(l3 + 2, rw.ip_len.to_be_bytes())?;
         frame.write(l3 + 8, rw.hop_limit)?;
         frame.write(l3 + 10, rw.ip_check.to_be_bytes())?;
         frame.write(l3 + 12, [t.src[0], t.src[1], t.src[2], t.src[3]])?;
         frame.write(l3 + 16, [t.dst[0], t.dst[1], t.dst[2], t.dst[3]])?;
     } else {
+        frame.write(l3 + 4, rw.ip_len.to_be_bytes())?;
         frame.write(l3 + 7, rw.hop_limit)?;
         frame.write(l3 + 8, *t.src)?;
         frame.write(l3 + 24, *t.dst)?;
     }
     frame.write(l4, t.src_port.to_be_bytes())?;
     frame.write(l4 + 2, t.dst_port.to_be_bytes())?;
+    frame.write(l4 + 4, rw.l4_len.to_be_bytes())?;
     frame.write(l4 + 6, rw.l4_check.to_be_bytes())
 }
 

@@ -48,6 +48,7 @@ struct RawSocks5 {
     connect_timeout: Option<String>,
     udp_idle_timeout: Option<String>,
     max_handshakes: Option<u32>,
+    fast_path_flows: Option<u32>,
     #[serde(default)]
     users: Vec<RawUser>,
 }
@@ -87,6 +88,8 @@ pub struct Socks5Config {
     pub connect_timeout: Duration,
     pub udp_idle_timeout: Duration,
     pub max_handshakes: u32,
+    /// (association, destination) pairs the XDP fast path can hold.
+    pub fast_path_flows: u32,
     pub users: Vec<crate::socks5::users::User>,
 }
 
@@ -132,6 +135,7 @@ impl RawSocks5 {
             connect_timeout: dur(&self.connect_timeout, 10, "connect_timeout")?,
             udp_idle_timeout: dur(&self.udp_idle_timeout, 300, "udp_idle_timeout")?,
             max_handshakes: self.max_handshakes.unwrap_or(256),
+            fast_path_flows: self.fast_path_flows.unwrap_or(4096),
             users,
         })
     }

@@ -12,8 +12,8 @@ use relay_common::{
     maps,
     packet::{FAMILY_V4, FAMILY_V6, PROTO_UDP},
     session::{
-        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Traffic, NEXTHOP_NONE, STATE_ACTIVE,
-        TO_CLIENT, TO_UPSTREAM,
+        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Traffic, FLOW_SOCKS, NEXTHOP_NONE,
+        RULE_SOCKS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
     },
 };
 
@@ -97,6 +97,23 @@ fn mapped(ip: IpAddr) -> [u8; 16] {
     match ip {
         IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
         IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// Whether a record is a SOCKS5 association's flow to one destination.
+pub fn is_socks(s: &Session) -> bool {
+    s.rule & RULE_SOCKS != 0
+}
+
+/// The one flow key of a SOCKS5 record: the destination and the association port.
+pub fn socks_key(e: &Endpoints) -> FlowKey {
+    FlowKey {
+        remote: addr16(e.upstream.ip()),
+        remote_port: e.upstream.port(),
+        local_port: e.back.port(),
+        family: family(e.upstream.ip()),
+        proto: PROTO_UDP,
+        _pad: [0; 2],
     }
 }
 
@@ -194,6 +211,17 @@ impl Datapath {
     pub fn install(&mut self, id: u32, s: &Session, slow: &SlowPath) -> anyhow::Result<()> {
         self.slow.set(id, slow, 0).context("writing SLOWPATH")?;
         self.sessions.set(id, s, 0).context("writing SESSIONS")?;
+        if is_socks(s) {
+            let flow = Flow {
+                session: id,
+                direction: FLOW_SOCKS,
+            };
+            if let Err(e) = self.flows.insert(socks_key(&endpoints(s)), flow, 0) {
+                let _ = self.sessions.set(id, Session::default(), 0);
+                return Err(anyhow!(e).context("writing FLOWS (is the flow table full?)"));
+            }
+            return Ok(());
+        }
         // Mixed-family sessions get flows too: without them the fast path would take the
         // upstream's replies to the session port for a stranger's. Their record (IPv6 family,
         // no next hops) makes the fast path hand every packet to the controller.
@@ -216,7 +244,9 @@ impl Datapath {
     /// final counters are returned.
     pub fn remove(&mut self, id: u32) -> anyhow::Result<(Session, SlowPath)> {
         let s = self.sessions.get(&id, 0).context("reading SESSIONS")?;
-        if s.state == STATE_ACTIVE {
+        if s.state == STATE_ACTIVE && is_socks(&s) {
+            let _ = self.flows.remove(&socks_key(&endpoints(&s)));
+        } else if s.state == STATE_ACTIVE {
             for key in flow_keys(&endpoints(&s)) {
                 // Missing keys are fine: a failed install or an earlier partial removal.
                 let _ = self.flows.remove(&key);

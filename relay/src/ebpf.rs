@@ -40,6 +40,8 @@ pub struct LoadOptions {
     pub capacity: u32,
     /// Session ports (UDP to them from strangers is dropped).
     pub session_ports: Option<(u16, u16)>,
+    /// SOCKS5 UDP ASSOCIATE ports (datagrams to them may have a SOCKS5 header to strip).
+    pub socks_ports: Option<(u16, u16)>,
 }
 
 impl LoadOptions {
@@ -50,6 +52,7 @@ impl LoadOptions {
             log_level: 0,
             capacity: 1024,
             session_ports: None,
+            socks_ports: None,
         }
     }
 }
@@ -68,12 +71,15 @@ pub fn load_maps(opts: &LoadOptions) -> anyhow::Result<Ebpf> {
         bail!("this relay binary was built without its XDP program (AYA_BUILD_SKIP); rebuild with `cargo xtask build`");
     }
     let (first, last) = opts.session_ports.unwrap_or((0, 0));
+    let (socks_first, socks_last) = opts.socks_ports.unwrap_or((0, 0));
     let flows = opts.capacity.saturating_mul(2);
     let ebpf = EbpfLoader::new()
         .default_map_pin_directory(&opts.pin_dir)
         .override_global(aya_log::LEVEL, &opts.log_level, false)
         .override_global("SESSION_PORT_FIRST", &first, true)
         .override_global("SESSION_PORT_LAST", &last, true)
+        .override_global("SOCKS_PORT_FIRST", &socks_first, true)
+        .override_global("SOCKS_PORT_LAST", &socks_last, true)
         .map_max_entries(maps::FLOWS, flows)
         .map_max_entries(maps::SESSIONS, opts.capacity)
         .map_max_entries(maps::SLOWPATH, opts.capacity)

@@ -159,6 +159,8 @@ struct State {
     netlink: Option<nexthop::Netlink>,
     nexthops: nexthop::Table,
     last_refusal_log: HashMap<&'static str, Instant>,
+    /// Record ids for SOCKS5 flows, after the forward sessions' ids.
+    socks_free: Vec<u32>,
 }
 
 /// The controller: rules, sessions, and the state behind them.
@@ -281,6 +283,11 @@ impl Controller {
                 netlink,
                 nexthops: nexthop::Table::default(),
                 last_refusal_log: HashMap::new(),
+                socks_free: {
+                    let first = config.session_capacity;
+                    let n = config.socks5.as_ref().map_or(0, |s| s.fast_path_flows);
+                    (first..first + n).rev().collect()
+                },
             }),
             fast_path,
             egress,
@@ -736,6 +743,14 @@ impl Controller {
         let now = monotonic_ns();
         let (mut kept, mut dropped) = (0, 0);
         for (id, record) in found {
+            if datapath::is_socks(&record) {
+                // SOCKS5 associations end with their control connections, which a restart
+                // closes: their fast-path flows go too.
+                if let Some(dp) = st.datapath.as_mut() {
+                    let _ = dp.remove(id);
+                }
+                continue;
+            }
             let ends = datapath::endpoints(&record);
             let rule = self.rules.iter().find(|r| {
                 r.index == record.rule
@@ -842,6 +857,50 @@ impl Controller {
         }
         info!("configuration reloaded");
         Ok(())
+    }
+
+    /// Puts one SOCKS5 (association, destination) pair in the fast path; returns its record
+    /// id, or `None` when XDP cannot carry it (no fast path, mixed families, table full).
+    pub fn socks_open(&self, ends: Endpoints, user: u16) -> Option<u32> {
+        if !self.fast_path || !ends.same_family() {
+            return None;
+        }
+        let mut st = self.lock();
+        let st = &mut *st;
+        let id = st.socks_free.pop()?;
+        let nexthop = [
+            self.nexthop_for(st, ends.upstream.ip()),
+            self.nexthop_for(st, ends.client.ip()),
+        ];
+        let rule = relay_common::session::RULE_SOCKS | (user & !relay_common::session::RULE_SOCKS);
+        let record = datapath::record(&ends, rule, nexthop, monotonic_ns());
+        match st
+            .datapath
+            .as_mut()?
+            .install(id, &record, &SlowPath::default())
+        {
+            Ok(()) => Some(id),
+            Err(e) => {
+                debug!(
+                    "SOCKS5 flow {} -> {} not in the fast path: {e:#}",
+                    ends.client, ends.upstream
+                );
+                st.socks_free.push(id);
+                None
+            }
+        }
+    }
+
+    /// Takes a SOCKS5 pair out of the fast path; returns what XDP relayed for it.
+    pub fn socks_close(&self, id: u32) -> [Traffic; 2] {
+        let mut st = self.lock();
+        let traffic = st
+            .datapath
+            .as_mut()
+            .and_then(|dp| dp.remove(id).ok())
+            .map_or([Traffic::default(); 2], |(s, _)| s.traffic);
+        st.socks_free.push(id);
+        traffic
     }
 
     /// Number of live sessions.

@@ -247,8 +247,12 @@ async fn run(
     let opts = ebpf::LoadOptions {
         pin_dir: dir.clone(),
         log_level: log::max_level() as u8,
-        capacity: config.session_capacity,
+        capacity: config.session_capacity + config.socks5.as_ref().map_or(0, |s| s.fast_path_flows),
         session_ports: Some((config.session_ports.first, config.session_ports.last)),
+        socks_ports: config
+            .socks5
+            .as_ref()
+            .map(|s| (s.udp_ports.first, s.udp_ports.last)),
     };
     let mut bpf = ebpf::load_maps(&opts)?;
     let mut fast_path = false;
@@ -280,16 +284,8 @@ async fn run(
             datapath.add_egress(*index)?;
         }
     }
-    let socks5 = match &config.socks5 {
-        Some(cfg) => {
-            let server = relay::socks5::server::Server::new(cfg.clone(), config.policy.clone())?;
-            let listener = tokio::net::TcpListener::bind(cfg.listen)
-                .await
-                .with_context(|| format!("SOCKS5: cannot listen on {} (in use?)", cfg.listen))?;
-            Some((server, listener))
-        }
-        None => None,
-    };
+    let socks5 = config.socks5.clone();
+    let policy = config.policy.clone();
     let controller = Controller::new(Setup {
         config,
         ebpf: Some(bpf),
@@ -304,6 +300,20 @@ async fn run(
                 .context("the XDP object is gone")??;
         }
     }
+    let socks5 = match socks5 {
+        Some(cfg) => {
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| format!("SOCKS5: cannot listen on {} (in use?)", cfg.listen))?;
+            let server = relay::socks5::server::Server::new(
+                cfg,
+                policy,
+                fast_path.then(|| std::sync::Arc::clone(&controller)),
+            )?;
+            Some((server, listener))
+        }
+        None => None,
+    };
     controller.spawn();
     if let Some((server, listener)) = socks5 {
         tokio::spawn(std::sync::Arc::clone(&server).publish(users_map));

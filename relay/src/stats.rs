@@ -208,7 +208,7 @@ pub fn sessions_and_rules(pin_dir: &Path) -> anyhow::Result<(Vec<SessionReport>,
     let mut sessions = Vec::new();
     for id in 0..view.sessions.len() {
         let s = view.sessions.get(&id, 0)?;
-        if s.state != STATE_ACTIVE {
+        if s.state != STATE_ACTIVE || crate::datapath::is_socks(&s) {
             continue;
         }
         let slow = view.slow.get(&id, 0)?;
@@ -253,6 +253,8 @@ pub struct UserReport {
     pub auth_failures: u64,
     pub refused: u64,
     pub udp_dropped: u64,
+    /// The part of `udp` that XDP relayed (live and ended associations).
+    pub udp_xdp: Directions,
 }
 
 /// SOCKS5 users from the pinned `USERS` map (those a controller configured or that did
@@ -263,6 +265,20 @@ pub fn users(pin_dir: &Path) -> anyhow::Result<Vec<UserReport>> {
     let data =
         MapData::from_pin(&path).with_context(|| format!("no relay maps at {}", path.display()))?;
     let map: aya::maps::Array<MapData, UserStats> = aya::maps::Array::try_from(Map::Array(data))?;
+    // What XDP is relaying right now for live associations, per user.
+    let mut live: BTreeMap<u16, Directions> = BTreeMap::new();
+    if let Ok(view) = crate::datapath::Datapath::from_pins(pin_dir) {
+        for id in 0..view.sessions.len() {
+            let Ok(s) = view.sessions.get(&id, 0) else {
+                continue;
+            };
+            if s.state == relay_common::session::STATE_ACTIVE && crate::datapath::is_socks(&s) {
+                live.entry(s.rule & !relay_common::session::RULE_SOCKS)
+                    .or_default()
+                    .add(&s.traffic);
+            }
+        }
+    }
     let mut out = Vec::new();
     for i in 0..USER_SLOTS.min(map.len()) {
         let u = map.get(&i, 0)?;
@@ -273,6 +289,19 @@ pub fn users(pin_dir: &Path) -> anyhow::Result<Vec<UserReport>> {
         let len = u.name.iter().position(|b| *b == 0).unwrap_or(u.name.len());
         let mut udp = Directions::default();
         udp.add(&u.udp);
+        let mut udp_xdp = Directions::default();
+        udp_xdp.add(&u.udp_xdp);
+        if let Some(l) = live.get(&(i as u16)) {
+            udp_xdp.to_upstream.packets += l.to_upstream.packets;
+            udp_xdp.to_upstream.bytes += l.to_upstream.bytes;
+            udp_xdp.to_client.packets += l.to_client.packets;
+            udp_xdp.to_client.bytes += l.to_client.bytes;
+        }
+        // `udp` is everything the user sent and received: the controller's part plus XDP's.
+        udp.to_upstream.packets += udp_xdp.to_upstream.packets;
+        udp.to_upstream.bytes += udp_xdp.to_upstream.bytes;
+        udp.to_client.packets += udp_xdp.to_client.packets;
+        udp.to_client.bytes += udp_xdp.to_client.bytes;
         out.push(UserReport {
             name: String::from_utf8_lossy(&u.name[..len]).into_owned(),
             connect_bytes_to_destination: u.tcp_bytes[0],
@@ -285,6 +314,7 @@ pub fn users(pin_dir: &Path) -> anyhow::Result<Vec<UserReport>> {
             auth_failures: u.auth_failures,
             refused: u.refused,
             udp_dropped: u.udp_dropped,
+            udp_xdp,
         });
     }
     Ok(out)

@@ -12,6 +12,8 @@ mod support;
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
+// SOCKS5 records' traffic: checked in `fixtures_through_the_verified_program`.
+
 use aya::programs::{TestRun as _, TestRunOptions};
 use relay::{
     datapath::{self, Datapath, Endpoints},
@@ -163,6 +165,197 @@ fn install(dp: &mut Datapath) {
         dp.install(id as u32, &record, &SlowPath::default())
             .unwrap();
     }
+    // SOCKS5 associations (ids 8 and 9), each approved for one destination.
+    let socks = [
+        ends(SOCKS_CLIENT, SOCKS_FRONT, SOCKS_BACK, SOCKS_DEST),
+        ends(SOCKS6_CLIENT, SOCKS6_FRONT, SOCKS6_BACK, SOCKS6_DEST),
+    ];
+    for (i, e) in socks.iter().enumerate() {
+        let record = datapath::record(e, relay_common::session::RULE_SOCKS | 1, [0, 1], 1);
+        dp.install(8 + i as u32, &record, &SlowPath::default())
+            .unwrap();
+    }
+}
+
+const SOCKS_CLIENT: &str = "198.18.1.2:45000";
+const SOCKS_FRONT: &str = "198.18.1.1:30000";
+const SOCKS_BACK: &str = "198.18.2.1:30000";
+const SOCKS_DEST: &str = "198.18.2.2:53";
+const SOCKS6_CLIENT: &str = "[fd00:5a:1::2]:45000";
+const SOCKS6_FRONT: &str = "[fd00:5a:1::1]:30001";
+const SOCKS6_BACK: &str = "[fd00:5a:2::1]:30001";
+const SOCKS6_DEST: &str = "[fd00:5a:2::2]:443";
+
+/// The SOCKS5 UDP header naming `dest`.
+fn socks_header(dest: &str) -> Vec<u8> {
+    let d = sa(dest);
+    let mut h = vec![0, 0, 0];
+    match d {
+        SocketAddr::V4(a) => {
+            h.push(1);
+            h.extend_from_slice(&a.ip().octets());
+        }
+        SocketAddr::V6(a) => {
+            h.push(4);
+            h.extend_from_slice(&a.ip().octets());
+        }
+    }
+    h.extend_from_slice(&d.port().to_be_bytes());
+    h
+}
+
+fn wrapped(dest: &str, data: &[u8]) -> Vec<u8> {
+    let mut w = socks_header(dest);
+    w.extend_from_slice(data);
+    w
+}
+
+fn strip(
+    what: &'static str,
+    client: &str,
+    front: &str,
+    back: &str,
+    dest: &str,
+    data: &[u8],
+) -> Fixture {
+    Fixture {
+        what,
+        input: Frame::udp(sa(client), sa(front), &wrapped(dest, data)).build(),
+        verdict: Verdict::Tx,
+        output: Some(
+            Frame::udp(sa(back), sa(dest), data)
+                .macs(TO_UPSTREAM_HOP.src_mac, TO_UPSTREAM_HOP.dst_mac)
+                .hop_limit(63)
+                .build(),
+        ),
+        reason: Reason::RelayedTx,
+    }
+}
+
+fn prepend(
+    what: &'static str,
+    client: &str,
+    front: &str,
+    back: &str,
+    dest: &str,
+    data: &[u8],
+) -> Fixture {
+    Fixture {
+        what,
+        input: Frame::udp(sa(dest), sa(back), data).build(),
+        verdict: Verdict::Tx,
+        output: Some(
+            Frame::udp(sa(front), sa(client), &wrapped(dest, data))
+                .macs(TO_CLIENT_HOP.src_mac, TO_CLIENT_HOP.dst_mac)
+                .hop_limit(63)
+                .build(),
+        ),
+        reason: Reason::RelayedTx,
+    }
+}
+
+fn socks_table() -> Vec<Fixture> {
+    let data = b"a DNS query or a QUIC packet, forty bytes";
+    let odd = b"an odd-length datagram, forty-three bytes!!";
+    let mut frag = wrapped(SOCKS_DEST, data);
+    frag[2] = 1;
+    let mut domain = vec![0, 0, 0, 3, 7];
+    domain.extend_from_slice(b"example");
+    domain.extend_from_slice(&53u16.to_be_bytes());
+    domain.extend_from_slice(data);
+    vec![
+        strip(
+            "SOCKS5 IPv4: strip toward the destination",
+            SOCKS_CLIENT,
+            SOCKS_FRONT,
+            SOCKS_BACK,
+            SOCKS_DEST,
+            data,
+        ),
+        prepend(
+            "SOCKS5 IPv4: prepend toward the client",
+            SOCKS_CLIENT,
+            SOCKS_FRONT,
+            SOCKS_BACK,
+            SOCKS_DEST,
+            data,
+        ),
+        strip(
+            "SOCKS5 IPv4: odd length, strip",
+            SOCKS_CLIENT,
+            SOCKS_FRONT,
+            SOCKS_BACK,
+            SOCKS_DEST,
+            odd,
+        ),
+        prepend(
+            "SOCKS5 IPv4: odd length, prepend",
+            SOCKS_CLIENT,
+            SOCKS_FRONT,
+            SOCKS_BACK,
+            SOCKS_DEST,
+            odd,
+        ),
+        strip(
+            "SOCKS5 IPv6: strip toward the destination",
+            SOCKS6_CLIENT,
+            SOCKS6_FRONT,
+            SOCKS6_BACK,
+            SOCKS6_DEST,
+            data,
+        ),
+        prepend(
+            "SOCKS5 IPv6: prepend toward the client",
+            SOCKS6_CLIENT,
+            SOCKS6_FRONT,
+            SOCKS6_BACK,
+            SOCKS6_DEST,
+            data,
+        ),
+        strip(
+            "SOCKS5 IPv6: odd length, strip",
+            SOCKS6_CLIENT,
+            SOCKS6_FRONT,
+            SOCKS6_BACK,
+            SOCKS6_DEST,
+            odd,
+        ),
+        dropped(
+            "SOCKS5 FRAG != 0 is dropped",
+            Frame::udp(sa(SOCKS_CLIENT), sa(SOCKS_FRONT), &frag).build(),
+            Reason::SocksFragment,
+        ),
+        pass(
+            "SOCKS5 domain name goes to the controller",
+            Frame::udp(sa(SOCKS_CLIENT), sa(SOCKS_FRONT), &domain).build(),
+            Reason::SocksSlowPath,
+        ),
+        pass(
+            "SOCKS5 destination not approved yet",
+            Frame::udp(
+                sa(SOCKS_CLIENT),
+                sa(SOCKS_FRONT),
+                &wrapped("198.18.2.3:53", data),
+            )
+            .build(),
+            Reason::SocksSlowPath,
+        ),
+        pass(
+            "SOCKS5 from another port of the client's address",
+            Frame::udp(
+                sa("198.18.1.2:45001"),
+                sa(SOCKS_FRONT),
+                &wrapped(SOCKS_DEST, data),
+            )
+            .build(),
+            Reason::SocksSlowPath,
+        ),
+        pass(
+            "SOCKS5 garbage header",
+            Frame::udp(sa(SOCKS_CLIENT), sa(SOCKS_FRONT), &[0xff; 12]).build(),
+            Reason::SocksSlowPath,
+        ),
+    ]
 }
 
 fn session_table() -> Vec<Fixture> {
@@ -379,6 +572,7 @@ fn load(pin: &PinDir) -> aya::Ebpf {
     let mut opts = ebpf::LoadOptions::new(&pin.0);
     opts.capacity = 16;
     opts.session_ports = Some((20000, 29999));
+    opts.socks_ports = Some((30000, 31999));
     ebpf::load(&opts).expect("the verifier accepts the program")
 }
 
@@ -393,6 +587,7 @@ fn fixtures_through_the_verified_program() {
     let mut expected_counts: BTreeMap<Reason, (u64, u64)> = BTreeMap::new();
     let mut fixtures = table();
     fixtures.extend(session_table());
+    fixtures.extend(socks_table());
     for f in &fixtures {
         let mut out = vec![0u8; f.input.len() + 256];
         let r = prog
@@ -428,7 +623,10 @@ fn fixtures_through_the_verified_program() {
         u64::from(h.l4 - h.l3) + u64::from(h.l4_len)
     };
     let mut want_traffic = [[(0u64, 0u64); 2]; 2];
-    for f in fixtures.iter().filter(|f| f.verdict == Verdict::Tx) {
+    for f in fixtures
+        .iter()
+        .filter(|f| f.verdict == Verdict::Tx && !f.what.starts_with("SOCKS5"))
+    {
         let h = relay_common::packet::parse(&f.input[..]).expect("parses");
         let session = usize::from(h.family == relay_common::packet::FAMILY_V6);
         let direction = if h.src_port == 40000 {

@@ -50,6 +50,9 @@ pub struct Account {
     pub refused: AtomicU64,
     /// UDP datagrams dropped: malformed, fragmented, refused, unsolicited.
     pub udp_dropped: AtomicU64,
+    /// What XDP relayed for this user's ended associations.
+    pub udp_xdp_packets: [AtomicU64; 2],
+    pub udp_xdp_bytes: [AtomicU64; 2],
 }
 
 fn add(a: &AtomicU64, n: u64) {
@@ -65,6 +68,8 @@ pub struct Server {
     ports: Mutex<PortPool>,
     /// Index 0: unauthenticated; user `i` of the configuration is `i + 1`.
     pub accounts: Vec<Account>,
+    /// The forward controller, which owns the kernel maps (for the UDP fast path).
+    fast_path: Option<Arc<crate::forward::Controller>>,
 }
 
 enum Outcome {
@@ -73,7 +78,11 @@ enum Outcome {
 }
 
 impl Server {
-    pub fn new(cfg: Socks5Config, mut policy: Policy) -> anyhow::Result<Arc<Server>> {
+    pub fn new(
+        cfg: Socks5Config,
+        mut policy: Policy,
+        fast_path: Option<Arc<crate::forward::Controller>>,
+    ) -> anyhow::Result<Arc<Server>> {
         let users = Users::new(cfg.users.clone())?;
         let mut accounts: Vec<Account> =
             (0..=cfg.users.len()).map(|_| Account::default()).collect();
@@ -88,6 +97,7 @@ impl Server {
             users: Arc::new(users),
             policy,
             accounts,
+            fast_path,
             cfg,
         }))
     }
@@ -362,8 +372,11 @@ impl Server {
             client_ip: crate::config::canonical(peer.ip()),
             client: client_port.map(|p| SocketAddr::new(peer.ip(), p)),
             local: local.ip(),
+            port,
+            account: account as u16,
             contacted: HashSet::new(),
             names: HashMap::new(),
+            fast: Vec::new(),
         };
         let mut probe = [0u8; 64];
         loop {
@@ -383,6 +396,17 @@ impl Server {
                         Ok(Err(_)) => break,
                         Ok(Ok(())) => self.datagrams(&socket, &mut assoc, acct).await,
                     }
+                }
+            }
+        }
+        // Out of the fast path first, so that nothing more is relayed for it, then account
+        // what XDP carried.
+        if let Some(c) = &self.fast_path {
+            for id in assoc.fast.drain(..) {
+                let t = c.socks_close(id);
+                for d in 0..2 {
+                    add(&acct.udp_xdp_packets[d], t[d].packets);
+                    add(&acct.udp_xdp_bytes[d], t[d].bytes);
                 }
             }
         }
@@ -507,12 +531,49 @@ impl Server {
         if dest.is_ipv4() != assoc.local.is_ipv4() || self.policy.check(dest).is_err() {
             return None;
         }
-        assoc.contacted.insert(dest);
+        if assoc.contacted.insert(dest) {
+            self.approve(assoc, dest);
+        }
         Some((dest, payload))
     }
 }
 
+impl Server {
+    /// Lets XDP relay between the association's client and `dest` from now on.
+    fn approve(&self, assoc: &mut Association, dest: SocketAddr) {
+        let (Some(c), Some(client)) = (&self.fast_path, assoc.client) else {
+            return;
+        };
+        // The address the upstream side leaves from: what the kernel picks for `dest`.
+        let back = std::net::UdpSocket::bind(SocketAddr::new(
+            if dest.is_ipv4() {
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            },
+            0,
+        ))
+        .and_then(|s| s.connect(dest).and_then(|()| s.local_addr()));
+        let Ok(back) = back else { return };
+        let ends = crate::datapath::Endpoints {
+            client,
+            front: SocketAddr::new(assoc.local, assoc.port),
+            back: SocketAddr::new(back.ip(), assoc.port),
+            upstream: dest,
+        };
+        if let Some(id) = c.socks_open(ends, assoc.account) {
+            assoc.fast.push(id);
+        }
+    }
+}
+
 struct Association {
+    /// The association's port (BND.PORT).
+    port: u16,
+    /// Index of the user's account.
+    account: u16,
+    /// Fast-path record ids of approved destinations.
+    fast: Vec<u32>,
     client_ip: IpAddr,
     /// The client's address, once known.
     client: Option<SocketAddr>,
@@ -566,6 +627,10 @@ impl Account {
             refused: l(&self.refused),
             udp_dropped: l(&self.udp_dropped),
             configured: 1,
+            udp_xdp: [0, 1].map(|d| Traffic {
+                packets: l(&self.udp_xdp_packets[d]),
+                bytes: l(&self.udp_xdp_bytes[d]),
+            }),
         }
     }
 }
