@@ -403,10 +403,9 @@ impl Server {
         // what XDP carried.
         if let Some(c) = &self.fast_path {
             for id in assoc.fast.drain(..) {
-                let t = c.socks_close(id);
-                for d in 0..2 {
-                    add(&acct.udp_xdp_packets[d], t[d].packets);
-                    add(&acct.udp_xdp_bytes[d], t[d].bytes);
+                for (d, t) in c.socks_close(id).iter().enumerate() {
+                    add(&acct.udp_xdp_packets[d], t.packets);
+                    add(&acct.udp_xdp_bytes[d], t.bytes);
                 }
             }
         }
