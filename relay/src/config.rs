@@ -622,6 +622,13 @@ mod tests {
         let text = include_str!("../../examples/relay.toml");
         let c = Config::from_toml(text).unwrap();
         assert!(c.forward.len() >= 2);
+        let socks = c.socks5.expect("the example has a [socks5] section");
+        let users = crate::socks5::users::Users::new(socks.users).unwrap();
+        assert!(
+            users.verify("alice", b"example password"),
+            "the documented example hash"
+        );
+        assert_eq!(c.policy.deny_ports.len(), 1);
     }
 
     #[test]
