@@ -412,3 +412,39 @@ fn association_limits_are_per_user() {
         "the third association is not allowed (max_associations = 2)"
     );
 }
+
+#[test]
+fn connect_survives_a_half_close() {
+    let s = setup();
+    // An upstream that reads until EOF, then answers with everything it read, reversed.
+    let listener =
+        s.t.upstream
+            .run(|| std::net::TcpListener::bind("198.18.2.2:7000").unwrap());
+    let server = thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut all = Vec::new();
+        c.read_to_end(&mut all).unwrap();
+        all.reverse();
+        c.write_all(&all).unwrap();
+    });
+    let (mut c, reply) = raw_request(&s.t.client, vec![5, 1, 0, 1, 198, 18, 2, 2, 0x1b, 0x58]);
+    assert_eq!(reply.get(..2), Some(&[5, 0][..]), "{reply:?}");
+    let sent: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    c.write_all(&sent).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back)
+        .expect("the answer arrives after our half-close");
+    server.join().unwrap();
+    let mut want = sent.clone();
+    want.reverse();
+    assert_eq!(back.len(), want.len());
+    assert!(back == want, "every byte, in order");
+    thread::sleep(Duration::from_millis(1500));
+    let st = stats(&s.t.relay, "cli0", &s.pin);
+    let alice = user(&st, "alice");
+    assert_eq!(alice["connect_bytes_to_destination"], 300_000, "{alice}");
+    assert_eq!(alice["connect_bytes_to_client"], 300_000, "{alice}");
+    assert_eq!(alice["active_connections"], 0, "{alice}");
+}

@@ -314,14 +314,25 @@ impl Server {
         if !early.is_empty() && upstream.write_all(&early).await.is_ok() {
             add(&acct.tcp_bytes[0], early.len() as u64);
         }
-        let (cr, cw) = client.into_split();
-        let (ur, uw) = upstream.into_split();
         // Each direction ends on EOF by shutting down the other side's writing half, so a
-        // half-closed connection keeps flowing the other way.
-        tokio::join!(
-            pipe(cr, uw, &acct.tcp_bytes[0]),
-            pipe(ur, cw, &acct.tcp_bytes[1])
-        );
+        // half-closed connection keeps flowing the other way. Bytes move with splice(2)
+        // through a pipe, never through userspace, where the kernel allows it.
+        match (Pipe::new(), Pipe::new()) {
+            (Ok(p1), Ok(p2)) => {
+                tokio::join!(
+                    splice_copy(&client, &upstream, p1, &acct.tcp_bytes[0]),
+                    splice_copy(&upstream, &client, p2, &acct.tcp_bytes[1])
+                );
+            }
+            _ => {
+                let (cr, cw) = client.into_split();
+                let (ur, uw) = upstream.into_split();
+                tokio::join!(
+                    pipe(cr, uw, &acct.tcp_bytes[0]),
+                    pipe(ur, cw, &acct.tcp_bytes[1])
+                );
+            }
+        }
         acct.active_connections.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -651,4 +662,81 @@ impl Server {
             }
         }
     }
+}
+
+/// A pipe for splice(2), closed on drop.
+struct Pipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> std::io::Result<Pipe> {
+        use std::os::fd::FromRawFd as _;
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded: both descriptors are fresh and ours.
+        Ok(unsafe {
+            Pipe {
+                read: std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                write: std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
+    }
+}
+
+fn splice(from: i32, to: i32, len: usize) -> std::io::Result<usize> {
+    // SAFETY: splice between two descriptors we hold; no offsets.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Moves bytes from `from` to `to` with splice(2) through `pipe` until EOF or an error, then
+/// shuts down `to` for writing. Counts the bytes moved.
+async fn splice_copy(from: &TcpStream, to: &TcpStream, pipe: Pipe, bytes: &AtomicU64) {
+    use std::os::fd::AsRawFd as _;
+    const CHUNK: usize = 1 << 16;
+    let (src, dst) = (from.as_raw_fd(), to.as_raw_fd());
+    let (pr, pw) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
+    'outer: loop {
+        if from.readable().await.is_err() {
+            break;
+        }
+        let n = match from.try_io(Interest::READABLE, || splice(src, pw, CHUNK)) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => break,
+        };
+        let mut left = n;
+        while left > 0 {
+            if to.writable().await.is_err() {
+                break 'outer;
+            }
+            match to.try_io(Interest::WRITABLE, || splice(pr, dst, left)) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => break 'outer,
+            }
+        }
+        add(bytes, n as u64);
+    }
+    // SAFETY: shutdown(2) on a socket we hold; it only ends our sending.
+    unsafe { libc::shutdown(dst, libc::SHUT_WR) };
 }
