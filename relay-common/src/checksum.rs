@@ -75,9 +75,16 @@ impl Delta {
     /// Accounts for a 16-byte address (or a 4-byte one, zero padded) being replaced.
     #[inline(always)]
     pub const fn replace_addr(self, old: &[u8; 16], new: &[u8; 16]) -> Delta {
+        self.replace_addr_prefix(old, new, 16)
+    }
+
+    /// Accounts for the first `len` bytes (4 or 16) of an address being replaced: an IPv4
+    /// address needs two words, not eight.
+    #[inline(always)]
+    pub const fn replace_addr_prefix(self, old: &[u8; 16], new: &[u8; 16], len: usize) -> Delta {
         let mut d = self;
         let mut i = 0;
-        while i < 16 {
+        while i < len && i < 16 {
             d = d.replace(
                 u16::from_be_bytes([old[i], old[i + 1]]),
                 u16::from_be_bytes([new[i], new[i + 1]]),

@@ -146,9 +146,10 @@ pub fn plan_resized(
         (h.l4_len, new_l4)
     };
 
+    let alen = h.addr_len();
     let addrs = Delta::NONE
-        .replace_addr(&h.src, target.src)
-        .replace_addr(&h.dst, target.dst);
+        .replace_addr_prefix(&h.src, target.src, alen)
+        .replace_addr_prefix(&h.dst, target.dst, alen);
     let ports = Delta::NONE
         .replace(h.src_port, target.src_port)
         .replace(h.dst_port, target.dst_port)

@@ -10,6 +10,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod bench;
 mod frame;
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};

@@ -200,6 +200,26 @@ impl Datapath {
         self.sessions.len()
     }
 
+    /// Kernel memory the session maps take (FLOWS, SESSIONS, SLOWPATH), from the kernel's
+    /// own accounting (`memlock` in fdinfo).
+    pub fn session_memory(&self) -> u64 {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fds = [
+            self.flows.map().fd().as_fd().as_raw_fd(),
+            self.sessions.map().fd().as_fd().as_raw_fd(),
+            self.slow.map().fd().as_fd().as_raw_fd(),
+        ];
+        fds.iter()
+            .filter_map(|fd| std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok())
+            .filter_map(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("memlock:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .sum()
+    }
+
     /// Makes `ifindex` a possible redirect target.
     pub fn add_egress(&mut self, ifindex: u32) -> anyhow::Result<()> {
         self.egress

@@ -56,6 +56,13 @@ enum Cmd {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+    /// Measure the fast paths (in-kernel cost against a MAC-swap reference, cost and memory
+    /// as the session table grows); writes target/bench/results.{md,json} and a plot.
+    Bench {
+        /// A short run that only checks the benchmark works (numbers not meaningful).
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Check formatting and run clippy on the host crates and the eBPF crate.
     Lint,
     /// Format the code.
@@ -128,6 +135,33 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
     status(cmd)?;
     let profile = if release { "release" } else { "debug" };
     Ok(workspace_root().join("target").join(profile).join("relay"))
+}
+
+fn bench(smoke: bool) -> anyhow::Result<()> {
+    bootstrap::build_prerequisites()?;
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "--package",
+        "relay",
+        "--bin",
+        "relay-bench",
+    ]);
+    status(build)?;
+    let out = workspace_root().join("target").join("bench");
+    let mut run = Command::new(workspace_root().join("target/release/relay-bench"));
+    run.arg("--out").arg(&out);
+    if smoke {
+        run.arg("--smoke");
+    }
+    status(run)?;
+    for file in ["results.json", "results.md", "cost_vs_sessions.svg"] {
+        if !out.join(file).exists() {
+            bail!("the benchmark did not write {}", out.join(file).display());
+        }
+    }
+    Ok(())
 }
 
 fn is_root() -> bool {
@@ -246,7 +280,14 @@ fn dispatch(command: Cmd) -> anyhow::Result<()> {
             if !no_lint {
                 lint()?;
             }
-            Ok(())
+            // Only checks that the benchmark runs and writes its files; not a timed test.
+            bench(true)
+        }
+        Cmd::Bench { smoke } => {
+            if !is_root() {
+                bail!("the benchmark loads BPF programs: run it as root");
+            }
+            bench(smoke)
         }
         Cmd::Lint => {
             bootstrap::build_prerequisites()?;

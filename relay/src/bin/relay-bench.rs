@@ -1,0 +1,634 @@
+//! `relay-bench`: what `cargo xtask bench` runs. Measures, in one run:
+//!
+//! 1. in-kernel cost per packet of each fast path under BPF_PROG_TEST_RUN, next to a program
+//!    that only swaps MAC addresses and returns XDP_TX, interleaved round by round;
+//! 2. the cost of the client-to-upstream path as the session table grows, and the kernel
+//!    memory the session maps take per session.
+//!
+//! BPF_PROG_TEST_RUN repeats a program on the same buffer, so each path is measured on frames
+//! whose rewritten form is the next iteration's valid input: two mirrored forward sessions,
+//! and chains of SOCKS5 associations for strip and prepend. The reason counters then prove
+//! that every iteration took the path being measured.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{bail, Context as _};
+use aya::{
+    programs::{TestRun as _, TestRunOptions, Xdp},
+    Ebpf,
+};
+use relay::{
+    datapath::{self, Datapath, Endpoints},
+    ebpf, pin,
+    stats::Snapshot,
+};
+use relay_common::{
+    counters::{Reason, Verdict},
+    frame::Frame,
+    session::{Nexthop, SlowPath, RULE_SOCKS},
+};
+use serde::Serialize;
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+fn ends(client: &str, front: &str, back: &str, upstream: &str) -> Endpoints {
+    Endpoints {
+        client: sa(client),
+        front: sa(front),
+        back: sa(back),
+        upstream: sa(upstream),
+    }
+}
+
+/// Out of loopback, the interface BPF_PROG_TEST_RUN pretends frames arrive on: XDP_TX.
+const HOP: Nexthop = Nexthop {
+    ifindex: 1,
+    mtu: 1500,
+    src_mac: [0x02, 0, 0, 0, 0, 1],
+    dst_mac: [0x02, 0, 0, 0, 0, 2],
+    _pad: [0; 2],
+};
+
+/// SOCKS5 chain length (and repeat count for the SOCKS5 paths).
+const CHAIN: u32 = 16;
+/// Repeats per call for the other paths (below the TTL of 255 the frames start with).
+const REPEAT: u32 = 200;
+
+struct Bench {
+    _pin: PinGuard,
+    bpf: Ebpf,
+    dp: Datapath,
+    next_id: u32,
+}
+
+struct PinGuard(PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Bench {
+    fn new(capacity: u32) -> anyhow::Result<Bench> {
+        let dir = PathBuf::from("/sys/fs/bpf/relay-bench")
+            .join(format!("{}-{capacity}", std::process::id()));
+        let guard = PinGuard(dir.clone());
+        pin::prepare(&dir)?;
+        let mut opts = ebpf::LoadOptions::new(&dir);
+        opts.capacity = capacity;
+        opts.session_ports = Some((20000, 29999));
+        opts.socks_ports = Some((30000, 31999));
+        let mut bpf = ebpf::load(&opts)?;
+        let reference: &mut Xdp = bpf
+            .program_mut("macswap")
+            .context("no macswap program")?
+            .try_into()?;
+        reference.load().context("loading macswap")?;
+        let mut dp = Datapath::take(&mut bpf)?;
+        dp.set_nexthop(0, &HOP)?;
+        Ok(Bench {
+            _pin: guard,
+            bpf,
+            dp,
+            next_id: 0,
+        })
+    }
+
+    fn install(&mut self, e: &Endpoints, rule: u16) -> anyhow::Result<()> {
+        let record = datapath::record(e, rule, [0, 0], 1);
+        self.dp
+            .install(self.next_id, &record, &SlowPath::default())?;
+        self.next_id += 1;
+        Ok(())
+    }
+
+    fn program(&self, name: &str) -> anyhow::Result<&Xdp> {
+        Ok(self.bpf.program(name).context("program")?.try_into()?)
+    }
+
+    /// Runs `frame` through `program` `calls` times with `repeat`; returns the per-packet
+    /// times the kernel reported for each call.
+    fn run(
+        &self,
+        program: &str,
+        frame: &[u8],
+        repeat: u32,
+        calls: u32,
+        want: Verdict,
+    ) -> anyhow::Result<Vec<f64>> {
+        let prog = self.program(program)?;
+        let mut out = vec![0u8; frame.len() + 512];
+        let mut times = Vec::with_capacity(calls as usize);
+        for _ in 0..calls {
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    repeat,
+                    ..Default::default()
+                })
+                .context("BPF_PROG_TEST_RUN")?;
+            if Verdict::from_action(r.return_value) != Some(want) {
+                bail!("{program}: verdict {} instead of {want:?}", r.return_value);
+            }
+            times.push(r.duration.as_nanos() as f64);
+        }
+        Ok(times)
+    }
+
+    fn counters(&self) -> anyhow::Result<Snapshot> {
+        Snapshot::from_ebpf(&self.bpf)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Two mirrored sessions: each one's rewritten frame is the other's input, both ways.
+fn install_cycle(b: &mut Bench) -> anyhow::Result<()> {
+    b.install(
+        &ends(
+            "198.18.1.2:40000",
+            "198.18.1.1:51820",
+            "198.18.2.1:20000",
+            "198.18.2.2:51821",
+        ),
+        0,
+    )?;
+    b.install(
+        &ends(
+            "198.18.2.1:20000",
+            "198.18.2.2:51821",
+            "198.18.1.2:40000",
+            "198.18.1.1:51820",
+        ),
+        0,
+    )
+}
+
+/// SOCKS5 chains: stripping one header after another, and prepending one after another.
+fn install_socks_chains(b: &mut Bench) -> anyhow::Result<()> {
+    let user = RULE_SOCKS | 1;
+    for k in 1..=CHAIN as u16 {
+        let client = if k == 1 {
+            "198.18.1.2:40000".to_owned()
+        } else {
+            format!("198.18.2.1:{}", 30000 + k - 2)
+        };
+        let front = if k == 1 {
+            "198.18.1.1".to_owned()
+        } else {
+            "198.18.2.2".to_owned()
+        };
+        let e = Endpoints {
+            client: sa(&client),
+            front: SocketAddr::new(front.parse()?, 30000 + k - 1),
+            back: SocketAddr::new("198.18.2.1".parse()?, 30000 + k - 1),
+            upstream: SocketAddr::new("198.18.2.2".parse()?, 30000 + k),
+        };
+        b.install(&e, user)?;
+    }
+    for k in 1..=CHAIN as u16 {
+        let upstream = if k == 1 {
+            "198.18.3.2:53".to_owned()
+        } else {
+            format!("198.18.3.1:{}", 31000 + k - 2)
+        };
+        let back_addr = if k == 1 { "198.18.3.3" } else { "198.18.3.4" };
+        let e = Endpoints {
+            client: SocketAddr::new("198.18.3.4".parse()?, 31000 + k),
+            front: SocketAddr::new("198.18.3.1".parse()?, 31000 + k - 1),
+            back: SocketAddr::new(back_addr.parse()?, 31000 + k - 1),
+            upstream: sa(&upstream),
+        };
+        b.install(&e, user)?;
+    }
+    Ok(())
+}
+
+fn socks_header(dest: SocketAddr) -> Vec<u8> {
+    let mut h = vec![0, 0, 0, 1];
+    if let SocketAddr::V4(a) = dest {
+        h.extend_from_slice(&a.ip().octets());
+    }
+    h.extend_from_slice(&dest.port().to_be_bytes());
+    h
+}
+
+/// The frames each path starts from.
+fn frames() -> BTreeMap<&'static str, Vec<u8>> {
+    let payload = [0x42u8; 18]; // 64-byte frames for the forward paths
+    let mut f = BTreeMap::new();
+    f.insert(
+        "reference",
+        Frame::udp(sa("198.18.1.2:40000"), sa("198.18.1.1:51820"), &payload).build(),
+    );
+    f.insert(
+        "forward_to_upstream",
+        Frame::udp(sa("198.18.1.2:40000"), sa("198.18.1.1:51820"), &payload)
+            .hop_limit(255)
+            .build(),
+    );
+    f.insert(
+        "forward_to_client",
+        Frame::udp(sa("198.18.2.2:51821"), sa("198.18.2.1:20000"), &payload)
+            .hop_limit(255)
+            .build(),
+    );
+    f.insert(
+        "not_ours",
+        Frame::udp(sa("198.18.9.9:1234"), sa("198.18.1.1:4321"), &payload).build(),
+    );
+    let mut nested = Vec::new();
+    for k in 1..=CHAIN as u16 {
+        nested.extend_from_slice(&socks_header(SocketAddr::new(
+            "198.18.2.2".parse().unwrap(),
+            30000 + k,
+        )));
+    }
+    nested.extend_from_slice(&payload);
+    f.insert(
+        "socks5_strip",
+        Frame::udp(sa("198.18.1.2:40000"), sa("198.18.1.1:30000"), &nested)
+            .hop_limit(255)
+            .build(),
+    );
+    f.insert(
+        "socks5_prepend",
+        Frame::udp(sa("198.18.3.2:53"), sa("198.18.3.3:31000"), &payload)
+            .hop_limit(255)
+            .build(),
+    );
+    f
+}
+
+#[derive(Serialize)]
+struct PathCost {
+    path: &'static str,
+    ns_per_packet: f64,
+    ratio_to_reference: f64,
+    packets: u64,
+}
+
+#[derive(Serialize)]
+struct ScalePoint {
+    sessions: u32,
+    ns_per_packet: f64,
+    reference_ns_per_packet: f64,
+    ratio_to_reference: f64,
+    kernel_bytes_per_session: f64,
+}
+
+#[derive(Serialize)]
+struct Results {
+    machine: String,
+    kernel: String,
+    smoke: bool,
+    in_kernel: Vec<PathCost>,
+    scale: Vec<ScalePoint>,
+}
+
+/// In-kernel cost of every path, interleaved with the reference, round by round.
+fn kernel_costs(rounds: u32, calls: u32) -> anyhow::Result<Vec<PathCost>> {
+    let mut b = Bench::new(64)?;
+    install_cycle(&mut b)?;
+    install_socks_chains(&mut b)?;
+    let frames = frames();
+    let paths: [(&str, &str, u32, Verdict, Reason); 6] = [
+        ("reference", "macswap", REPEAT, Verdict::Tx, Reason::NotIp),
+        (
+            "forward_to_upstream",
+            "relay",
+            REPEAT,
+            Verdict::Tx,
+            Reason::RelayedTx,
+        ),
+        (
+            "forward_to_client",
+            "relay",
+            REPEAT,
+            Verdict::Tx,
+            Reason::RelayedTx,
+        ),
+        (
+            "not_ours",
+            "relay",
+            REPEAT,
+            Verdict::Pass,
+            Reason::NoSession,
+        ),
+        (
+            "socks5_strip",
+            "relay",
+            CHAIN,
+            Verdict::Tx,
+            Reason::RelayedTx,
+        ),
+        (
+            "socks5_prepend",
+            "relay",
+            CHAIN,
+            Verdict::Tx,
+            Reason::RelayedTx,
+        ),
+    ];
+    let mut times: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut packets: BTreeMap<&str, u64> = BTreeMap::new();
+    for _ in 0..rounds {
+        for (name, prog, repeat, verdict, reason) in paths {
+            let before = b.counters()?.reason(reason).packets;
+            let t = b.run(prog, &frames[name], repeat, calls, verdict)?;
+            if prog == "relay" {
+                // Every iteration of every call must have taken the path measured.
+                let got = b.counters()?.reason(reason).packets - before;
+                let want = u64::from(repeat) * u64::from(calls);
+                if got != want {
+                    bail!(
+                        "{name}: {got} of {want} iterations were counted as {}",
+                        reason.name()
+                    );
+                }
+            }
+            times.entry(name).or_default().extend(t);
+            *packets.entry(name).or_default() += u64::from(repeat) * u64::from(calls);
+        }
+    }
+    let reference = median(times["reference"].clone());
+    Ok(paths
+        .iter()
+        .map(|(name, ..)| {
+            let ns = median(times[name].clone());
+            PathCost {
+                path: name,
+                ns_per_packet: ns,
+                ratio_to_reference: ns / reference,
+                packets: packets[name],
+            }
+        })
+        .collect())
+}
+
+/// The client-to-upstream cost with `sessions` sessions in the maps, and their memory.
+fn scale_point(sessions: u32, calls: u32) -> anyhow::Result<ScalePoint> {
+    let mut b = Bench::new(sessions + 2)?;
+    install_cycle(&mut b)?;
+    // Fill the table: IPv4 clients, one session each.
+    for i in 0..sessions.saturating_sub(2) {
+        let client = SocketAddr::from((
+            [
+                10 + (i >> 24) as u8,
+                (i >> 16) as u8,
+                (i >> 8) as u8,
+                i as u8,
+            ],
+            40000,
+        ));
+        let e = Endpoints {
+            client,
+            front: sa("198.18.1.1:51820"),
+            back: SocketAddr::new("198.18.2.1".parse()?, 20000 + (i % 10000) as u16),
+            upstream: SocketAddr::from((
+                [172, 16 + ((i >> 16) & 0xf) as u8, (i >> 8) as u8, i as u8],
+                51820,
+            )),
+        };
+        b.install(&e, 0)?;
+    }
+    let frames = frames();
+    let mut ours = Vec::new();
+    let mut reference = Vec::new();
+    for _ in 0..5 {
+        reference.extend(b.run("macswap", &frames["reference"], REPEAT, calls, Verdict::Tx)?);
+        ours.extend(b.run(
+            "relay",
+            &frames["forward_to_upstream"],
+            REPEAT,
+            calls,
+            Verdict::Tx,
+        )?);
+    }
+    let (ns, r) = (median(ours), median(reference));
+    Ok(ScalePoint {
+        sessions,
+        ns_per_packet: ns,
+        reference_ns_per_packet: r,
+        ratio_to_reference: ns / r,
+        kernel_bytes_per_session: b.dp.session_memory() as f64 / f64::from(sessions + 2),
+    })
+}
+
+fn markdown(r: &Results) -> String {
+    let mut m = String::new();
+    let _ = writeln!(m, "## In-kernel cost per packet (BPF_PROG_TEST_RUN)\n");
+    let _ = writeln!(
+        m,
+        "| path | ns/packet | × MAC-swap reference | packets measured |"
+    );
+    let _ = writeln!(m, "|---|---:|---:|---:|");
+    for c in &r.in_kernel {
+        let _ = writeln!(
+            m,
+            "| {} | {:.1} | {:.2} | {} |",
+            c.path, c.ns_per_packet, c.ratio_to_reference, c.packets
+        );
+    }
+    let _ = writeln!(m, "\n## Cost and memory as the session table grows\n");
+    let _ = writeln!(m, "| sessions | ns/packet (client to upstream) | × reference | × cost at the smallest table | kernel bytes/session |");
+    let _ = writeln!(m, "|---:|---:|---:|---:|---:|");
+    let base = r.scale.first().map_or(f64::NAN, |p| p.ns_per_packet);
+    for p in &r.scale {
+        let _ = writeln!(
+            m,
+            "| {} | {:.1} | {:.2} | {:.2} | {:.0} |",
+            p.sessions,
+            p.ns_per_packet,
+            p.ratio_to_reference,
+            p.ns_per_packet / base,
+            p.kernel_bytes_per_session
+        );
+    }
+    let _ = writeln!(
+        m,
+        "\nMachine: {} — kernel {}{}",
+        r.machine,
+        r.kernel,
+        if r.smoke {
+            " — smoke run (numbers not meaningful)"
+        } else {
+            ""
+        }
+    );
+    m
+}
+
+/// A small SVG line chart: cost per packet against session count (log scale).
+fn plot(r: &Results) -> String {
+    let (w, h, pad) = (640.0, 360.0, 50.0);
+    let xs: Vec<f64> = r
+        .scale
+        .iter()
+        .map(|p| f64::from(p.sessions).log10())
+        .collect();
+    let ymax = r
+        .scale
+        .iter()
+        .map(|p| p.ns_per_packet.max(p.reference_ns_per_packet))
+        .fold(1.0, f64::max)
+        * 1.2;
+    let (xmin, xmax) = (
+        xs.first().copied().unwrap_or(0.0),
+        xs.last()
+            .copied()
+            .unwrap_or(1.0)
+            .max(xs.first().copied().unwrap_or(0.0) + 1.0),
+    );
+    let px = |x: f64| pad + (x - xmin) / (xmax - xmin) * (w - 2.0 * pad);
+    let py = |y: f64| h - pad - y / ymax * (h - 2.0 * pad);
+    let line = |vals: Vec<f64>, color: &str| {
+        let pts: Vec<String> = xs
+            .iter()
+            .zip(&vals)
+            .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y)))
+            .collect();
+        let dots: String = xs
+            .iter()
+            .zip(&vals)
+            .map(|(x, y)| {
+                format!(
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{color}"/>"#,
+                    px(*x),
+                    py(*y)
+                )
+            })
+            .collect();
+        format!(
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>{dots}"#,
+            pts.join(" ")
+        )
+    };
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="20" text-anchor="middle" font-size="14">relay: in-kernel cost per packet vs sessions</text><line x1="{pad}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{}" stroke="black"/><text x="{}" y="{}" text-anchor="middle">sessions (log scale)</text><text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">ns per packet</text>"#,
+        w / 2.0,
+        h - pad,
+        w - pad,
+        h - pad,
+        h - pad,
+        w / 2.0,
+        h - 12.0,
+        h / 2.0,
+        h / 2.0
+    );
+    for p in &r.scale {
+        let x = px(f64::from(p.sessions).log10());
+        svg += &format!(
+            r#"<text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            h - pad + 16.0,
+            p.sessions
+        );
+    }
+    for i in 0..=4 {
+        let y = ymax * f64::from(i) / 4.0;
+        svg += &format!(
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{:.0}</text>"#,
+            pad - 6.0,
+            py(y) + 4.0,
+            y
+        );
+    }
+    svg += &line(r.scale.iter().map(|p| p.ns_per_packet).collect(), "#c0392b");
+    svg += &line(
+        r.scale.iter().map(|p| p.reference_ns_per_packet).collect(),
+        "#7f8c8d",
+    );
+    svg += &format!(
+        r##"<text x="{}" y="{}" fill="#c0392b">relay, client to upstream</text><text x="{}" y="{}" fill="#7f8c8d">MAC-swap reference</text></svg>"##,
+        w - 230.0,
+        pad + 10.0,
+        w - 230.0,
+        pad + 28.0
+    );
+    svg
+}
+
+fn run(out: &Path, smoke: bool) -> anyhow::Result<()> {
+    relay::system::require_privileges()?;
+    let (rounds, calls, sizes): (u32, u32, &[u32]) = if smoke {
+        (1, 20, &[1_000, 10_000])
+    } else {
+        (5, 400, &[1_000, 10_000, 100_000, 1_000_000])
+    };
+    eprintln!("[bench] in-kernel cost of each path ({rounds} rounds of {calls} calls)");
+    let in_kernel = kernel_costs(rounds, calls)?;
+    let mut scale = Vec::new();
+    for &n in sizes {
+        eprintln!("[bench] {n} sessions");
+        scale.push(scale_point(n, calls)?);
+    }
+    let results = Results {
+        machine: format!(
+            "{} CPUs, {}",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|c| c
+                    .lines()
+                    .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_owned)))
+                .unwrap_or_default()
+        ),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        smoke,
+        in_kernel,
+        scale,
+    };
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    let md = markdown(&results);
+    std::fs::write(out.join("results.md"), &md)?;
+    std::fs::write(out.join("cost_vs_sessions.svg"), plot(&results))?;
+    println!("{md}");
+    eprintln!(
+        "[bench] wrote {}/results.json, results.md, cost_vs_sessions.svg",
+        out.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut smoke = false;
+    let mut out = PathBuf::from("target/bench");
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--smoke" => smoke = true,
+            "--out" => out = args.next().map(PathBuf::from).unwrap_or(out),
+            other => {
+                eprintln!("relay-bench: unknown argument {other:?} (use --smoke, --out DIR)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match run(&out, smoke) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
