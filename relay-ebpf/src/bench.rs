@@ -3,7 +3,7 @@
 //! - `macswap`: the reference the fast path is compared with: swap the MAC addresses, XDP_TX.
 //! - `generate`: XDP_TX as is; run with BPF_PROG_RUN in live-frames mode it sends a prepared
 //!   frame out of an interface at line rate (a packet generator where pktgen is missing).
-//! - `sink`: counts what arrives and drops it (the receiving end of a benchmark).
+//! - `sink`: counts the UDP that arrives and drops it (the receiving end of a benchmark).
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -38,9 +38,15 @@ pub fn generate(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// Counts and drops UDP; passes the rest (ARP and neighbour discovery must keep working).
 #[xdp]
 pub fn sink(ctx: XdpContext) -> u32 {
-    let len = XdpFrame::new(&ctx).len() as u64;
+    let frame = XdpFrame::new(&ctx);
+    let len = frame.len() as u64;
+    match relay_common::packet::parse(&frame) {
+        Ok(h) if h.proto == relay_common::packet::PROTO_UDP => {}
+        _ => return xdp_action::XDP_PASS,
+    }
     if let Some(c) = SINK.get_ptr_mut(0) {
         // SAFETY: this CPU's slot of a per-CPU array; XDP is not preempted on its CPU.
         unsafe {

@@ -25,6 +25,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/iperf3", "iperf3"),
     ("/usr/bin/socat", "socat"),
     ("/usr/bin/curl", "curl"),
+    ("/usr/sbin/nft", "nftables"),
     ("/usr/bin/python3", "python3"),
     ("/usr/lib/python3/dist-packages/socks.py", "python3-socks"),
 ];

@@ -10,6 +10,8 @@
 //! and chains of SOCKS5 associations for strip and prepend. The reason counters then prove
 //! that every iteration took the path being measured.
 
+mod e2e;
+
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -63,9 +65,10 @@ const CHAIN: u32 = 16;
 const REPEAT: u32 = 200;
 
 struct Bench {
-    _pin: PinGuard,
-    bpf: Ebpf,
     dp: Datapath,
+    bpf: Ebpf,
+    _held: e2e::Dispatcher,
+    _pin: PinGuard,
     next_id: u32,
 }
 
@@ -95,10 +98,12 @@ impl Bench {
         reference.load().context("loading macswap")?;
         let mut dp = Datapath::take(&mut bpf)?;
         dp.set_nexthop(0, &HOP)?;
+        let (held, _) = e2e::Dispatcher::hold(&mut bpf, &["relay", "macswap"], "d")?;
         Ok(Bench {
-            _pin: guard,
-            bpf,
             dp,
+            bpf,
+            _held: held,
+            _pin: guard,
             next_id: 0,
         })
     }
@@ -297,6 +302,7 @@ struct Results {
     smoke: bool,
     in_kernel: Vec<PathCost>,
     scale: Vec<ScalePoint>,
+    end_to_end: Vec<e2e::PeerResult>,
 }
 
 /// In-kernel cost of every path, interleaved with the reference, round by round.
@@ -430,6 +436,36 @@ fn scale_point(sessions: u32, calls: u32) -> anyhow::Result<ScalePoint> {
 
 fn markdown(r: &Results) -> String {
     let mut m = String::new();
+    if !r.end_to_end.is_empty() {
+        let _ = writeln!(
+            m,
+            "## End to end: packets per second through one relay (veth, one run)\n"
+        );
+        let _ = writeln!(
+            m,
+            "| peer | frame | delivered | Mpps | CPU ns/packet | relay (XDP) is × faster |"
+        );
+        let _ = writeln!(m, "|---|---:|---:|---:|---:|---:|");
+        let ours = r
+            .end_to_end
+            .iter()
+            .find(|p| p.peer == "relay (XDP)" && p.frame_bytes == 64)
+            .map_or(f64::NAN, |p| p.mpps);
+        for p in &r.end_to_end {
+            let _ = writeln!(
+                m,
+                "| {} | {} B | {} of {} | {:.3} | {:.0} | {:.1} |",
+                p.peer,
+                p.frame_bytes,
+                p.delivered,
+                p.sent,
+                p.mpps,
+                p.cpu_ns_per_packet,
+                ours / p.mpps
+            );
+        }
+        let _ = writeln!(m);
+    }
     let _ = writeln!(m, "## In-kernel cost per packet (BPF_PROG_TEST_RUN)\n");
     let _ = writeln!(
         m,
@@ -575,6 +611,12 @@ fn run(out: &Path, smoke: bool) -> anyhow::Result<()> {
         eprintln!("[bench] {n} sessions");
         scale.push(scale_point(n, calls)?);
     }
+    eprintln!("[bench] end to end: generator -> relay -> sink, and the peers");
+    let relay_bin = std::env::current_exe()?
+        .parent()
+        .map(|d| d.join("relay"))
+        .context("no directory for the relay binary")?;
+    let end_to_end = e2e::run(relay_bin.to_str().context("path")?, smoke)?;
     let results = Results {
         machine: format!(
             "{} CPUs, {}",
@@ -593,6 +635,7 @@ fn run(out: &Path, smoke: bool) -> anyhow::Result<()> {
         smoke,
         in_kernel,
         scale,
+        end_to_end,
     };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(
@@ -624,7 +667,17 @@ fn main() -> ExitCode {
             }
         }
     }
-    match run(&out, smoke) {
+    let result = run(&out, smoke);
+    // Pins of relays the end-to-end part started, whatever happened.
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf/relay-bench") {
+        let mine = format!("{}-", std::process::id());
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&mine) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("relay-bench: error: {e:#}");
