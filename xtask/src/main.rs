@@ -137,6 +137,38 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
     Ok(workspace_root().join("target").join(profile).join("relay"))
 }
 
+/// Runs `cargo test`, passing its output through, and adds up its "test result" lines.
+fn run_tests(mut cmd: Command) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{}`", describe(&cmd)))?;
+    let (mut passed, mut failed) = (0, 0);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let num = |word: &str| -> u64 {
+                    rest.split(';')
+                        .find_map(|part| part.trim().strip_suffix(word))
+                        .and_then(|n| n.trim().rsplit(' ').next().and_then(|n| n.parse().ok()))
+                        .unwrap_or(0)
+                };
+                passed += num(" passed");
+                failed += num(" failed");
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!("{passed} passed, {failed} failed");
+        bail!("`{}` failed ({status})", describe(&cmd));
+    }
+    Ok((passed, failed))
+}
+
 fn bench(smoke: bool) -> anyhow::Result<()> {
     bootstrap::build_prerequisites()?;
     let mut build = cargo();
@@ -276,12 +308,14 @@ fn dispatch(command: Cmd) -> anyhow::Result<()> {
             if let Some(f) = &filter {
                 test.args(["--", f]);
             }
-            status(test)?;
+            let (passed, failed) = run_tests(test)?;
             if !no_lint {
                 lint()?;
             }
             // Only checks that the benchmark runs and writes its files; not a timed test.
-            bench(true)
+            bench(true)?;
+            println!("{passed} passed, {failed} failed");
+            Ok(())
         }
         Cmd::Bench { smoke } => {
             if !is_root() {
