@@ -83,6 +83,22 @@ impl Drop for Ns {
     }
 }
 
+/// Runs `f` on this thread inside namespace `name`, then returns to this thread's own.
+fn on_this_thread_in<T>(name: &str, f: impl FnOnce() -> T) -> anyhow::Result<T> {
+    let target = File::open(format!("/run/netns/{name}"))?;
+    let own = File::open("/proc/self/ns/net")?;
+    // SAFETY: setns on this thread only, with an open namespace fd; undone below.
+    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {name}: {}", std::io::Error::last_os_error());
+    }
+    let out = f();
+    // SAFETY: back to the namespace this thread was in.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns back: {}", std::io::Error::last_os_error());
+    }
+    Ok(out)
+}
+
 pub fn sh(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -358,40 +374,30 @@ impl Topology {
         let start = Instant::now();
         let mut sent = 0u64;
         // The run must happen in the client's namespace, where `ifindex` is eth0.
-        let netns = File::open(format!("/run/netns/{}", self.client.0))?;
-        let own = File::open("/proc/self/ns/net")?;
-        // SAFETY: setns on this thread; restored below before returning.
-        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns: {}", std::io::Error::last_os_error());
-        }
-        let mut result = Ok(());
-        // One 64-frame batch per call (beyond that, a veth drops what the live-frames run queues
-        // before the receiver has polled), round-robin
-        // over the flows, so that the receiver drains the ring between calls (its NAPI poll
-        // runs when the call returns, on this CPU: generator and relay share the core).
-        const CHUNK: u32 = 64;
-        'outer: for _ in 0..per_flow.div_ceil(CHUNK) {
-            for f in &frames {
-                // The kernel wants data_end to be the frame's length.
-                ctx[4..8].copy_from_slice(&(f.len() as u32).to_ne_bytes());
-                let r = generator.test_run(TestRunOptions {
-                    data_in: Some(f),
-                    ctx_in: Some(&ctx),
-                    repeat: CHUNK,
-                    attrs: TestRunAttrs::new().xdp_live_frames(64),
-                    ..Default::default()
-                });
-                match r {
-                    Ok(_) => sent += u64::from(CHUNK),
-                    Err(e) => {
-                        result = Err(anyhow::anyhow!(e).context("live-frames run"));
-                        break 'outer;
-                    }
+        let result = on_this_thread_in(&self.client.0, || -> anyhow::Result<()> {
+            // One 64-frame batch per call (beyond that, a veth drops what the live-frames run
+            // queues before the receiver has polled), round-robin over the flows, so that the
+            // receiver drains its ring between calls (its NAPI poll runs when the call returns,
+            // on this CPU: generator and relay share the core).
+            const CHUNK: u32 = 64;
+            for _ in 0..per_flow.div_ceil(CHUNK) {
+                for f in &frames {
+                    // The kernel wants data_end to be the frame's length.
+                    ctx[4..8].copy_from_slice(&(f.len() as u32).to_ne_bytes());
+                    generator
+                        .test_run(TestRunOptions {
+                            data_in: Some(f),
+                            ctx_in: Some(&ctx),
+                            repeat: CHUNK,
+                            attrs: TestRunAttrs::new().xdp_live_frames(64),
+                            ..Default::default()
+                        })
+                        .context("live-frames run")?;
+                    sent += u64::from(CHUNK);
                 }
             }
-        }
-        // SAFETY: back to this thread's own namespace.
-        unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) };
+            Ok(())
+        })?;
         result?;
         let secs = start.elapsed().as_secs_f64();
         // Let queued frames land.
@@ -592,16 +598,7 @@ impl Dispatcher {
             ns.ip(&["link", "set", &b, "up"])?;
             let prog: &mut Xdp = bpf.program_mut(name).context("program")?.try_into()?;
             // Attach from inside the namespace: netlink and ifindex are per namespace.
-            let path = format!("/run/netns/{}", ns.0);
-            let file = File::open(&path)?;
-            let own = File::open("/proc/self/ns/net")?;
-            // SAFETY: setns on this thread, restored right after.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns: {}", std::io::Error::last_os_error());
-            }
-            let r = prog.attach(&a, XdpMode::Driver);
-            // SAFETY: back to our own namespace.
-            unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) };
+            let r = on_this_thread_in(&ns.0, || prog.attach(&a, XdpMode::Driver))?;
             links
                 .push(r.with_context(|| format!("attaching {name} to hold it in the dispatcher"))?);
         }
