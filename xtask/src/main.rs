@@ -177,8 +177,8 @@ fn bench(smoke: bool) -> anyhow::Result<()> {
         "--release",
         "--package",
         "relay",
-        "--bin",
-        "relay-bench",
+        // Both binaries: the benchmark starts the relay itself.
+        "--bins",
     ]);
     status(build)?;
     let out = workspace_root().join("target").join("bench");
