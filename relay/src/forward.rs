@@ -249,6 +249,8 @@ impl Controller {
                 rule.idle_timeout.as_secs(),
                 rule.max_sessions
             );
+            // New flows arrive here in bursts (a VPN server's clients after a move, say).
+            udp::set_receive_buffer(&std, 8 << 20);
             rules.push(Rule {
                 index,
                 listen,

@@ -380,6 +380,15 @@ pub fn send_batch(fd: RawFd, msgs: &[Outgoing<'_>]) -> io::Result<usize> {
     Ok(sent)
 }
 
+/// Gives a socket a receive buffer of `bytes`, beyond `net.core.rmem_max` when the process
+/// may (root), so that a burst (many new flows at once) waits instead of being dropped.
+pub fn set_receive_buffer(socket: &impl AsRawFd, bytes: i32) {
+    let fd = socket.as_raw_fd();
+    if setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes).is_err() {
+        let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes);
+    }
+}
+
 /// The address a socket is bound to.
 pub fn local_addr(socket: &impl AsRawFd) -> io::Result<SocketAddr> {
     // SAFETY: all-zero is a valid sockaddr_storage.

@@ -170,6 +170,15 @@ fn relay(ns: &Ns, args: &[&str]) -> anyhow::Result<Proc> {
 
 static RELAY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// How fast the controller opens sessions: `flows` new client flows sent at once.
+#[derive(Serialize)]
+pub struct SessionRate {
+    pub flows: u32,
+    pub opened: u64,
+    pub seconds: f64,
+    pub sessions_per_second: f64,
+}
+
 #[derive(Serialize)]
 pub struct PeerResult {
     pub peer: &'static str,
@@ -407,8 +416,59 @@ impl Topology {
     }
 }
 
+/// Opens `flows` sessions at once (one datagram from each of `flows` new client sockets) and
+/// times how long until the controller has opened them all (its `opened` counter).
+fn session_rate(
+    t: &Topology,
+    relay_bin: &str,
+    pin: &str,
+    flows: u32,
+) -> anyhow::Result<SessionRate> {
+    let opened = || -> anyhow::Result<u64> {
+        let out = t
+            .relay
+            .command(relay_bin)
+            .args(["stats", "--iface", "cli0", "--pin-dir", pin, "--json"])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["rules"][0]["opened"].as_u64().unwrap_or(0))
+    };
+    let before = opened()?;
+    let start = Instant::now();
+    let sockets = t.client.run(move || -> anyhow::Result<Vec<UdpSocket>> {
+        let mut v = Vec::with_capacity(flows as usize);
+        for _ in 0..flows {
+            let s = UdpSocket::bind("198.18.1.2:0")?;
+            s.send_to(b"hello", ("198.18.1.1", 5000))?;
+            v.push(s);
+        }
+        Ok(v)
+    })??;
+    // Until all are open, or nothing changed for a second; the rate counts up to the last one.
+    let (mut got, mut last_change) = (0, start.elapsed());
+    while start.elapsed() - last_change < Duration::from_secs(1) {
+        let now = opened()? - before;
+        if now != got {
+            got = now;
+            last_change = start.elapsed();
+        }
+        if got >= u64::from(flows) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    let seconds = last_change.as_secs_f64();
+    drop(sockets);
+    Ok(SessionRate {
+        flows,
+        opened: got,
+        seconds,
+        sessions_per_second: got as f64 / seconds,
+    })
+}
+
 /// Runs every peer in one topology.
-pub fn run(relay_bin: &str, smoke: bool) -> anyhow::Result<Vec<PeerResult>> {
+pub fn run(relay_bin: &str, smoke: bool) -> anyhow::Result<(Vec<PeerResult>, SessionRate)> {
     let _ = RELAY.set(relay_bin.to_owned());
     let t = Topology::new()?;
     let flows: u16 = 16;
@@ -452,6 +512,7 @@ pub fn run(relay_bin: &str, smoke: bool) -> anyhow::Result<Vec<PeerResult>> {
         PathBuf::from("/sys/fs/bpf/relay-bench").join(format!("{}-{tag}", std::process::id()))
     };
     let forward = "198.18.1.1:5000=198.18.2.2:6000";
+    let rate;
     {
         let p = pin("xdp");
         let _r = relay(
@@ -469,35 +530,17 @@ pub fn run(relay_bin: &str, smoke: bool) -> anyhow::Result<Vec<PeerResult>> {
             ],
         )?;
         measure("relay (XDP)", &t, 60)?;
-        if std::env::var_os("RELAY_BENCH_DEBUG").is_some() {
-            let out = t
-                .relay
-                .command(relay_bin)
-                .args([
-                    "stats",
-                    "--iface",
-                    "cli0",
-                    "--pin-dir",
-                    p.to_str().unwrap_or_default(),
-                ])
-                .output()?;
-            eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-            let out = t
-                .relay
-                .command(relay_bin)
-                .args([
-                    "sessions",
-                    "--iface",
-                    "cli0",
-                    "--pin-dir",
-                    p.to_str().unwrap_or_default(),
-                ])
-                .output()?;
-            eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-        }
         if !smoke {
             measure("relay (XDP)", &t, 1396)?;
         }
+        let flows = if smoke { 500 } else { 5000 };
+        eprintln!("[bench] opening {flows} sessions at once");
+        rate = Some(session_rate(
+            &t,
+            relay_bin,
+            p.to_str().unwrap_or_default(),
+            flows,
+        )?);
         drop(_r);
         let _ = std::fs::remove_dir_all(&p);
     }
@@ -572,7 +615,7 @@ pub fn run(relay_bin: &str, smoke: bool) -> anyhow::Result<Vec<PeerResult>> {
     drop(_pass);
     let _ = std::fs::remove_dir_all(&pass_pin);
     let _ = &t.upstream;
-    Ok(results)
+    Ok((results, rate.context("no session rate")?))
 }
 
 /// Keeps XDP programs in the kernel's XDP dispatcher for the length of a benchmark: each one

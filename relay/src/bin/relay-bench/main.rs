@@ -303,6 +303,7 @@ struct Results {
     in_kernel: Vec<PathCost>,
     scale: Vec<ScalePoint>,
     end_to_end: Vec<e2e::PeerResult>,
+    new_sessions: e2e::SessionRate,
 }
 
 /// In-kernel cost of every path, interleaved with the reference, round by round.
@@ -466,6 +467,12 @@ fn markdown(r: &Results) -> String {
         }
         let _ = writeln!(m);
     }
+    let n = &r.new_sessions;
+    let _ = writeln!(
+        m,
+        "## New sessions through the controller\n\n{} of {} flows opened in {:.3} s: {:.0} sessions/s\n",
+        n.opened, n.flows, n.seconds, n.sessions_per_second
+    );
     let _ = writeln!(m, "## In-kernel cost per packet (BPF_PROG_TEST_RUN)\n");
     let _ = writeln!(
         m,
@@ -616,7 +623,9 @@ fn run(out: &Path, smoke: bool) -> anyhow::Result<()> {
         .parent()
         .map(|d| d.join("relay"))
         .context("no directory for the relay binary")?;
-    let end_to_end = e2e::run(relay_bin.to_str().context("path")?, smoke)?;
+    // Each session holds a socket in the relay and one in this process's client.
+    relay::system::raise_fd_limit();
+    let (end_to_end, new_sessions) = e2e::run(relay_bin.to_str().context("path")?, smoke)?;
     let results = Results {
         machine: format!(
             "{} CPUs, {}",
@@ -636,6 +645,7 @@ fn run(out: &Path, smoke: bool) -> anyhow::Result<()> {
         in_kernel,
         scale,
         end_to_end,
+        new_sessions,
     };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(
