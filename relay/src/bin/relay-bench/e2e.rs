@@ -424,15 +424,14 @@ fn session_rate(
     pin: &str,
     flows: u32,
 ) -> anyhow::Result<SessionRate> {
-    let opened = || -> anyhow::Result<u64> {
-        let out = t
-            .relay
-            .command(relay_bin)
-            .args(["stats", "--iface", "cli0", "--pin-dir", pin, "--json"])
-            .output()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        Ok(v["rules"][0]["opened"].as_u64().unwrap_or(0))
-    };
+    // The rule's `opened` counter, read straight from the pinned map (a cheap poll that does
+    // not compete with the relay for the CPU).
+    let _ = relay_bin;
+    let rules: aya::maps::Array<MapData, relay_common::session::RuleStats> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(MapData::from_pin(
+            std::path::Path::new(pin).join(relay_common::maps::RULES),
+        )?))?;
+    let opened = || -> anyhow::Result<u64> { Ok(rules.get(&0, 0)?.opened) };
     let before = opened()?;
     let start = Instant::now();
     let sockets = t.client.run(move || -> anyhow::Result<Vec<UdpSocket>> {
