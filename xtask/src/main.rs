@@ -171,6 +171,8 @@ fn run_tests(mut cmd: Command) -> anyhow::Result<(u64, u64)> {
 
 fn bench(smoke: bool) -> anyhow::Result<()> {
     bootstrap::build_prerequisites()?;
+    bootstrap::test_prerequisites()?;
+    clean_stale_test_state();
     let mut build = cargo();
     build.args([
         "build",
@@ -213,13 +215,15 @@ fn clean_stale_test_state() {
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let name = line.split_whitespace().next().unwrap_or_default();
-            if name.starts_with("rlyt") {
+            // rlyt: tests; rlyb: the benchmark.
+            if name.starts_with("rlyt") || name.starts_with("rlyb") {
                 eprintln!("[test] removing stale namespace {name}");
                 let _ = Command::new("ip").args(["netns", "del", name]).status();
             }
         }
     }
     let _ = std::fs::remove_dir_all("/sys/fs/bpf/relay-test");
+    let _ = std::fs::remove_dir_all("/sys/fs/bpf/relay-bench");
 }
 
 fn lint() -> anyhow::Result<()> {
