@@ -79,7 +79,7 @@ fn setup() -> Setup {
         format!(
             "[socks5]\nlisten = \"{PROXY}\"\nhandshake_timeout = \"2s\"\nudp_idle_timeout = \"30s\"\n\
              [[socks5.users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\nmax_associations = 2\n\
-             [policy]\nallow = [\"198.18.2.0/24\"]\n"
+             [policy]\nallow = [\"198.18.2.0/24\", \"fd00:5a:2::/64\"]\n"
         ),
     )
     .unwrap();
@@ -447,4 +447,37 @@ fn connect_survives_a_half_close() {
     assert_eq!(alice["connect_bytes_to_destination"], 300_000, "{alice}");
     assert_eq!(alice["connect_bytes_to_client"], 300_000, "{alice}");
     assert_eq!(alice["active_connections"], 0, "{alice}");
+}
+
+#[test]
+fn connect_reaches_an_ipv6_destination() {
+    let s = setup();
+    let listener =
+        s.t.upstream
+            .run(|| std::net::TcpListener::bind("[fd00:5a:2::2]:7001").unwrap());
+    let server = thread::spawn(move || {
+        let (mut c, peer) = listener.accept().unwrap();
+        c.write_all(format!("hello {}", peer.ip()).as_bytes())
+            .unwrap();
+    });
+    let mut req = vec![5, 1, 0, 4];
+    req.extend_from_slice(
+        &"fd00:5a:2::2"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    req.extend_from_slice(&7001u16.to_be_bytes());
+    let (mut c, reply) = raw_request(&s.t.client, req);
+    // The reply carries the IPv6 address the relay connected from.
+    assert_eq!(reply.get(..4), Some(&[5, 0, 0, 4][..]), "{reply:?}");
+    let mut rest = [0u8; 12];
+    c.read_exact(&mut rest).unwrap();
+    let mut greeting = String::new();
+    c.read_to_string(&mut greeting).unwrap();
+    server.join().unwrap();
+    assert_eq!(
+        greeting, "hello fd00:5a:2::1",
+        "the destination saw the relay's IPv6 address"
+    );
 }
