@@ -568,8 +568,8 @@ fn table() -> Vec<Fixture> {
 }
 
 fn load(pin: &PinDir) -> aya::Ebpf {
-    pin::prepare(&pin.0).expect("bpffs");
-    let mut opts = ebpf::LoadOptions::new(&pin.0);
+    pin::prepare(pin.path()).expect("bpffs");
+    let mut opts = ebpf::LoadOptions::new(pin.path());
     opts.capacity = 16;
     opts.session_ports = Some((20000, 29999));
     opts.socks_ports = Some((30000, 31999));
@@ -701,6 +701,6 @@ fn pinned_counters_survive_a_reload() {
             "a reloaded program must reuse the pinned counters"
         );
     }
-    let from_pin = Snapshot::from_pin(&pin.0).expect("read pinned counters");
+    let from_pin = Snapshot::from_pin(pin.path()).expect("read pinned counters");
     assert_eq!(from_pin.reason(Reason::NoSession).packets, 2);
 }

@@ -11,7 +11,9 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{raise_fd_limit, reason_packets, stats, Echo, Netns, PinDir, Relay, Topology};
+use support::{
+    raise_fd_limit, reason_packets, stats, ConfigFile, Echo, Netns, PinDir, Relay, Topology,
+};
 
 /// `n` client sockets bound in `ns` to `ip`.
 fn clients(ns: &Netns, ip: &str, n: usize) -> Vec<UdpSocket> {
@@ -393,24 +395,11 @@ fn clients_outside_the_allow_list_are_refused_and_counted() {
     let t = Topology::new();
     let pin = PinDir::new();
     let _echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
-    let config = std::env::temp_dir().join(format!("{}.toml", support::unique("cfg")));
-    std::fs::write(
-        &config,
+    let config = ConfigFile::new(
         "[[forward]]\nname = \"vpn\"\nlisten = \"198.18.1.1:5000\"\nupstream = \"198.18.2.2:6000\"\n\
          allow = [\"198.51.100.0/24\"]\nallow_private_upstream = true\n",
-    )
-    .unwrap();
-    let _relay = Relay::start(
-        &t.relay,
-        &[
-            "--iface",
-            "cli0",
-            "--pin-dir",
-            pin.arg(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
     );
+    let _relay = Relay::with_config(&t.relay, &pin, &config);
     let socks = clients(&t.client, "198.18.1.2", 3);
     let to: SocketAddr = FRONT_V4.parse().unwrap();
     let failures = exchange(&socks, to, 0, 1);
@@ -423,7 +412,6 @@ fn clients_outside_the_allow_list_are_refused_and_counted() {
     let r = rule(&s, "vpn");
     assert_eq!(r["refused"]["not_allowed"], 3, "{r}");
     assert_eq!(r["sessions"], 0);
-    let _ = std::fs::remove_file(config);
 }
 
 #[test]
@@ -615,35 +603,18 @@ fn sighup_reloads_rules_for_new_sessions() {
     let pin = PinDir::new();
     let first = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
     let second = Echo::start(&t.upstream, "198.18.2.2:6001".parse().unwrap());
-    let config = std::env::temp_dir().join(format!("{}.toml", support::unique("cfg")));
-    let write = |port: u16| {
-        std::fs::write(
-            &config,
-            format!(
-                "[[forward]]\nlisten = \"198.18.1.1:5000\"\nupstream = \"198.18.2.2:{port}\"\n\
-                 allow_private_upstream = true\n"
-            ),
+    let rule = |port: u16| {
+        format!(
+            "[[forward]]\nlisten = \"198.18.1.1:5000\"\nupstream = \"198.18.2.2:{port}\"\n\
+             allow_private_upstream = true\n"
         )
-        .unwrap()
     };
-    write(6000);
-    let mut relay = Relay::start(
-        &t.relay,
-        &[
-            "--iface",
-            "cli0",
-            "--iface",
-            "up0",
-            "--pin-dir",
-            pin.arg(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
-    );
+    let config = ConfigFile::new(&rule(6000));
+    let mut relay = Relay::with_config(&t.relay, &pin, &config);
     let to: SocketAddr = FRONT_V4.parse().unwrap();
     let old = clients(&t.client, "198.18.1.2", 5);
     assert!(exchange(&old, to, 0, 2).is_empty());
-    write(6001);
+    config.rewrite(&rule(6001));
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(relay.child.id() as i32, libc::SIGHUP) };
     relay.wait_for_log("configuration reloaded", Duration::from_secs(5));
@@ -668,5 +639,4 @@ fn sighup_reloads_rules_for_new_sessions() {
         "old sessions stayed on the first upstream"
     );
     assert_eq!(second.finish(), 5 * 2, "new sessions went to the second");
-    let _ = std::fs::remove_file(config);
 }

@@ -12,13 +12,14 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{stats, Echo, Netns, PinDir, Relay, Topology};
+use support::{stats, ConfigFile, Echo, Netns, PinDir, Relay, Topology};
 
 const PASSWORD: &str = "correct horse battery";
 const PROXY: &str = "198.18.1.1:1080";
 
 struct Setup {
     _relay: Relay,
+    _config: ConfigFile,
     _http: HttpServer,
     _echo: Echo,
     pin: PinDir,
@@ -73,29 +74,12 @@ fn setup() -> Setup {
     );
     let echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
     let hash = relay::socks5::users::hash_password(PASSWORD.as_bytes()).unwrap();
-    let config = dir.0.join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[socks5]\nlisten = \"{PROXY}\"\nhandshake_timeout = \"2s\"\nudp_idle_timeout = \"30s\"\n\
-             [[socks5.users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\nmax_associations = 2\n\
-             [policy]\nallow = [\"198.18.2.0/24\", \"fd00:5a:2::/64\"]\n"
-        ),
-    )
-    .unwrap();
-    let relay = Relay::start(
-        &t.relay,
-        &[
-            "--iface",
-            "cli0",
-            "--iface",
-            "up0",
-            "--pin-dir",
-            pin.arg(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
-    );
+    let config = ConfigFile::new(&format!(
+        "[socks5]\nlisten = \"{PROXY}\"\nhandshake_timeout = \"2s\"\nudp_idle_timeout = \"30s\"\n\
+         [[socks5.users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\nmax_associations = 2\n\
+         [policy]\nallow = [\"198.18.2.0/24\", \"fd00:5a:2::/64\"]\n"
+    ));
+    let relay = Relay::with_config(&t.relay, &pin, &config);
     // The web server needs a moment to listen.
     for _ in 0..50 {
         if t.upstream
@@ -107,6 +91,7 @@ fn setup() -> Setup {
     }
     Setup {
         _relay: relay,
+        _config: config,
         _http: http,
         _echo: echo,
         pin,

@@ -210,20 +210,55 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Removes namespaces and pins that a killed test run may have left behind.
+/// Whether a namespace or mount name is one the tests (`rlyt`) or the benchmark (`rlyb`) made
+/// (see `relay::lab`).
+fn ours(name: &str) -> bool {
+    name.starts_with("rlyt") || name.starts_with("rlyb")
+}
+
+/// Removes the namespaces and private bpffs mounts a killed test or benchmark run left behind.
+/// A run that ends, even by a failed assertion, removes its own.
 fn clean_stale_test_state() {
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let name = line.split_whitespace().next().unwrap_or_default();
-            // rlyt: tests; rlyb: the benchmark.
-            if name.starts_with("rlyt") || name.starts_with("rlyb") {
+            if ours(name) {
                 eprintln!("[test] removing stale namespace {name}");
                 let _ = Command::new("ip").args(["netns", "del", name]).status();
             }
         }
     }
-    let _ = std::fs::remove_dir_all("/sys/fs/bpf/relay-test");
-    let _ = std::fs::remove_dir_all("/sys/fs/bpf/relay-bench");
+    let tmp = std::env::temp_dir();
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(_), Some(target), Some("bpf")) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let target = Path::new(target);
+        let name = target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if target.parent() == Some(tmp.as_path()) && ours(name) {
+            eprintln!("[test] unmounting stale bpffs {}", target.display());
+            let _ = Command::new("umount").arg("-l").arg(target).status();
+            let _ = std::fs::remove_dir(target);
+        }
+    }
+    // Logs, configuration files and web roots of killed runs (mounts are gone by now).
+    for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        if ours(&name.to_string_lossy()) {
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
 }
 
 fn lint() -> anyhow::Result<()> {

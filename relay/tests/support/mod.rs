@@ -1,144 +1,79 @@
 //! Test support: network namespaces the test creates (and always removes), the relay as a
 //! child process (always killed), and sockets opened inside a namespace.
 //!
-//! Every name starts with `rlyt` so that `cargo xtask test` can sweep what a killed run left.
-//! Addresses are from 198.18.0.0/15 (RFC 2544, benchmarking) and fd00:5a::/64; they exist only
-//! inside the namespaces made here.
+//! Built on `relay::lab`: every name starts with `rlyt` so that `cargo xtask test` can sweep
+//! what a killed run left. Addresses are from 198.18.0.0/15 (RFC 2544, benchmarking) and
+//! fd00:5a::/48; they exist only inside the namespaces made here.
 #![allow(dead_code)]
 
 use std::{
     fs::File,
-    os::fd::AsRawFd as _,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::Ordering,
     thread,
     time::{Duration, Instant},
 };
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
+use relay::lab;
 
-/// A short name unique to this test process and call.
+/// Test-local names: `rlyt`, the process id, `tag`, a counter.
 pub fn unique(tag: &str) -> String {
-    format!(
-        "rlyt{}{}{}",
-        std::process::id(),
-        tag,
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    lab::unique("rlyt", tag)
 }
 
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    lab::sh(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// A network namespace, deleted on drop (also when the test panics).
-pub struct Netns {
-    pub name: String,
-}
+/// A network namespace the test created, deleted on drop (also when the test panics). The
+/// methods panic with the command's output when something fails: this is test set-up.
+pub struct Netns(lab::Netns);
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
-        let name = unique(tag);
-        sh(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        Netns(lab::Netns::new("rlyt", tag).unwrap_or_else(|e| panic!("{e:#}")))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0.name
     }
 
     /// `ip -n NS ...`
     pub fn ip(&self, args: &[&str]) -> String {
-        let mut v = vec!["ip", "-n", &self.name];
-        v.extend_from_slice(args);
-        sh(&v)
+        self.0.ip(args).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Runs a command inside the namespace.
     pub fn exec(&self, args: &[&str]) -> String {
-        let net = format!("--net=/run/netns/{}", self.name);
-        let mut v = vec!["nsenter", &net];
-        v.extend_from_slice(args);
-        sh(&v)
+        self.0.exec(args).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     pub fn sysctl(&self, key: &str, value: &str) {
         self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")]);
     }
 
-    /// A `Command` for `program` inside the namespace (net namespace only: /sys and bpffs stay
-    /// the host's).
+    /// A `Command` for `program` inside the namespace.
     pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.name))
-            .arg(program);
-        c
+        self.0.command(program)
     }
 
     /// Runs `f` on a thread that has entered this namespace; sockets it opens live here.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        thread::spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: `file` is an open namespace fd; setns only changes this thread's netns.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in namespace panicked")
+        self.0.run(f).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Whether an XDP program is attached to `iface`, as `ip link` reports it.
     pub fn xdp_attached(&self, iface: &str) -> bool {
-        let out = self.ip(&["link", "show", "dev", iface]);
-        out.contains("prog/xdp")
+        self.ip(&["link", "show", "dev", iface])
+            .contains("prog/xdp")
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// Joins `a`'s `a_if` and `b`'s `b_if` with a veth pair, brings both up and gives them
-/// addresses (CIDR notation, IPv4 and IPv6 lists). Checksum offload is off on both ends so that
-/// the frames XDP sees carry complete checksums, as from a real NIC; GRO is switched on once
-/// both ends are up, so that frames XDP redirects or transmits into either end are delivered
-/// (a veth only accepts XDP frames when its peer runs NAPI).
+/// A veth pair between two test namespaces (see `relay::lab::veth`).
 pub fn veth(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_addrs: &[&str]) {
-    sh(&[
-        "ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
-        &b.name,
-    ]);
-    for (ns, iface, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
-        for addr in addrs {
-            if addr.contains(':') {
-                ns.ip(&["addr", "add", addr, "dev", iface, "nodad"]);
-            } else {
-                ns.ip(&["addr", "add", addr, "dev", iface]);
-            }
-        }
-        ns.exec(&["ethtool", "-K", iface, "tx", "off"]);
-        ns.ip(&["link", "set", iface, "up"]);
-    }
-    for (ns, iface) in [(a, a_if), (b, b_if)] {
-        ns.exec(&["ethtool", "-K", iface, "gro", "on"]);
-    }
+    lab::veth((&a.0, a_if, a_addrs), (&b.0, b_if, b_addrs)).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// client (198.18.1.2) -- (198.18.1.1) relay (198.18.2.1) -- (198.18.2.2) upstream,
@@ -300,22 +235,21 @@ pub fn relay_bin() -> &'static str {
     env!("CARGO_BIN_EXE_relay")
 }
 
-/// A pin directory private to one test, removed on drop.
-pub struct PinDir(pub PathBuf);
+/// A pin directory private to one test: a bpffs of its own, unmounted on drop (also when the
+/// test panics), so no pinned map outlives the test and nothing is left under /sys/fs/bpf.
+pub struct PinDir(pub lab::BpfMount);
 
 impl PinDir {
     pub fn new() -> PinDir {
-        PinDir(PathBuf::from("/sys/fs/bpf/relay-test").join(unique("p")))
+        PinDir(lab::BpfMount::new("rlyt").unwrap_or_else(|e| panic!("{e:#}")))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0.path
     }
 
     pub fn arg(&self) -> &str {
-        self.0.to_str().expect("utf-8 pin path")
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path.to_str().expect("utf-8 pin path")
     }
 }
 
@@ -387,6 +321,50 @@ impl Drop for Relay {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A configuration file for one test, removed on drop (also when the test panics).
+pub struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    pub fn new(text: &str) -> ConfigFile {
+        let path = std::env::temp_dir().join(format!("{}.toml", unique("cfg")));
+        std::fs::write(&path, text).expect("write the configuration");
+        ConfigFile(path)
+    }
+
+    pub fn rewrite(&self, text: &str) {
+        std::fs::write(&self.0, text).expect("rewrite the configuration");
+    }
+
+    pub fn arg(&self) -> &str {
+        self.0.to_str().expect("utf-8 path")
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Relay {
+    /// `relay run` on the relay of a [`Topology`] (both its interfaces) with `config`.
+    pub fn with_config(ns: &Netns, pin: &PinDir, config: &ConfigFile) -> Relay {
+        Relay::start(
+            ns,
+            &[
+                "--iface",
+                "cli0",
+                "--iface",
+                "up0",
+                "--pin-dir",
+                pin.arg(),
+                "--config",
+                config.arg(),
+            ],
+        )
     }
 }
 

@@ -3,18 +3,17 @@
 //! DNAT with masquerade (kernel conntrack forwarding), and socat (a userspace forwarder).
 //!
 //! The generator is the `generate` XDP program run with BPF_PROG_RUN in live-frames mode from
-//! the client namespace: it transmits a prepared 64-byte UDP frame out of the client's
-//! interface, over and over (pktgen is not in this kernel). The sink is the `sink` XDP program
-//! on the upstream's interface, which counts and drops. Packets per second are what reached
+//! the client namespace: it transmits a prepared UDP frame out of the client's interface,
+//! again and again (pktgen is not in this kernel). The sink is the `sink` XDP program on the
+//! upstream's interface, which counts UDP and drops it. Packets per second are what reached
 //! the sink divided by the generator's wall time; CPU per packet is the machine's busy time
 //! (/proc/stat) over the same interval divided by those packets.
 
 use std::{
     fs::File,
     net::UdpSocket,
-    os::fd::AsRawFd as _,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -25,97 +24,17 @@ use aya::{
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
     Ebpf,
 };
+use relay::lab::{self, BpfMount, Netns};
 use relay_common::{counters::Counter, frame::Frame};
 use serde::Serialize;
 
-pub struct Ns(String);
+/// Prefix of everything the benchmark creates (swept by `cargo xtask test` after a kill).
+pub const PREFIX: &str = "rlyb";
 
-impl Ns {
-    pub fn new(tag: &str) -> anyhow::Result<Ns> {
-        let name = format!("rlyb{}{tag}", std::process::id());
-        sh(&["ip", "netns", "add", &name])?;
-        let ns = Ns(name);
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    pub fn ip(&self, args: &[&str]) -> anyhow::Result<()> {
-        let mut v = vec!["ip", "-n", &self.0];
-        v.extend_from_slice(args);
-        sh(&v)
-    }
-
-    fn exec(&self, args: &[&str]) -> anyhow::Result<()> {
-        let net = format!("--net=/run/netns/{}", self.0);
-        let mut v = vec!["nsenter", &net];
-        v.extend_from_slice(args);
-        sh(&v)
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.0)).arg(program);
-        c
-    }
-
-    /// Runs `f` on a thread inside the namespace.
-    pub fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> anyhow::Result<T> {
-        let path = format!("/run/netns/{}", self.0);
-        thread::spawn(move || -> anyhow::Result<T> {
-            let file = File::open(&path)?;
-            // SAFETY: setns on this thread only, with an open namespace fd.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns {path}: {}", std::io::Error::last_os_error());
-            }
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread panicked"))?
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// Runs `f` on this thread inside namespace `name`, then returns to this thread's own.
-fn on_this_thread_in<T>(name: &str, f: impl FnOnce() -> T) -> anyhow::Result<T> {
-    let target = File::open(format!("/run/netns/{name}"))?;
-    let own = File::open("/proc/self/ns/net")?;
-    // SAFETY: setns on this thread only, with an open namespace fd; undone below.
-    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns {name}: {}", std::io::Error::last_os_error());
-    }
-    let out = f();
-    // SAFETY: back to the namespace this thread was in.
-    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns back: {}", std::io::Error::last_os_error());
-    }
-    Ok(out)
-}
-
-pub fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("{args:?}"))?;
-    if !out.status.success() {
-        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-fn mac(ns: &Ns, iface: &str) -> anyhow::Result<[u8; 6]> {
-    let out = Command::new("ip")
-        .args(["-n", &ns.0, "-j", "link", "show", "dev", iface])
-        .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let s = v[0]["address"].as_str().context("no MAC")?;
+fn mac(ns: &Netns, iface: &str) -> anyhow::Result<[u8; 6]> {
+    let v: serde_json::Value =
+        serde_json::from_str(&ns.ip(&["-j", "link", "show", "dev", iface])?)?;
+    let s = v[0]["address"].as_str().context("no MAC address")?;
     let mut m = [0u8; 6];
     for (i, p) in s.split(':').enumerate().take(6) {
         m[i] = u8::from_str_radix(p, 16)?;
@@ -123,6 +42,7 @@ fn mac(ns: &Ns, iface: &str) -> anyhow::Result<[u8; 6]> {
     Ok(m)
 }
 
+/// A child process, stopped (SIGTERM, then SIGKILL) on drop.
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -141,34 +61,32 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `relay run` in `ns` and waits until it runs.
-fn relay(ns: &Ns, args: &[&str]) -> anyhow::Result<Proc> {
-    let log = std::env::temp_dir().join(format!("rlyb-{}-{}.log", std::process::id(), args.len()));
+/// `relay run ARGS` in `ns`, once it says it is running.
+fn relay(bin: &Path, ns: &Netns, pins: &Path, args: &[&str]) -> anyhow::Result<Proc> {
+    let log = std::env::temp_dir().join(format!("{}.log", lab::unique(PREFIX, "log")));
     let child = ns
-        .command(RELAY.get().map(String::as_str).unwrap_or("relay"))
+        .command(bin)
         .arg("run")
+        .arg("--pin-dir")
+        .arg(pins)
         .args(args)
         .stdout(Stdio::null())
         .stderr(File::create(&log)?)
         .spawn()?;
     let p = Proc(child);
     let start = Instant::now();
+    let mut text = String::new();
     while start.elapsed() < Duration::from_secs(20) {
-        if std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("relay running")
-        {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("relay running") {
+            let _ = std::fs::remove_file(&log);
             return Ok(p);
         }
         thread::sleep(Duration::from_millis(50));
     }
-    bail!(
-        "relay did not start: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    )
+    let _ = std::fs::remove_file(&log);
+    bail!("the relay did not start: {text}")
 }
-
-static RELAY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// How fast the controller opens sessions: `flows` new client flows sent at once.
 #[derive(Serialize)]
@@ -191,138 +109,102 @@ pub struct PeerResult {
 
 fn busy_jiffies() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let cpu: Vec<u64> = stat
-        .lines()
+    // cpu user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+    stat.lines()
         .next()
         .unwrap_or_default()
         .split_whitespace()
         .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
-    cpu.iter()
+        .filter_map(|v| v.parse::<u64>().ok())
         .enumerate()
         .filter(|(i, _)| *i != 3 && *i != 4)
         .map(|(_, v)| v)
         .sum()
 }
 
-struct Topology {
-    client: Ns,
-    relay: Ns,
-    upstream: Ns,
-    sink: Ebpf,
-    generator: Ebpf,
-    client_ifindex: u32,
-    _pins: Vec<PinDir>,
-    _held: Dispatcher,
+/// Keeps XDP programs in the kernel's XDP dispatcher for the length of a benchmark: each one
+/// attached in driver mode to one end of a veth pair in a private namespace. Without this,
+/// every BPF_PROG_TEST_RUN call adds the program to the dispatcher and removes it again,
+/// waiting for an RCU grace period each time (tens of milliseconds here).
+pub struct Dispatcher {
+    _ns: Netns,
 }
 
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+impl Dispatcher {
+    pub fn hold(bpf: &mut Ebpf, programs: &[&str]) -> anyhow::Result<Dispatcher> {
+        let ns = Netns::new(PREFIX, "d")?;
+        for (i, name) in programs.iter().enumerate() {
+            let (a, b) = (format!("h{i}a"), format!("h{i}b"));
+            ns.ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+            ns.ip(&["link", "set", &a, "up"])?;
+            ns.ip(&["link", "set", &b, "up"])?;
+            let prog: &mut Xdp = bpf.program_mut(name).context("program")?.try_into()?;
+            // Attach from inside the namespace: netlink and ifindex are per namespace. The
+            // link lives as long as `bpf`.
+            lab::on_this_thread_in(&ns.path(), || prog.attach(&a, XdpMode::Driver))?
+                .with_context(|| format!("attaching {name} to hold it in the dispatcher"))?;
+        }
+        Ok(Dispatcher { _ns: ns })
     }
 }
 
-fn load(tag: &str) -> anyhow::Result<(Ebpf, PinDir)> {
-    let dir =
-        PathBuf::from("/sys/fs/bpf/relay-bench").join(format!("{}-{tag}", std::process::id()));
-    relay::pin::prepare(&dir)?;
-    Ok((
-        relay::ebpf::load_maps(&relay::ebpf::LoadOptions::new(&dir))?,
-        PinDir(dir),
-    ))
+/// Loads the object's maps in `dir` and the named programs through the verifier.
+pub fn load(dir: &Path, programs: &[&str]) -> anyhow::Result<Ebpf> {
+    let mut bpf = relay::ebpf::load_maps(&relay::ebpf::LoadOptions::new(dir))?;
+    for name in programs {
+        let p: &mut Xdp = bpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        p.load().with_context(|| format!("loading {name}"))?;
+    }
+    Ok(bpf)
+}
+
+struct Topology {
+    sink: Ebpf,
+    generator: Ebpf,
+    _held: Dispatcher,
+    client_ifindex: u32,
+    client: Netns,
+    relay: Netns,
+    _upstream: Netns,
 }
 
 impl Topology {
-    fn new() -> anyhow::Result<Topology> {
-        let t = (Ns::new("c")?, Ns::new("r")?, Ns::new("u")?);
-        let (client, relay_ns, upstream) = t;
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &client.0,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "cli0",
-            "netns",
-            &relay_ns.0,
-        ])?;
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            "up0",
-            "netns",
-            &relay_ns.0,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &upstream.0,
-        ])?;
-        for (ns, dev, addr) in [
-            (&client, "eth0", "198.18.1.2/24"),
-            (&relay_ns, "cli0", "198.18.1.1/24"),
-            (&relay_ns, "up0", "198.18.2.1/24"),
-            (&upstream, "eth0", "198.18.2.2/24"),
-        ] {
-            ns.ip(&["addr", "add", addr, "dev", dev])?;
-            ns.exec(&["ethtool", "-K", dev, "tx", "off"])?;
-            ns.ip(&["link", "set", dev, "up"])?;
-        }
-        for (ns, dev) in [
-            (&client, "eth0"),
-            (&relay_ns, "cli0"),
-            (&relay_ns, "up0"),
-            (&upstream, "eth0"),
-        ] {
-            ns.exec(&["ethtool", "-K", dev, "gro", "on"])?;
-        }
+    fn new(pins: &BpfMount) -> anyhow::Result<Topology> {
+        let client = Netns::new(PREFIX, "c")?;
+        let relay_ns = Netns::new(PREFIX, "r")?;
+        let upstream = Netns::new(PREFIX, "u")?;
+        lab::veth(
+            (&client, "eth0", &["198.18.1.2/24"]),
+            (&relay_ns, "cli0", &["198.18.1.1/24"]),
+        )?;
+        lab::veth(
+            (&relay_ns, "up0", &["198.18.2.1/24"]),
+            (&upstream, "eth0", &["198.18.2.2/24"]),
+        )?;
         client.ip(&["route", "add", "default", "via", "198.18.1.1"])?;
         upstream.ip(&["route", "add", "default", "via", "198.18.2.1"])?;
         relay_ns.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
 
-        let (mut sink, sink_pin) = load("sink")?;
-        let (mut generator, gen_pin) = load("gen")?;
+        let mut generator = load(&pins.dir("generator"), &["generate"])?;
+        let held = Dispatcher::hold(&mut generator, &["generate"])?;
+        let mut sink = load(&pins.dir("sink"), &["sink"])?;
         {
             let p: &mut Xdp = sink.program_mut("sink").context("sink")?.try_into()?;
-            p.load()?;
+            lab::on_this_thread_in(&upstream.path(), || p.attach("eth0", XdpMode::Driver))??;
         }
-        {
-            let p: &mut Xdp = generator
-                .program_mut("generate")
-                .context("generate")?
-                .try_into()?;
-            p.load()?;
-        }
-        // Attach the sink from inside the upstream namespace (netlink is per namespace).
-        let sink = upstream.run(move || -> anyhow::Result<Ebpf> {
-            let p: &mut Xdp = sink.program_mut("sink").context("sink")?.try_into()?;
-            p.attach("eth0", XdpMode::Driver)?;
-            Ok(sink)
-        })??;
-        let client_ifindex = client.run(|| relay::system::ifindex("eth0"))??;
-        let mut generator = generator;
-        let (held, _) = Dispatcher::hold(&mut generator, &["generate"], "g")?;
+        let client_ifindex =
+            lab::on_this_thread_in(&client.path(), || relay::system::ifindex("eth0"))??;
         Ok(Topology {
-            client,
-            relay: relay_ns,
-            upstream,
             sink,
             generator,
-            client_ifindex,
-            _pins: vec![sink_pin, gen_pin],
             _held: held,
+            client_ifindex,
+            client,
+            relay: relay_ns,
+            _upstream: upstream,
         })
     }
 
@@ -332,7 +214,8 @@ impl Topology {
         Ok(sink.get(&0, 0)?.iter().map(|c| c.packets).sum())
     }
 
-    /// Sends one datagram from each of `flows` client ports so that every flow exists.
+    /// Sends a few datagrams from each of `flows` client ports so that every flow exists (and
+    /// the next hops have time to resolve).
     fn warm_up(&self, flows: u16) -> anyhow::Result<()> {
         self.client.run(move || -> anyhow::Result<()> {
             for f in 0..flows {
@@ -347,31 +230,27 @@ impl Topology {
         Ok(())
     }
 
-    /// Generates `per_flow` frames for each of `flows` flows; returns (sent, delivered, secs,
-    /// busy jiffies).
+    /// Generates `per_flow` frames for each of `flows` flows; returns (sent, delivered,
+    /// seconds, busy jiffies).
     fn blast(
         &self,
         flows: u16,
         per_flow: u32,
         frame_bytes: usize,
     ) -> anyhow::Result<(u64, u64, f64, u64)> {
-        let src_mac = mac(&self.client, "eth0")?;
-        let dst_mac = mac(&self.relay, "cli0")?;
+        let (src_mac, dst_mac) = (mac(&self.client, "eth0")?, mac(&self.relay, "cli0")?);
         let payload = vec![0x5au8; frame_bytes.saturating_sub(42)];
         let frames: Vec<Vec<u8>> = (0..flows)
             .map(|f| {
                 Frame::udp(
                     std::net::SocketAddr::from(([198, 18, 1, 2], 41000 + f)),
-                    "198.18.1.1:5000".parse().expect("addr"),
+                    std::net::SocketAddr::from(([198, 18, 1, 1], 5000)),
                     &payload,
                 )
                 .macs(src_mac, dst_mac)
                 .build()
             })
             .collect();
-        let before = self.delivered()?;
-        let jiffies = busy_jiffies();
-        let ifindex = self.client_ifindex;
         let generator: &Xdp = self
             .generator
             .program("generate")
@@ -379,16 +258,18 @@ impl Topology {
             .try_into()?;
         // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
         let mut ctx = [0u8; 24];
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[12..16].copy_from_slice(&self.client_ifindex.to_ne_bytes());
+        let before = self.delivered()?;
+        let jiffies = busy_jiffies();
         let start = Instant::now();
         let mut sent = 0u64;
-        // The run must happen in the client's namespace, where `ifindex` is eth0.
-        let result = on_this_thread_in(&self.client.0, || -> anyhow::Result<()> {
-            // One 64-frame batch per call (beyond that, a veth drops what the live-frames run
-            // queues before the receiver has polled), round-robin over the flows, so that the
-            // receiver drains its ring between calls (its NAPI poll runs when the call returns,
-            // on this CPU: generator and relay share the core).
-            const CHUNK: u32 = 64;
+        // The run must happen in the client's namespace, where the ifindex is its eth0. One
+        // 64-frame batch per call (beyond that, a veth drops what the live-frames run queues
+        // before the receiver has polled), round-robin over the flows, so that the receiver
+        // drains its ring between calls: its NAPI poll runs when the call returns, on this
+        // CPU, so generator and relay share the core.
+        const CHUNK: u32 = 64;
+        lab::on_this_thread_in(&self.client.path(), || -> anyhow::Result<()> {
             for _ in 0..per_flow.div_ceil(CHUNK) {
                 for f in &frames {
                     // The kernel wants data_end to be the frame's length.
@@ -398,7 +279,7 @@ impl Topology {
                             data_in: Some(f),
                             ctx_in: Some(&ctx),
                             repeat: CHUNK,
-                            attrs: TestRunAttrs::new().xdp_live_frames(64),
+                            attrs: TestRunAttrs::new().xdp_live_frames(CHUNK),
                             ..Default::default()
                         })
                         .context("live-frames run")?;
@@ -406,8 +287,7 @@ impl Topology {
                 }
             }
             Ok(())
-        })?;
-        result?;
+        })??;
         let secs = start.elapsed().as_secs_f64();
         // Let queued frames land.
         thread::sleep(Duration::from_millis(300));
@@ -417,47 +297,37 @@ impl Topology {
 }
 
 /// Opens `flows` sessions at once (one datagram from each of `flows` new client sockets) and
-/// times how long until the controller has opened them all (its `opened` counter).
-fn session_rate(
-    t: &Topology,
-    relay_bin: &str,
-    pin: &str,
-    flows: u32,
-) -> anyhow::Result<SessionRate> {
-    // The rule's `opened` counter, read straight from the pinned map (a cheap poll that does
-    // not compete with the relay for the CPU).
-    let _ = relay_bin;
+/// times how long until the controller has opened them all, watching the rule's `opened`
+/// counter in the pinned `RULES` map (a cheap poll that does not compete for the CPU).
+fn session_rate(t: &Topology, pins: &Path, flows: u32) -> anyhow::Result<SessionRate> {
     let rules: aya::maps::Array<MapData, relay_common::session::RuleStats> =
         aya::maps::Array::try_from(aya::maps::Map::Array(MapData::from_pin(
-            std::path::Path::new(pin).join(relay_common::maps::RULES),
+            pins.join(relay_common::maps::RULES),
         )?))?;
     let opened = || -> anyhow::Result<u64> { Ok(rules.get(&0, 0)?.opened) };
     let before = opened()?;
     let start = Instant::now();
     let sockets = t.client.run(move || -> anyhow::Result<Vec<UdpSocket>> {
-        let mut v = Vec::with_capacity(flows as usize);
-        for _ in 0..flows {
-            let s = UdpSocket::bind("198.18.1.2:0")?;
-            s.send_to(b"hello", ("198.18.1.1", 5000))?;
-            v.push(s);
-        }
-        Ok(v)
+        (0..flows)
+            .map(|_| {
+                let s = UdpSocket::bind("198.18.1.2:0")?;
+                s.send_to(b"hello", ("198.18.1.1", 5000))?;
+                Ok(s)
+            })
+            .collect()
     })??;
     // Until all are open, or nothing changed for a second; the rate counts up to the last one.
     let (mut got, mut last_change) = (0, start.elapsed());
-    while start.elapsed() - last_change < Duration::from_secs(1) {
+    while start.elapsed() - last_change < Duration::from_secs(1) && got < u64::from(flows) {
         let now = opened()? - before;
         if now != got {
             got = now;
             last_change = start.elapsed();
         }
-        if got >= u64::from(flows) {
-            break;
-        }
         thread::sleep(Duration::from_millis(2));
     }
-    let seconds = last_change.as_secs_f64();
     drop(sockets);
+    let seconds = last_change.as_secs_f64();
     Ok(SessionRate {
         flows,
         opened: got,
@@ -466,114 +336,64 @@ fn session_rate(
     })
 }
 
-/// Runs every peer in one topology.
-pub fn run(relay_bin: &str, smoke: bool) -> anyhow::Result<(Vec<PeerResult>, SessionRate)> {
-    let _ = RELAY.set(relay_bin.to_owned());
-    let t = Topology::new()?;
+/// Runs every peer in one topology; pins go to directories of `pins`.
+pub fn run(
+    relay_bin: &Path,
+    pins: &BpfMount,
+    smoke: bool,
+) -> anyhow::Result<(Vec<PeerResult>, SessionRate)> {
+    let t = Topology::new(pins)?;
     let flows: u16 = 16;
     let per_flow: u32 = if smoke { 2_048 } else { 131_072 };
-    let hz = 100.0; // USER_HZ
+    let user_hz = 100.0;
     let mut results = Vec::new();
-    let mut measure = |peer: &'static str, t: &Topology, bytes: usize| -> anyhow::Result<()> {
+    let mut measure = |peer: &'static str, bytes: usize| -> anyhow::Result<()> {
         t.warm_up(flows)?;
         let (sent, delivered, secs, busy) = t.blast(flows, per_flow, bytes)?;
+        eprintln!("[bench] {peer} ({bytes} B): {delivered} of {sent} delivered in {secs:.2} s");
         results.push(PeerResult {
             peer,
             frame_bytes: bytes.max(60) + 4,
             sent,
             delivered,
             mpps: delivered as f64 / secs / 1e6,
-            cpu_ns_per_packet: busy as f64 / hz * 1e9 / (delivered.max(1) as f64),
+            cpu_ns_per_packet: busy as f64 / user_hz * 1e9 / (delivered.max(1) as f64),
         });
-        eprintln!("[bench] {peer} ({bytes} B): {delivered} of {sent} delivered in {secs:.2} s");
-        if std::env::var_os("RELAY_BENCH_DEBUG").is_some() {
-            for (ns, dev) in [
-                (&t.client, "eth0"),
-                (&t.relay, "cli0"),
-                (&t.relay, "up0"),
-                (&t.upstream, "eth0"),
-            ] {
-                let out = ns.command("ethtool").args(["-S", dev]).output()?;
-                eprintln!(
-                    "{} {dev}: {}",
-                    ns.0,
-                    String::from_utf8_lossy(&out.stdout)
-                        .lines()
-                        .filter(|l| !l.ends_with(": 0"))
-                        .collect::<Vec<_>>()
-                        .join(" |")
-                );
-            }
-        }
         Ok(())
     };
-    let pin = |tag: &str| {
-        PathBuf::from("/sys/fs/bpf/relay-bench").join(format!("{}-{tag}", std::process::id()))
-    };
-    let forward = "198.18.1.1:5000=198.18.2.2:6000";
-    let rate;
-    {
-        let p = pin("xdp");
-        let _r = relay(
-            &t.relay,
-            &[
-                "--iface",
-                "cli0",
-                "--iface",
-                "up0",
-                "--pin-dir",
-                p.to_str().unwrap_or_default(),
-                "--forward",
-                forward,
-                "--allow-private-upstream",
-            ],
-        )?;
-        measure("relay (XDP)", &t, 60)?;
-        if !smoke {
-            measure("relay (XDP)", &t, 1396)?;
-        }
-        let flows = if smoke { 500 } else { 5000 };
-        eprintln!("[bench] opening {flows} sessions at once");
-        rate = Some(session_rate(
-            &t,
-            relay_bin,
-            p.to_str().unwrap_or_default(),
-            flows,
-        )?);
-        drop(_r);
-        let _ = std::fs::remove_dir_all(&p);
+    let forward = [
+        "--forward",
+        "198.18.1.1:5000=198.18.2.2:6000",
+        "--allow-private-upstream",
+    ];
+
+    let xdp_pins = pins.dir("relay-xdp");
+    let relay_xdp = relay(
+        relay_bin,
+        &t.relay,
+        &xdp_pins,
+        &[&["--iface", "cli0", "--iface", "up0"][..], &forward].concat(),
+    )?;
+    measure("relay (XDP)", 60)?;
+    if !smoke {
+        measure("relay (XDP)", 1396)?;
     }
+    let flows_at_once = if smoke { 500 } else { 5000 };
+    eprintln!("[bench] opening {flows_at_once} sessions at once");
+    let rate = session_rate(&t, &xdp_pins, flows_at_once)?;
+    drop(relay_xdp);
+
     // The peers: the relay's program on cli0 without rules passes everything (a veth accepts
     // generated frames only when its peer runs XDP), and the peer does the relaying.
-    let pass_pin = pin("pass");
-    let _pass = relay(
-        &t.relay,
-        &[
-            "--iface",
-            "cli0",
-            "--pin-dir",
-            pass_pin.to_str().unwrap_or_default(),
-        ],
-    )?;
+    let _pass = relay(relay_bin, &t.relay, &pins.dir("pass"), &["--iface", "cli0"])?;
     {
-        let p = pin("off");
-        let _r = relay(
+        let _off = relay(
+            relay_bin,
             &t.relay,
-            &[
-                "--iface",
-                "cli0",
-                "--xdp-mode",
-                "off",
-                "--pin-dir",
-                p.to_str().unwrap_or_default(),
-                "--forward",
-                forward,
-                "--allow-private-upstream",
-            ],
+            &pins.dir("relay-off"),
+            &[&["--iface", "cli0", "--xdp-mode", "off"][..], &forward].concat(),
         )?;
-        measure("relay without XDP (userspace)", &t, 60)?;
-        drop(_r);
-        let _ = std::fs::remove_dir_all(&p);
+        measure("relay without XDP (userspace)", 60)?;
     }
     {
         let rules = "table ip relaybench {\n chain pre {\n  type nat hook prerouting priority dstnat;\n  udp dport 5000 dnat to 198.18.2.2:6000\n }\n chain post {\n  type nat hook postrouting priority srcnat;\n  oifname \"up0\" masquerade\n }\n}\n";
@@ -591,7 +411,7 @@ pub fn run(relay_bin: &str, smoke: bool) -> anyhow::Result<(Vec<PeerResult>, Ses
         if !nft.wait()?.success() {
             bail!("nft rejected the DNAT rules");
         }
-        measure("nftables DNAT + masquerade", &t, 60)?;
+        measure("nftables DNAT + masquerade", 60)?;
         t.relay
             .exec(&["nft", "delete", "table", "ip", "relaybench"])?;
     }
@@ -607,43 +427,9 @@ pub fn run(relay_bin: &str, smoke: bool) -> anyhow::Result<(Vec<PeerResult>, Ses
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let _s = Proc(socat);
+        let _socat = Proc(socat);
         thread::sleep(Duration::from_millis(300));
-        measure("socat (userspace forwarder)", &t, 60)?;
+        measure("socat (userspace forwarder)", 60)?;
     }
-    drop(_pass);
-    let _ = std::fs::remove_dir_all(&pass_pin);
-    let _ = &t.upstream;
-    Ok((results, rate.context("no session rate")?))
-}
-
-/// Keeps XDP programs in the kernel's XDP dispatcher for the length of a benchmark: each one
-/// attached in driver mode to one end of a veth pair in a private namespace. Without this,
-/// every BPF_PROG_TEST_RUN call adds the program to the dispatcher and removes it again,
-/// waiting for an RCU grace period each time (tens of milliseconds here).
-pub struct Dispatcher {
-    _ns: Ns,
-}
-
-impl Dispatcher {
-    pub fn hold(
-        bpf: &mut Ebpf,
-        programs: &[&'static str],
-        tag: &str,
-    ) -> anyhow::Result<(Dispatcher, Vec<aya::programs::xdp::XdpLinkId>)> {
-        let ns = Ns::new(tag)?;
-        let mut links = Vec::new();
-        for (i, name) in programs.iter().enumerate() {
-            let (a, b) = (format!("h{i}a"), format!("h{i}b"));
-            ns.ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
-            ns.ip(&["link", "set", &a, "up"])?;
-            ns.ip(&["link", "set", &b, "up"])?;
-            let prog: &mut Xdp = bpf.program_mut(name).context("program")?.try_into()?;
-            // Attach from inside the namespace: netlink and ifindex are per namespace.
-            let r = on_this_thread_in(&ns.0, || prog.attach(&a, XdpMode::Driver))?;
-            links
-                .push(r.with_context(|| format!("attaching {name} to hold it in the dispatcher"))?);
-        }
-        Ok((Dispatcher { _ns: ns }, links))
-    }
+    Ok((results, rate))
 }

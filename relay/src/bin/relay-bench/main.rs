@@ -27,7 +27,8 @@ use aya::{
 };
 use relay::{
     datapath::{self, Datapath, Endpoints},
-    ebpf, pin,
+    ebpf,
+    lab::BpfMount,
     stats::Snapshot,
 };
 use relay_common::{
@@ -64,29 +65,20 @@ const CHAIN: u32 = 16;
 /// Repeats per call for the other paths (below the TTL of 255 the frames start with).
 const REPEAT: u32 = 200;
 
+/// One loaded object with its maps in a bpffs of its own (unmounted on drop, which frees the
+/// maps: a million-session table does not outlive its measurement).
 struct Bench {
     dp: Datapath,
     bpf: Ebpf,
     _held: e2e::Dispatcher,
-    _pin: PinGuard,
+    _pins: BpfMount,
     next_id: u32,
-}
-
-struct PinGuard(PathBuf);
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 impl Bench {
     fn new(capacity: u32) -> anyhow::Result<Bench> {
-        let dir = PathBuf::from("/sys/fs/bpf/relay-bench")
-            .join(format!("{}-{capacity}", std::process::id()));
-        let guard = PinGuard(dir.clone());
-        pin::prepare(&dir)?;
-        let mut opts = ebpf::LoadOptions::new(&dir);
+        let pins = BpfMount::new(e2e::PREFIX)?;
+        let mut opts = ebpf::LoadOptions::new(&pins.path);
         opts.capacity = capacity;
         opts.session_ports = Some((20000, 29999));
         opts.socks_ports = Some((30000, 31999));
@@ -98,12 +90,12 @@ impl Bench {
         reference.load().context("loading macswap")?;
         let mut dp = Datapath::take(&mut bpf)?;
         dp.set_nexthop(0, &HOP)?;
-        let (held, _) = e2e::Dispatcher::hold(&mut bpf, &["relay", "macswap"], "d")?;
+        let held = e2e::Dispatcher::hold(&mut bpf, &["relay", "macswap"])?;
         Ok(Bench {
             dp,
             bpf,
             _held: held,
-            _pin: guard,
+            _pins: pins,
             next_id: 0,
         })
     }
@@ -625,7 +617,8 @@ fn run(out: &Path, smoke: bool) -> anyhow::Result<()> {
         .context("no directory for the relay binary")?;
     // Each session holds a socket in the relay and one in this process's client.
     relay::system::raise_fd_limit();
-    let (end_to_end, new_sessions) = e2e::run(relay_bin.to_str().context("path")?, smoke)?;
+    let pins = BpfMount::new(e2e::PREFIX)?;
+    let (end_to_end, new_sessions) = e2e::run(&relay_bin, &pins, smoke)?;
     let results = Results {
         machine: format!(
             "{} CPUs, {}",
@@ -678,15 +671,6 @@ fn main() -> ExitCode {
         }
     }
     let result = run(&out, smoke);
-    // Pins of relays the end-to-end part started, whatever happened.
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf/relay-bench") {
-        let mine = format!("{}-", std::process::id());
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&mine) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,206 @@
+//! Network namespaces and private bpffs mounts for the test suite and the benchmark; not used
+//! by the relay itself. Everything here removes what it created when dropped, also when a test
+//! panics halfway: namespaces are deleted (which detaches their XDP programs and destroys their
+//! veth pairs) and bpffs mounts are unmounted (which unpins everything in them).
+//!
+//! Names start with a prefix (`rlyt` for tests, `rlyb` for the benchmark) and the process id,
+//! so that `cargo xtask test` can sweep what a killed run left behind.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+};
+
+use anyhow::{bail, Context as _};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call: `{prefix}{pid}{tag}{n}`.
+pub fn unique(prefix: &str, tag: &str) -> String {
+    format!(
+        "{prefix}{}{tag}{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command; its stdout, or an error with its output.
+pub fn sh(args: &[&str]) -> anyhow::Result<String> {
+    let (program, rest) = args.split_first().context("empty command")?;
+    let out = Command::new(program)
+        .args(rest)
+        .output()
+        .with_context(|| format!("cannot run {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `f` on this thread inside the namespace at `path`, then returns to this thread's own.
+pub fn on_this_thread_in<T>(path: &Path, f: impl FnOnce() -> T) -> anyhow::Result<T> {
+    let target = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let own = File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
+    // SAFETY: setns on this thread only, with an open namespace fd; undone below.
+    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "setns {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    let out = f();
+    // SAFETY: back to the namespace this thread was in.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns back: {}", std::io::Error::last_os_error());
+    }
+    Ok(out)
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str, tag: &str) -> anyhow::Result<Netns> {
+        let name = unique(prefix, tag);
+        sh(&["ip", "netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NS ...`
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut v = vec!["ip", "-n", &self.name];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// Runs a command inside the namespace (network namespace only: /sys, bpffs and mounts
+    /// stay the host's).
+    pub fn exec(&self, args: &[&str]) -> anyhow::Result<String> {
+        let net = format!("--net={}", self.path().display());
+        let mut v = vec!["nsenter", &net];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// A `Command` for `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display()))
+            .arg(program);
+        c
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace; sockets it opens live here.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let path = self.path();
+        thread::spawn(move || on_this_thread_in(&path, f))
+            .join()
+            .map_err(|_| anyhow::anyhow!("a thread in namespace {} panicked", self.name))?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Joins `a`'s `a_if` and `b`'s `b_if` with a veth pair, gives them addresses (CIDR; IPv6
+/// without duplicate address detection) and brings them up. Checksum offload is off on both
+/// ends so that the frames XDP sees carry complete checksums, as from a real NIC; GRO is
+/// switched on once both ends are up, so that frames XDP redirects into either end are
+/// delivered (a veth only accepts XDP frames when its peer runs NAPI).
+pub fn veth(
+    (a, a_if, a_addrs): (&Netns, &str, &[&str]),
+    (b, b_if, b_addrs): (&Netns, &str, &[&str]),
+) -> anyhow::Result<()> {
+    sh(&[
+        "ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
+        &b.name,
+    ])?;
+    for (ns, iface, addrs) in [(a, a_if, a_addrs), (b, b_if, b_addrs)] {
+        for addr in addrs {
+            if addr.contains(':') {
+                ns.ip(&["addr", "add", addr, "dev", iface, "nodad"])?;
+            } else {
+                ns.ip(&["addr", "add", addr, "dev", iface])?;
+            }
+        }
+        ns.exec(&["ethtool", "-K", iface, "tx", "off"])?;
+        ns.ip(&["link", "set", iface, "up"])?;
+    }
+    for (ns, iface) in [(a, a_if), (b, b_if)] {
+        ns.exec(&["ethtool", "-K", iface, "gro", "on"])?;
+    }
+    Ok(())
+}
+
+/// A bpffs of its own, mounted on a fresh directory and unmounted on drop, so that pinned maps
+/// never outlive the test or benchmark that made them, and nothing is left under /sys/fs/bpf.
+pub struct BpfMount {
+    pub path: PathBuf,
+}
+
+impl BpfMount {
+    pub fn new(prefix: &str) -> anyhow::Result<BpfMount> {
+        let path = std::env::temp_dir().join(format!("{}-bpf", unique(prefix, "m")));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        let target = CString::new(path.as_os_str().as_encoded_bytes()).context("mount path")?;
+        let fstype = CString::new("bpf").context("fs type")?;
+        // SAFETY: valid NUL-terminated strings and a null data pointer, as mount(2) allows.
+        let rc = unsafe {
+            libc::mount(
+                fstype.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            let _ = std::fs::remove_dir(&path);
+            bail!("mounting a bpffs on {}: {e}", path.display());
+        }
+        Ok(BpfMount { path })
+    }
+
+    /// A directory for pins inside this mount.
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        if let Ok(target) = CString::new(self.path.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a NUL-terminated path; a lazy unmount cannot leave it half-mounted.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
