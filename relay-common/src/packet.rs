@@ -81,8 +81,6 @@ pub struct Headers {
     pub dst_port: u16,
     /// IPv4 header checksum as on the wire (0 for IPv6).
     pub ip_check: u16,
-    /// Whether the IPv4 header checksum verifies (always true for IPv6, which has none).
-    pub ip_check_ok: bool,
     /// UDP checksum as on the wire (0 for other protocols).
     pub l4_check: u16,
 }
@@ -117,6 +115,17 @@ fn ipv4_header_sum(ip: &Ipv4Hdr) -> u16 {
         + u16::from_be_bytes([ip.dst_addr[0], ip.dst_addr[1]]) as u32
         + u16::from_be_bytes([ip.dst_addr[2], ip.dst_addr[3]]) as u32;
     crate::checksum::fold(sum)
+}
+
+/// Whether the IPv4 header of a parsed packet has a right checksum (IPv6 has none). Not part
+/// of [`parse`]: only packets the relay rewrites need it, not everything it passes.
+#[inline(always)]
+pub fn ipv4_header_ok<P: Packet + ?Sized>(pkt: &P, h: &Headers) -> bool {
+    if h.family != FAMILY_V4 {
+        return true;
+    }
+    pkt.read::<Ipv4Hdr>(h.l3 as usize)
+        .is_some_and(|ip| ipv4_header_sum(&ip) == 0xffff)
 }
 
 /// IPv6 next-header values that are extension headers, not transports.
@@ -157,7 +166,6 @@ pub fn parse<P: Packet + ?Sized>(pkt: &P) -> Result<Headers, Reason> {
         src_port: 0,
         dst_port: 0,
         ip_check: 0,
-        ip_check_ok: true,
         l4_check: 0,
     };
 
@@ -182,7 +190,6 @@ pub fn parse<P: Packet + ?Sized>(pkt: &P) -> Result<Headers, Reason> {
         h.proto = ip.proto;
         h.hop_limit = ip.ttl;
         h.ip_check = u16::from_be_bytes(ip.check);
-        h.ip_check_ok = ipv4_header_sum(&ip) == 0xffff;
         h.l4 = (l3 + ihl) as u16;
         h.l4_len = (total - ihl) as u16;
         h.src[..4].copy_from_slice(&ip.src_addr);
@@ -256,12 +263,18 @@ mod tests {
         assert_eq!((h.src_port, h.dst_port), (5000, 51820));
         assert_eq!(h.hop_limit, 64);
         assert_eq!(h.addr_offset(), 26);
-        assert!(h.ip_check_ok);
+        assert!(ipv4_header_ok(&f[..], &h));
         let mut bad = f.clone();
         bad[24] ^= 0x10;
+        let hb = parse(&bad[..]).unwrap();
         assert!(
-            !parse(&bad[..]).unwrap().ip_check_ok,
+            !ipv4_header_ok(&bad[..], &hb),
             "a flipped checksum bit is noticed"
+        );
+        let v6 = Frame::udp(sa("[fd00::1]:1"), sa("[fd00::2]:2"), b"x").build();
+        assert!(
+            ipv4_header_ok(&v6[..], &parse(&v6[..]).unwrap()),
+            "IPv6 has no header checksum"
         );
     }
 

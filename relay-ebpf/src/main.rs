@@ -25,7 +25,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use relay_common::{
     counters::{Counter, Reason, COUNTER_SLOTS},
-    packet::{parse, Headers, Packet, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP},
+    packet::{ipv4_header_ok, parse, Headers, Packet, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP},
     rewrite::{plan, plan_resized, socks_header_resize, socks_udp_header, Rewrite},
     session::{
         Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Target, UserStats, FLOW_SOCKS,
@@ -136,7 +136,7 @@ fn relay_udp(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Result<Reason, 
         return socks_to_client(ctx, h, flow.session);
     }
     let direction = flow.direction & TO_CLIENT;
-    let (session, s) = active_session(flow.session, h)?;
+    let (session, s) = active_session(frame, flow.session, h)?;
     if *s.local(direction) != h.dst {
         return Err(Reason::WrongDestination);
     }
@@ -148,9 +148,17 @@ fn relay_udp(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Result<Reason, 
     send(ctx, rewrite.ifindex)
 }
 
-/// The active session `id` of the packet's family.
+/// The active session `id` of the packet's family, for a packet whose IPv4 header checksum is
+/// right (checked here, once a packet is known to be the relay's, not for every frame).
 #[inline(always)]
-fn active_session(id: u32, h: &Headers) -> Result<(*mut Session, &'static Session), Reason> {
+fn active_session(
+    frame: &XdpFrame,
+    id: u32,
+    h: &Headers,
+) -> Result<(*mut Session, &'static Session), Reason> {
+    if !ipv4_header_ok(frame, h) {
+        return Err(Reason::BadIpChecksum);
+    }
     let session = SESSIONS.get_ptr_mut(id).ok_or(Reason::NoSession)?;
     // SAFETY: a pointer into the array map's value, valid for this program run. The controller
     // only writes whole records of free or retired sessions, so the fields read here are
@@ -245,7 +253,10 @@ fn socks_to_destination(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Resu
     if flow.direction != FLOW_SOCKS {
         return Err(Reason::SocksSlowPath);
     }
-    let (session, s) = active_session(flow.session, h).map_err(|_| Reason::SocksSlowPath)?;
+    let (session, s) = active_session(frame, flow.session, h).map_err(|r| match r {
+        Reason::NoSession => Reason::SocksSlowPath,
+        other => other,
+    })?;
     // Only the association's client, to the address it reached.
     if s.client != h.src || s.client_port != h.src_port || s.front != h.dst {
         return Err(Reason::SocksSlowPath);
@@ -273,7 +284,7 @@ fn socks_to_destination(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Resu
 #[inline(always)]
 fn socks_to_client(ctx: &XdpContext, h: &Headers, id: u32) -> Result<Reason, Reason> {
     let frame = XdpFrame::new(ctx);
-    let (session, s) = active_session(id, h)?;
+    let (session, s) = active_session(&frame, id, h)?;
     if s.back != h.dst {
         return Err(Reason::WrongDestination);
     }

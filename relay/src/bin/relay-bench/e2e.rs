@@ -150,6 +150,7 @@ impl Dispatcher {
 
 /// Loads the object's maps in `dir` and the named programs through the verifier.
 pub fn load(dir: &Path, programs: &[&str]) -> anyhow::Result<Ebpf> {
+    relay::pin::prepare(dir)?;
     let mut bpf = relay::ebpf::load_maps(&relay::ebpf::LoadOptions::new(dir))?;
     for name in programs {
         let p: &mut Xdp = bpf
