@@ -72,16 +72,10 @@ impl Delta {
         Delta((s & 0xffff) + (s >> 16))
     }
 
-    /// Accounts for a 16-byte address (or a 4-byte one, zero padded) being replaced.
+    /// Accounts for the first `len` bytes (4 for IPv4, 16 for IPv6) of an address being
+    /// replaced.
     #[inline(always)]
-    pub const fn replace_addr(self, old: &[u8; 16], new: &[u8; 16]) -> Delta {
-        self.replace_addr_prefix(old, new, 16)
-    }
-
-    /// Accounts for the first `len` bytes (4 or 16) of an address being replaced: an IPv4
-    /// address needs two words, not eight.
-    #[inline(always)]
-    pub const fn replace_addr_prefix(self, old: &[u8; 16], new: &[u8; 16], len: usize) -> Delta {
+    pub const fn replace_addr(self, old: &[u8; 16], new: &[u8; 16], len: usize) -> Delta {
         let mut d = self;
         let mut i = 0;
         while i < len && i < 16 {
@@ -183,7 +177,7 @@ mod tests {
             data[8..24].copy_from_slice(&new_addr);
             data[30..32].copy_from_slice(&new_port.to_be_bytes());
             let delta = Delta::NONE
-                .replace_addr(&old_addr, &new_addr)
+                .replace_addr(&old_addr, &new_addr, 16)
                 .replace(old_port, new_port);
             let after = checksum(&data);
             // One's complement has two zeros; both verify, so compare by verification.

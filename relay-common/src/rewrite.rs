@@ -145,8 +145,8 @@ pub fn plan_resized(
 
     let alen = h.addr_len();
     let addrs = Delta::NONE
-        .replace_addr_prefix(&h.src, target.src, alen)
-        .replace_addr_prefix(&h.dst, target.dst, alen);
+        .replace_addr(&h.src, target.src, alen)
+        .replace_addr(&h.dst, target.dst, alen);
     let ports = Delta::NONE
         .replace(h.src_port, target.src_port)
         .replace(h.dst_port, target.dst_port)

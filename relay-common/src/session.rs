@@ -209,6 +209,14 @@ pub struct UserStats {
 /// Capacity of `USERS`.
 pub const USER_SLOTS: u32 = 1024;
 
+/// A name as the 32-byte NUL-padded field of `RULES` and `USERS` (cut at 32 bytes).
+pub fn name32(name: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let n = name.len().min(32);
+    out[..n].copy_from_slice(&name.as_bytes()[..n]);
+    out
+}
+
 /// Capacity of `RULES`: forward rules per relay.
 pub const RULE_SLOTS: u32 = 256;
 

@@ -175,12 +175,9 @@ pub struct PortRange {
 }
 
 impl PortRange {
-    pub fn len(&self) -> u32 {
+    /// How many ports (never zero: FIRST <= LAST).
+    pub fn count(&self) -> u32 {
         u32::from(self.last) - u32::from(self.first) + 1
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     pub fn contains(&self, port: u16) -> bool {
@@ -433,7 +430,7 @@ impl RawForward {
             .with_context(|| format!("listen: {listen_host:?} is not an IP address"))?;
         let (upstream_host, upstream_ports) =
             split_host_ports(&self.upstream).context("upstream")?;
-        if upstream_ports.len() != 1 && upstream_ports.len() != listen_ports.len() {
+        if upstream_ports.count() != 1 && upstream_ports.count() != listen_ports.count() {
             bail!(
                 "upstream: port range {upstream_ports} must be one port or as long as the listen range {listen_ports}"
             );

@@ -12,8 +12,8 @@ use relay_common::{
     maps,
     packet::{FAMILY_V4, FAMILY_V6, PROTO_UDP},
     session::{
-        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Traffic, FLOW_SOCKS, NEXTHOP_NONE,
-        RULE_SOCKS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
+        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Traffic, FLOW_SOCKS, RULE_SOCKS,
+        STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
     },
 };
 
@@ -332,14 +332,10 @@ pub struct PinnedView {
     pub rules: Array<MapData, RuleStats>,
 }
 
-/// The session's next-hop slots, if any.
-pub fn nexthop_slots(s: &Session) -> [Option<u16>; 2] {
-    s.nexthop.map(|n| (n != NEXTHOP_NONE).then_some(n))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relay_common::session::NEXTHOP_NONE;
 
     fn e(client: &str, front: &str, back: &str, upstream: &str) -> Endpoints {
         Endpoints {

@@ -175,10 +175,7 @@ pub struct Controller {
 
 /// Writes a rule's name and addresses into its `RULES` slot.
 fn label(r: &mut relay_common::session::RuleStats, listen: SocketAddr, c: &Current) {
-    r.name = [0; 32];
-    let name = c.config.name.as_bytes();
-    let n = name.len().min(32);
-    r.name[..n].copy_from_slice(&name[..n]);
+    r.name = relay_common::session::name32(&c.config.name);
     // Mixed families are shown IPv6 (mapped), like the session records.
     let same = listen.is_ipv4() == c.upstream.is_ipv4();
     let a = |ip: IpAddr| match (same, ip) {
@@ -626,12 +623,11 @@ impl Controller {
             return NEXTHOP_NONE;
         }
         let via = route.gateway.unwrap_or(dst);
-        let known = st.nexthops.entries().count();
-        let Some(slot) = st.nexthops.slot(route.oif, via) else {
+        let Some((slot, new)) = st.nexthops.slot(route.oif, via) else {
             warn!("the next-hop table is full; sessions via {via} use the slow path");
             return NEXTHOP_NONE;
         };
-        if st.nexthops.entries().count() > known {
+        if new {
             self.refresh_slot(st, slot, route.oif, via);
         }
         slot
@@ -673,7 +669,7 @@ impl Controller {
                 datapath,
                 live,
                 ..
-            } = &*st;
+            } = &mut *st;
             let rules = &self.rules;
             table.expired(
                 now,

@@ -297,10 +297,10 @@ pub struct Table {
 }
 
 impl Table {
-    /// The slot for `(oif, via)`, allocating one if needed; `None` when all are taken.
-    pub fn slot(&mut self, oif: u32, via: IpAddr) -> Option<u16> {
+    /// The slot for `(oif, via)` and whether it was just allocated; `None` when all are taken.
+    pub fn slot(&mut self, oif: u32, via: IpAddr) -> Option<(u16, bool)> {
         if let Some(s) = self.slots.get(&(oif, via)) {
-            return Some(*s);
+            return Some((*s, false));
         }
         if self.keys.len() as u32 >= NEXTHOP_SLOTS || self.keys.len() >= usize::from(NEXTHOP_NONE) {
             return None;
@@ -308,7 +308,7 @@ impl Table {
         let s = self.keys.len() as u16;
         self.keys.push((oif, via));
         self.slots.insert((oif, via), s);
-        Some(s)
+        Some((s, true))
     }
 
     pub fn entries(&self) -> impl Iterator<Item = (u16, u32, IpAddr)> + '_ {
@@ -410,9 +410,9 @@ mod tests {
     fn slots_are_shared_and_bounded() {
         let mut t = Table::default();
         let gw: IpAddr = "198.18.2.254".parse().unwrap();
-        assert_eq!(t.slot(3, gw), Some(0));
-        assert_eq!(t.slot(4, gw), Some(1));
-        assert_eq!(t.slot(3, gw), Some(0));
+        assert_eq!(t.slot(3, gw), Some((0, true)));
+        assert_eq!(t.slot(4, gw), Some((1, true)));
+        assert_eq!(t.slot(3, gw), Some((0, false)), "shared, not new");
         for i in 2..NEXTHOP_SLOTS {
             assert!(t.slot(5, IpAddr::from((i).to_be_bytes())).is_some());
         }

@@ -120,6 +120,12 @@ impl Snapshot {
     }
 }
 
+/// A NUL-padded name from a pinned map.
+fn name_of(field: &[u8; 32]) -> String {
+    let len = field.iter().position(|b| *b == 0).unwrap_or(field.len());
+    String::from_utf8_lossy(&field[..len]).into_owned()
+}
+
 /// One forward rule's totals: closed sessions plus live ones, split by who relayed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RuleReport {
@@ -147,6 +153,16 @@ pub struct Directions {
 }
 
 impl Directions {
+    fn merge(&mut self, o: &Directions) {
+        for (t, o) in [
+            (&mut self.to_upstream, o.to_upstream),
+            (&mut self.to_client, o.to_client),
+        ] {
+            t.packets += o.packets;
+            t.bytes += o.bytes;
+        }
+    }
+
     fn add(&mut self, t: &[relay_common::session::Traffic; 2]) {
         self.to_upstream.packets += t[0].packets;
         self.to_upstream.bytes += t[0].bytes;
@@ -180,10 +196,10 @@ pub fn sessions_and_rules(pin_dir: &Path) -> anyhow::Result<(Vec<SessionReport>,
         if r.configured == 0 && r.opened == 0 {
             continue;
         }
-        let name_len = r.name.iter().position(|b| *b == 0).unwrap_or(r.name.len());
+
         let mut report = RuleReport {
             index,
-            name: String::from_utf8_lossy(&r.name[..name_len]).into_owned(),
+            name: name_of(&r.name),
             listen: std::net::SocketAddr::new(
                 crate::datapath::ip_of(r.family, &r.listen),
                 r.listen_port,
@@ -286,24 +302,17 @@ pub fn users(pin_dir: &Path) -> anyhow::Result<Vec<UserReport>> {
         if u.configured == 0 || (i == 0 && active == 0) {
             continue;
         }
-        let len = u.name.iter().position(|b| *b == 0).unwrap_or(u.name.len());
         let mut udp = Directions::default();
         udp.add(&u.udp);
         let mut udp_xdp = Directions::default();
         udp_xdp.add(&u.udp_xdp);
         if let Some(l) = live.get(&(i as u16)) {
-            udp_xdp.to_upstream.packets += l.to_upstream.packets;
-            udp_xdp.to_upstream.bytes += l.to_upstream.bytes;
-            udp_xdp.to_client.packets += l.to_client.packets;
-            udp_xdp.to_client.bytes += l.to_client.bytes;
+            udp_xdp.merge(l);
         }
         // `udp` is everything the user sent and received: the controller's part plus XDP's.
-        udp.to_upstream.packets += udp_xdp.to_upstream.packets;
-        udp.to_upstream.bytes += udp_xdp.to_upstream.bytes;
-        udp.to_client.packets += udp_xdp.to_client.packets;
-        udp.to_client.bytes += udp_xdp.to_client.bytes;
+        udp.merge(&udp_xdp);
         out.push(UserReport {
-            name: String::from_utf8_lossy(&u.name[..len]).into_owned(),
+            name: name_of(&u.name),
             connect_bytes_to_destination: u.tcp_bytes[0],
             connect_bytes_to_client: u.tcp_bytes[1],
             udp,

@@ -35,13 +35,6 @@ impl Dest {
             }
         })
     }
-
-    pub fn port(&self) -> u16 {
-        match self {
-            Dest::Ip(a) => a.port(),
-            Dest::Domain(_, p) => *p,
-        }
-    }
 }
 
 impl std::fmt::Display for Dest {

@@ -619,11 +619,8 @@ impl Account {
     pub fn snapshot(&self) -> relay_common::session::UserStats {
         use relay_common::session::{Traffic, UserStats};
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut name = [0u8; 32];
-        let n = self.name.len().min(32);
-        name[..n].copy_from_slice(&self.name.as_bytes()[..n]);
         UserStats {
-            name,
+            name: relay_common::session::name32(&self.name),
             tcp_bytes: [l(&self.tcp_bytes[0]), l(&self.tcp_bytes[1])],
             udp: [0, 1].map(|d| Traffic {
                 packets: l(&self.udp_packets[d]),

@@ -41,10 +41,6 @@ impl Users {
         Ok(Users { by_name })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
-    }
-
     /// The user's index (for accounting) and settings.
     pub fn get(&self, name: &str) -> Option<&(usize, User)> {
         self.by_name.get(name)
