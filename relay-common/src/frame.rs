@@ -28,6 +28,24 @@ pub struct Frame {
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const RELAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
+/// A SOCKS5 UDP request header (RSV RSV FRAG ATYP DST.ADDR DST.PORT) naming `dest`, written
+/// byte by byte here so that tests do not build their expectations with the code they test.
+pub fn socks5_udp_header(dest: SocketAddr, frag: u8) -> Vec<u8> {
+    let mut h = std::vec![0, 0, frag];
+    match dest {
+        SocketAddr::V4(a) => {
+            h.push(1);
+            h.extend_from_slice(&a.ip().octets());
+        }
+        SocketAddr::V6(a) => {
+            h.push(4);
+            h.extend_from_slice(&a.ip().octets());
+        }
+    }
+    h.extend_from_slice(&dest.port().to_be_bytes());
+    h
+}
+
 impl Frame {
     /// A UDP datagram from `src` to `dst` (same family) carrying `payload`.
     pub fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Frame {

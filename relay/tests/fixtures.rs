@@ -22,7 +22,7 @@ use relay::{
 };
 use relay_common::{
     counters::{Reason, Verdict},
-    frame::Frame,
+    frame::{socks5_udp_header, Frame},
     packet::PROTO_TCP,
     session::{Nexthop, SlowPath, TO_CLIENT, TO_UPSTREAM},
 };
@@ -70,20 +70,29 @@ fn udp6() -> Frame {
 
 /// A frame the relay rewrites: `input` leaves as the same datagram from `src` to `dst`, one
 /// hop older, with the next hop's MAC addresses.
-fn relayed(what: &'static str, input: Frame, src: &str, dst: &str, nh: &Nexthop) -> Fixture {
-    let mut out = input.clone();
-    out.src = sa(src);
-    out.dst = sa(dst);
-    out.hop_limit -= 1;
-    out.src_mac = nh.src_mac;
-    out.dst_mac = nh.dst_mac;
+/// A frame the relay rewrites and sends back out (XDP_TX): `input` must leave as `output`,
+/// one hop older, with `nh`'s MAC addresses.
+fn tx(what: &'static str, input: Frame, output: Frame, nh: &Nexthop) -> Fixture {
     Fixture {
         what,
         input: input.build(),
         verdict: Verdict::Tx,
-        output: Some(out.build()),
+        output: Some(
+            output
+                .macs(nh.src_mac, nh.dst_mac)
+                .hop_limit(input.hop_limit - 1)
+                .build(),
+        ),
         reason: Reason::RelayedTx,
     }
+}
+
+/// `input` leaves as the same datagram from `src` to `dst`.
+fn relayed(what: &'static str, input: Frame, src: &str, dst: &str, nh: &Nexthop) -> Fixture {
+    let mut out = input.clone();
+    out.src = sa(src);
+    out.dst = sa(dst);
+    tx(what, input, out, nh)
 }
 
 fn dropped(what: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
@@ -186,30 +195,13 @@ const SOCKS6_FRONT: &str = "[fd00:5a:1::1]:30001";
 const SOCKS6_BACK: &str = "[fd00:5a:2::1]:30001";
 const SOCKS6_DEST: &str = "[fd00:5a:2::2]:443";
 
-/// The SOCKS5 UDP header naming `dest`.
-fn socks_header(dest: &str) -> Vec<u8> {
-    let d = sa(dest);
-    let mut h = vec![0, 0, 0];
-    match d {
-        SocketAddr::V4(a) => {
-            h.push(1);
-            h.extend_from_slice(&a.ip().octets());
-        }
-        SocketAddr::V6(a) => {
-            h.push(4);
-            h.extend_from_slice(&a.ip().octets());
-        }
-    }
-    h.extend_from_slice(&d.port().to_be_bytes());
-    h
-}
-
 fn wrapped(dest: &str, data: &[u8]) -> Vec<u8> {
-    let mut w = socks_header(dest);
+    let mut w = socks5_udp_header(sa(dest), 0);
     w.extend_from_slice(data);
     w
 }
 
+/// A client's SOCKS5 datagram leaves without its header, from the association's back side.
 fn strip(
     what: &'static str,
     client: &str,
@@ -218,20 +210,16 @@ fn strip(
     dest: &str,
     data: &[u8],
 ) -> Fixture {
-    Fixture {
+    let input = Frame::udp(sa(client), sa(front), &wrapped(dest, data));
+    tx(
         what,
-        input: Frame::udp(sa(client), sa(front), &wrapped(dest, data)).build(),
-        verdict: Verdict::Tx,
-        output: Some(
-            Frame::udp(sa(back), sa(dest), data)
-                .macs(TO_UPSTREAM_HOP.src_mac, TO_UPSTREAM_HOP.dst_mac)
-                .hop_limit(63)
-                .build(),
-        ),
-        reason: Reason::RelayedTx,
-    }
+        input,
+        Frame::udp(sa(back), sa(dest), data),
+        &TO_UPSTREAM_HOP,
+    )
 }
 
+/// A destination's reply reaches the client with the SOCKS5 header naming the destination.
 fn prepend(
     what: &'static str,
     client: &str,
@@ -240,18 +228,13 @@ fn prepend(
     dest: &str,
     data: &[u8],
 ) -> Fixture {
-    Fixture {
+    let input = Frame::udp(sa(dest), sa(back), data);
+    tx(
         what,
-        input: Frame::udp(sa(dest), sa(back), data).build(),
-        verdict: Verdict::Tx,
-        output: Some(
-            Frame::udp(sa(front), sa(client), &wrapped(dest, data))
-                .macs(TO_CLIENT_HOP.src_mac, TO_CLIENT_HOP.dst_mac)
-                .hop_limit(63)
-                .build(),
-        ),
-        reason: Reason::RelayedTx,
-    }
+        input,
+        Frame::udp(sa(front), sa(client), &wrapped(dest, data)),
+        &TO_CLIENT_HOP,
+    )
 }
 
 fn socks_table() -> Vec<Fixture> {

@@ -87,6 +87,47 @@ fn exchange(socks: &[UdpSocket], to: SocketAddr, round: usize, per_client: usize
     failures
 }
 
+/// [`exchange`] where every datagram must come back.
+fn round_trip(socks: &[UdpSocket], to: SocketAddr, round: usize, per_client: usize) {
+    let failures = exchange(socks, to, round, per_client);
+    assert!(
+        failures.is_empty(),
+        "{} failures, first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+/// The first datagram of each client's flow (the controller opens the session and relays
+/// it), then time for the next hops to resolve.
+fn open_sessions(socks: &[UdpSocket], to: SocketAddr) {
+    round_trip(socks, to, 0, 1);
+    settle();
+}
+
+/// A [`round_trip`] that must go through XDP entirely, both ways: the relay at `at` (its
+/// namespace, interface and pins) counts exactly that many packets more under `reason`.
+/// Returns the stats after it.
+fn round_trip_by_xdp(
+    at: (&Netns, &str, &PinDir),
+    reason: &str,
+    socks: &[UdpSocket],
+    to: SocketAddr,
+    round: usize,
+    per_client: usize,
+) -> Value {
+    let (ns, iface, pin) = at;
+    let before = reason_packets(&stats(ns, iface, pin), reason);
+    round_trip(socks, to, round, per_client);
+    let after = stats(ns, iface, pin);
+    assert_eq!(
+        reason_packets(&after, reason) - before,
+        (2 * socks.len() * per_client) as u64,
+        "every datagram of the round, both ways, went through XDP: {after}"
+    );
+    after
+}
+
 fn rule<'a>(s: &'a Value, name: &str) -> &'a Value {
     s["rules"]
         .as_array()
@@ -158,30 +199,14 @@ fn thousands_of_flows_both_ways_relayed_by_xdp() {
     let to: SocketAddr = FRONT_V4.parse().unwrap();
 
     // First datagram of each flow: the controller opens the session and relays it.
-    let failures = exchange(&socks, to, 0, 1);
-    assert!(
-        failures.is_empty(),
-        "{} failures, first: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
-    settle();
-    let before = stats(&t.relay, "cli0", &pin);
-    let failures = exchange(&socks, to, 1, 5);
-    assert!(
-        failures.is_empty(),
-        "{} failures, first: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
-    let after = stats(&t.relay, "cli0", &pin);
-
-    let relayed =
-        reason_packets(&after, "relayed_redirect") - reason_packets(&before, "relayed_redirect");
-    assert_eq!(
-        relayed,
-        2 * 2000 * 5,
-        "every datagram of round 2, both ways, went through XDP: {after}"
+    open_sessions(&socks, to);
+    let after = round_trip_by_xdp(
+        (&t.relay, "cli0", &pin),
+        "relayed_redirect",
+        &socks,
+        to,
+        1,
+        5,
     );
     let r = rule(&after, "forward0");
     assert_eq!(r["sessions"], 2000);
@@ -213,20 +238,14 @@ fn ipv6_flows_relayed_by_xdp() {
     let _relay = start_two_nic(&t, &pin, &[]);
     let socks = clients(&t.client, "fd00:5a:1::2", 100);
     let to: SocketAddr = "[fd00:5a:1::1]:5000".parse().unwrap();
-    assert!(exchange(&socks, to, 0, 1).is_empty());
-    settle();
-    let before = reason_packets(&stats(&t.relay, "cli0", &pin), "relayed_redirect");
-    let failures = exchange(&socks, to, 1, 10);
-    assert!(
-        failures.is_empty(),
-        "{:?}",
-        &failures[..failures.len().min(5)]
-    );
-    let s = stats(&t.relay, "cli0", &pin);
-    assert_eq!(
-        reason_packets(&s, "relayed_redirect") - before,
-        2 * 100 * 10,
-        "{s}"
+    open_sessions(&socks, to);
+    let s = round_trip_by_xdp(
+        (&t.relay, "cli0", &pin),
+        "relayed_redirect",
+        &socks,
+        to,
+        1,
+        10,
     );
     assert_eq!(rule(&s, "forward1")["sessions"], 100);
 }
@@ -251,21 +270,8 @@ fn one_interface_relay_sends_with_xdp_tx() {
     );
     let socks = clients(&t.client, "198.18.3.2", 200);
     let to: SocketAddr = "198.18.3.1:5000".parse().unwrap();
-    assert!(exchange(&socks, to, 0, 1).is_empty());
-    settle();
-    let before = reason_packets(&stats(&t.relay, "eth0", &pin), "relayed_tx");
-    let failures = exchange(&socks, to, 1, 5);
-    assert!(
-        failures.is_empty(),
-        "{:?}",
-        &failures[..failures.len().min(5)]
-    );
-    let s = stats(&t.relay, "eth0", &pin);
-    assert_eq!(
-        reason_packets(&s, "relayed_tx") - before,
-        2 * 200 * 5,
-        "{s}"
-    );
+    open_sessions(&socks, to);
+    let s = round_trip_by_xdp((&t.relay, "eth0", &pin), "relayed_tx", &socks, to, 1, 5);
     assert_eq!(reason_packets(&s, "relayed_redirect"), 0);
 }
 
@@ -277,14 +283,13 @@ fn idle_sessions_expire_and_the_table_drains() {
     let _relay = start_two_nic(&t, &pin, &["--idle-timeout", "10s"]);
     let socks = clients(&t.client, "198.18.1.2", 30);
     let to: SocketAddr = FRONT_V4.parse().unwrap();
-    assert!(exchange(&socks, to, 0, 1).is_empty());
-    settle();
-    assert!(exchange(&socks, to, 1, 3).is_empty());
+    open_sessions(&socks, to);
+    round_trip(&socks, to, 1, 3);
     assert_eq!(sessions(&t.relay, "cli0", &pin).len(), 30);
     // XDP traffic counts as activity: keep half the flows busy for a while.
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(6) {
-        assert!(exchange(&socks[..15], to, 2, 1).is_empty());
+        round_trip(&socks[..15], to, 2, 1);
         thread::sleep(Duration::from_millis(500));
     }
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -309,7 +314,7 @@ fn idle_sessions_expire_and_the_table_drains() {
         "closed sessions keep their totals: {r}"
     );
     // The freed ports serve new sessions.
-    assert!(exchange(&socks[..5], to, 3, 1).is_empty());
+    round_trip(&socks[..5], to, 3, 1);
     assert_eq!(sessions(&t.relay, "cli0", &pin).len(), 5);
 }
 
@@ -321,9 +326,8 @@ fn a_restart_loses_no_session() {
     let relay = start_two_nic(&t, &pin, &[]);
     let socks = clients(&t.client, "198.18.1.2", 100);
     let to: SocketAddr = FRONT_V4.parse().unwrap();
-    assert!(exchange(&socks, to, 0, 1).is_empty());
-    settle();
-    assert!(exchange(&socks, to, 1, 3).is_empty());
+    open_sessions(&socks, to);
+    round_trip(&socks, to, 1, 3);
     let mut before: Vec<(String, String)> = sessions(&t.relay, "cli0", &pin)
         .iter()
         .map(|s| (s["client"].to_string(), s["back"].to_string()))
@@ -343,18 +347,13 @@ fn a_restart_loses_no_session() {
         "same sessions, same relay ports toward the upstream"
     );
     settle();
-    let xdp_before = reason_packets(&stats(&t.relay, "cli0", &pin), "relayed_redirect");
-    let failures = exchange(&socks, to, 2, 3);
-    assert!(
-        failures.is_empty(),
-        "{:?}",
-        &failures[..failures.len().min(5)]
-    );
-    let s = stats(&t.relay, "cli0", &pin);
-    assert_eq!(
-        reason_packets(&s, "relayed_redirect") - xdp_before,
-        2 * 100 * 3,
-        "{s}"
+    let s = round_trip_by_xdp(
+        (&t.relay, "cli0", &pin),
+        "relayed_redirect",
+        &socks,
+        to,
+        2,
+        3,
     );
     assert_eq!(
         rule(&s, "forward0")["opened"],
@@ -374,13 +373,8 @@ fn userspace_fallback_relays_the_same_rules() {
     assert!(!t.relay.xdp_attached("cli0"));
     let socks = clients(&t.client, "198.18.1.2", 300);
     let to: SocketAddr = FRONT_V4.parse().unwrap();
-    assert!(exchange(&socks, to, 0, 1).is_empty());
-    let failures = exchange(&socks, to, 1, 5);
-    assert!(
-        failures.is_empty(),
-        "{:?}",
-        &failures[..failures.len().min(5)]
-    );
+    round_trip(&socks, to, 0, 1);
+    round_trip(&socks, to, 1, 5);
     thread::sleep(Duration::from_millis(1500));
     let s = stats(&t.relay, "cli0", &pin);
     let r = rule(&s, "forward0");
@@ -503,8 +497,7 @@ fn fragments_and_expiring_ttls_are_relayed_by_the_controller() {
     let _relay = start_two_nic(&t, &pin, &[]);
     let socks = clients(&t.client, "198.18.1.2", 2);
     let to: SocketAddr = FRONT_V4.parse().unwrap();
-    assert!(exchange(&socks, to, 0, 1).is_empty());
-    settle();
+    open_sessions(&socks, to);
     let before = stats(&t.relay, "cli0", &pin);
 
     // 3000 bytes over a 1500-byte MTU: the client's kernel fragments it, XDP declines the
@@ -577,8 +570,7 @@ fn ipv4_clients_reach_an_ipv6_upstream() {
     );
     let socks = clients(&t.client, "198.18.1.2", 20);
     let to: SocketAddr = "198.18.1.1:5001".parse().unwrap();
-    let failures = exchange(&socks, to, 0, 3);
-    assert!(failures.is_empty(), "{failures:?}");
+    round_trip(&socks, to, 0, 3);
     thread::sleep(Duration::from_millis(1500));
     let listed = sessions(&t.relay, "cli0", &pin);
     assert_eq!(listed.len(), 20);
@@ -613,7 +605,7 @@ fn sighup_reloads_rules_for_new_sessions() {
     let mut relay = Relay::with_config(&t.relay, &pin, &config);
     let to: SocketAddr = FRONT_V4.parse().unwrap();
     let old = clients(&t.client, "198.18.1.2", 5);
-    assert!(exchange(&old, to, 0, 2).is_empty());
+    round_trip(&old, to, 0, 2);
     config.rewrite(&rule(6001));
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(relay.child.id() as i32, libc::SIGHUP) };
@@ -624,14 +616,8 @@ fn sighup_reloads_rules_for_new_sessions() {
         relay.log()
     );
     let new = clients(&t.client, "198.18.1.2", 5);
-    assert!(
-        exchange(&new, to, 1, 2).is_empty(),
-        "new sessions use the new upstream"
-    );
-    assert!(
-        exchange(&old, to, 2, 2).is_empty(),
-        "live sessions keep theirs"
-    );
+    round_trip(&new, to, 1, 2);
+    round_trip(&old, to, 2, 2);
     drop(relay);
     assert_eq!(
         first.finish(),

@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use relay_common::frame::socks5_udp_header;
 use serde_json::Value;
 use support::{stats, ConfigFile, Echo, Netns, PinDir, Relay, Topology};
 
@@ -269,22 +270,6 @@ fn raw_request(ns: &Netns, request: Vec<u8>) -> (TcpStream, Vec<u8>) {
     })
 }
 
-fn udp_header(dest: SocketAddr, frag: u8) -> Vec<u8> {
-    let mut h = vec![0, 0, frag];
-    match dest {
-        SocketAddr::V4(a) => {
-            h.push(1);
-            h.extend_from_slice(&a.ip().octets());
-        }
-        SocketAddr::V6(a) => {
-            h.push(4);
-            h.extend_from_slice(&a.ip().octets());
-        }
-    }
-    h.extend_from_slice(&dest.port().to_be_bytes());
-    h
-}
-
 #[test]
 fn rfc_edge_cases_on_raw_sockets() {
     let s = setup();
@@ -327,7 +312,7 @@ fn rfc_edge_cases_on_raw_sockets() {
     let udp = s.t.client.run(|| UdpSocket::bind("198.18.1.2:0").unwrap());
     udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let echo: SocketAddr = "198.18.2.2:6000".parse().unwrap();
-    let mut dgram = udp_header(echo, 0);
+    let mut dgram = socks5_udp_header(echo, 0);
     dgram.extend_from_slice(b"hello");
     udp.send_to(&dgram, bnd).unwrap();
     let mut buf = [0u8; 512];
@@ -342,7 +327,7 @@ fn rfc_edge_cases_on_raw_sockets() {
     );
 
     // FRAG != 0 is dropped.
-    let mut frag = udp_header(echo, 1);
+    let mut frag = socks5_udp_header(echo, 1);
     frag.extend_from_slice(b"fragment");
     udp.send_to(&frag, bnd).unwrap();
     assert!(udp.recv_from(&mut buf).is_err(), "a fragment is dropped");

@@ -214,15 +214,6 @@ fn install_socks_chains(b: &mut Bench) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn socks_header(dest: SocketAddr) -> Vec<u8> {
-    let mut h = vec![0, 0, 0, 1];
-    if let SocketAddr::V4(a) = dest {
-        h.extend_from_slice(&a.ip().octets());
-    }
-    h.extend_from_slice(&dest.port().to_be_bytes());
-    h
-}
-
 /// The frames each path starts from.
 fn frames() -> BTreeMap<&'static str, Vec<u8>> {
     let payload = [0x42u8; 18]; // 64-byte frames for the forward paths
@@ -249,10 +240,8 @@ fn frames() -> BTreeMap<&'static str, Vec<u8>> {
     );
     let mut nested = Vec::new();
     for k in 1..=CHAIN as u16 {
-        nested.extend_from_slice(&socks_header(SocketAddr::new(
-            "198.18.2.2".parse().unwrap(),
-            30000 + k,
-        )));
+        let hop = SocketAddr::new("198.18.2.2".parse().unwrap(), 30000 + k);
+        nested.extend_from_slice(&relay_common::frame::socks5_udp_header(hop, 0));
     }
     nested.extend_from_slice(&payload);
     f.insert(
