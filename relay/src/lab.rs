@@ -168,23 +168,9 @@ pub struct BpfMount {
 impl BpfMount {
     pub fn new(prefix: &str) -> anyhow::Result<BpfMount> {
         let path = std::env::temp_dir().join(format!("{}-bpf", unique(prefix, "m")));
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        let target = CString::new(path.as_os_str().as_encoded_bytes()).context("mount path")?;
-        let fstype = CString::new("bpf").context("fs type")?;
-        // SAFETY: valid NUL-terminated strings and a null data pointer, as mount(2) allows.
-        let rc = unsafe {
-            libc::mount(
-                fstype.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = crate::pin::mount_bpffs(&path) {
             let _ = std::fs::remove_dir(&path);
-            bail!("mounting a bpffs on {}: {e}", path.display());
+            return Err(e);
         }
         Ok(BpfMount { path })
     }

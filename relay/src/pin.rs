@@ -39,6 +39,31 @@ fn is_bpffs(path: &Path) -> bool {
     rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
 }
 
+/// Mounts a new bpffs on `path`, creating the directory if needed.
+pub fn mount_bpffs(path: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    let target = CString::new(path.as_os_str().as_encoded_bytes()).context("mount path")?;
+    let fstype = CString::new("bpf").context("fs type")?;
+    // SAFETY: all pointers are valid NUL-terminated strings or null, as mount(2) allows.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mounting a bpffs on {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 /// Makes sure `dir` lies on a bpffs and exists. If /sys/fs/bpf is not mounted (as inside
 /// `ip netns exec`, which remounts /sys), mounts it, with a warning: such a mount is private to
 /// this process's mount namespace, so pins do not outlive it.
@@ -49,25 +74,8 @@ pub fn prepare(dir: &Path) -> anyhow::Result<()> {
              /sys), that mount and the pinned state die with this process: start the relay with \
              `nsenter --net=/run/netns/NAME` instead to keep state across restarts"
         );
-        fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
-        let target = CString::new(BPFFS).context("mount path")?;
-        let fstype = CString::new("bpf").context("fs type")?;
-        // SAFETY: all pointers are valid NUL-terminated strings or null, as mount(2) allows.
-        let rc = unsafe {
-            libc::mount(
-                fstype.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            bail!(
-                "{BPFFS} is not a bpf filesystem and mounting one failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        mount_bpffs(Path::new(BPFFS))
+            .with_context(|| format!("{BPFFS} is not a bpf filesystem and mounting one failed"))?;
     }
     fs::create_dir_all(dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
     if !is_bpffs(dir) {

@@ -171,21 +171,15 @@ fn settle() {
 const FRONT_V4: &str = "198.18.1.1:5000";
 
 fn start_two_nic(t: &Topology, pin: &PinDir, extra: &[&str]) -> Relay {
-    let mut args = vec![
-        "--iface",
-        "cli0",
-        "--iface",
-        "up0",
-        "--pin-dir",
-        pin.arg(),
-        "--forward",
-        "198.18.1.1:5000=198.18.2.2:6000",
-        "--forward",
-        "[fd00:5a:1::1]:5000=[fd00:5a:2::2]:6000",
-        "--allow-private-upstream",
-    ];
-    args.extend_from_slice(extra);
-    Relay::start(&t.relay, &args)
+    Relay::forwarding(
+        &t.relay,
+        pin,
+        &[
+            "198.18.1.1:5000=198.18.2.2:6000",
+            "[fd00:5a:1::1]:5000=[fd00:5a:2::2]:6000",
+        ],
+        extra,
+    )
 }
 
 #[test]
@@ -430,20 +424,7 @@ fn iperf3_udp_through_the_relay() {
         ])
         .spawn()
         .expect("socat");
-    let _relay = Relay::start(
-        &t.relay,
-        &[
-            "--iface",
-            "cli0",
-            "--iface",
-            "up0",
-            "--pin-dir",
-            pin.arg(),
-            "--forward",
-            "198.18.1.1:5201=198.18.2.2:5201",
-            "--allow-private-upstream",
-        ],
-    );
+    let _relay = Relay::forwarding(&t.relay, &pin, &["198.18.1.1:5201=198.18.2.2:5201"], &[]);
     thread::sleep(Duration::from_millis(300));
     let out = t
         .client
@@ -554,19 +535,11 @@ fn ipv4_clients_reach_an_ipv6_upstream() {
     let t = Topology::new();
     let pin = PinDir::new();
     let _echo = Echo::start(&t.upstream, "[fd00:5a:2::2]:6000".parse().unwrap());
-    let _relay = Relay::start(
+    let _relay = Relay::forwarding(
         &t.relay,
-        &[
-            "--iface",
-            "cli0",
-            "--iface",
-            "up0",
-            "--pin-dir",
-            pin.arg(),
-            "--forward",
-            "198.18.1.1:5001=[fd00:5a:2::2]:6000",
-            "--allow-private-upstream",
-        ],
+        &pin,
+        &["198.18.1.1:5001=[fd00:5a:2::2]:6000"],
+        &[],
     );
     let socks = clients(&t.client, "198.18.1.2", 20);
     let to: SocketAddr = "198.18.1.1:5001".parse().unwrap();

@@ -101,6 +101,12 @@ fn setup() -> Setup {
     }
 }
 
+/// The relay's stats once the SOCKS5 server has published its accounts (once a second).
+fn published_stats(s: &Setup) -> Value {
+    thread::sleep(Duration::from_millis(1500));
+    stats(&s.t.relay, "cli0", &s.pin)
+}
+
 fn user<'a>(s: &'a Value, name: &str) -> &'a Value {
     s["users"]
         .as_array()
@@ -138,8 +144,7 @@ fn curl_fetches_a_page_with_a_username_and_password() {
     );
     assert_eq!(out.stdout, page(), "the page arrives intact");
 
-    thread::sleep(Duration::from_millis(1500));
-    let st = stats(&s.t.relay, "cli0", &s.pin);
+    let st = published_stats(&s);
     let alice = user(&st, "alice");
     assert_eq!(alice["connections"], 1, "{alice}");
     assert!(
@@ -184,8 +189,7 @@ fn a_wrong_password_and_a_refused_destination_behave_as_documented() {
         // curl prints the reply code: 2, "connection not allowed by ruleset".
         assert!(err.contains("(2)"), "{url}: {err}");
     }
-    thread::sleep(Duration::from_millis(1500));
-    let st = stats(&s.t.relay, "cli0", &s.pin);
+    let st = published_stats(&s);
     let alice = user(&st, "alice");
     assert_eq!(alice["auth_failures"], 1, "{alice}");
     assert_eq!(alice["refused"], 3, "{alice}");
@@ -226,8 +230,7 @@ print("ok")
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    thread::sleep(Duration::from_millis(1500));
-    let st = stats(&s.t.relay, "cli0", &s.pin);
+    let st = published_stats(&s);
     let alice = user(&st, "alice");
     assert_eq!(alice["associations"], 1, "{alice}");
     assert_eq!(alice["udp"]["to_upstream"]["packets"], 21, "{alice}");
@@ -354,8 +357,7 @@ fn rfc_edge_cases_on_raw_sockets() {
         "no relaying after the control connection closed"
     );
 
-    thread::sleep(Duration::from_millis(1500));
-    let st = stats(&s.t.relay, "cli0", &s.pin);
+    let st = published_stats(&s);
     let alice = user(&st, "alice");
     assert_eq!(
         alice["udp_dropped"], 2,
@@ -411,8 +413,7 @@ fn connect_survives_a_half_close() {
     want.reverse();
     assert_eq!(back.len(), want.len());
     assert!(back == want, "every byte, in order");
-    thread::sleep(Duration::from_millis(1500));
-    let st = stats(&s.t.relay, "cli0", &s.pin);
+    let st = published_stats(&s);
     let alice = user(&st, "alice");
     assert_eq!(alice["connect_bytes_to_destination"], 300_000, "{alice}");
     assert_eq!(alice["connect_bytes_to_client"], 300_000, "{alice}");

@@ -350,6 +350,18 @@ impl Drop for ConfigFile {
 }
 
 impl Relay {
+    /// `relay run` on the relay of a [`Topology`] (both its interfaces) with `--forward` rules
+    /// (to the topology's upstream, an internal address) and `extra` arguments.
+    pub fn forwarding(ns: &Netns, pin: &PinDir, rules: &[&str], extra: &[&str]) -> Relay {
+        let mut args = vec!["--iface", "cli0", "--iface", "up0", "--pin-dir", pin.arg()];
+        for r in rules {
+            args.extend_from_slice(&["--forward", r]);
+        }
+        args.push("--allow-private-upstream");
+        args.extend_from_slice(extra);
+        Relay::start(ns, &args)
+    }
+
     /// `relay run` on the relay of a [`Topology`] (both its interfaces) with `config`.
     pub fn with_config(ns: &Netns, pin: &PinDir, config: &ConfigFile) -> Relay {
         Relay::start(
