@@ -136,16 +136,7 @@ fn rejected(e: ProgramError) -> anyhow::Error {
         } => {
             let log = format!("{verifier_log:?}");
             log::debug!("verifier log:\n{log}");
-            let why = log
-                .lines()
-                .rev()
-                .map(str::trim)
-                .find(|l| {
-                    !l.is_empty()
-                        && !l.starts_with("processed ")
-                        && !l.starts_with("verification time")
-                })
-                .unwrap_or("no verifier message");
+            let why = verifier_reason(&log);
             anyhow!("the kernel rejected the XDP program ({io_error}): verifier says: {why} (full log with RUST_LOG=debug)")
         }
         e => anyhow!(e).context("loading the XDP program"),
