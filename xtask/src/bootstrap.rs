@@ -64,31 +64,29 @@ pub fn llvm_bin() -> PathBuf {
     PathBuf::from(format!("/usr/lib/llvm-{LLVM_MAJOR}/bin"))
 }
 
-struct Apt {
-    updated: bool,
-}
+/// Whether `apt-get update` already ran in this process (once is enough for every install).
+static APT_UPDATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-impl Apt {
-    fn install(&mut self, packages: &[&str]) -> anyhow::Result<()> {
-        if packages.is_empty() {
-            return Ok(());
-        }
-        if !is_root() {
-            bail!(
-                "missing Debian packages {}; install them (`sudo apt-get install {}`) or run as root",
-                packages.join(" "),
-                packages.join(" ")
-            );
-        }
-        if !self.updated {
-            run(Command::new("apt-get").args(["update", "-qq"]))?;
-            self.updated = true;
-        }
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"))
+/// Installs Debian packages, refreshing the package lists once per process.
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    if packages.is_empty() {
+        return Ok(());
     }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {}; install them (`sudo apt-get install {}`) or run as root",
+            packages.join(" "),
+            packages.join(" ")
+        );
+    }
+    if !APT_UPDATED.swap(true, Ordering::Relaxed) {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+    }
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn is_root() -> bool {
@@ -98,8 +96,6 @@ fn is_root() -> bool {
 /// Everything `cargo xtask build` needs: nightly with rust-src, LLVM's development
 /// packages, and bpf-linker built against them.
 pub fn build_prerequisites() -> anyhow::Result<()> {
-    let mut apt = Apt { updated: false };
-
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is required (https://rustup.rs) and was not found")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
@@ -138,7 +134,7 @@ pub fn build_prerequisites() -> anyhow::Result<()> {
         say(&format!(
             "installing LLVM {LLVM_MAJOR} development packages for bpf-linker"
         ));
-        apt.install(&[
+        apt_install(&[
             &format!("llvm-{LLVM_MAJOR}-dev"),
             &format!("libpolly-{LLVM_MAJOR}-dev"),
         ])?;
@@ -182,7 +178,7 @@ pub fn test_prerequisites() -> anyhow::Result<()> {
     if !missing.is_empty() {
         say(&format!("installing test tools: {}", missing.join(" ")));
     }
-    Apt { updated: false }.install(&missing)
+    apt_install(&missing)
 }
 
 /// Checks only, installs nothing: used to say what is missing.
