@@ -8,6 +8,7 @@
 #[cfg(any(test, feature = "std"))]
 extern crate std;
 
+pub mod bench;
 pub mod checksum;
 pub mod counters;
 #[cfg(any(test, feature = "std"))]

@@ -4,19 +4,25 @@
 //! - `generate`: XDP_TX as is; run with BPF_PROG_RUN in live-frames mode it sends a prepared
 //!   frame out of an interface at line rate (a packet generator where pktgen is missing).
 //! - `sink`: counts the UDP that arrives and drops it (the receiving end of a benchmark).
+//! - `nat`: a minimal stateless NAT, the fastest thing an XDP relay could be (one rule, no
+//!   sessions, no counters): the peer the relay's end-to-end rate is compared with.
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_redirect,
     macros::{map, xdp},
-    maps::PerCpuArray,
+    maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use relay_common::{counters::Counter, packet::Packet as _};
+use relay_common::{bench::StatelessNat, checksum::Delta, counters::Counter, packet::Packet as _};
 
 use crate::frame::XdpFrame;
 
 #[map]
 static SINK: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static NAT: Array<StatelessNat> = Array::with_max_entries(1, 0);
 
 #[xdp]
 pub fn macswap(ctx: XdpContext) -> u32 {
@@ -55,4 +61,68 @@ pub fn sink(ctx: XdpContext) -> u32 {
         }
     }
     xdp_action::XDP_DROP
+}
+
+/// The stateless NAT: Ethernet + IPv4 without options + UDP to the rule's port, rewritten
+/// with incremental checksums (addresses, TTL, port) and redirected; everything else passes.
+#[xdp]
+pub fn nat(ctx: XdpContext) -> u32 {
+    let frame = XdpFrame::new(&ctx);
+    let Some(rule) = NAT.get(0).copied() else {
+        return xdp_action::XDP_PASS;
+    };
+    // Ethernet, IPv4 without options and UDP: 42 bytes at fixed offsets.
+    let Some(h) = frame.read::<[u8; 42]>(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let (eth, ip, udp) = (&h[..14], &h[14..34], &h[34..42]);
+    // IPv4, IHL 5, UDP, not a fragment, TTL left to decrement, the rule's port.
+    if eth[12..14] != [0x08, 0x00]
+        || ip[0] != 0x45
+        || ip[9] != 17
+        || (ip[6] & 0x3f) != 0
+        || ip[7] != 0
+        || ip[8] <= 1
+        || udp[2..4] != rule.match_port
+    {
+        return xdp_action::XDP_PASS;
+    }
+    let addr = |b: &[u8]| {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&b[..4]);
+        a
+    };
+    let (old_src, old_dst) = (addr(&ip[12..16]), addr(&ip[16..20]));
+    let (new_src, new_dst) = (addr(&rule.src), addr(&rule.to));
+    let addrs = Delta::NONE
+        .replace_addr(&old_src, &new_src, 4)
+        .replace_addr(&old_dst, &new_dst, 4);
+    let ttl = Delta::NONE.replace(
+        u16::from_be_bytes([ip[8], ip[9]]),
+        u16::from_be_bytes([ip[8] - 1, ip[9]]),
+    );
+    let port = Delta::NONE.replace(
+        u16::from_be_bytes(rule.match_port),
+        u16::from_be_bytes(rule.to_port),
+    );
+    let ip_check = addrs.add(ttl).apply(u16::from_be_bytes([ip[10], ip[11]]));
+    let udp_check = addrs
+        .add(port)
+        .apply_udp(u16::from_be_bytes([udp[6], udp[7]]));
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&rule.dst_mac);
+    macs[6..].copy_from_slice(&rule.src_mac);
+    let written = frame
+        .write(0, macs)
+        .and_then(|()| frame.write(22, ip[8] - 1))
+        .and_then(|()| frame.write(24, ip_check.to_be_bytes()))
+        .and_then(|()| frame.write(26, rule.src))
+        .and_then(|()| frame.write(30, rule.to))
+        .and_then(|()| frame.write(36, rule.to_port))
+        .and_then(|()| frame.write(40, udp_check.to_be_bytes()));
+    if written.is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: a BPF helper call with plain integer arguments.
+    unsafe { bpf_redirect(rule.ifindex, 0) as u32 }
 }

@@ -26,6 +26,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/socat", "socat"),
     ("/usr/bin/curl", "curl"),
     ("/usr/sbin/nft", "nftables"),
+    ("/usr/sbin/danted", "dante-server"),
     ("/usr/bin/python3", "python3"),
     ("/usr/lib/python3/dist-packages/socks.py", "python3-socks"),
 ];

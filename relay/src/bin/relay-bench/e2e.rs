@@ -1,6 +1,8 @@
 //! End-to-end packets per second through a namespace topology (generator, relay, sink), for
-//! the relay and its peers in the same run: the relay with XDP, the relay without it, nftables
-//! DNAT with masquerade (kernel conntrack forwarding), and socat (a userspace forwarder).
+//! the relay and its peers in the same run: the relay with XDP (IPv4 and IPv6, 64 to 1400-byte
+//! frames), the relay without it, a minimal stateless XDP NAT, nftables DNAT with masquerade
+//! (kernel conntrack forwarding), socat (a userspace forwarder), and for SOCKS5 UDP the relay's
+//! UDP ASSOCIATE next to dante's.
 //!
 //! The generator is the `generate` XDP program run with BPF_PROG_RUN in live-frames mode from
 //! the client namespace: it transmits a prepared UDP frame out of the client's interface,
@@ -11,7 +13,8 @@
 
 use std::{
     fs::File,
-    net::UdpSocket,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     path::Path,
     process::{Child, Stdio},
     thread,
@@ -20,12 +23,16 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::{MapData, PerCpuArray},
+    maps::{Array, MapData, PerCpuArray},
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
     Ebpf,
 };
 use relay::lab::{self, BpfMount, Netns};
-use relay_common::{counters::Counter, frame::Frame};
+use relay_common::{
+    bench::StatelessNat,
+    counters::Counter,
+    frame::{socks5_udp_header, Frame},
+};
 use serde::Serialize;
 
 /// Prefix of everything the benchmark creates (swept by `cargo xtask test` after a kill).
@@ -100,6 +107,11 @@ pub struct SessionRate {
 #[derive(Serialize)]
 pub struct PeerResult {
     pub peer: &'static str,
+    /// "UDP forward" or "SOCKS5 UDP": rows are compared with the relay's XDP row of the same
+    /// kind, family and frame size.
+    pub kind: &'static str,
+    pub family: &'static str,
+    /// Ethernet frame on the wire, FCS included.
     pub frame_bytes: usize,
     pub sent: u64,
     pub delivered: u64,
@@ -169,8 +181,31 @@ struct Topology {
     client_ifindex: u32,
     client: Netns,
     relay: Netns,
-    _upstream: Netns,
+    upstream: Netns,
 }
+
+/// One flow the generator sends: from `src` to `dst`, each datagram starting with `header`
+/// (a SOCKS5 UDP request header, or nothing).
+#[derive(Clone)]
+struct Flow {
+    src: SocketAddr,
+    dst: SocketAddr,
+    header: Vec<u8>,
+}
+
+/// `n` client ports sending to `dst`.
+fn flows(client: IpAddr, dst: SocketAddr, n: u16) -> Vec<Flow> {
+    (0..n)
+        .map(|f| Flow {
+            src: SocketAddr::new(client, 41000 + f),
+            dst,
+            header: Vec::new(),
+        })
+        .collect()
+}
+
+const CLIENT4: &str = "198.18.1.2";
+const CLIENT6: &str = "fd00:5a:1::2";
 
 impl Topology {
     fn new(pins: &BpfMount) -> anyhow::Result<Topology> {
@@ -178,16 +213,19 @@ impl Topology {
         let relay_ns = Netns::new(PREFIX, "r")?;
         let upstream = Netns::new(PREFIX, "u")?;
         lab::veth(
-            (&client, "eth0", &["198.18.1.2/24"]),
-            (&relay_ns, "cli0", &["198.18.1.1/24"]),
+            (&client, "eth0", &["198.18.1.2/24", "fd00:5a:1::2/64"]),
+            (&relay_ns, "cli0", &["198.18.1.1/24", "fd00:5a:1::1/64"]),
         )?;
         lab::veth(
-            (&relay_ns, "up0", &["198.18.2.1/24"]),
-            (&upstream, "eth0", &["198.18.2.2/24"]),
+            (&relay_ns, "up0", &["198.18.2.1/24", "fd00:5a:2::1/64"]),
+            (&upstream, "eth0", &["198.18.2.2/24", "fd00:5a:2::2/64"]),
         )?;
         client.ip(&["route", "add", "default", "via", "198.18.1.1"])?;
+        client.ip(&["-6", "route", "add", "default", "via", "fd00:5a:1::1"])?;
         upstream.ip(&["route", "add", "default", "via", "198.18.2.1"])?;
+        upstream.ip(&["-6", "route", "add", "default", "via", "fd00:5a:2::1"])?;
         relay_ns.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        relay_ns.exec(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])?;
 
         let mut generator = load(&pins.dir("generator"), &["generate"])?;
         let held = Dispatcher::hold(&mut generator, &["generate"])?;
@@ -205,7 +243,7 @@ impl Topology {
             client_ifindex,
             client,
             relay: relay_ns,
-            _upstream: upstream,
+            upstream,
         })
     }
 
@@ -215,14 +253,17 @@ impl Topology {
         Ok(sink.get(&0, 0)?.iter().map(|c| c.packets).sum())
     }
 
-    /// Sends a few datagrams from each of `flows` client ports so that every flow exists (and
-    /// the next hops have time to resolve).
-    fn warm_up(&self, flows: u16) -> anyhow::Result<()> {
+    /// Sends a few datagrams on each flow from real sockets, so that every session and
+    /// association exists (and the next hops have time to resolve) before the run.
+    fn warm_up(&self, flows: &[Flow]) -> anyhow::Result<()> {
+        let flows = flows.to_vec();
         self.client.run(move || -> anyhow::Result<()> {
-            for f in 0..flows {
-                let s = UdpSocket::bind(("198.18.1.2", 41000 + f))?;
+            for f in flows {
+                let s = UdpSocket::bind(f.src)?;
+                let mut d = f.header.clone();
+                d.extend_from_slice(b"warm up");
                 for _ in 0..3 {
-                    s.send_to(b"warm up", ("198.18.1.1", 5000))?;
+                    s.send_to(&d, f.dst)?;
                 }
             }
             Ok(())
@@ -231,25 +272,21 @@ impl Topology {
         Ok(())
     }
 
-    /// Generates `per_flow` frames for each of `flows` flows; returns (sent, delivered,
-    /// seconds, busy jiffies).
-    fn blast(
-        &self,
-        flows: u16,
-        per_flow: u32,
-        frame_bytes: usize,
-    ) -> anyhow::Result<(u64, u64, f64, u64)> {
+    /// Generates `per_flow` frames of about `frame_bytes` (FCS excluded) on each flow.
+    fn blast(&self, flows: &[Flow], per_flow: u32, frame_bytes: usize) -> anyhow::Result<Blast> {
         let (src_mac, dst_mac) = (mac(&self.client, "eth0")?, mac(&self.relay, "cli0")?);
-        let payload = vec![0x5au8; frame_bytes.saturating_sub(42)];
-        let frames: Vec<Vec<u8>> = (0..flows)
+        let frames: Vec<Vec<u8>> = flows
+            .iter()
             .map(|f| {
-                Frame::udp(
-                    std::net::SocketAddr::from(([198, 18, 1, 2], 41000 + f)),
-                    std::net::SocketAddr::from(([198, 18, 1, 1], 5000)),
-                    &payload,
-                )
-                .macs(src_mac, dst_mac)
-                .build()
+                let headers = if f.src.is_ipv4() { 42 } else { 62 };
+                let mut payload = f.header.clone();
+                payload.resize(
+                    frame_bytes.saturating_sub(headers).max(f.header.len() + 1),
+                    0x5a,
+                );
+                Frame::udp(f.src, f.dst, &payload)
+                    .macs(src_mac, dst_mac)
+                    .build()
             })
             .collect();
         let generator: &Xdp = self
@@ -292,9 +329,22 @@ impl Topology {
         let secs = start.elapsed().as_secs_f64();
         // Let queued frames land.
         thread::sleep(Duration::from_millis(300));
-        let busy = busy_jiffies() - jiffies;
-        Ok((sent, self.delivered()? - before, secs, busy))
+        Ok(Blast {
+            sent,
+            delivered: self.delivered()? - before,
+            seconds: secs,
+            busy_jiffies: busy_jiffies() - jiffies,
+            frame_len: frames.first().map_or(0, Vec::len),
+        })
     }
+}
+
+struct Blast {
+    sent: u64,
+    delivered: u64,
+    seconds: f64,
+    busy_jiffies: u64,
+    frame_len: usize,
 }
 
 /// Opens `flows` sessions at once (one datagram from each of `flows` new client sockets) and
@@ -337,6 +387,167 @@ fn session_rate(t: &Topology, pins: &Path, flows: u32) -> anyhow::Result<Session
     })
 }
 
+/// SOCKS5 UDP ASSOCIATE from `client` (the address its datagrams will come from) through the
+/// proxy at `proxy`, with username/password if given; returns the control connection (the
+/// association lives as long as it) and the relay address to send datagrams to.
+fn associate(
+    proxy: SocketAddr,
+    user: Option<(&str, &str)>,
+    client: SocketAddr,
+) -> anyhow::Result<(TcpStream, SocketAddr)> {
+    let mut c = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))
+        .with_context(|| format!("connecting to the SOCKS5 server at {proxy}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let method = if user.is_some() { 2 } else { 0 };
+    c.write_all(&[5, 1, method])?;
+    let mut reply = [0u8; 2];
+    c.read_exact(&mut reply)?;
+    if reply != [5, method] {
+        bail!(
+            "the SOCKS5 server chose method {} (wanted {method})",
+            reply[1]
+        );
+    }
+    if let Some((name, password)) = user {
+        let mut auth = vec![1, name.len() as u8];
+        auth.extend_from_slice(name.as_bytes());
+        auth.push(password.len() as u8);
+        auth.extend_from_slice(password.as_bytes());
+        c.write_all(&auth)?;
+        c.read_exact(&mut reply)?;
+        if reply[1] != 0 {
+            bail!("the SOCKS5 server refused the username and password");
+        }
+    }
+    let IpAddr::V4(ip) = client.ip() else {
+        bail!("IPv4 clients only");
+    };
+    let mut request = vec![5, 3, 0, 1];
+    request.extend_from_slice(&ip.octets());
+    request.extend_from_slice(&client.port().to_be_bytes());
+    c.write_all(&request)?;
+    let mut head = [0u8; 4];
+    c.read_exact(&mut head)?;
+    if head[1] != 0 {
+        bail!("UDP ASSOCIATE refused with reply code {}", head[1]);
+    }
+    let ip: IpAddr = match head[3] {
+        1 => {
+            let mut a = [0u8; 4];
+            c.read_exact(&mut a)?;
+            a.into()
+        }
+        4 => {
+            let mut a = [0u8; 16];
+            c.read_exact(&mut a)?;
+            a.into()
+        }
+        t => bail!("UDP ASSOCIATE reply with address type {t}"),
+    };
+    let mut port = [0u8; 2];
+    c.read_exact(&mut port)?;
+    let ip = if ip.is_unspecified() { proxy.ip() } else { ip };
+    Ok((c, SocketAddr::new(ip, u16::from_be_bytes(port))))
+}
+
+/// One association per flow (client ports 41000 and up), each datagram addressed to the sink.
+fn socks_flows(
+    t: &Topology,
+    proxy: SocketAddr,
+    user: Option<(&'static str, &'static str)>,
+    n: u16,
+) -> anyhow::Result<(Vec<TcpStream>, Vec<Flow>)> {
+    let header = socks5_udp_header(SocketAddr::from(([198, 18, 2, 2], 6000)), 0);
+    t.client
+        .run(move || -> anyhow::Result<(Vec<TcpStream>, Vec<Flow>)> {
+            let mut controls = Vec::new();
+            let mut flows = Vec::new();
+            for f in 0..n {
+                let src = SocketAddr::from(([198, 18, 1, 2], 41000 + f));
+                let (control, relay) = associate(proxy, user, src)?;
+                controls.push(control);
+                flows.push(Flow {
+                    src,
+                    dst: relay,
+                    header: header.clone(),
+                });
+            }
+            Ok((controls, flows))
+        })?
+}
+
+/// Runs `nft -f -` with `rules` in the relay's namespace.
+fn nft(t: &Topology, rules: &str) -> anyhow::Result<()> {
+    let mut nft = t
+        .relay
+        .command("nft")
+        .arg("-f")
+        .arg("-")
+        .stdin(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = nft.stdin.take() {
+        stdin.write_all(rules.as_bytes())?;
+    }
+    if !nft.wait()?.success() {
+        bail!("nft rejected the DNAT rules");
+    }
+    Ok(())
+}
+
+/// The peers measured.
+pub const RELAY_XDP: &str = "relay (XDP)";
+pub const RELAY_OFF: &str = "relay without XDP (userspace)";
+pub const NAT: &str = "stateless XDP NAT (minimal)";
+pub const NFT: &str = "nftables DNAT + masquerade";
+pub const SOCAT: &str = "socat (userspace forwarder)";
+pub const DANTE: &str = "dante";
+/// What they relay.
+pub const FORWARD: &str = "UDP forward";
+pub const SOCKS: &str = "SOCKS5 UDP";
+
+struct Runner<'a> {
+    t: &'a Topology,
+    per_flow: u32,
+    results: Vec<PeerResult>,
+}
+
+impl Runner<'_> {
+    fn measure(
+        &mut self,
+        peer: &'static str,
+        kind: &'static str,
+        flows: &[Flow],
+        bytes: usize,
+    ) -> anyhow::Result<()> {
+        let user_hz = 100.0;
+        self.t.warm_up(flows)?;
+        let b = self.t.blast(flows, self.per_flow, bytes)?;
+        let family = if flows.first().is_some_and(|f| f.src.is_ipv6()) {
+            "IPv6"
+        } else {
+            "IPv4"
+        };
+        eprintln!(
+            "[bench] {peer}, {kind} {family} ({} B): {} of {} delivered in {:.2} s",
+            b.frame_len + 4,
+            b.delivered,
+            b.sent,
+            b.seconds
+        );
+        self.results.push(PeerResult {
+            peer,
+            kind,
+            family,
+            frame_bytes: b.frame_len + 4,
+            sent: b.sent,
+            delivered: b.delivered,
+            mpps: b.delivered as f64 / b.seconds / 1e6,
+            cpu_ns_per_packet: b.busy_jiffies as f64 / user_hz * 1e9 / (b.delivered.max(1) as f64),
+        });
+        Ok(())
+    }
+}
+
 /// Runs every peer in one topology; pins go to directories of `pins`.
 pub fn run(
     relay_bin: &Path,
@@ -344,27 +555,23 @@ pub fn run(
     smoke: bool,
 ) -> anyhow::Result<(Vec<PeerResult>, SessionRate)> {
     let t = Topology::new(pins)?;
-    let flows: u16 = 16;
-    let per_flow: u32 = if smoke { 2_048 } else { 131_072 };
-    let user_hz = 100.0;
-    let mut results = Vec::new();
-    let mut measure = |peer: &'static str, bytes: usize| -> anyhow::Result<()> {
-        t.warm_up(flows)?;
-        let (sent, delivered, secs, busy) = t.blast(flows, per_flow, bytes)?;
-        eprintln!("[bench] {peer} ({bytes} B): {delivered} of {sent} delivered in {secs:.2} s");
-        results.push(PeerResult {
-            peer,
-            frame_bytes: bytes.max(60) + 4,
-            sent,
-            delivered,
-            mpps: delivered as f64 / secs / 1e6,
-            cpu_ns_per_packet: busy as f64 / user_hz * 1e9 / (delivered.max(1) as f64),
-        });
-        Ok(())
+    let n: u16 = 16;
+    let mut r = Runner {
+        t: &t,
+        per_flow: if smoke { 2_048 } else { 131_072 },
+        results: Vec::new(),
     };
+    let v4 = flows(
+        CLIENT4.parse()?,
+        SocketAddr::from(([198, 18, 1, 1], 5000)),
+        n,
+    );
+    let v6 = flows(CLIENT6.parse()?, "[fd00:5a:1::1]:5000".parse()?, n);
     let forward = [
         "--forward",
         "198.18.1.1:5000=198.18.2.2:6000",
+        "--forward",
+        "[fd00:5a:1::1]:5000=[fd00:5a:2::2]:6000",
         "--allow-private-upstream",
     ];
 
@@ -375,18 +582,43 @@ pub fn run(
         &xdp_pins,
         &[&["--iface", "cli0", "--iface", "up0"][..], &forward].concat(),
     )?;
-    measure("relay (XDP)", 60)?;
+    r.measure(RELAY_XDP, FORWARD, &v4, 60)?;
+    r.measure(RELAY_XDP, FORWARD, &v6, 60)?;
     if !smoke {
-        measure("relay (XDP)", 1396)?;
+        for bytes in [508, 1396] {
+            r.measure(RELAY_XDP, FORWARD, &v4, bytes)?;
+            r.measure(RELAY_XDP, FORWARD, &v6, bytes)?;
+        }
     }
     let flows_at_once = if smoke { 500 } else { 5000 };
     eprintln!("[bench] opening {flows_at_once} sessions at once");
     let rate = session_rate(&t, &xdp_pins, flows_at_once)?;
     drop(relay_xdp);
 
-    // The peers: the relay's program on cli0 without rules passes everything (a veth accepts
-    // generated frames only when its peer runs XDP), and the peer does the relaying.
-    let _pass = relay(relay_bin, &t.relay, &pins.dir("pass"), &["--iface", "cli0"])?;
+    // The minimal stateless XDP NAT on cli0, redirecting to up0.
+    {
+        let mut nat = load(&pins.dir("nat"), &["nat"])?;
+        let rule = StatelessNat {
+            ifindex: lab::on_this_thread_in(&t.relay.path(), || relay::system::ifindex("up0"))??,
+            match_port: 5000u16.to_be_bytes(),
+            to_port: 6000u16.to_be_bytes(),
+            src: [198, 18, 2, 1],
+            to: [198, 18, 2, 2],
+            src_mac: mac(&t.relay, "up0")?,
+            dst_mac: mac(&t.upstream, "eth0")?,
+        };
+        let mut map: Array<&mut MapData, StatelessNat> =
+            Array::try_from(nat.map_mut("NAT").context("NAT map")?)?;
+        map.set(0, rule, 0)?;
+        let p: &mut Xdp = nat.program_mut("nat").context("nat")?.try_into()?;
+        let link = lab::on_this_thread_in(&t.relay.path(), || p.attach("cli0", XdpMode::Driver))??;
+        r.measure(NAT, FORWARD, &v4, 60)?;
+        p.detach(link)?;
+    }
+
+    // The other peers: the relay's program on cli0 without rules passes everything (a veth
+    // accepts generated frames only when its peer runs XDP), and the peer does the relaying.
+    let pass = relay(relay_bin, &t.relay, &pins.dir("pass"), &["--iface", "cli0"])?;
     {
         let _off = relay(
             relay_bin,
@@ -394,28 +626,19 @@ pub fn run(
             &pins.dir("relay-off"),
             &[&["--iface", "cli0", "--xdp-mode", "off"][..], &forward].concat(),
         )?;
-        measure("relay without XDP (userspace)", 60)?;
+        r.measure(RELAY_OFF, FORWARD, &v4, 60)?;
     }
-    {
-        let rules = "table ip relaybench {\n chain pre {\n  type nat hook prerouting priority dstnat;\n  udp dport 5000 dnat to 198.18.2.2:6000\n }\n chain post {\n  type nat hook postrouting priority srcnat;\n  oifname \"up0\" masquerade\n }\n}\n";
-        let mut nft = t
-            .relay
-            .command("nft")
-            .arg("-f")
-            .arg("-")
-            .stdin(Stdio::piped())
-            .spawn()?;
-        if let Some(mut stdin) = nft.stdin.take() {
-            use std::io::Write as _;
-            stdin.write_all(rules.as_bytes())?;
-        }
-        if !nft.wait()?.success() {
-            bail!("nft rejected the DNAT rules");
-        }
-        measure("nftables DNAT + masquerade", 60)?;
-        t.relay
-            .exec(&["nft", "delete", "table", "ip", "relaybench"])?;
-    }
+    nft(
+        &t,
+        "table ip relaybench {\n chain pre {\n  type nat hook prerouting priority dstnat;\n  udp dport 5000 dnat to 198.18.2.2:6000\n }\n chain post {\n  type nat hook postrouting priority srcnat;\n  oifname \"up0\" masquerade\n }\n}\n\
+         table ip6 relaybench6 {\n chain pre {\n  type nat hook prerouting priority dstnat;\n  udp dport 5000 dnat to [fd00:5a:2::2]:6000\n }\n chain post {\n  type nat hook postrouting priority srcnat;\n  oifname \"up0\" masquerade\n }\n}\n",
+    )?;
+    r.measure(NFT, FORWARD, &v4, 60)?;
+    r.measure(NFT, FORWARD, &v6, 60)?;
+    t.relay
+        .exec(&["nft", "delete", "table", "ip", "relaybench"])?;
+    t.relay
+        .exec(&["nft", "delete", "table", "ip6", "relaybench6"])?;
     {
         let socat = t
             .relay
@@ -430,7 +653,120 @@ pub fn run(
             .spawn()?;
         let _socat = Proc(socat);
         thread::sleep(Duration::from_millis(300));
-        measure("socat (userspace forwarder)", 60)?;
+        r.measure(SOCAT, FORWARD, &v4, 60)?;
     }
-    Ok((results, rate))
+    // dante's UDP ASSOCIATE, while the pass-through relay still runs on cli0.
+    {
+        let _dante = dante(&t)?;
+        let (_controls, flows) = socks_flows(&t, "198.18.1.1:1081".parse()?, None, n)?;
+        r.measure(DANTE, SOCKS, &flows, 60)?;
+    }
+    drop(pass);
+
+    // The relay's SOCKS5 UDP ASSOCIATE, with XDP and without.
+    let config = socks_config()?;
+    for (peer, mode) in [(RELAY_XDP, "auto"), (RELAY_OFF, "off")] {
+        let _relay = relay(
+            relay_bin,
+            &t.relay,
+            &pins.dir(&format!("socks-{mode}")),
+            &[
+                "--iface",
+                "cli0",
+                "--iface",
+                "up0",
+                "--xdp-mode",
+                mode,
+                "--config",
+                &config.0.display().to_string(),
+            ],
+        )?;
+        let (_controls, flows) = socks_flows(
+            &t,
+            "198.18.1.1:1080".parse()?,
+            Some(("bench", SOCKS_PASSWORD)),
+            n,
+        )?;
+        r.measure(peer, SOCKS, &flows, 60)?;
+    }
+    Ok((r.results, rate))
+}
+
+const SOCKS_PASSWORD: &str = "bench-password";
+
+/// A file removed on drop.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The relay's configuration for the SOCKS5 runs: one user, the sink's network allowed.
+fn socks_config() -> anyhow::Result<TempFile> {
+    let hash = relay::socks5::users::hash_password(SOCKS_PASSWORD.as_bytes())?;
+    let f = TempFile(std::env::temp_dir().join(format!("{}.toml", lab::unique(PREFIX, "cfg"))));
+    std::fs::write(
+        &f.0,
+        format!(
+            "[socks5]\nlisten = \"198.18.1.1:1080\"\n\
+             [[socks5.users]]\nname = \"bench\"\npassword_hash = \"{hash}\"\nmax_associations = 64\n\
+             [policy]\nallow = [\"198.18.2.0/24\"]\n"
+        ),
+    )?;
+    Ok(f)
+}
+
+/// dante (Debian's dante-server) in the relay's namespace: SOCKS5 on 198.18.1.1:1081, UDP
+/// ASSOCIATE allowed from the client's network to the sink's, no authentication (it changes
+/// the handshake only, not the datagrams).
+fn dante(t: &Topology) -> anyhow::Result<(Proc, TempFile)> {
+    let conf =
+        TempFile(std::env::temp_dir().join(format!("{}.conf", lab::unique(PREFIX, "dante"))));
+    std::fs::write(
+        &conf.0,
+        "logoutput: /dev/null\n\
+         internal: 198.18.1.1 port = 1081\n\
+         external: 198.18.2.1\n\
+         clientmethod: none\n\
+         socksmethod: none\n\
+         user.unprivileged: nobody\n\
+         client pass { from: 198.18.1.0/24 to: 0.0.0.0/0 }\n\
+         socks pass { from: 198.18.1.0/24 to: 198.18.2.0/24 command: udpassociate }\n\
+         socks pass { from: 198.18.2.0/24 to: 198.18.1.0/24 command: udpreply }\n",
+    )?;
+    let pid = TempFile(std::env::temp_dir().join(format!("{}.pid", lab::unique(PREFIX, "dante"))));
+    let child = t
+        .relay
+        .command("danted")
+        .arg("-f")
+        .arg(&conf.0)
+        .arg("-p")
+        .arg(&pid.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("running danted (Debian package dante-server)")?;
+    let p = Proc(child);
+    // Until it accepts connections.
+    let start = Instant::now();
+    loop {
+        let up = t.client.run(|| {
+            TcpStream::connect_timeout(
+                &"198.18.1.1:1081".parse().expect("address"),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        })?;
+        if up {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("dante did not start listening on 198.18.1.1:1081");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(pid);
+    Ok((p, conf))
 }

@@ -285,6 +285,112 @@ struct Results {
     scale: Vec<ScalePoint>,
     end_to_end: Vec<e2e::PeerResult>,
     new_sessions: e2e::SessionRate,
+    targets: Vec<Target>,
+}
+
+/// One of the project's performance targets, as this run measured it.
+#[derive(Serialize)]
+struct Target {
+    target: &'static str,
+    measured: String,
+    met: bool,
+}
+
+/// The relay's XDP rate over a peer's, both 64-byte IPv4 (or the smallest frames measured).
+fn e2e_ratio(e: &[e2e::PeerResult], kind: &str, peer: &str) -> Option<f64> {
+    let row = |name: &str| {
+        e.iter()
+            .filter(|p| p.peer == name && p.kind == kind && p.family == "IPv4")
+            .min_by_key(|p| p.frame_bytes)
+    };
+    Some(row(e2e::RELAY_XDP)?.mpps / row(peer)?.mpps)
+}
+
+fn targets(
+    in_kernel: &[PathCost],
+    scale: &[ScalePoint],
+    e: &[e2e::PeerResult],
+    new: &e2e::SessionRate,
+) -> Vec<Target> {
+    let mut t = Vec::new();
+    let mut ratio = |target: &'static str, got: Option<f64>, ok: fn(f64) -> bool, unit: &str| {
+        if let Some(v) = got {
+            t.push(Target {
+                target,
+                measured: format!("{v:.2}{unit}"),
+                met: ok(v),
+            });
+        }
+    };
+    let forward = in_kernel
+        .iter()
+        .filter(|c| c.path.starts_with("forward"))
+        .map(|c| c.ratio_to_reference)
+        .reduce(f64::max);
+    ratio(
+        "fast path ≤ 4x MAC-swap XDP_TX (in kernel)",
+        forward,
+        |v| v <= 4.0,
+        "x",
+    );
+    let growth = match (scale.first(), scale.last()) {
+        (Some(a), Some(b)) if scale.len() > 1 => Some(b.ns_per_packet / a.ns_per_packet),
+        _ => None,
+    };
+    ratio(
+        "cost per packet at the largest table ≤ 1.2x at the smallest",
+        growth,
+        |v| v <= 1.2,
+        "x",
+    );
+    let memory = scale
+        .iter()
+        .map(|p| p.kernel_bytes_per_session)
+        .reduce(f64::max);
+    ratio(
+        "≤ 256 B of kernel memory per session",
+        memory,
+        |v| v <= 256.0,
+        " B",
+    );
+    use e2e::{FORWARD, SOCKS};
+    ratio(
+        "≥ 4x nftables DNAT (64 B)",
+        e2e_ratio(e, FORWARD, e2e::NFT),
+        |v| v >= 4.0,
+        "x",
+    );
+    ratio(
+        "≥ 12x a userspace forwarder: socat (64 B)",
+        e2e_ratio(e, FORWARD, e2e::SOCAT),
+        |v| v >= 12.0,
+        "x",
+    );
+    ratio(
+        "≥ 12x a userspace forwarder: the relay's recvmmsg/sendmmsg mode (64 B)",
+        e2e_ratio(e, FORWARD, e2e::RELAY_OFF),
+        |v| v >= 12.0,
+        "x",
+    );
+    ratio(
+        "≥ 0.8x a minimal stateless XDP NAT (64 B)",
+        e2e_ratio(e, FORWARD, e2e::NAT),
+        |v| v >= 0.8,
+        "x",
+    );
+    ratio(
+        "≥ 10x dante, SOCKS5 UDP ASSOCIATE (64 B)",
+        e2e_ratio(e, SOCKS, e2e::DANTE),
+        |v| v >= 10.0,
+        "x",
+    );
+    ratio(
+        "≥ 100k new sessions per second",
+        Some(new.sessions_per_second),
+        |v| v >= 100_000.0,
+        "/s",
+    );
+    t
 }
 
 /// In-kernel cost of every path, interleaved with the reference, round by round.
@@ -418,6 +524,16 @@ fn scale_point(sessions: u32, calls: u32) -> anyhow::Result<ScalePoint> {
 
 fn markdown(r: &Results) -> String {
     let mut m = String::new();
+    if !r.targets.is_empty() {
+        let _ = writeln!(m, "## Against the targets\n");
+        let _ = writeln!(m, "| target | this run | |");
+        let _ = writeln!(m, "|---|---:|---|");
+        for t in &r.targets {
+            let verdict = if t.met { "met" } else { "**not met**" };
+            let _ = writeln!(m, "| {} | {} | {verdict} |", t.target, t.measured);
+        }
+        let _ = writeln!(m);
+    }
     if !r.end_to_end.is_empty() {
         let _ = writeln!(
             m,
@@ -425,25 +541,32 @@ fn markdown(r: &Results) -> String {
         );
         let _ = writeln!(
             m,
-            "| peer | frame | delivered | Mpps | CPU ns/packet | relay (XDP) is × faster |"
+            "| traffic | peer | frame | delivered | Mpps | CPU ns/packet | relay (XDP) is × faster |"
         );
-        let _ = writeln!(m, "|---|---:|---:|---:|---:|---:|");
-        let ours = r
-            .end_to_end
-            .iter()
-            .find(|p| p.peer == "relay (XDP)" && p.frame_bytes == 64)
-            .map_or(f64::NAN, |p| p.mpps);
+        let _ = writeln!(m, "|---|---|---:|---:|---:|---:|---:|");
         for p in &r.end_to_end {
+            let ours = r
+                .end_to_end
+                .iter()
+                .find(|o| {
+                    o.peer == e2e::RELAY_XDP
+                        && o.kind == p.kind
+                        && o.family == p.family
+                        && o.frame_bytes == p.frame_bytes
+                })
+                .map(|o| format!("{:.1}", o.mpps / p.mpps))
+                .unwrap_or_else(|| "—".to_owned());
             let _ = writeln!(
                 m,
-                "| {} | {} B | {} of {} | {:.3} | {:.0} | {:.1} |",
+                "| {} {} | {} | {} B | {} of {} | {:.3} | {:.0} | {ours} |",
+                p.kind,
+                p.family,
                 p.peer,
                 p.frame_bytes,
                 p.delivered,
                 p.sent,
                 p.mpps,
                 p.cpu_ns_per_packet,
-                ours / p.mpps
             );
         }
         let _ = writeln!(m);
@@ -624,6 +747,7 @@ fn run(out: &Path, smoke: bool) -> anyhow::Result<()> {
             .trim()
             .to_owned(),
         smoke,
+        targets: targets(&in_kernel, &scale, &end_to_end, &new_sessions),
         in_kernel,
         scale,
         end_to_end,
