@@ -9,6 +9,8 @@
 // `core` has no `fetch_add` for the BPF target; the intrinsic lowers to BPF's atomic add.
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
+// Inline assembly for misaligned packet loads and stores (frame.rs).
+#![feature(asm_experimental_arch)]
 
 mod bench;
 mod frame;

@@ -96,7 +96,7 @@ fn relay(bin: &Path, ns: &Netns, pins: &Path, args: &[&str]) -> anyhow::Result<P
 }
 
 /// How fast the controller opens sessions: `flows` new client flows sent at once.
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 pub struct SessionRate {
     pub flows: u32,
     pub opened: u64,

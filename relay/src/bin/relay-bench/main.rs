@@ -386,7 +386,7 @@ fn targets(
     );
     ratio(
         "≥ 100k new sessions per second",
-        Some(new.sessions_per_second),
+        (new.flows > 0).then_some(new.sessions_per_second),
         |v| v >= 100_000.0,
         "/s",
     );
@@ -572,11 +572,13 @@ fn markdown(r: &Results) -> String {
         let _ = writeln!(m);
     }
     let n = &r.new_sessions;
-    let _ = writeln!(
-        m,
-        "## New sessions through the controller\n\n{} of {} flows opened in {:.3} s: {:.0} sessions/s\n",
-        n.opened, n.flows, n.seconds, n.sessions_per_second
-    );
+    if n.flows > 0 {
+        let _ = writeln!(
+            m,
+            "## New sessions through the controller\n\n{} of {} flows opened in {:.3} s: {:.0} sessions/s\n",
+            n.opened, n.flows, n.seconds, n.sessions_per_second
+        );
+    }
     let _ = writeln!(m, "## In-kernel cost per packet (BPF_PROG_TEST_RUN)\n");
     let _ = writeln!(
         m,
@@ -708,7 +710,9 @@ fn plot(r: &Results) -> String {
     svg
 }
 
-fn run(out: &Path, smoke: bool) -> anyhow::Result<()> {
+/// `kernel_only`: only the BPF_PROG_TEST_RUN parts (in-kernel cost and scale), for quick
+/// comparisons while working on the XDP program.
+fn run(out: &Path, smoke: bool, kernel_only: bool) -> anyhow::Result<()> {
     relay::system::require_privileges()?;
     let (rounds, calls, sizes): (u32, u32, &[u32]) = if smoke {
         (1, 20, &[1_000, 10_000])
@@ -730,7 +734,11 @@ fn run(out: &Path, smoke: bool) -> anyhow::Result<()> {
     // Each session holds a socket in the relay and one in this process's client.
     relay::system::raise_fd_limit();
     let pins = BpfMount::new(e2e::PREFIX)?;
-    let (end_to_end, new_sessions) = e2e::run(&relay_bin, &pins, smoke)?;
+    let (end_to_end, new_sessions) = if kernel_only {
+        (Vec::new(), e2e::SessionRate::default())
+    } else {
+        e2e::run(&relay_bin, &pins, smoke)?
+    };
     let results = Results {
         machine: format!(
             "{} CPUs, {}",
@@ -770,20 +778,24 @@ fn run(out: &Path, smoke: bool) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Quiet unless RUST_LOG asks (e.g. RUST_LOG=debug for a refused program's verifier log).
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let mut args = std::env::args().skip(1);
     let mut smoke = false;
+    let mut kernel_only = false;
     let mut out = PathBuf::from("target/bench");
     while let Some(a) = args.next() {
         match a.as_str() {
             "--smoke" => smoke = true,
+            "--kernel-only" => kernel_only = true,
             "--out" => out = args.next().map(PathBuf::from).unwrap_or(out),
             other => {
-                eprintln!("relay-bench: unknown argument {other:?} (use --smoke, --out DIR)");
+                eprintln!("relay-bench: unknown argument {other:?} (use --smoke, --kernel-only, --out DIR)");
                 return ExitCode::from(2);
             }
         }
     }
-    let result = run(&out, smoke);
+    let result = run(&out, smoke, kernel_only);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
