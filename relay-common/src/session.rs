@@ -82,7 +82,8 @@ pub struct Session {
     pub family: u8,
     /// [`STATE_FREE`] or [`STATE_ACTIVE`].
     pub state: u8,
-    /// CLOCK_MONOTONIC (coarse) nanoseconds of the last packet the XDP program relayed.
+    /// CLOCK_MONOTONIC (coarse) nanoseconds of when the controller wrote the record. The XDP
+    /// program keeps no clock: the controller learns that a session is alive from `traffic`.
     pub last_seen: u64,
     /// Traffic relayed by XDP per direction.
     pub traffic: [Traffic; 2],

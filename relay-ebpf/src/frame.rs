@@ -120,9 +120,15 @@ unsafe fn load<const N: usize>(p: *const u8) -> u64 {
     // those and touches nothing else.
     unsafe {
         match N {
-            8 => asm!("{0} = *(u64 *)({1} + 0)", lateout(reg) v, in(reg) p, options(nostack, readonly, preserves_flags)),
-            4 => asm!("{0} = *(u32 *)({1} + 0)", lateout(reg) v, in(reg) p, options(nostack, readonly, preserves_flags)),
-            _ => asm!("{0} = *(u16 *)({1} + 0)", lateout(reg) v, in(reg) p, options(nostack, readonly, preserves_flags)),
+            8 => {
+                asm!("{0} = *(u64 *)({1} + 0)", lateout(reg) v, in(reg) p, options(nostack, readonly, preserves_flags))
+            }
+            4 => {
+                asm!("{0} = *(u32 *)({1} + 0)", lateout(reg) v, in(reg) p, options(nostack, readonly, preserves_flags))
+            }
+            _ => {
+                asm!("{0} = *(u16 *)({1} + 0)", lateout(reg) v, in(reg) p, options(nostack, readonly, preserves_flags))
+            }
         }
     }
     v
@@ -138,9 +144,15 @@ unsafe fn store<const N: usize>(p: *mut u8, v: u64) {
     // exactly those.
     unsafe {
         match N {
-            8 => asm!("*(u64 *)({0} + 0) = {1}", in(reg) p, in(reg) v, options(nostack, preserves_flags)),
-            4 => asm!("*(u32 *)({0} + 0) = {1}", in(reg) p, in(reg) v, options(nostack, preserves_flags)),
-            _ => asm!("*(u16 *)({0} + 0) = {1}", in(reg) p, in(reg) v, options(nostack, preserves_flags)),
+            8 => {
+                asm!("*(u64 *)({0} + 0) = {1}", in(reg) p, in(reg) v, options(nostack, preserves_flags))
+            }
+            4 => {
+                asm!("*(u32 *)({0} + 0) = {1}", in(reg) p, in(reg) v, options(nostack, preserves_flags))
+            }
+            _ => {
+                asm!("*(u16 *)({0} + 0) = {1}", in(reg) p, in(reg) v, options(nostack, preserves_flags))
+            }
         }
     }
 }
@@ -159,7 +171,12 @@ impl Packet for XdpFrame {
         // `buf` is 8-aligned and as long. All of it is written, and `T` is `Copy` plain data
         // (header bytes and integers), valid for any bytes.
         unsafe {
-            copy_words(p, buf.0.as_mut_ptr() as *mut u8, size_of::<T>(), Side::Source);
+            copy_words(
+                p,
+                buf.0.as_mut_ptr() as *mut u8,
+                size_of::<T>(),
+                Side::Source,
+            );
             Some(buf.0.assume_init())
         }
     }

@@ -27,7 +27,7 @@ use crate::{
     config::{Config, ForwardRule},
     datapath::{self, Datapath, Endpoints},
     nexthop,
-    sessions::{Entry, Refusal, RuleLimits, Table},
+    sessions::{Entry, Observed, Refusal, RuleLimits, Table},
     udp,
 };
 
@@ -674,18 +674,26 @@ impl Controller {
             table.expired(
                 now,
                 |r| rules.get(usize::from(r)).map(Rule::limits),
-                |id| {
-                    let kernel = datapath
+                |id| Observed {
+                    kernel_packets: datapath
                         .as_ref()
                         .and_then(|dp| dp.session(id).ok())
-                        .map_or(0, |s| s.last_seen);
-                    let slow = live
+                        .map_or(0, |s| s.traffic.iter().map(|t| t.packets).sum()),
+                    slow_seen: live
                         .get(&id)
-                        .map_or(0, |l| l.io.slow.last_seen.load(Ordering::Relaxed));
-                    kernel.max(slow)
+                        .map_or(0, |l| l.io.slow.last_seen.load(Ordering::Relaxed)),
                 },
             )
         };
+        // What the table learnt of XDP's traffic goes into the session's pinned slow-path
+        // record, where `relay sessions` reads the idle time (the XDP program keeps no clock).
+        for (id, l) in &st.live {
+            if let Some(seen) = st.table.last_seen(*id) {
+                if l.io.slow.last_seen.fetch_max(seen, Ordering::Relaxed) < seen {
+                    l.io.slow.dirty.store(true, Ordering::Relaxed);
+                }
+            }
+        }
         for id in expired {
             self.close(st, id);
         }
@@ -761,14 +769,8 @@ impl Controller {
                 .and_then(|dp| dp.slow(id).ok())
                 .unwrap_or_default();
             let restored = rule.and_then(|rule| {
-                let entry = Entry {
-                    id,
-                    rule: rule.index,
-                    client: ends.client,
-                    port: ends.back.port(),
-                    // A restart does not count as idle time.
-                    last_seen: now,
-                };
+                // A restart does not count as idle time.
+                let entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
                 if !st.table.recover(entry) {
                     return None;
                 }
@@ -899,6 +901,20 @@ impl Controller {
             .map_or([Traffic::default(); 2], |(s, _)| s.traffic);
         st.socks_free.push(id);
         traffic
+    }
+
+    /// Packets XDP has carried for the fast-path sessions `ids` of a SOCKS5 association, both
+    /// directions: an association whose socket hears nothing is still alive while this grows.
+    pub fn socks_packets(&self, ids: &[u32]) -> u64 {
+        let st = self.lock();
+        let Some(dp) = st.datapath.as_ref() else {
+            return 0;
+        };
+        ids.iter()
+            .filter_map(|id| dp.session(*id).ok())
+            .flat_map(|s| s.traffic)
+            .map(|t| t.packets)
+            .sum()
     }
 
     /// Number of live sessions.

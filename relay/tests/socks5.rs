@@ -51,6 +51,10 @@ fn page() -> Vec<u8> {
 }
 
 fn setup() -> Setup {
+    setup_with_udp_idle("30s")
+}
+
+fn setup_with_udp_idle(udp_idle: &str) -> Setup {
     let t = Topology::new();
     let pin = PinDir::new();
     let dir = TempDir(std::env::temp_dir().join(support::unique("www")));
@@ -76,7 +80,7 @@ fn setup() -> Setup {
     let echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
     let hash = relay::socks5::users::hash_password(PASSWORD.as_bytes()).unwrap();
     let config = ConfigFile::new(&format!(
-        "[socks5]\nlisten = \"{PROXY}\"\nhandshake_timeout = \"2s\"\nudp_idle_timeout = \"30s\"\n\
+        "[socks5]\nlisten = \"{PROXY}\"\nhandshake_timeout = \"2s\"\nudp_idle_timeout = \"{udp_idle}\"\n\
          [[socks5.users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\nmax_associations = 2\n\
          [policy]\nallow = [\"198.18.2.0/24\", \"fd00:5a:2::/64\"]\n"
     ));
@@ -247,6 +251,48 @@ print("ok")
         20 + xdp_back,
         "{st}"
     );
+}
+
+/// Datagrams XDP carries never reach the association's socket; the association must still
+/// count them as activity and stay open past its idle timeout.
+#[test]
+fn an_association_carried_by_xdp_outlives_its_idle_timeout() {
+    let s = setup_with_udp_idle("4s");
+    let script = format!(
+        r#"
+import socket, socks, time
+s = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+s.set_proxy(socks.SOCKS5, "198.18.1.1", 1080, username="alice", password="{PASSWORD}")
+s.settimeout(3)
+start = None
+for i in range(20):
+    msg = b"keepalive %d" % i
+    s.sendto(msg, ("198.18.2.2", 6000))
+    data, addr = s.recvfrom(4096)
+    assert data == msg, (i, data)
+    time.sleep(2.5 if i == 0 else 0.5)
+print("ok")
+"#
+    );
+    let out =
+        s.t.client
+            .command("/usr/bin/python3")
+            .args(["-c", &script])
+            .output()
+            .expect("python3");
+    assert!(
+        out.status.success() && out.stdout == b"ok\n",
+        "PySocks, 12 s through an association with a 4 s idle timeout: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = published_stats(&s);
+    let alice = user(&st, "alice");
+    assert_eq!(
+        alice["associations"], 1,
+        "one association all along: {alice}"
+    );
+    assert_eq!(alice["udp_xdp"]["to_upstream"]["packets"], 19, "{alice}");
 }
 
 /// A raw client: greeting, username/password, request. Returns the stream and the reply.

@@ -390,6 +390,8 @@ impl Server {
             fast: Vec::new(),
         };
         let mut probe = [0u8; 64];
+        // XDP's packet count for the association when it was last idle-checked.
+        let mut xdp_packets = 0;
         loop {
             tokio::select! {
                 // The association lives as long as its control connection.
@@ -401,6 +403,16 @@ impl Server {
                 r = timeout(self.cfg.udp_idle_timeout, socket.readable()) => {
                     match r {
                         Err(_) => {
+                            // Datagrams XDP carries never reach the socket: the association
+                            // is idle only if XDP's count did not move either.
+                            let now = self
+                                .fast_path
+                                .as_ref()
+                                .map_or(0, |c| c.socks_packets(&assoc.fast));
+                            if now != xdp_packets {
+                                xdp_packets = now;
+                                continue;
+                            }
                             debug!("SOCKS5 {peer}: UDP association idle; closing");
                             break;
                         }
