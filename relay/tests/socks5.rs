@@ -105,6 +105,22 @@ fn setup_with_udp_idle(udp_idle: &str) -> Setup {
     }
 }
 
+/// Runs a PySocks `script` in the client namespace; it must print "ok".
+fn pysocks(s: &Setup, script: &str, what: &str) {
+    let out =
+        s.t.client
+            .command("/usr/bin/python3")
+            .args(["-c", script])
+            .output()
+            .expect("python3");
+    assert!(
+        out.status.success() && out.stdout == b"ok\n",
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The relay's stats once the SOCKS5 server has published its accounts (once a second).
 fn published_stats(s: &Setup) -> Value {
     thread::sleep(Duration::from_millis(1500));
@@ -222,18 +238,7 @@ for i in range(21):
 print("ok")
 "#
     );
-    let out =
-        s.t.client
-            .command("/usr/bin/python3")
-            .args(["-c", &script])
-            .output()
-            .expect("python3");
-    assert!(
-        out.status.success() && out.stdout == b"ok\n",
-        "PySocks: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pysocks(&s, &script, "PySocks");
     let st = published_stats(&s);
     let alice = user(&st, "alice");
     assert_eq!(alice["associations"], 1, "{alice}");
@@ -274,17 +279,10 @@ for i in range(20):
 print("ok")
 "#
     );
-    let out =
-        s.t.client
-            .command("/usr/bin/python3")
-            .args(["-c", &script])
-            .output()
-            .expect("python3");
-    assert!(
-        out.status.success() && out.stdout == b"ok\n",
-        "PySocks, 12 s through an association with a 4 s idle timeout: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    pysocks(
+        &s,
+        &script,
+        "PySocks, 12 s through an association with a 4 s idle timeout",
     );
     let st = published_stats(&s);
     let alice = user(&st, "alice");

@@ -353,37 +353,37 @@ fn targets(
         |v| v <= 256.0,
         " B",
     );
-    use e2e::{FORWARD, SOCKS};
-    ratio(
-        "≥ 4x nftables DNAT (64 B)",
-        e2e_ratio(e, FORWARD, e2e::NFT),
-        |v| v >= 4.0,
-        "x",
-    );
-    ratio(
-        "≥ 12x a userspace forwarder: socat (64 B)",
-        e2e_ratio(e, FORWARD, e2e::SOCAT),
-        |v| v >= 12.0,
-        "x",
-    );
-    ratio(
-        "≥ 12x a userspace forwarder: the relay's recvmmsg/sendmmsg mode (64 B)",
-        e2e_ratio(e, FORWARD, e2e::RELAY_OFF),
-        |v| v >= 12.0,
-        "x",
-    );
-    ratio(
-        "≥ 0.8x a minimal stateless XDP NAT (64 B)",
-        e2e_ratio(e, FORWARD, e2e::NAT),
-        |v| v >= 0.8,
-        "x",
-    );
-    ratio(
-        "≥ 10x dante, SOCKS5 UDP ASSOCIATE (64 B)",
-        e2e_ratio(e, SOCKS, e2e::DANTE),
-        |v| v >= 10.0,
-        "x",
-    );
+    use e2e::{DANTE, FORWARD, NAT, NFT, RELAY_OFF, SOCAT, SOCKS};
+    let peers: [(&'static str, &str, &str, fn(f64) -> bool); 5] = [
+        ("≥ 4x nftables DNAT (64 B)", FORWARD, NFT, |v| v >= 4.0),
+        (
+            "≥ 12x a userspace forwarder: socat (64 B)",
+            FORWARD,
+            SOCAT,
+            |v| v >= 12.0,
+        ),
+        (
+            "≥ 12x a userspace forwarder: the relay's recvmmsg/sendmmsg mode (64 B)",
+            FORWARD,
+            RELAY_OFF,
+            |v| v >= 12.0,
+        ),
+        (
+            "≥ 0.8x a minimal stateless XDP NAT (64 B)",
+            FORWARD,
+            NAT,
+            |v| v >= 0.8,
+        ),
+        (
+            "≥ 10x dante, SOCKS5 UDP ASSOCIATE (64 B)",
+            SOCKS,
+            DANTE,
+            |v| v >= 10.0,
+        ),
+    ];
+    for (target, kind, peer, ok) in peers {
+        ratio(target, e2e_ratio(e, kind, peer), ok, "x");
+    }
     ratio(
         "≥ 100k new sessions per second",
         (new.flows > 0).then_some(new.sessions_per_second),
