@@ -354,7 +354,9 @@ fn targets(
         " B",
     );
     use e2e::{DANTE, FORWARD, NAT, NFT, RELAY_OFF, SOCAT, SOCKS};
-    let peers: [(&'static str, &str, &str, fn(f64) -> bool); 5] = [
+    /// Target, traffic, peer, and whether the relay's rate over the peer's meets it.
+    type PeerTarget = (&'static str, &'static str, &'static str, fn(f64) -> bool);
+    let peers: [PeerTarget; 5] = [
         ("≥ 4x nftables DNAT (64 B)", FORWARD, NFT, |v| v >= 4.0),
         (
             "≥ 12x a userspace forwarder: socat (64 B)",
