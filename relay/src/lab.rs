@@ -3,8 +3,11 @@
 //! panics halfway: namespaces are deleted (which detaches their XDP programs and destroys their
 //! veth pairs) and bpffs mounts are unmounted (which unpins everything in them).
 //!
-//! Names start with a prefix (`rlyt` for tests, `rlyb` for the benchmark) and the process id,
-//! so that `cargo xtask test` can sweep what a killed run left behind.
+//! Names start with a prefix (`rlyt` for tests, `rlyb` for the benchmark) and the process id.
+//! Drops do not run when a process is stopped by a signal, so the first name a process takes
+//! also arms a handler for SIGINT, SIGTERM and SIGHUP that stops the process's children (relays,
+//! peers), removes everything named after this process, and then lets the signal end it.
+//! `cargo xtask test` sweeps what a SIGKILLed run left.
 
 use std::{
     ffi::CString,
@@ -12,21 +15,126 @@ use std::{
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicI32, AtomicU32, Ordering},
+        Once,
+    },
     thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// A name unique to this process and call: `{prefix}{pid}{tag}{n}`.
-pub fn unique(prefix: &str, tag: &str) -> String {
+/// A name unique to this process and call: `{prefix}{pid}{tag}{n}`. The first call arms the
+/// clean-up on signals for names with this prefix.
+pub fn unique(prefix: &'static str, tag: &str) -> String {
+    clean_up_on_signals(prefix);
     format!(
         "{prefix}{}{tag}{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Write end of the pipe the signal handler writes the signal number into.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let byte = sig as u8;
+    // SAFETY: write(2) is async-signal-safe; one byte from a live local to the pipe.
+    unsafe {
+        libc::write(
+            SIGNAL_PIPE.load(Ordering::Relaxed),
+            (&raw const byte).cast(),
+            1,
+        )
+    };
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: stop this process's children, remove the namespaces, mounts
+/// and temp files named `{prefix}{pid}...`, then die of the signal. A signal the process
+/// ignores (a background job's SIGINT) stays ignored. Once per process.
+fn clean_up_on_signals(prefix: &'static str) {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two descriptors of a live array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return;
+        }
+        SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
+        thread::spawn(move || {
+            let mut byte = 0u8;
+            // SAFETY: read(2) of one byte into a live local from our pipe.
+            if unsafe { libc::read(fds[0], (&raw mut byte).cast(), 1) } != 1 {
+                return;
+            }
+            let sig = libc::c_int::from(byte);
+            let pid = std::process::id();
+            eprintln!("signal {sig}: removing this run's namespaces, mounts and processes");
+            stop_children(pid);
+            crate::sweep::sweep(|n| crate::sweep::made_by(n, prefix, pid), |_| {});
+            // SAFETY: back to the default action, then the signal ends the process as it
+            // would have without the handler.
+            unsafe {
+                libc::signal(sig, libc::SIG_DFL);
+                libc::raise(sig);
+            }
+        });
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: sigaction with a zeroed struct and a handler that only calls write(2);
+            // the old action is read first so that an ignored signal stays ignored.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut old) != 0
+                    || old.sa_sigaction == libc::SIG_IGN
+                {
+                    continue;
+                }
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+                act.sa_flags = libc::SA_RESTART;
+                libc::sigaction(sig, &act, std::ptr::null_mut());
+            }
+        }
+    });
+}
+
+/// SIGTERM to every child of `pid`, SIGKILL to those still there after two seconds.
+fn stop_children(pid: u32) {
+    let children = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                // pid (comm) state ppid ...: comm may hold spaces, so after the last ')'.
+                let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+                (ppid.parse::<u32>().ok()? == pid).then(|| e.file_name().to_str()?.parse().ok())?
+            })
+            .collect()
+    };
+    for child in children() {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        // Reap what exited, so that it stops counting as a child.
+        // SAFETY: waitpid on any child, without blocking.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        if children().is_empty() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    for child in children() {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child, libc::SIGKILL) };
+    }
 }
 
 /// Runs a command; its stdout, or an error with its output.
@@ -72,7 +180,7 @@ pub struct Netns {
 }
 
 impl Netns {
-    pub fn new(prefix: &str, tag: &str) -> anyhow::Result<Netns> {
+    pub fn new(prefix: &'static str, tag: &str) -> anyhow::Result<Netns> {
         let name = unique(prefix, tag);
         sh(&["ip", "netns", "add", &name])?;
         let ns = Netns { name };
@@ -166,7 +274,7 @@ pub struct BpfMount {
 }
 
 impl BpfMount {
-    pub fn new(prefix: &str) -> anyhow::Result<BpfMount> {
+    pub fn new(prefix: &'static str) -> anyhow::Result<BpfMount> {
         let path = std::env::temp_dir().join(format!("{}-bpf", unique(prefix, "m")));
         if let Err(e) = crate::pin::mount_bpffs(&path) {
             let _ = std::fs::remove_dir(&path);

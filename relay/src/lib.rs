@@ -12,5 +12,6 @@ pub mod policy;
 pub mod sessions;
 pub mod socks5;
 pub mod stats;
+pub mod sweep;
 pub mod system;
 pub mod udp;

@@ -1,6 +1,9 @@
 //! `cargo xtask`: the relay's build, run and test entry points.
 
 mod bootstrap;
+// The relay's sweep of test leftovers, as a module here: xtask runs before the relay builds.
+#[path = "../../relay/src/sweep.rs"]
+mod sweep;
 
 use std::{
     ffi::OsString,
@@ -216,49 +219,10 @@ fn ours(name: &str) -> bool {
     name.starts_with("rlyt") || name.starts_with("rlyb")
 }
 
-/// Removes the namespaces and private bpffs mounts a killed test or benchmark run left behind.
-/// A run that ends, even by a failed assertion, removes its own.
+/// Removes the namespaces, private bpffs mounts and temp files a killed test or benchmark run
+/// left behind. A run that ends, even by a failed assertion or a signal, removes its own.
 fn clean_stale_test_state() {
-    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or_default();
-            if ours(name) {
-                eprintln!("[test] removing stale namespace {name}");
-                let _ = Command::new("ip").args(["netns", "del", name]).status();
-            }
-        }
-    }
-    let tmp = std::env::temp_dir();
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    for line in mounts.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(_), Some(target), Some("bpf")) = (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        let target = Path::new(target);
-        let name = target
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        if target.parent() == Some(tmp.as_path()) && ours(name) {
-            eprintln!("[test] unmounting stale bpffs {}", target.display());
-            let _ = Command::new("umount").arg("-l").arg(target).status();
-            let _ = std::fs::remove_dir(target);
-        }
-    }
-    // Logs, configuration files and web roots of killed runs (mounts are gone by now).
-    for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
-        let name = entry.file_name();
-        if ours(&name.to_string_lossy()) {
-            let path = entry.path();
-            let _ = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-        }
-    }
+    sweep::sweep(ours, |what| eprintln!("[test] stale: {what}"));
 }
 
 fn lint() -> anyhow::Result<()> {

@@ -54,7 +54,11 @@ struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
+        // Already exited (and reaped): its pid may be someone else's by now.
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
+        // SAFETY: kill(2) on our own child, not yet reaped.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -746,9 +750,8 @@ fn dante(t: &Topology) -> anyhow::Result<(Proc, TempFile)> {
         .arg(&pid.0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
-        .context("running danted (Debian package dante-server)")?;
-    let p = Proc(child);
+        .spawn()?;
+    let mut p = Proc(child);
     // Until it accepts connections.
     let start = Instant::now();
     loop {
@@ -761,6 +764,9 @@ fn dante(t: &Topology) -> anyhow::Result<(Proc, TempFile)> {
         })?;
         if up {
             break;
+        }
+        if let Some(status) = p.0.try_wait()? {
+            bail!("danted exited ({status}); is Debian's dante-server installed? (`cargo xtask bench` installs it)");
         }
         if start.elapsed() > Duration::from_secs(10) {
             bail!("dante did not start listening on 198.18.1.1:1081");
