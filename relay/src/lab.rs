@@ -75,7 +75,7 @@ fn clean_up_on_signals(prefix: &'static str) {
             let pid = std::process::id();
             eprintln!("signal {sig}: removing this run's namespaces, mounts and processes");
             stop_children(pid);
-            crate::sweep::sweep(|n| crate::sweep::made_by(n, prefix, pid), |_| {});
+            crate::sweep::sweep(|n| crate::sweep::owner(n, prefix) == Some(pid), |_| {});
             // SAFETY: back to the default action, then the signal ends the process as it
             // would have without the handler.
             unsafe {

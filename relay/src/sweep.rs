@@ -49,24 +49,28 @@ pub fn sweep(ours: impl Fn(&str) -> bool, say: impl Fn(&str)) {
     }
 }
 
-/// Whether `name` was made by process `pid` with `prefix` (`{prefix}{pid}{tag}...`, tags
-/// starting with a letter, so that pid 12 does not claim pid 123's names).
-pub fn made_by(name: &str, prefix: &str, pid: u32) -> bool {
-    name.strip_prefix(prefix)
-        .and_then(|rest| rest.strip_prefix(&pid.to_string()))
-        .is_some_and(|tag| tag.starts_with(|c: char| c.is_ascii_alphabetic()))
+/// The process that made `name` with `prefix`: names are `{prefix}{pid}{tag}...`, tags start
+/// with a letter.
+pub fn owner(name: &str, prefix: &str) -> Option<u32> {
+    let rest = name.strip_prefix(prefix)?;
+    let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+    if !rest[digits..].starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return None;
+    }
+    rest[..digits].parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::made_by;
+    use super::owner;
 
     #[test]
-    fn names_belong_to_one_process() {
-        assert!(made_by("rlyb123c7", "rlyb", 123));
-        assert!(made_by("rlyb123m6-bpf", "rlyb", 123));
-        assert!(!made_by("rlyb1234c7", "rlyb", 123), "another pid");
-        assert!(!made_by("rlyt123c7", "rlyb", 123), "another prefix");
-        assert!(!made_by("rlyb123", "rlyb", 123), "no tag");
+    fn names_say_which_process_made_them() {
+        assert_eq!(owner("rlyb123c7", "rlyb"), Some(123));
+        assert_eq!(owner("rlyb123m6-bpf", "rlyb"), Some(123));
+        assert_eq!(owner("rlyb1234c7", "rlyb"), Some(1234));
+        assert_eq!(owner("rlyt123c7", "rlyb"), None, "another prefix");
+        assert_eq!(owner("rlyb123", "rlyb"), None, "no tag");
+        assert_eq!(owner("rlybc7", "rlyb"), None, "no pid");
     }
 }

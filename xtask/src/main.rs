@@ -213,16 +213,20 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Whether a namespace or mount name is one the tests (`rlyt`) or the benchmark (`rlyb`) made
-/// (see `relay::lab`).
-fn ours(name: &str) -> bool {
-    name.starts_with("rlyt") || name.starts_with("rlyb")
+/// Whether a namespace, mount or temp file name is one a test (`rlyt`) or benchmark (`rlyb`)
+/// process made (see `relay::lab`) that is no longer running: a run going on at the same time
+/// keeps its own.
+fn stale(name: &str) -> bool {
+    ["rlyt", "rlyb"]
+        .iter()
+        .filter_map(|prefix| sweep::owner(name, prefix))
+        .any(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// Removes the namespaces, private bpffs mounts and temp files a killed test or benchmark run
 /// left behind. A run that ends, even by a failed assertion or a signal, removes its own.
 fn clean_stale_test_state() {
-    sweep::sweep(ours, |what| eprintln!("[test] stale: {what}"));
+    sweep::sweep(stale, |what| eprintln!("[test] stale: {what}"));
 }
 
 fn lint() -> anyhow::Result<()> {
