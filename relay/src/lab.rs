@@ -38,6 +38,21 @@ pub fn unique(prefix: &'static str, tag: &str) -> String {
     )
 }
 
+/// A socket address written in a test or benchmark (panics on a typo).
+pub fn sa(s: &str) -> std::net::SocketAddr {
+    s.parse().expect("socket address")
+}
+
+/// A session's four endpoints, written as text.
+pub fn ends(client: &str, front: &str, back: &str, upstream: &str) -> crate::datapath::Endpoints {
+    crate::datapath::Endpoints {
+        client: sa(client),
+        front: sa(front),
+        back: sa(back),
+        upstream: sa(upstream),
+    }
+}
+
 /// Write end of the pipe the signal handler writes the signal number into.
 static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
 

@@ -10,14 +10,16 @@
 
 mod support;
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::collections::BTreeMap;
 
 // SOCKS5 records' traffic: checked in `fixtures_through_the_verified_program`.
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use relay::{
-    datapath::{self, Datapath, Endpoints},
-    ebpf, pin,
+    datapath::{self, Datapath},
+    ebpf,
+    lab::{ends, sa},
+    pin,
     stats::Snapshot,
 };
 use relay_common::{
@@ -46,10 +48,6 @@ fn pass(what: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
         output: None,
         reason,
     }
-}
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().expect("socket address")
 }
 
 fn udp4() -> Frame {
@@ -133,15 +131,6 @@ const TO_CLIENT_HOP: Nexthop = Nexthop {
     dst_mac: [0x02, 0, 0, 0, 1, 2],
     _pad: [0; 2],
 };
-
-fn ends(client: &str, front: &str, back: &str, upstream: &str) -> Endpoints {
-    Endpoints {
-        client: sa(client),
-        front: sa(front),
-        back: sa(back),
-        upstream: sa(upstream),
-    }
-}
 
 /// Installs four sessions: IPv4 and IPv6 with resolved next hops, one whose next hop is
 /// unresolved, one whose egress MTU is tiny.

@@ -28,7 +28,7 @@ use aya::{
 use relay::{
     datapath::{self, Datapath, Endpoints},
     ebpf,
-    lab::BpfMount,
+    lab::{ends, sa, BpfMount},
     stats::Snapshot,
 };
 use relay_common::{
@@ -37,19 +37,6 @@ use relay_common::{
     session::{Nexthop, SlowPath, RULE_SOCKS},
 };
 use serde::Serialize;
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().expect("socket address")
-}
-
-fn ends(client: &str, front: &str, back: &str, upstream: &str) -> Endpoints {
-    Endpoints {
-        client: sa(client),
-        front: sa(front),
-        back: sa(back),
-        upstream: sa(upstream),
-    }
-}
 
 /// Out of loopback, the interface BPF_PROG_TEST_RUN pretends frames arrive on: XDP_TX.
 const HOP: Nexthop = Nexthop {
