@@ -685,16 +685,15 @@ impl Controller {
                 },
             )
         };
-        // What the table learnt of XDP's traffic goes into the session's pinned slow-path
-        // record, where `relay sessions` reads the idle time (the XDP program keeps no clock).
-        for (id, l) in &st.live {
-            if let Some(seen) = st.table.last_seen(*id) {
-                if l.io.slow.last_seen.fetch_max(seen, Ordering::Relaxed) < seen {
-                    l.io.slow.dirty.store(true, Ordering::Relaxed);
-                }
+        // Traffic XDP carried goes into the session's pinned slow-path record, where `relay
+        // sessions` reads the idle time (the XDP program keeps no clock).
+        for id in &expired.carried {
+            if let Some(l) = st.live.get(id) {
+                l.io.slow.last_seen.fetch_max(now, Ordering::Relaxed);
+                l.io.slow.dirty.store(true, Ordering::Relaxed);
             }
         }
-        for id in expired {
+        for id in expired.closed {
             self.close(st, id);
         }
         let slots: Vec<_> = st.nexthops.entries().collect();

@@ -67,6 +67,15 @@ impl Entry {
     }
 }
 
+/// One pass of [`Table::expired`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Expiry {
+    /// Sessions to close: idle for longer than their timeout, or their rule is gone.
+    pub closed: Vec<u32>,
+    /// Sessions whose XDP packet count moved since the last look: seen now.
+    pub carried: Vec<u32>,
+}
+
 /// What the others who move a session's bytes say about it: the XDP program's packet count
 /// (both directions) and the last time the controller's own relays saw a packet (0 if never).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -272,12 +281,12 @@ impl Table {
         now: u64,
         limits: impl Fn(u16) -> Option<RuleLimits>,
         mut observe: impl FnMut(u32) -> Observed,
-    ) -> Vec<u32> {
-        let mut out = Vec::new();
+    ) -> Expiry {
+        let mut out = Expiry::default();
         for e in self.entries.values_mut() {
             // The rule is gone (configuration changed): close.
             let Some(l) = limits(e.rule) else {
-                out.push(e.id);
+                out.closed.push(e.id);
                 continue;
             };
             let timeout = l.idle_timeout.as_nanos() as u64;
@@ -291,19 +300,16 @@ impl Table {
             if o.kernel_packets != e.kernel_packets {
                 e.kernel_packets = o.kernel_packets;
                 e.last_seen = now;
+                out.carried.push(e.id);
             }
             e.last_seen = e.last_seen.max(o.slow_seen);
             if now.saturating_sub(e.last_seen) > timeout {
-                out.push(e.id);
+                out.closed.push(e.id);
             }
         }
-        out.sort_unstable();
+        out.closed.sort_unstable();
+        out.carried.sort_unstable();
         out
-    }
-
-    /// What the table believes of session `id`'s last traffic.
-    pub fn last_seen(&self, id: u32) -> Option<u64> {
-        self.entries.get(&id).map(|e| e.last_seen)
     }
 }
 
@@ -415,32 +421,43 @@ mod tests {
                 slow_seen: 0,
             }
         };
+        let pass = |closed: Vec<u32>, carried: Vec<u32>| Expiry { closed, carried };
         // Within a quarter timeout of opening, nobody is asked; the orphan closes at once.
-        assert_eq!(t.expired(60 * SEC, rules, observe), vec![c.id]);
+        assert_eq!(
+            t.expired(60 * SEC, rules, observe),
+            pass(vec![c.id], vec![])
+        );
         assert!(asked.borrow().is_empty());
         t.close(c.id);
         // At 80 s both are asked; a's count moved, so it was seen now.
         packets.set(5);
-        assert_eq!(t.expired(80 * SEC, rules, observe), vec![]);
-        assert_eq!(t.last_seen(a.id), Some(80 * SEC));
-        assert_eq!(t.last_seen(b.id), Some(0));
+        assert_eq!(
+            t.expired(80 * SEC, rules, observe),
+            pass(vec![], vec![a.id])
+        );
+        let mut both = asked.borrow().clone();
+        both.sort_unstable();
+        assert_eq!(both, vec![a.id, b.id]);
         // Asked again only a quarter timeout later.
         asked.borrow_mut().clear();
-        assert_eq!(t.expired(100 * SEC, rules, observe), vec![]);
+        assert_eq!(t.expired(100 * SEC, rules, observe), pass(vec![], vec![]));
         assert!(asked.borrow().is_empty(), "{:?}", asked.borrow());
         // b is over its timeout: asked once more before closing, and closed. a is quiet
         // (its count did not move since 80 s) and lives until 80 s + 300 s.
-        assert_eq!(t.expired(301 * SEC, rules, observe), vec![b.id]);
+        assert_eq!(
+            t.expired(301 * SEC, rules, observe),
+            pass(vec![b.id], vec![])
+        );
         t.close(b.id);
-        assert_eq!(t.expired(380 * SEC, rules, observe), vec![]);
-        // A packet relayed by the controller counts as well.
+        assert_eq!(t.expired(380 * SEC, rules, observe), pass(vec![], vec![]));
+        // A packet relayed by the controller at 370 s counts as well: a lives until 670 s.
         let slow = |_: u32| Observed {
             kernel_packets: 5,
             slow_seen: 370 * SEC,
         };
-        assert_eq!(t.expired(381 * SEC, rules, slow), vec![]);
-        assert_eq!(t.last_seen(a.id), Some(370 * SEC));
-        assert_eq!(t.expired(671 * SEC, rules, slow), vec![a.id]);
+        assert_eq!(t.expired(381 * SEC, rules, slow), pass(vec![], vec![]));
+        assert_eq!(t.expired(669 * SEC, rules, slow), pass(vec![], vec![]));
+        assert_eq!(t.expired(671 * SEC, rules, slow), pass(vec![a.id], vec![]));
     }
 
     #[test]
