@@ -103,6 +103,12 @@ pub struct Nexthop {
 }
 
 impl Session {
+    /// Packets XDP relayed for the session, both directions: the controller's sign of life
+    /// (the XDP program keeps no clock).
+    pub fn packets(&self) -> u64 {
+        self.traffic[0].packets + self.traffic[1].packets
+    }
+
     /// Where a packet of `direction` goes: new source, new destination and ports. Borrows
     /// the addresses, which in the XDP program live in map memory, not on the small stack.
     #[inline(always)]

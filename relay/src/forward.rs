@@ -678,7 +678,7 @@ impl Controller {
                     kernel_packets: datapath
                         .as_ref()
                         .and_then(|dp| dp.session(id).ok())
-                        .map_or(0, |s| s.traffic.iter().map(|t| t.packets).sum()),
+                        .map_or(0, |s| s.packets()),
                     slow_seen: live
                         .get(&id)
                         .map_or(0, |l| l.io.slow.last_seen.load(Ordering::Relaxed)),
@@ -911,8 +911,7 @@ impl Controller {
         };
         ids.iter()
             .filter_map(|id| dp.session(*id).ok())
-            .flat_map(|s| s.traffic)
-            .map(|t| t.packets)
+            .map(|s| s.packets())
             .sum()
     }
 

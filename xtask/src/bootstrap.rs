@@ -90,6 +90,25 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// The LLVM development packages bpf-linker builds against that are not installed. Checked as
+/// packages, not by `llvm-config`: that comes with the runtime package `llvm-22`, which can be
+/// installed without the libLLVM.so bpf-linker links against.
+fn missing_llvm_dev() -> Vec<String> {
+    [
+        format!("llvm-{LLVM_MAJOR}-dev"),
+        format!("libpolly-{LLVM_MAJOR}-dev"),
+    ]
+    .into_iter()
+    .filter(|p| !deb_installed(p))
+    .collect()
+}
+
+/// Whether Debian package `pkg` is installed.
+fn deb_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", pkg]))
+        .is_some_and(|s| s.split_whitespace().last() == Some("installed"))
+}
+
 fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
 }
@@ -130,15 +149,12 @@ pub fn build_prerequisites() -> anyhow::Result<()> {
         ]))?;
     }
 
-    let llvm_config = llvm_bin().join("llvm-config");
-    if !llvm_config.exists() {
+    let missing = missing_llvm_dev();
+    if !missing.is_empty() {
         say(&format!(
             "installing LLVM {LLVM_MAJOR} development packages for bpf-linker"
         ));
-        apt_install(&[
-            &format!("llvm-{LLVM_MAJOR}-dev"),
-            &format!("libpolly-{LLVM_MAJOR}-dev"),
-        ])?;
+        apt_install(&missing.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
 
     let linker = cargo_bin_dir().join("bpf-linker");
@@ -186,7 +202,7 @@ pub fn test_prerequisites() -> anyhow::Result<()> {
 pub fn report() {
     let linker = cargo_bin_dir().join("bpf-linker");
     let items = [
-        ("llvm-config", llvm_bin().join("llvm-config").exists()),
+        ("LLVM development packages", missing_llvm_dev().is_empty()),
         ("bpf-linker", linker.exists()),
     ];
     for (name, ok) in items {
