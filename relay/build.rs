@@ -29,12 +29,25 @@ fn main() -> anyhow::Result<()> {
         "cargo:rerun-if-changed={}",
         manifest.join("../relay-common/src").display()
     );
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest.join("../relay-ebpf/rust-toolchain.toml").display()
+    );
     aya_build::build_ebpf(
         [Package {
             name: "relay-ebpf",
             root_dir: root,
             ..Default::default()
         }],
-        Toolchain::default(),
+        Toolchain::Custom(pinned_toolchain()?),
     )
+}
+
+/// The nightly that builds the XDP objects, as pinned in `relay-ebpf/rust-toolchain.toml`.
+fn pinned_toolchain() -> anyhow::Result<&'static str> {
+    include_str!("../relay-ebpf/rust-toolchain.toml")
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("channel = "))
+        .map(|v| v.trim_matches('"'))
+        .ok_or_else(|| anyhow!("relay-ebpf/rust-toolchain.toml names no channel"))
 }

@@ -9,11 +9,6 @@
 // `core` has no `fetch_add` for the BPF target; the intrinsic lowers to BPF's atomic add.
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
-// Inline assembly for misaligned packet loads and stores (frame.rs).
-#![feature(asm_experimental_arch)]
-
-mod bench;
-mod frame;
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
@@ -35,7 +30,7 @@ use relay_common::{
     },
 };
 
-use crate::frame::XdpFrame;
+use relay_ebpf::frame::XdpFrame;
 
 /// Packets and bytes per [`Reason`], per CPU. Pinned so that counts survive a controller
 /// restart.

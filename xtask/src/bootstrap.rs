@@ -11,7 +11,17 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-/// The LLVM major version that the nightly toolchain (and so bpf-linker) must match.
+/// The nightly that builds the eBPF crate, as pinned in `relay-ebpf/rust-toolchain.toml` (the
+/// same file `relay/build.rs` reads).
+pub fn ebpf_toolchain() -> &'static str {
+    include_str!("../../relay-ebpf/rust-toolchain.toml")
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("channel = "))
+        .map(|v| v.trim_matches('"'))
+        .unwrap_or("nightly")
+}
+
+/// The LLVM major version of the pinned nightly, which bpf-linker must match.
 pub const LLVM_MAJOR: u32 = 22;
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -116,14 +126,18 @@ fn is_root() -> bool {
 /// Everything `cargo xtask build` needs: nightly with rust-src, LLVM's development
 /// packages, and bpf-linker built against them.
 pub fn build_prerequisites() -> anyhow::Result<()> {
+    let toolchain = ebpf_toolchain();
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is required (https://rustup.rs) and was not found")?;
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        say("installing the nightly Rust toolchain (the eBPF crate needs -Z build-std)");
+    if !toolchains.lines().any(|l| l.starts_with(toolchain)) {
+        say(&format!(
+            "installing the Rust toolchain {toolchain} (pinned in relay-ebpf/rust-toolchain.toml: \
+             the eBPF crate needs -Z build-std, and its LLVM must be bpf-linker's)"
+        ));
         run(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            toolchain,
             "--profile",
             "minimal",
             "--component",
@@ -134,18 +148,20 @@ pub fn build_prerequisites() -> anyhow::Result<()> {
         "component",
         "list",
         "--toolchain",
-        "nightly",
+        toolchain,
         "--installed",
     ]))
     .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        say("adding rust-src to nightly (to build `core` for the BPF target)");
+        say(&format!(
+            "adding rust-src to {toolchain} (to build `core` for the BPF target)"
+        ));
         run(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
             "--toolchain",
-            "nightly",
+            toolchain,
         ]))?;
     }
 

@@ -245,10 +245,10 @@ fn lint() -> anyhow::Result<()> {
         "warnings",
     ]);
     status(clippy)?;
-    // The eBPF crate only builds for the BPF target, with nightly (through rustup's `run`,
-    // which does not depend on the `cargo +toolchain` proxy syntax).
+    // The eBPF crate only builds for the BPF target, with the pinned nightly (through
+    // RUSTUP_TOOLCHAIN, which does not depend on the `cargo +toolchain` proxy syntax).
     let mut ebpf = cargo();
-    ebpf.env("RUSTUP_TOOLCHAIN", "nightly")
+    ebpf.env("RUSTUP_TOOLCHAIN", bootstrap::ebpf_toolchain())
         .args([
             "clippy",
             "--package",

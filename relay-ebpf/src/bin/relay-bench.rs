@@ -1,4 +1,5 @@
-//! Programs for `cargo xtask bench` only; the relay never attaches them.
+//! The benchmark's XDP object (`cargo xtask bench` only): the relay never loads it, and
+//! none of its maps are in the relay's object.
 //!
 //! - `macswap`: the reference the fast path is compared with: swap the MAC addresses, XDP_TX.
 //! - `generate`: XDP_TX as is; run with BPF_PROG_RUN in live-frames mode it sends a prepared
@@ -6,6 +7,9 @@
 //! - `sink`: counts the UDP that arrives and drops it (the receiving end of a benchmark).
 //! - `nat`: a minimal stateless NAT, the fastest thing an XDP relay could be (one rule, no
 //!   sessions, no counters): the peer the relay's end-to-end rate is compared with.
+
+#![no_std]
+#![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -16,7 +20,7 @@ use aya_ebpf::{
 };
 use relay_common::{bench::StatelessNat, checksum::Delta, counters::Counter, packet::Packet as _};
 
-use crate::frame::XdpFrame;
+use relay_ebpf::frame::XdpFrame;
 
 #[map]
 static SINK: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
@@ -126,3 +130,14 @@ pub fn nat(ctx: XdpContext) -> u32 {
     // SAFETY: a BPF helper call with plain integer arguments.
     unsafe { bpf_redirect(rule.ifindex, 0) as u32 }
 }
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic, so this is never called.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
