@@ -1,19 +1,38 @@
-//! The kernel maps as the controller uses them: installing and removing sessions, next hops,
-//! and the accounting the controller keeps next to the data path's.
+//! The kernel maps as the controller writes them: [`Datapath`] is the one writer of every map
+//! the XDP program reads, for forward rules and SOCKS5 alike.
+//!
+//! | map | written by (all through [`Datapath`]) |
+//! |---|---|
+//! | `FLOWS`, `SESSIONS`, `SLOWPATH` | [`Datapath::install`] and [`Datapath::remove`] (forward sessions: `forward::sessions`; SOCKS5 flows: [`Datapath::socks_open`], [`Datapath::socks_close`]); `SLOWPATH` also [`Datapath::set_slow`] (the controller's own traffic, published once a second) |
+//! | `NEXTHOPS` | [`Datapath::set_nexthop`], called by the next-hop thread (`nexthop::NextHops`) only |
+//! | `RULES` | [`Datapath::update_rule`] (labels and reloads: `forward::rules`; opened, closed, refused: `forward::sessions`) |
+//! | `USERS` | [`Datapath::set_user`] (the SOCKS5 server's accounts, once a second) |
+//! | `EGRESS` | [`Datapath::add_egress`] (at start, the interfaces XDP is attached to) |
+//!
+//! `COUNTERS` is written by the XDP program alone. The record ids of SOCKS5 fast-path flows
+//! (after the forward sessions' ids) are handed out here too.
+//!
+//! Map syscalls are short and never block, so one std mutex guards the handles; nothing that
+//! waits (netlink, name resolution, sockets) runs while it is held.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::Range,
+    sync::{Mutex, MutexGuard},
+};
 
 use anyhow::{anyhow, Context as _};
 use aya::{
     maps::{Array, DevMapHash, HashMap, MapData},
     Ebpf,
 };
+use log::debug;
 use relay_common::{
     maps,
     packet::{FAMILY_V4, FAMILY_V6, PROTO_UDP},
     session::{
-        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Traffic, FLOW_SOCKS, RULE_SOCKS,
-        STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
+        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Traffic, UserStats, FLOW_SOCKS,
+        RULE_SOCKS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
     },
 };
 
@@ -146,13 +165,21 @@ pub fn record(e: &Endpoints, rule: u16, nexthop: [u16; 2], now: u64) -> Session 
 }
 
 /// Owned handles on the maps.
-pub struct Datapath {
+struct Maps {
     flows: HashMap<MapData, FlowKey, Flow>,
     sessions: Array<MapData, Session>,
     nexthops: Array<MapData, Nexthop>,
     slow: Array<MapData, SlowPath>,
     rules: Array<MapData, RuleStats>,
+    users: Array<MapData, UserStats>,
     egress: DevMapHash<MapData>,
+    /// Free record ids for SOCKS5 fast-path flows.
+    socks_free: Vec<u32>,
+}
+
+/// The one writer of the kernel maps (see the module documentation).
+pub struct Datapath {
+    maps: Mutex<Maps>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
@@ -167,15 +194,32 @@ where
 }
 
 impl Datapath {
+    /// Takes the maps out of a loaded object. No record ids are set aside for SOCKS5 flows
+    /// until [`Datapath::with_socks_ids`].
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Datapath> {
         Ok(Datapath {
-            flows: take(ebpf, maps::FLOWS)?,
-            sessions: take(ebpf, maps::SESSIONS)?,
-            nexthops: take(ebpf, maps::NEXTHOPS)?,
-            slow: take(ebpf, maps::SLOWPATH)?,
-            rules: take(ebpf, maps::RULES)?,
-            egress: take(ebpf, maps::EGRESS)?,
+            maps: Mutex::new(Maps {
+                flows: take(ebpf, maps::FLOWS)?,
+                sessions: take(ebpf, maps::SESSIONS)?,
+                nexthops: take(ebpf, maps::NEXTHOPS)?,
+                slow: take(ebpf, maps::SLOWPATH)?,
+                rules: take(ebpf, maps::RULES)?,
+                users: take(ebpf, maps::USERS)?,
+                egress: take(ebpf, maps::EGRESS)?,
+                socks_free: Vec::new(),
+            }),
         })
+    }
+
+    /// Sets the record ids `ids` aside for SOCKS5 fast-path flows (handed out lowest first).
+    pub fn with_socks_ids(self, ids: Range<u32>) -> Datapath {
+        self.lock().socks_free = ids.rev().collect();
+        self
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Maps> {
+        // A panic while holding the lock is a bug; the handles are still the best we have.
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Opens the maps pinned in `dir` (for `relay stats` and `relay sessions`).
@@ -196,20 +240,19 @@ impl Datapath {
         })
     }
 
-    pub fn capacity(&self) -> u32 {
-        self.sessions.len()
-    }
-
     /// Kernel memory the session maps take (FLOWS, SESSIONS, SLOWPATH), from the kernel's
     /// own accounting (`memlock` in fdinfo).
     pub fn session_memory(&self) -> u64 {
         use aya::maps::IterableMap as _;
         use std::os::fd::{AsFd as _, AsRawFd as _};
-        let fds = [
-            self.flows.map().fd().as_fd().as_raw_fd(),
-            self.sessions.map().fd().as_fd().as_raw_fd(),
-            self.slow.map().fd().as_fd().as_raw_fd(),
-        ];
+        let fds = {
+            let m = self.lock();
+            [
+                m.flows.map().fd().as_fd().as_raw_fd(),
+                m.sessions.map().fd().as_fd().as_raw_fd(),
+                m.slow.map().fd().as_fd().as_raw_fd(),
+            ]
+        };
         fds.iter()
             .filter_map(|fd| std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok())
             .filter_map(|info| {
@@ -221,14 +264,116 @@ impl Datapath {
     }
 
     /// Makes `ifindex` a possible redirect target.
-    pub fn add_egress(&mut self, ifindex: u32) -> anyhow::Result<()> {
-        self.egress
+    pub fn add_egress(&self, ifindex: u32) -> anyhow::Result<()> {
+        self.lock()
+            .egress
             .insert(ifindex, ifindex, None, 0)
             .with_context(|| format!("adding ifindex {ifindex} to the redirect map"))
     }
 
     /// Installs session `id`: the record first, then the flows that lead to it.
-    pub fn install(&mut self, id: u32, s: &Session, slow: &SlowPath) -> anyhow::Result<()> {
+    pub fn install(&self, id: u32, s: &Session, slow: &SlowPath) -> anyhow::Result<()> {
+        self.lock().install(id, s, slow)
+    }
+
+    /// Removes session `id`: flows first (no new packet finds it), then the record, whose
+    /// final counters are returned.
+    pub fn remove(&self, id: u32) -> anyhow::Result<(Session, SlowPath)> {
+        self.lock().remove(id)
+    }
+
+    pub fn session(&self, id: u32) -> anyhow::Result<Session> {
+        self.lock().sessions.get(&id, 0).context("reading SESSIONS")
+    }
+
+    pub fn slow(&self, id: u32) -> anyhow::Result<SlowPath> {
+        self.lock().slow.get(&id, 0).context("reading SLOWPATH")
+    }
+
+    pub fn set_slow(&self, id: u32, v: &SlowPath) -> anyhow::Result<()> {
+        self.lock().slow.set(id, v, 0).context("writing SLOWPATH")
+    }
+
+    pub fn set_nexthop(&self, slot: u16, nh: &Nexthop) -> anyhow::Result<()> {
+        self.lock()
+            .nexthops
+            .set(u32::from(slot), nh, 0)
+            .context("writing NEXTHOPS")
+    }
+
+    pub fn update_rule(&self, rule: u16, f: impl FnOnce(&mut RuleStats)) -> anyhow::Result<()> {
+        let mut m = self.lock();
+        let mut r = m.rules.get(&u32::from(rule), 0).context("reading RULES")?;
+        f(&mut r);
+        m.rules.set(u32::from(rule), r, 0).context("writing RULES")
+    }
+
+    /// Publishes one SOCKS5 account to `USERS`.
+    pub fn set_user(&self, index: u32, stats: &UserStats) -> anyhow::Result<()> {
+        self.lock()
+            .users
+            .set(index, stats, 0)
+            .context("writing USERS")
+    }
+
+    /// Active sessions in the maps (after a restart: the state to take over).
+    pub fn active(&self) -> Vec<(u32, Session)> {
+        let m = self.lock();
+        (0..m.sessions.len())
+            .filter_map(|id| {
+                let s = m.sessions.get(&id, 0).ok()?;
+                (s.state == STATE_ACTIVE).then_some((id, s))
+            })
+            .collect()
+    }
+
+    /// Puts one SOCKS5 (association, destination) pair in the fast path with the next hops
+    /// `nexthop` ([to the destination, to the client]); returns its record id, or `None` when
+    /// XDP cannot carry it (mixed families, no free id, the flow table full).
+    pub fn socks_open(&self, ends: Endpoints, user: u16, nexthop: [u16; 2]) -> Option<u32> {
+        if !ends.same_family() {
+            return None;
+        }
+        let mut m = self.lock();
+        let id = m.socks_free.pop()?;
+        let rule = RULE_SOCKS | (user & !RULE_SOCKS);
+        let record = record(&ends, rule, nexthop, crate::system::monotonic_ns());
+        match m.install(id, &record, &SlowPath::default()) {
+            Ok(()) => Some(id),
+            Err(e) => {
+                debug!(
+                    "SOCKS5 flow {} -> {} not in the fast path: {e:#}",
+                    ends.client, ends.upstream
+                );
+                m.socks_free.push(id);
+                None
+            }
+        }
+    }
+
+    /// Takes a SOCKS5 pair out of the fast path; returns what XDP relayed for it.
+    pub fn socks_close(&self, id: u32) -> [Traffic; 2] {
+        let mut m = self.lock();
+        let traffic = m
+            .remove(id)
+            .map_or([Traffic::default(); 2], |(s, _)| s.traffic);
+        m.socks_free.push(id);
+        traffic
+    }
+
+    /// Packets XDP has carried for the fast-path flows `ids` of a SOCKS5 association, both
+    /// directions: an association whose socket hears nothing is still alive while this grows.
+    pub fn socks_packets(&self, ids: impl IntoIterator<Item = u32>) -> u64 {
+        let m = self.lock();
+        ids.into_iter()
+            .filter_map(|id| m.sessions.get(&id, 0).ok())
+            .map(|s| s.packets())
+            .sum()
+    }
+}
+
+impl Maps {
+    fn install(&mut self, id: u32, s: &Session, slow: &SlowPath) -> anyhow::Result<()> {
         self.slow.set(id, slow, 0).context("writing SLOWPATH")?;
         self.sessions.set(id, s, 0).context("writing SESSIONS")?;
         if is_socks(s) {
@@ -260,9 +405,7 @@ impl Datapath {
         Ok(())
     }
 
-    /// Removes session `id`: flows first (no new packet finds it), then the record, whose
-    /// final counters are returned.
-    pub fn remove(&mut self, id: u32) -> anyhow::Result<(Session, SlowPath)> {
+    fn remove(&mut self, id: u32) -> anyhow::Result<(Session, SlowPath)> {
         let s = self.sessions.get(&id, 0).context("reading SESSIONS")?;
         if s.state == STATE_ACTIVE && is_socks(&s) {
             let _ = self.flows.remove(&socks_key(&endpoints(&s)));
@@ -282,46 +425,6 @@ impl Datapath {
             .set(id, SlowPath::default(), 0)
             .context("clearing SLOWPATH")?;
         Ok((last, slow))
-    }
-
-    pub fn session(&self, id: u32) -> anyhow::Result<Session> {
-        self.sessions.get(&id, 0).context("reading SESSIONS")
-    }
-
-    pub fn slow(&self, id: u32) -> anyhow::Result<SlowPath> {
-        self.slow.get(&id, 0).context("reading SLOWPATH")
-    }
-
-    pub fn set_slow(&mut self, id: u32, v: &SlowPath) -> anyhow::Result<()> {
-        self.slow.set(id, v, 0).context("writing SLOWPATH")
-    }
-
-    pub fn set_nexthop(&mut self, slot: u16, nh: &Nexthop) -> anyhow::Result<()> {
-        self.nexthops
-            .set(u32::from(slot), nh, 0)
-            .context("writing NEXTHOPS")
-    }
-
-    pub fn rule(&self, rule: u16) -> anyhow::Result<RuleStats> {
-        self.rules.get(&u32::from(rule), 0).context("reading RULES")
-    }
-
-    pub fn update_rule(&mut self, rule: u16, f: impl FnOnce(&mut RuleStats)) -> anyhow::Result<()> {
-        let mut r = self.rule(rule)?;
-        f(&mut r);
-        self.rules
-            .set(u32::from(rule), r, 0)
-            .context("writing RULES")
-    }
-
-    /// Active sessions in the maps (after a restart: the state to take over).
-    pub fn active(&self) -> Vec<(u32, Session)> {
-        (0..self.capacity())
-            .filter_map(|id| {
-                let s = self.sessions.get(&id, 0).ok()?;
-                (s.state == STATE_ACTIVE).then_some((id, s))
-            })
-            .collect()
     }
 }
 

@@ -216,6 +216,33 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> anyhow::Result<
     Ok(attached)
 }
 
+/// The loaded object while the relay runs: the one owner of its program, which it attaches
+/// to interfaces and detaches on the way out. (The maps were taken out of it before, by
+/// [`crate::datapath::Datapath::take`].)
+pub struct Attachment {
+    ebpf: Ebpf,
+}
+
+impl Attachment {
+    pub fn new(ebpf: Ebpf) -> Attachment {
+        Attachment { ebpf }
+    }
+
+    /// Attaches the program to `iface` (see [`attach`]).
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> anyhow::Result<XdpMode> {
+        attach(&mut self.ebpf, iface, mode)
+    }
+
+    /// Detaches the program from every interface; the pinned maps (and sessions) stay.
+    pub fn detach(mut self) {
+        for (_, p) in self.ebpf.programs_mut() {
+            if let Ok(xdp) = <&mut Xdp>::try_from(p) {
+                let _ = xdp.unload();
+            }
+        }
+    }
+}
+
 pub fn mode_name(m: XdpMode) -> &'static str {
     match m {
         XdpMode::Driver => "driver",

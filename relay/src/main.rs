@@ -1,6 +1,6 @@
 //! `relay`: the controller's command line.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -9,7 +9,8 @@ use relay::{
     config::Config,
     datapath::Datapath,
     ebpf,
-    forward::{Controller, Setup},
+    forward::Forward,
+    nexthop::NextHops,
     pin,
     stats::{self, Snapshot},
     system,
@@ -267,56 +268,47 @@ async fn run(
     } else {
         info!("--xdp-mode off: the controller relays every packet itself");
     }
-    let users_map: aya::maps::Array<aya::maps::MapData, relay_common::session::UserStats> = bpf
-        .take_map(relay_common::maps::USERS)
-        .context("the XDP object has no USERS map")?
-        .try_into()
-        .context("USERS has an unexpected type")?;
-    let mut datapath = Datapath::take(&mut bpf)?;
-    if fast_path {
+    // The services: the maps' one writer, next hops on their own thread, the forward rules
+    // with their sessions, the SOCKS5 server; the loaded object attaches and detaches.
+    let socks_ids = config.session_capacity
+        ..config.session_capacity + config.socks5.as_ref().map_or(0, |s| s.fast_path_flows);
+    let datapath = Arc::new(Datapath::take(&mut bpf)?.with_socks_ids(socks_ids));
+    let egress: Vec<u32> = ifaces.iter().map(|(_, i)| *i).collect();
+    let nexthops = if fast_path {
         match aya_log::EbpfLogger::init(&mut bpf) {
             Ok(logger) => {
                 tokio::spawn(forward_logs(logger));
             }
             Err(e) => warn!("the XDP program's log records are not forwarded: {e}"),
         }
-        for (_, index) in &ifaces {
+        for index in &egress {
             datapath.add_egress(*index)?;
         }
-    }
-    let socks5 = config.socks5.clone();
-    let policy = config.policy.clone();
-    let controller = Controller::new(Setup {
-        config,
-        ebpf: Some(bpf),
-        datapath: Some(datapath),
-        fast_path,
-        egress: ifaces.iter().map(|(_, i)| *i).collect(),
-    })?;
+        Some(Arc::new(NextHops::start(Arc::clone(&datapath), egress)?))
+    } else {
+        None
+    };
+    let forward = Forward::start(&config, Arc::clone(&datapath), nexthops.clone()).await?;
+    let mut program = ebpf::Attachment::new(bpf);
     if fast_path {
         for (name, _) in &ifaces {
-            controller
-                .with_ebpf(|bpf| ebpf::attach(bpf, name, mode))
-                .context("the XDP object is gone")??;
+            program.attach(name, mode)?;
         }
     }
-    let socks5 = match socks5 {
+    let socks5 = match config.socks5 {
         Some(cfg) => {
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("SOCKS5: cannot listen on {} (in use?)", cfg.listen))?;
-            let server = relay::socks5::server::Server::new(
-                cfg,
-                policy,
-                fast_path.then(|| std::sync::Arc::clone(&controller)),
-            )?;
+            let server =
+                relay::socks5::server::Server::new(cfg, config.policy, datapath, nexthops)?;
             Some((server, listener))
         }
         None => None,
     };
-    controller.spawn();
+    forward.spawn();
     if let Some((server, listener)) = socks5 {
-        tokio::spawn(std::sync::Arc::clone(&server).publish(users_map));
+        tokio::spawn(Arc::clone(&server).publish());
         tokio::spawn(server.serve(listener));
     }
     let names: Vec<&str> = ifaces.iter().map(|(n, _)| n.as_str()).collect();
@@ -337,22 +329,16 @@ async fn run(
             _ = term.recv() => break,
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                if let Err(e) = reread().and_then(|c| controller.reload(&c)) {
+                if let Err(e) = reread().and_then(|c| forward.reload(&c)) {
                     warn!("reload failed, keeping the running configuration: {e:#}");
                 }
             }
         }
     }
-    controller.flush();
-    let sessions = controller.sessions();
-    // Dropping the object detaches the program; the pinned maps (and sessions) stay.
-    controller.with_ebpf(|bpf| {
-        for (_, p) in bpf.programs_mut() {
-            if let Ok(xdp) = <&mut aya::programs::Xdp>::try_from(p) {
-                let _ = xdp.unload();
-            }
-        }
-    });
+    forward.flush();
+    let sessions = forward.sessions();
+    // The pinned maps (and sessions) stay.
+    program.detach();
     info!(
         "detached from {}; {sessions} sessions kept in {} for the next start",
         names.join(", "),

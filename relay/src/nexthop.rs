@@ -4,17 +4,35 @@
 //! interface and gateway lead to an address (`RTM_GETROUTE`, what `ip route get` does), the
 //! neighbour table says the gateway's MAC (`RTM_GETNEIGH`, `ip neigh get`), and the link says
 //! its own MAC and MTU (`RTM_GETLINK`). Sessions refer to a slot of the small `NEXTHOPS` table;
-//! the controller refreshes the slots every second, so a neighbour that becomes reachable or
-//! changes its MAC is picked up without touching the sessions, and the fast path pays one array
-//! read per packet instead of a `bpf_fib_lookup` (which also insists on IP forwarding being
-//! enabled on the interface, something a relay should not need).
+//! the slots are refreshed every second, so a neighbour that becomes reachable or changes its
+//! MAC is picked up without touching the sessions, and the fast path pays one array read per
+//! packet instead of a `bpf_fib_lookup` (which also insists on IP forwarding being enabled on
+//! the interface, something a relay should not need).
+//!
+//! [`NextHops`] owns the rtnetlink socket on a thread of its own (the round trips block, up to
+//! the socket's one-second timeout), answers the queries of new sessions through a channel,
+//! refreshes the slots and writes them through [`Datapath`]. A slot is held by the [`Hops`] of
+//! every session record that refers to it and freed when the last one is dropped.
 
-use std::{collections::HashMap, io, mem::size_of, net::IpAddr, os::fd::AsRawFd as _};
+use std::{
+    collections::HashMap,
+    io,
+    mem::size_of,
+    net::IpAddr,
+    os::fd::AsRawFd as _,
+    sync::{mpsc, Arc},
+    time::{Duration, Instant},
+};
 
+use anyhow::Context as _;
+use log::{debug, warn};
 use relay_common::{
     packet::{FAMILY_V4, FAMILY_V6},
     session::{Nexthop, NEXTHOP_NONE, NEXTHOP_SLOTS},
 };
+use tokio::sync::oneshot;
+
+use crate::datapath::Datapath;
 
 /// Where the routing table sends packets for an address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -288,34 +306,239 @@ fn find_reply(buf: &[u8], seq: u32, answer: u16) -> io::Result<Option<Option<Vec
     Ok(None)
 }
 
-/// The controller's table of next hops: slots in `NEXTHOPS`, keyed by interface and the
-/// address on the link (gateway, or the destination itself).
+/// The slots of `NEXTHOPS` in use, keyed by interface and the address on the link (gateway,
+/// or the destination itself), each with the number of session records that refer to it.
 #[derive(Default)]
 pub struct Table {
-    slots: HashMap<(u32, IpAddr), u16>,
-    keys: Vec<(u32, IpAddr)>,
+    by_key: HashMap<(u32, IpAddr), u16>,
+    /// Per slot: its key and how many holders it has (`None`: free).
+    slots: Vec<Option<((u32, IpAddr), u32)>>,
+    /// Slots freed since, reused before new ones.
+    free: Vec<u16>,
 }
 
+/// How many slots there are: the map's size, below the "no next hop" marker.
+const SLOTS: usize = if (NEXTHOP_SLOTS as usize) < NEXTHOP_NONE as usize {
+    NEXTHOP_SLOTS as usize
+} else {
+    NEXTHOP_NONE as usize
+};
+
 impl Table {
-    /// The slot for `(oif, via)` and whether it was just allocated; `None` when all are taken.
-    pub fn slot(&mut self, oif: u32, via: IpAddr) -> Option<(u16, bool)> {
-        if let Some(s) = self.slots.get(&(oif, via)) {
-            return Some((*s, false));
+    /// Takes a reference on the slot for `(oif, via)`; returns it and whether it was just
+    /// allocated (and so must be written before use), or `None` when all are taken.
+    pub fn acquire(&mut self, oif: u32, via: IpAddr) -> Option<(u16, bool)> {
+        if let Some(&s) = self.by_key.get(&(oif, via)) {
+            if let Some((_, refs)) = self.slots[usize::from(s)].as_mut() {
+                *refs += 1;
+            }
+            return Some((s, false));
         }
-        if self.keys.len() as u32 >= NEXTHOP_SLOTS || self.keys.len() >= usize::from(NEXTHOP_NONE) {
-            return None;
-        }
-        let s = self.keys.len() as u16;
-        self.keys.push((oif, via));
-        self.slots.insert((oif, via), s);
+        let s = match self.free.pop() {
+            Some(s) => s,
+            None if self.slots.len() < SLOTS => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u16
+            }
+            None => return None,
+        };
+        self.slots[usize::from(s)] = Some(((oif, via), 1));
+        self.by_key.insert((oif, via), s);
         Some((s, true))
     }
 
+    /// Drops a reference on `slot`; returns true when that was the last one and the slot is
+    /// free again.
+    pub fn release(&mut self, slot: u16) -> bool {
+        let Some(entry) = self.slots.get_mut(usize::from(slot)) else {
+            return false;
+        };
+        let Some((key, refs)) = entry.as_mut() else {
+            return false;
+        };
+        *refs -= 1;
+        if *refs > 0 {
+            return false;
+        }
+        self.by_key.remove(key);
+        *entry = None;
+        self.free.push(slot);
+        true
+    }
+
+    /// The slots in use: slot, interface, address on the link.
     pub fn entries(&self) -> impl Iterator<Item = (u16, u32, IpAddr)> + '_ {
-        self.keys
+        self.slots
             .iter()
             .enumerate()
-            .map(|(i, (oif, via))| (i as u16, *oif, *via))
+            .filter_map(|(i, e)| e.map(|((oif, via), _)| (i as u16, oif, via)))
+    }
+}
+
+/// The next-hop slots of one session record, [to the upstream, to the client]. Hold it as long
+/// as the record is in the maps: dropping it releases the slots.
+pub struct Hops {
+    slots: [u16; 2],
+    owner: Option<mpsc::Sender<Request>>,
+}
+
+impl Hops {
+    /// No next hops: the controller relays both directions.
+    pub fn none() -> Hops {
+        Hops {
+            slots: [NEXTHOP_NONE; 2],
+            owner: None,
+        }
+    }
+
+    pub fn slots(&self) -> [u16; 2] {
+        self.slots
+    }
+}
+
+impl Drop for Hops {
+    fn drop(&mut self) {
+        if let Some(owner) = &self.owner {
+            for slot in self.slots.into_iter().filter(|s| *s != NEXTHOP_NONE) {
+                // The thread is gone only when the process ends.
+                let _ = owner.send(Request::Release(slot));
+            }
+        }
+    }
+}
+
+enum Request {
+    /// Slots for packets to two addresses (to the upstream, to the client).
+    Acquire {
+        to: [IpAddr; 2],
+        reply: oneshot::Sender<Hops>,
+    },
+    Release(u16),
+}
+
+/// The next-hop service: the rtnetlink socket and the slot table, on their own thread.
+pub struct NextHops {
+    requests: mpsc::Sender<Request>,
+}
+
+impl NextHops {
+    /// Opens the rtnetlink socket and starts the thread that owns it. `egress` are the
+    /// interfaces XDP is attached to: only these can be a next hop's interface.
+    pub fn start(datapath: Arc<Datapath>, egress: Vec<u32>) -> anyhow::Result<NextHops> {
+        let netlink = Netlink::open().context("opening an rtnetlink socket")?;
+        let (requests, rx) = mpsc::channel();
+        let mut resolver = Resolver {
+            netlink,
+            table: Table::default(),
+            datapath,
+            egress,
+            requests: requests.clone(),
+        };
+        std::thread::Builder::new()
+            .name("nexthops".into())
+            .spawn(move || resolver.run(&rx))
+            .context("starting the next-hop thread")?;
+        Ok(NextHops { requests })
+    }
+
+    /// The next hops of a session between `ends.client` and `ends.upstream`; a direction
+    /// without one (no route, a route by an interface without XDP, the table full) gets
+    /// [`NEXTHOP_NONE`] and takes the slow path.
+    pub async fn for_session(&self, ends: &crate::datapath::Endpoints) -> Hops {
+        let (reply, answer) = oneshot::channel();
+        let to = [ends.upstream.ip(), ends.client.ip()];
+        if self.requests.send(Request::Acquire { to, reply }).is_err() {
+            return Hops::none();
+        }
+        answer.await.unwrap_or_else(|_| Hops::none())
+    }
+}
+
+/// What the next-hop thread owns.
+struct Resolver {
+    netlink: Netlink,
+    table: Table,
+    datapath: Arc<Datapath>,
+    egress: Vec<u32>,
+    /// For the [`Hops`] it hands out, which release through it.
+    requests: mpsc::Sender<Request>,
+}
+
+impl Resolver {
+    /// Answers requests, and refreshes every slot once a second (requests or not).
+    fn run(&mut self, rx: &mpsc::Receiver<Request>) {
+        let mut next = Instant::now() + Duration::from_secs(1);
+        loop {
+            match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                Ok(Request::Acquire { to, reply }) => {
+                    let hops = Hops {
+                        slots: to.map(|dst| self.acquire(dst)),
+                        owner: Some(self.requests.clone()),
+                    };
+                    // A caller that went away drops the answer, which releases the slots.
+                    let _ = reply.send(hops);
+                }
+                Ok(Request::Release(slot)) => {
+                    if self.table.release(slot) {
+                        // A free slot reads as unresolved until it is reused.
+                        let _ = self.datapath.set_nexthop(slot, &Nexthop::default());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // Not while this thread holds a sender itself, but that is no reason to spin.
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            if Instant::now() >= next {
+                let slots: Vec<_> = self.table.entries().collect();
+                for (slot, oif, via) in slots {
+                    self.refresh(slot, oif, via);
+                }
+                next = Instant::now() + Duration::from_secs(1);
+            }
+        }
+    }
+
+    /// A `NEXTHOPS` slot for packets to `dst`, or [`NEXTHOP_NONE`] (slow path) when the route
+    /// leaves by an interface XDP is not attached to, or there is no route.
+    fn acquire(&mut self, dst: IpAddr) -> u16 {
+        let route = match self.netlink.route_get(dst) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                debug!("no route to {dst}: its packets take the slow path");
+                return NEXTHOP_NONE;
+            }
+            Err(e) => {
+                debug!("route to {dst}: {e}");
+                return NEXTHOP_NONE;
+            }
+        };
+        if !self.egress.contains(&route.oif) {
+            debug!(
+                "the route to {dst} leaves by ifindex {}, which XDP is not attached to: slow path",
+                route.oif
+            );
+            return NEXTHOP_NONE;
+        }
+        let via = route.gateway.unwrap_or(dst);
+        let Some((slot, new)) = self.table.acquire(route.oif, via) else {
+            warn!("the next-hop table is full; sessions via {via} use the slow path");
+            return NEXTHOP_NONE;
+        };
+        if new {
+            self.refresh(slot, route.oif, via);
+        }
+        slot
+    }
+
+    fn refresh(&mut self, slot: u16, oif: u32, via: IpAddr) {
+        match self.netlink.nexthop(oif, via) {
+            Ok(entry) => {
+                if let Err(e) = self.datapath.set_nexthop(slot, &entry) {
+                    warn!("next hop {via}: {e:#}");
+                }
+            }
+            Err(e) => debug!("next hop {via}: {e}"),
+        }
     }
 }
 
@@ -410,12 +633,34 @@ mod tests {
     fn slots_are_shared_and_bounded() {
         let mut t = Table::default();
         let gw: IpAddr = "198.18.2.254".parse().unwrap();
-        assert_eq!(t.slot(3, gw), Some((0, true)));
-        assert_eq!(t.slot(4, gw), Some((1, true)));
-        assert_eq!(t.slot(3, gw), Some((0, false)), "shared, not new");
+        assert_eq!(t.acquire(3, gw), Some((0, true)));
+        assert_eq!(t.acquire(4, gw), Some((1, true)));
+        assert_eq!(t.acquire(3, gw), Some((0, false)), "shared, not new");
         for i in 2..NEXTHOP_SLOTS {
-            assert!(t.slot(5, IpAddr::from((i).to_be_bytes())).is_some());
+            assert!(t.acquire(5, IpAddr::from((i).to_be_bytes())).is_some());
         }
-        assert_eq!(t.slot(9, gw), None, "full");
+        assert_eq!(t.acquire(9, gw), None, "full");
+    }
+
+    #[test]
+    fn slots_are_freed_when_their_last_session_ends() {
+        // More distinct on-link peers over time than there are slots, never more at once:
+        // each gets a slot (a table that never frees would refuse the 1025th).
+        let mut t = Table::default();
+        let peer = |i: u32| IpAddr::from(i.to_be_bytes());
+        for i in 0..3 * NEXTHOP_SLOTS {
+            let (slot, new) = t.acquire(3, peer(i)).expect("a slot for every peer");
+            assert!(new);
+            assert!(t.release(slot), "its only session ended");
+        }
+        assert_eq!(t.entries().count(), 0);
+        // A slot two sessions share lives until the second ends, then is reused.
+        let (a, _) = t.acquire(3, peer(1)).unwrap();
+        assert_eq!(t.acquire(3, peer(1)), Some((a, false)));
+        assert!(!t.release(a), "one session still uses it");
+        assert_eq!(t.entries().collect::<Vec<_>>(), vec![(a, 3, peer(1))]);
+        assert!(t.release(a));
+        assert_eq!(t.acquire(4, peer(2)), Some((a, true)), "reused");
+        assert!(!t.release(NEXTHOP_NONE), "not a slot");
     }
 }

@@ -189,7 +189,7 @@ pub struct SessionReport {
 pub fn sessions_and_rules(pin_dir: &Path) -> anyhow::Result<(Vec<SessionReport>, Vec<RuleReport>)> {
     use relay_common::session::{RULE_SLOTS, STATE_ACTIVE};
     let view = crate::datapath::Datapath::from_pins(pin_dir)?;
-    let now = crate::forward::monotonic_ns();
+    let now = crate::system::monotonic_ns();
     let mut rules: BTreeMap<u16, RuleReport> = BTreeMap::new();
     for index in 0..RULE_SLOTS as u16 {
         let r = view.rules.get(&u32::from(index), 0)?;

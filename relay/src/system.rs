@@ -1,4 +1,4 @@
-//! Checks of the host that turn into one-line errors for the operator.
+//! Checks of the host that turn into one-line errors for the operator, and the clock.
 
 use std::{ffi::CString, fs};
 
@@ -64,4 +64,13 @@ pub fn raise_fd_limit() -> u64 {
     // SAFETY: `lim` is a valid rlimit.
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     lim.rlim_cur
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of the session records' `last_seen`.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: all-zero is a valid timespec, which clock_gettime fills in.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -30,7 +30,14 @@ use super::{
     handshake::{reply_bytes, Dest, Event, Handshake},
     users::Users,
 };
-use crate::{config::Socks5Config, policy::Policy, sessions::PortPool, udp};
+use crate::{
+    config::Socks5Config,
+    datapath::{Datapath, Endpoints},
+    nexthop::{Hops, NextHops},
+    policy::Policy,
+    sessions::PortPool,
+    udp,
+};
 
 /// What one user did (index 0 is everyone without authentication).
 #[derive(Default)]
@@ -68,8 +75,10 @@ pub struct Server {
     ports: Mutex<PortPool>,
     /// Index 0: unauthenticated; user `i` of the configuration is `i + 1`.
     pub accounts: Vec<Account>,
-    /// The forward controller, which owns the kernel maps (for the UDP fast path).
-    fast_path: Option<Arc<crate::forward::Controller>>,
+    /// The kernel maps: the UDP fast path's flows, and the accounts published to `USERS`.
+    datapath: Arc<Datapath>,
+    /// Next hops for fast-path flows; `None` when XDP does not relay.
+    nexthops: Option<Arc<NextHops>>,
 }
 
 enum Outcome {
@@ -81,7 +90,8 @@ impl Server {
     pub fn new(
         cfg: Socks5Config,
         mut policy: Policy,
-        fast_path: Option<Arc<crate::forward::Controller>>,
+        datapath: Arc<Datapath>,
+        nexthops: Option<Arc<NextHops>>,
     ) -> anyhow::Result<Arc<Server>> {
         let users = Users::new(cfg.users.clone())?;
         let mut accounts: Vec<Account> =
@@ -97,7 +107,8 @@ impl Server {
             users: Arc::new(users),
             policy,
             accounts,
-            fast_path,
+            datapath,
+            nexthops,
             cfg,
         }))
     }
@@ -406,9 +417,8 @@ impl Server {
                             // Datagrams XDP carries never reach the socket: the association
                             // is idle only if XDP's count did not move either.
                             let now = self
-                                .fast_path
-                                .as_ref()
-                                .map_or(0, |c| c.socks_packets(&assoc.fast));
+                                .datapath
+                                .socks_packets(assoc.fast.iter().map(|f| f.id));
                             if now != xdp_packets {
                                 xdp_packets = now;
                                 continue;
@@ -423,13 +433,11 @@ impl Server {
             }
         }
         // Out of the fast path first, so that nothing more is relayed for it, then account
-        // what XDP carried.
-        if let Some(c) = &self.fast_path {
-            for id in assoc.fast.drain(..) {
-                for (d, t) in c.socks_close(id).iter().enumerate() {
-                    add(&acct.udp_xdp_packets[d], t.packets);
-                    add(&acct.udp_xdp_bytes[d], t.bytes);
-                }
+        // what XDP carried (and let the flow's next hops go).
+        for flow in assoc.fast.drain(..) {
+            for (d, t) in self.datapath.socks_close(flow.id).iter().enumerate() {
+                add(&acct.udp_xdp_packets[d], t.packets);
+                add(&acct.udp_xdp_bytes[d], t.bytes);
             }
         }
         drop(socket);
@@ -554,7 +562,7 @@ impl Server {
             return None;
         }
         if assoc.contacted.insert(dest) {
-            self.approve(assoc, dest);
+            self.approve(assoc, dest).await;
         }
         Some((dest, payload))
     }
@@ -562,8 +570,8 @@ impl Server {
 
 impl Server {
     /// Lets XDP relay between the association's client and `dest` from now on.
-    fn approve(&self, assoc: &mut Association, dest: SocketAddr) {
-        let (Some(c), Some(client)) = (&self.fast_path, assoc.client) else {
+    async fn approve(&self, assoc: &mut Association, dest: SocketAddr) {
+        let (Some(nexthops), Some(client)) = (&self.nexthops, assoc.client) else {
             return;
         };
         // The address the upstream side leaves from: what the kernel picks for `dest`.
@@ -577,14 +585,15 @@ impl Server {
         ))
         .and_then(|s| s.connect(dest).and_then(|()| s.local_addr()));
         let Ok(back) = back else { return };
-        let ends = crate::datapath::Endpoints {
+        let ends = Endpoints {
             client,
             front: SocketAddr::new(assoc.local, assoc.port),
             back: SocketAddr::new(back.ip(), assoc.port),
             upstream: dest,
         };
-        if let Some(id) = c.socks_open(ends, assoc.account) {
-            assoc.fast.push(id);
+        let hops = nexthops.for_session(&ends).await;
+        if let Some(id) = self.datapath.socks_open(ends, assoc.account, hops.slots()) {
+            assoc.fast.push(FastFlow { id, _hops: hops });
         }
     }
 }
@@ -594,8 +603,8 @@ struct Association {
     port: u16,
     /// Index of the user's account.
     account: u16,
-    /// Fast-path record ids of approved destinations.
-    fast: Vec<u32>,
+    /// Fast-path flows of approved destinations.
+    fast: Vec<FastFlow>,
     client_ip: IpAddr,
     /// The client's address, once known.
     client: Option<SocketAddr>,
@@ -603,6 +612,14 @@ struct Association {
     local: IpAddr,
     contacted: HashSet<SocketAddr>,
     names: HashMap<(String, u16), SocketAddr>,
+}
+
+/// One (association, destination) pair XDP relays.
+struct FastFlow {
+    /// Its record id.
+    id: u32,
+    /// The next hops its record refers to, held until the record is gone.
+    _hops: Hops,
 }
 
 /// Copies until EOF, counting bytes, then shuts down the writer.
@@ -656,16 +673,13 @@ impl Account {
 
 impl Server {
     /// Publishes the accounts to the pinned `USERS` map once a second, forever.
-    pub async fn publish(
-        self: Arc<Self>,
-        mut map: aya::maps::Array<aya::maps::MapData, relay_common::session::UserStats>,
-    ) {
+    pub async fn publish(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             for (i, a) in self.accounts.iter().enumerate() {
-                if let Err(e) = map.set(i as u32, a.snapshot(), 0) {
-                    debug!("publishing SOCKS5 accounts: {e}");
+                if let Err(e) = self.datapath.set_user(i as u32, &a.snapshot()) {
+                    debug!("publishing SOCKS5 accounts: {e:#}");
                     break;
                 }
             }

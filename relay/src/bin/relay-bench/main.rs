@@ -75,7 +75,7 @@ impl Bench {
             .context("no macswap program")?
             .try_into()?;
         reference.load().context("loading macswap")?;
-        let mut dp = Datapath::take(&mut bpf)?;
+        let dp = Datapath::take(&mut bpf)?;
         dp.set_nexthop(0, &HOP)?;
         let held = e2e::Dispatcher::hold(&mut bpf, &["relay", "macswap"])?;
         Ok(Bench {

@@ -1,0 +1,89 @@
+//! Forward rules at run time, as two services:
+//!
+//! - [`rules`]: the listening sockets of the rules (one per listen port), their current
+//!   settings and `RULES` labels, and reload;
+//! - [`sessions`]: the session table with one socket per session (its reserved relay port, and
+//!   the slow path for replies): opening, the controller's own relaying, expiry, closing, and
+//!   ([`recovery`]) taking over the sessions a previous controller left in the pinned maps.
+//!
+//! Whether XDP or this code moves a session's bytes, the session is the same: opened, limited,
+//! accounted and expired by [`crate::sessions::Table`]. The maps are written through
+//! [`Datapath`], next hops come from [`NextHops`].
+
+mod recovery;
+mod rules;
+mod sessions;
+
+use std::{sync::Arc, time::Duration};
+
+use log::{info, warn};
+
+use crate::{config::Config, datapath::Datapath, nexthop::NextHops};
+
+use self::{rules::Rules, sessions::Sessions};
+
+/// The forward rules and their sessions.
+pub struct Forward {
+    rules: Arc<Rules>,
+    sessions: Arc<Sessions>,
+}
+
+impl Forward {
+    /// Resolves upstreams, binds the listening sockets and takes over the sessions left in the
+    /// pinned maps. Must run inside the tokio runtime, before XDP is attached (rewriting
+    /// recovered records then cannot race with the fast path). `nexthops` is `None` when XDP
+    /// does not relay (`--xdp-mode off`, or the kernel refused the program).
+    pub async fn start(
+        config: &Config,
+        datapath: Arc<Datapath>,
+        nexthops: Option<Arc<NextHops>>,
+    ) -> anyhow::Result<Forward> {
+        let rules = Arc::new(Rules::bind(config, Arc::clone(&datapath))?);
+        let sessions = Arc::new(Sessions::new(
+            config,
+            Arc::clone(&rules),
+            datapath,
+            nexthops,
+        ));
+        sessions.recover().await;
+        Ok(Forward { rules, sessions })
+    }
+
+    /// Starts the listeners and, once a second, publishing and expiry.
+    pub fn spawn(&self) {
+        for i in 0..self.rules.len() {
+            tokio::spawn(Arc::clone(&self.sessions).listen(i));
+        }
+        let sessions = Arc::clone(&self.sessions);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                sessions.housekeeping();
+            }
+        });
+    }
+
+    /// Applies a re-read configuration: new limits, allow lists and upstream addresses (names
+    /// resolved again) for new sessions; live sessions keep their upstream. Listen addresses
+    /// cannot change without a restart, which keeps the sessions anyway.
+    pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
+        self.rules.reload(config)?;
+        // A lower capacity or other table-wide change needs a restart as well.
+        if config.session_capacity != self.sessions.capacity() {
+            warn!("relay.session_capacity changes need `relay unpin` and a restart; keeping the old one");
+        }
+        info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Number of live sessions.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Publishes the slow-path counters one last time (on shutdown).
+    pub fn flush(&self) {
+        self.sessions.flush();
+    }
+}

@@ -1,0 +1,618 @@
+//! Forward sessions with their sockets: opening one for a new client (its relay port held by a
+//! socket connected to the upstream), relaying what the fast path declines (or everything,
+//! without XDP) both ways, publishing the controller's own counters, expiry and closing.
+//!
+//! The table itself ([`crate::sessions::Table`]) is pure; this adds the sockets, the maps (through
+//! [`Datapath`]) and the next hops (from [`NextHops`]). A std mutex guards the table and the
+//! live sessions; it is never held across an await or a netlink round trip.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd as _,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, Context as _};
+use log::{debug, warn};
+use relay_common::session::{SlowPath, Traffic, TO_CLIENT, TO_UPSTREAM};
+use tokio::{io::Interest, net::UdpSocket, task::AbortHandle};
+
+use super::rules::{Rule, Rules};
+use crate::{
+    config::Config,
+    datapath::{self, Datapath, Endpoints},
+    nexthop::{Hops, NextHops},
+    sessions::{Entry, Observed, Refusal, Table},
+    system::monotonic_ns,
+    udp,
+};
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn unspecified(v4: bool) -> IpAddr {
+    if v4 {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    }
+}
+
+/// Traffic the controller relayed itself for one session, not yet written to `SLOWPATH`.
+#[derive(Default)]
+struct SlowCounters {
+    packets: [AtomicU64; 2],
+    bytes: [AtomicU64; 2],
+    last_seen: AtomicU64,
+    dirty: AtomicBool,
+}
+
+impl SlowCounters {
+    /// Counters that go on from what a previous controller published.
+    fn continuing(pinned: &SlowPath) -> SlowCounters {
+        let c = SlowCounters::default();
+        for d in 0..2 {
+            c.packets[d].store(pinned.traffic[d].packets, Ordering::Relaxed);
+            c.bytes[d].store(pinned.traffic[d].bytes, Ordering::Relaxed);
+        }
+        c
+    }
+
+    fn add(&self, direction: u32, bytes: usize, now: u64) {
+        let d = direction as usize & 1;
+        self.packets[d].fetch_add(1, Ordering::Relaxed);
+        self.bytes[d].fetch_add(bytes as u64, Ordering::Relaxed);
+        self.last_seen.fetch_max(now, Ordering::Relaxed);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self, opened: u64) -> SlowPath {
+        let t = |d: usize| Traffic {
+            packets: self.packets[d].load(Ordering::Relaxed),
+            bytes: self.bytes[d].load(Ordering::Relaxed),
+        };
+        SlowPath {
+            traffic: [t(0), t(1)],
+            last_seen: self.last_seen.load(Ordering::Relaxed),
+            opened,
+        }
+    }
+}
+
+/// A live session's I/O side.
+struct SessionIo {
+    id: u32,
+    rule: u16,
+    ends: Endpoints,
+    socket: UdpSocket,
+    slow: SlowCounters,
+    opened: u64,
+    /// The next-hop slots its record refers to; released when the session is gone (after
+    /// its record left the maps).
+    _hops: Hops,
+}
+
+struct Live {
+    io: Arc<SessionIo>,
+    task: AbortHandle,
+}
+
+struct State {
+    table: Table,
+    live: HashMap<u32, Live>,
+    last_refusal_log: HashMap<&'static str, Instant>,
+}
+
+/// What [`Sessions::start`] installs and starts relaying.
+pub(super) struct Start {
+    pub id: u32,
+    pub rule: u16,
+    pub ends: Endpoints,
+    pub socket: std::net::UdpSocket,
+    pub hops: Hops,
+    /// The controller's counters so far (and when the session was opened).
+    pub slow: SlowPath,
+    /// What XDP relayed so far.
+    pub traffic: [Traffic; 2],
+    pub now: u64,
+}
+
+/// A client's datagram for which no session was found, kept until one is opened.
+struct First {
+    client: SocketAddr,
+    local: Option<IpAddr>,
+    data: Vec<u8>,
+    now: u64,
+}
+
+/// The forward sessions.
+pub struct Sessions {
+    pub(super) rules: Arc<Rules>,
+    pub(super) datapath: Arc<Datapath>,
+    /// `None`: XDP does not relay, and sessions get no next hops.
+    nexthops: Option<Arc<NextHops>>,
+    state: Mutex<State>,
+}
+
+impl Sessions {
+    pub fn new(
+        config: &Config,
+        rules: Arc<Rules>,
+        datapath: Arc<Datapath>,
+        nexthops: Option<Arc<NextHops>>,
+    ) -> Sessions {
+        Sessions {
+            rules,
+            datapath,
+            nexthops,
+            state: Mutex::new(State {
+                table: Table::new(config.session_capacity, config.session_ports),
+                live: HashMap::new(),
+                last_refusal_log: HashMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; the state is still the best we have.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes session `entry` (found in the pinned maps) into the table; false if it cannot be.
+    pub(super) fn reserve_recovered(&self, entry: Entry) -> bool {
+        self.lock().table.recover(entry)
+    }
+
+    /// Gives a session back (it could not be restored or installed).
+    pub(super) fn forget(&self, id: u32) {
+        self.lock().table.close(id);
+    }
+
+    /// Frees the ids no recovered session holds; call once, after recovery.
+    pub(super) fn finish_recovery(&self) {
+        self.lock().table.finish_recovery();
+    }
+
+    /// The next hops for a session: none without XDP, or when the families differ (XDP does
+    /// not translate them).
+    pub(super) async fn hops(&self, ends: &Endpoints) -> Hops {
+        match &self.nexthops {
+            Some(n) if ends.same_family() => n.for_session(ends).await,
+            _ => Hops::none(),
+        }
+    }
+
+    /// Receives on rule `i`'s listening socket, forever: datagrams of known clients are relayed
+    /// at once; the others open sessions, one after the other, once the batch is read.
+    pub async fn listen(self: Arc<Self>, i: usize) {
+        let Some(rule) = u16::try_from(i).ok().and_then(|i| self.rules.get(i)) else {
+            return;
+        };
+        let fd = rule.socket.as_raw_fd();
+        loop {
+            if let Err(e) = rule.socket.readable().await {
+                warn!("rule {}: listening socket failed: {e}", rule.name());
+                return;
+            }
+            let mut firsts = Vec::new();
+            let r = rule.socket.try_io(Interest::READABLE, || {
+                udp::recv_batch(fd, |batch| {
+                    let now = monotonic_ns();
+                    firsts.extend(
+                        batch
+                            .iter()
+                            .filter_map(|d| self.client_datagram(rule, d, now)),
+                    );
+                })
+            });
+            if let Err(e) = r {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    warn!("rule {}: receiving: {e}", rule.name());
+                }
+            }
+            for first in firsts {
+                self.first(rule, first).await;
+            }
+        }
+    }
+
+    /// A datagram from a client on a rule's listening socket: one the fast path declined
+    /// (relayed now), or one of a client without a session (returned, to open one).
+    fn client_datagram(&self, rule: &Rule, d: &udp::Datagram<'_>, now: u64) -> Option<First> {
+        if d.truncated {
+            warn!(
+                "rule {}: dropped a truncated datagram from {}",
+                rule.name(),
+                d.peer
+            );
+            return None;
+        }
+        let io = {
+            let mut st = self.lock();
+            let Some(id) = st.table.find(rule.index, d.peer) else {
+                return Some(First {
+                    client: d.peer,
+                    local: d.local,
+                    data: d.data.to_vec(),
+                    now,
+                });
+            };
+            st.table.touch(id, now);
+            st.live.get(&id).map(|l| Arc::clone(&l.io))
+        };
+        if let Some(io) = io {
+            send_upstream(&io, d.data, now);
+        }
+        None
+    }
+
+    /// The first datagram of a client: opens its session (unless an earlier datagram of the
+    /// same batch did), then relays it.
+    async fn first(self: &Arc<Self>, rule: &Rule, first: First) {
+        let existing = {
+            let mut st = self.lock();
+            st.table.find(rule.index, first.client).map(|id| {
+                st.table.touch(id, first.now);
+                st.live.get(&id).map(|l| Arc::clone(&l.io))
+            })
+        };
+        let io = match existing {
+            Some(io) => io,
+            None => self.open(rule, first.client, first.local, first.now).await,
+        };
+        if let Some(io) = io {
+            send_upstream(&io, &first.data, first.now);
+        }
+    }
+
+    fn refused(&self, st: &mut State, rule: &Rule, client: SocketAddr, why: Refusal) {
+        let _ = self.datapath.update_rule(rule.index, |r| match why {
+            Refusal::NotAllowed => r.refused_not_allowed += 1,
+            Refusal::RuleLimit => r.refused_limit += 1,
+            Refusal::Full => r.refused_full += 1,
+            Refusal::NoPort => r.refused_no_port += 1,
+        });
+        let last = st
+            .last_refusal_log
+            .entry(why.name())
+            .or_insert_with(|| Instant::now() - Duration::from_secs(10));
+        if last.elapsed() >= Duration::from_secs(1) {
+            *last = Instant::now();
+            let msg = match why {
+                Refusal::NotAllowed => "client not in the rule's allow list",
+                Refusal::RuleLimit => "the rule's max_sessions reached",
+                Refusal::Full => "session table full (raise relay.session_capacity)",
+                Refusal::NoPort => "no free session port (widen relay.session_ports)",
+            };
+            warn!(
+                "rule {}: refused a session for {client}: {msg}",
+                rule.name()
+            );
+        }
+    }
+
+    /// Opens a session: reserve its port with a socket connected to the upstream, resolve its
+    /// next hops, install it in the maps, start relaying its replies.
+    async fn open(
+        self: &Arc<Self>,
+        rule: &Rule,
+        client: SocketAddr,
+        local: Option<IpAddr>,
+        now: u64,
+    ) -> Option<Arc<SessionIo>> {
+        let (id, ends, socket) = self.reserve(rule, client, local, now)?;
+        let hops = self.hops(&ends).await;
+        let mut st = self.lock();
+        // Still the entry reserved above (nothing else closes one this young, but the lock
+        // was let go).
+        if st
+            .table
+            .get(id)
+            .is_none_or(|e| e.rule != rule.index || e.client != client)
+        {
+            return None;
+        }
+        let start = Start {
+            id,
+            rule: rule.index,
+            ends,
+            socket,
+            hops,
+            slow: SlowPath {
+                opened: unix_seconds(),
+                ..SlowPath::default()
+            },
+            traffic: [Traffic::default(); 2],
+            now,
+        };
+        let io = match self.start(&mut st, start) {
+            Ok(io) => io,
+            Err(e) => {
+                warn!(
+                    "rule {}: session for {client} not installed: {e:#}",
+                    rule.name()
+                );
+                st.table.close(id);
+                return None;
+            }
+        };
+        let _ = self.datapath.update_rule(rule.index, |r| r.opened += 1);
+        debug!(
+            "session {id} opened: {} -> {} | {} -> {}",
+            ends.client, ends.front, ends.back, ends.upstream
+        );
+        Some(io)
+    }
+
+    /// A table entry for `client` with its socket and endpoints, or `None` (refused, or no
+    /// socket).
+    fn reserve(
+        &self,
+        rule: &Rule,
+        client: SocketAddr,
+        local: Option<IpAddr>,
+        now: u64,
+    ) -> Option<(u32, Endpoints, std::net::UdpSocket)> {
+        let current = rule.current();
+        let allowed = current.config.client_allowed(client.ip());
+        let mut st = self.lock();
+        let entry = match st
+            .table
+            .open(rule.index, rule.limits(), client, allowed, now)
+        {
+            Ok(e) => e,
+            Err(why) => {
+                self.refused(&mut st, rule, client, why);
+                return None;
+            }
+        };
+        let socket = match session_socket(&mut st.table, &entry, current.upstream) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(
+                    "rule {}: no socket for a session of {client}: {e:#}",
+                    rule.name()
+                );
+                st.table.close(entry.id);
+                return None;
+            }
+        };
+        let back = match udp::local_addr(&socket) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!("session socket address: {e}");
+                st.table.close(entry.id);
+                return None;
+            }
+        };
+        let front_ip = local
+            .filter(|ip| !ip.is_unspecified())
+            .unwrap_or(rule.listen.ip());
+        let ends = Endpoints {
+            client,
+            front: SocketAddr::new(front_ip, rule.listen.port()),
+            back,
+            upstream: current.upstream,
+        };
+        Some((entry.id, ends, socket))
+    }
+
+    /// Installs a session found in the pinned maps (see [`Sessions::start`]).
+    pub(super) fn restore(self: &Arc<Self>, s: Start) -> anyhow::Result<()> {
+        let mut st = self.lock();
+        self.start(&mut st, s).map(drop)
+    }
+
+    /// Installs a session in the maps and spawns its reply relay.
+    fn start(self: &Arc<Self>, st: &mut State, s: Start) -> anyhow::Result<Arc<SessionIo>> {
+        let mut record = datapath::record(&s.ends, s.rule, s.hops.slots(), s.now);
+        record.traffic = s.traffic;
+        self.datapath.install(s.id, &record, &s.slow)?;
+        let io = Arc::new(SessionIo {
+            id: s.id,
+            rule: s.rule,
+            ends: s.ends,
+            socket: UdpSocket::from_std(s.socket).context("registering a session socket")?,
+            slow: SlowCounters::continuing(&s.slow),
+            opened: s.slow.opened,
+            _hops: s.hops,
+        });
+        let task = tokio::spawn(Arc::clone(self).replies(Arc::clone(&io))).abort_handle();
+        st.live.insert(
+            s.id,
+            Live {
+                io: Arc::clone(&io),
+                task,
+            },
+        );
+        Ok(io)
+    }
+
+    /// Relays what reaches a session's socket (replies the fast path declined, or all of them
+    /// without XDP) to the client, from exactly the address the client sent to.
+    async fn replies(self: Arc<Self>, io: Arc<SessionIo>) {
+        let Some(rule) = self.rules.get(io.rule) else {
+            return;
+        };
+        let listener = rule.socket.as_raw_fd();
+        let fd = io.socket.as_raw_fd();
+        loop {
+            if io.socket.readable().await.is_err() {
+                return;
+            }
+            let r = io.socket.try_io(Interest::READABLE, || {
+                udp::recv_batch(fd, |batch| {
+                    let now = monotonic_ns();
+                    let out: Vec<udp::Outgoing<'_>> = batch
+                        .iter()
+                        .filter(|d| !d.truncated && d.peer == io.ends.upstream)
+                        .map(|d| udp::Outgoing {
+                            data: d.data,
+                            to: Some(io.ends.client),
+                            from: Some(io.ends.front.ip()),
+                        })
+                        .collect();
+                    match udp::send_batch(listener, &out) {
+                        Ok(n) => {
+                            for m in &out[..n] {
+                                io.slow.add(TO_CLIENT, m.data.len(), now);
+                            }
+                        }
+                        Err(e) => debug!("session {}: sending to the client: {e}", io.id),
+                    }
+                })
+            });
+            if let Err(e) = r {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    debug!("session {}: receiving: {e}", io.id);
+                }
+            }
+        }
+    }
+
+    /// Once a second: publish slow-path counters, expire idle sessions.
+    pub fn housekeeping(&self) {
+        let now = monotonic_ns();
+        let mut st = self.lock();
+        let st = &mut *st;
+        // Publish what the controller relayed, so `relay sessions` and a successor see it.
+        for live in st.live.values() {
+            if live.io.slow.dirty.swap(false, Ordering::Relaxed) {
+                let _ = self
+                    .datapath
+                    .set_slow(live.io.id, &live.io.slow.snapshot(live.io.opened));
+            }
+        }
+        let expired = {
+            let State { table, live, .. } = &mut *st;
+            let datapath = &self.datapath;
+            table.expired(
+                now,
+                |r| self.rules.limits(r),
+                |id| Observed {
+                    kernel_packets: datapath.session(id).map_or(0, |s| s.packets()),
+                    slow_seen: live
+                        .get(&id)
+                        .map_or(0, |l| l.io.slow.last_seen.load(Ordering::Relaxed)),
+                },
+            )
+        };
+        // Traffic XDP carried goes into the session's pinned slow-path record, where `relay
+        // sessions` reads the idle time (the XDP program keeps no clock).
+        for id in &expired.carried {
+            if let Some(l) = st.live.get(id) {
+                l.io.slow.last_seen.fetch_max(now, Ordering::Relaxed);
+                l.io.slow.dirty.store(true, Ordering::Relaxed);
+            }
+        }
+        for id in expired.closed {
+            self.close(st, id);
+        }
+    }
+
+    /// Closes a session: stop its relay, take it out of the maps, account its traffic. Its
+    /// next hops are released once the last reference to it is gone.
+    fn close(&self, st: &mut State, id: u32) {
+        let live = st.live.remove(&id);
+        if let Some(l) = &live {
+            l.task.abort();
+        }
+        let Some(entry) = st.table.close(id) else {
+            return;
+        };
+        let mut retired = [Traffic::default(); 2];
+        match self.datapath.remove(id) {
+            Ok((session, slow_pinned)) => {
+                // The live counters are newer than what was last published.
+                let slow = live
+                    .as_ref()
+                    .map_or(slow_pinned, |l| l.io.slow.snapshot(l.io.opened));
+                for (d, r) in retired.iter_mut().enumerate() {
+                    r.packets = session.traffic[d].packets + slow.traffic[d].packets;
+                    r.bytes = session.traffic[d].bytes + slow.traffic[d].bytes;
+                }
+            }
+            Err(e) => warn!("session {id}: removing from the maps: {e:#}"),
+        }
+        let _ = self.datapath.update_rule(entry.rule, |r| {
+            r.closed += 1;
+            for (total, t) in r.retired.iter_mut().zip(retired) {
+                total.packets += t.packets;
+                total.bytes += t.bytes;
+            }
+        });
+        debug!("session {id} of {} closed (idle)", entry.client);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().table.len()
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.lock().table.capacity()
+    }
+
+    /// Publishes the slow-path counters one last time (on shutdown).
+    pub fn flush(&self) {
+        let st = self.lock();
+        for live in st.live.values() {
+            let _ = self
+                .datapath
+                .set_slow(live.io.id, &live.io.slow.snapshot(live.io.opened));
+        }
+    }
+}
+
+/// Relays a client's datagram to the upstream through the session's socket. A plain
+/// non-blocking send: tokio's `try_send` refuses until the reactor has seen the socket
+/// writable, which a brand-new socket has not.
+fn send_upstream(io: &SessionIo, data: &[u8], now: u64) {
+    let out = [udp::Outgoing {
+        data,
+        to: None,
+        from: None,
+    }];
+    match udp::send_batch(io.socket.as_raw_fd(), &out) {
+        Ok(_) => io.slow.add(TO_UPSTREAM, data.len(), now),
+        Err(e) => debug!("session {}: sending upstream: {e}", io.id),
+    }
+}
+
+/// A socket bound to the session's port (or the next free one) and connected upstream.
+fn session_socket(
+    table: &mut Table,
+    entry: &Entry,
+    upstream: SocketAddr,
+) -> anyhow::Result<std::net::UdpSocket> {
+    let mut port = entry.port;
+    for _ in 0..64 {
+        match udp::bind(
+            SocketAddr::new(unspecified(upstream.is_ipv4()), port),
+            false,
+        ) {
+            Ok(s) => {
+                s.connect(upstream)
+                    .with_context(|| format!("connecting to {upstream}"))?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                port = table
+                    .replace_port(entry.id)
+                    .ok_or_else(|| anyhow!("no free session port"))?;
+            }
+            Err(e) => return Err(anyhow!(e).context(format!("binding session port {port}"))),
+        }
+    }
+    Err(anyhow!(
+        "64 session ports in a row are taken by other programs"
+    ))
+}
