@@ -1,15 +1,22 @@
 //! The kernel maps as the controller writes them: [`Datapath`] is the one writer of every map
 //! the XDP program reads, for forward rules and SOCKS5 alike.
 //!
-//! | map | written by (all through [`Datapath`]) |
-//! |---|---|
-//! | `FLOWS`, `SESSIONS`, `SLOWPATH` | [`Datapath::install`] and [`Datapath::remove`] (forward sessions: `forward::sessions`; SOCKS5 flows: [`Datapath::socks_open`], [`Datapath::socks_close`]); `SLOWPATH` also [`Datapath::set_slow`] (the controller's own traffic, published once a second) |
-//! | `NEXTHOPS` | [`Datapath::set_nexthop`], called by the next-hop thread (`nexthop::NextHops`) only |
-//! | `RULES` | [`Datapath::update_rule`] (labels and reloads: `forward::rules`; opened, closed, refused: `forward::sessions`) |
-//! | `USERS` | [`Datapath::set_user`] (the SOCKS5 server's accounts, once a second) |
-//! | `EGRESS` | [`Datapath::add_egress`] (at start, the interfaces XDP is attached to) |
+//! Where each map is written (every write goes through a method of [`Datapath`]):
 //!
-//! `COUNTERS` is written by the XDP program alone. The record ids of SOCKS5 fast-path flows
+//! - `FLOWS`, `SESSIONS`, `SLOWPATH`: [`Datapath::install`] and [`Datapath::remove`], called
+//!   for forward sessions by `forward::sessions` (open, close) and `forward::recovery`, and for
+//!   SOCKS5 flows by [`Datapath::socks_open`] and [`Datapath::socks_close`] (the SOCKS5
+//!   server). `SLOWPATH` also by [`Datapath::set_slow`]: the traffic the controller relayed
+//!   itself, published by `forward::sessions` once a second and on shutdown.
+//! - `NEXTHOPS`: [`Datapath::set_nexthop`], called by the next-hop thread
+//!   ([`crate::nexthop::NextHops`]) alone.
+//! - `RULES`: [`Datapath::update_rule`]: names and addresses by `forward::rules` (start,
+//!   reload); opened, closed and refused sessions by `forward::sessions`.
+//! - `USERS`: [`Datapath::set_user`]: the SOCKS5 server's accounts, once a second.
+//! - `EGRESS`: [`Datapath::add_egress`]: the interfaces XDP is attached to, at start.
+//!
+//! `COUNTERS` is written by the XDP program alone, which also adds to the traffic counters of
+//! the `SESSIONS` records it relays for. The record ids of SOCKS5 fast-path flows
 //! (after the forward sessions' ids) are handed out here too.
 //!
 //! Map syscalls are short and never block, so one std mutex guards the handles; nothing that

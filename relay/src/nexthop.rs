@@ -479,10 +479,8 @@ impl Resolver {
                     let _ = reply.send(hops);
                 }
                 Ok(Request::Release(slot)) => {
-                    if self.table.release(slot) {
-                        // A free slot reads as unresolved until it is reused.
-                        let _ = self.datapath.set_nexthop(slot, &Nexthop::default());
-                    }
+                    // A freed slot is written again before it is handed out again.
+                    self.table.release(slot);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 // Not while this thread holds a sender itself, but that is no reason to spin.
@@ -491,7 +489,7 @@ impl Resolver {
             if Instant::now() >= next {
                 let slots: Vec<_> = self.table.entries().collect();
                 for (slot, oif, via) in slots {
-                    self.refresh(slot, oif, via);
+                    self.refresh(slot, oif, via, false);
                 }
                 next = Instant::now() + Duration::from_secs(1);
             }
@@ -525,19 +523,27 @@ impl Resolver {
             return NEXTHOP_NONE;
         };
         if new {
-            self.refresh(slot, route.oif, via);
+            self.refresh(slot, route.oif, via, true);
         }
         slot
     }
 
-    fn refresh(&mut self, slot: u16, oif: u32, via: IpAddr) {
-        match self.netlink.nexthop(oif, via) {
-            Ok(entry) => {
-                if let Err(e) = self.datapath.set_nexthop(slot, &entry) {
-                    warn!("next hop {via}: {e:#}");
+    /// Asks the kernel about slot `slot` again and writes the answer. On an error a slot in
+    /// use keeps its last answer; a `new` one (which may still hold the answer for another
+    /// next hop, freed since) is written unresolved.
+    fn refresh(&mut self, slot: u16, oif: u32, via: IpAddr, new: bool) {
+        let entry = match self.netlink.nexthop(oif, via) {
+            Ok(entry) => entry,
+            Err(e) => {
+                debug!("next hop {via}: {e}");
+                if !new {
+                    return;
                 }
+                Nexthop::default()
             }
-            Err(e) => debug!("next hop {via}: {e}"),
+        };
+        if let Err(e) = self.datapath.set_nexthop(slot, &entry) {
+            warn!("next hop {via}: {e:#}");
         }
     }
 }
