@@ -46,6 +46,20 @@ fn unix_seconds() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// What the kernel and the controller's own relays saw of session `id`: the table's view of
+/// liveness and of whether the upstream answered.
+fn observe(datapath: Option<&Datapath>, live: &HashMap<u32, Live>, id: u32) -> Observed {
+    let kernel = datapath.and_then(|dp| dp.session(id).ok());
+    let slow = live.get(&id).map(|l| &l.io.slow);
+    let slow_replies = slow.map_or(0, |s| s.packets[TO_CLIENT as usize].load(Ordering::Relaxed));
+    Observed {
+        kernel_packets: kernel.map_or(0, |s| s.packets()),
+        slow_seen: slow.map_or(0, |s| s.last_seen.load(Ordering::Relaxed)),
+        answered: kernel.is_some_and(|s| s.traffic[TO_CLIENT as usize].packets > 0)
+            || slow_replies > 0,
+    }
+}
+
 /// One listen port of a forward rule.
 pub struct Rule {
     pub index: u16,
@@ -74,6 +88,10 @@ impl Rule {
         RuleLimits {
             max_sessions: c.config.max_sessions,
             idle_timeout: c.config.idle_timeout,
+            max_sessions_per_source: c.config.max_sessions_per_source,
+            new_sessions_per_second: c.config.new_sessions_per_second,
+            new_sessions_burst: c.config.new_sessions_burst,
+            unanswered_timeout: c.config.unanswered_timeout,
         }
     }
 
@@ -387,6 +405,8 @@ impl Controller {
                 Refusal::RuleLimit => r.refused_limit += 1,
                 Refusal::Full => r.refused_full += 1,
                 Refusal::NoPort => r.refused_no_port += 1,
+                Refusal::SourceLimit => r.refused_source_limit += 1,
+                Refusal::RateLimited => r.refused_rate += 1,
             });
         }
         let last = st
@@ -400,6 +420,8 @@ impl Controller {
                 Refusal::RuleLimit => "the rule's max_sessions reached",
                 Refusal::Full => "session table full (raise relay.session_capacity)",
                 Refusal::NoPort => "no free session port (widen relay.session_ports)",
+                Refusal::SourceLimit => "the address has max_sessions_per_source sessions",
+                Refusal::RateLimited => "over the rule's new_sessions_per_second",
             };
             warn!(
                 "rule {}: refused a session for {client}: {msg}",
@@ -420,11 +442,32 @@ impl Controller {
     ) -> Option<Arc<SessionIo>> {
         let current = rule.current();
         let allowed = current.config.client_allowed(client.ip());
-        let entry = match st
-            .table
-            .open(rule.index, rule.limits(), client, allowed, now)
-        {
-            Ok(e) => e,
+        let opened = {
+            let State {
+                table,
+                datapath,
+                live,
+                ..
+            } = &mut *st;
+            table.open(rule.index, rule.limits(), client, allowed, now, |id| {
+                observe(datapath.as_ref(), live, id)
+            })
+        };
+        let entry = match opened {
+            Ok(o) => {
+                if let Some(evicted) = o.evicted {
+                    debug!(
+                        "rule {}: evicted the unanswered session of {} for {client}",
+                        rule.name(),
+                        evicted.client
+                    );
+                    self.close_entry(st, evicted);
+                    if let Some(dp) = st.datapath.as_mut() {
+                        let _ = dp.update_rule(rule.index, |r| r.evicted_unanswered += 1);
+                    }
+                }
+                o.entry
+            }
             Err(why) => {
                 self.refused(st, rule, client, why);
                 return None;
@@ -674,15 +717,7 @@ impl Controller {
             table.expired(
                 now,
                 |r| rules.get(usize::from(r)).map(Rule::limits),
-                |id| Observed {
-                    kernel_packets: datapath
-                        .as_ref()
-                        .and_then(|dp| dp.session(id).ok())
-                        .map_or(0, |s| s.packets()),
-                    slow_seen: live
-                        .get(&id)
-                        .map_or(0, |l| l.io.slow.last_seen.load(Ordering::Relaxed)),
-                },
+                |id| observe(datapath.as_ref(), live, id),
             )
         };
         // Traffic XDP carried goes into the session's pinned slow-path record, where `relay
@@ -691,6 +726,13 @@ impl Controller {
             if let Some(l) = st.live.get(id) {
                 l.io.slow.last_seen.fetch_max(now, Ordering::Relaxed);
                 l.io.slow.dirty.store(true, Ordering::Relaxed);
+            }
+        }
+        for id in &expired.unanswered {
+            if let Some(rule) = st.table.get(*id).map(|e| e.rule) {
+                if let Some(dp) = st.datapath.as_mut() {
+                    let _ = dp.update_rule(rule, |r| r.closed_unanswered += 1);
+                }
             }
         }
         for id in expired.closed {
@@ -704,13 +746,18 @@ impl Controller {
 
     /// Closes a session: stop its relay, take it out of the maps, account its traffic.
     fn close(&self, st: &mut State, id: u32) {
+        if let Some(entry) = st.table.close(id) {
+            self.close_entry(st, entry);
+        }
+    }
+
+    /// The I/O and map side of closing `entry`, which the table has let go of already.
+    fn close_entry(&self, st: &mut State, entry: Entry) {
+        let id = entry.id;
         let live = st.live.remove(&id);
         if let Some(l) = &live {
             l.task.abort();
         }
-        let Some(entry) = st.table.close(id) else {
-            return;
-        };
         let mut retired = [Traffic::default(); 2];
         if let Some(dp) = st.datapath.as_mut() {
             match dp.remove(id) {
@@ -769,7 +816,9 @@ impl Controller {
                 .unwrap_or_default();
             let restored = rule.and_then(|rule| {
                 // A restart does not count as idle time.
-                let entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
+                let mut entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
+                entry.answered = record.traffic[TO_CLIENT as usize].packets > 0
+                    || slow_pinned.traffic[TO_CLIENT as usize].packets > 0;
                 if !st.table.recover(entry) {
                     return None;
                 }

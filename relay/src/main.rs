@@ -129,21 +129,13 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    if let Some(c) = args.session_capacity {
-        config.session_capacity = c;
-    }
-    if let Some(p) = &args.session_ports {
-        config.session_ports = p.parse().context("--session-ports")?;
-    }
-    for spec in &args.forward {
-        config.add_flag_rule(spec)?;
-        if let Some(rule) = config.forward.last_mut() {
-            rule.allow_private_upstream = args.allow_private_upstream;
-            if let Some(t) = &args.idle_timeout {
-                rule.idle_timeout = relay::config::parse_duration(t).context("--idle-timeout")?;
-            }
-        }
-    }
+    config.apply_flags(&relay::config::Flags {
+        session_capacity: args.session_capacity,
+        session_ports: args.session_ports.as_deref(),
+        forward: &args.forward,
+        allow_private_upstream: args.allow_private_upstream,
+        idle_timeout: args.idle_timeout.as_deref(),
+    })?;
     Ok(config)
 }
 
