@@ -461,10 +461,10 @@ impl Controller {
                         rule.name(),
                         evicted.client
                     );
-                    self.close_entry(st, evicted);
                     if let Some(dp) = st.datapath.as_mut() {
-                        let _ = dp.update_rule(rule.index, |r| r.evicted_unanswered += 1);
+                        let _ = dp.update_rule(evicted.rule, |r| r.evicted_unanswered += 1);
                     }
+                    self.close_entry(st, evicted);
                 }
                 o.entry
             }
