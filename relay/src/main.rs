@@ -213,7 +213,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         } => {
             system::require_privileges()?;
             let dir = pin_dir(&iface, dir)?;
-            pin::remove(&dir)?;
+            if dir.exists() {
+                let _lock = pin::lock(&dir)?;
+                pin::remove(&dir)?;
+            }
             println!("removed {}", dir.display());
             Ok(())
         }
@@ -229,6 +232,8 @@ async fn run(
 ) -> anyhow::Result<()> {
     use ebpf::AttachMode;
     pin::prepare(&dir)?;
+    // Before any pinned map is opened: a second relay on this interface stops here.
+    let _lock = pin::lock(&dir)?;
     let files = system::raise_fd_limit();
     if u64::from(config.session_capacity) + 64 > files {
         warn!(

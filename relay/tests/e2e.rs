@@ -198,3 +198,51 @@ fn a_second_relay_on_the_same_interface_is_refused() {
         "the first relay stays attached"
     );
 }
+
+/// A second `relay run` with the same pinned state stops before it touches it: the first
+/// relay's rules and counters stay as they were (without the lock the second rewrote the
+/// pinned rule records before it failed to attach). `relay unpin` is refused while it runs.
+#[test]
+fn a_second_relay_on_the_same_pins_leaves_them_alone() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let _first = Relay::forwarding(&t.relay, &pin, &["198.18.1.1:5000=198.18.2.2:6000"], &[]);
+    let before = stats(&t.relay, "cli0", &pin);
+    assert_eq!(before["rules"][0]["listen"], "198.18.1.1:5000", "{before}");
+    let out = relay_cmd(
+        &t.relay,
+        &[
+            "run",
+            "--iface",
+            "cli0",
+            "--iface",
+            "up0",
+            "--pin-dir",
+            pin.arg(),
+            "--forward",
+            "198.18.1.1:5005=198.18.2.2:6005",
+            "--allow-private-upstream",
+        ],
+    );
+    let (err, code) = refusal(&out);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("another relay is running"), "{err}");
+    let after = stats(&t.relay, "cli0", &pin);
+    assert_eq!(
+        after["rules"], before["rules"],
+        "the pinned rules are untouched"
+    );
+    assert!(
+        t.relay.xdp_attached("cli0"),
+        "the first relay stays attached"
+    );
+
+    let out = relay_cmd(
+        &t.relay,
+        &["unpin", "--iface", "cli0", "--pin-dir", pin.arg()],
+    );
+    let (err, code) = refusal(&out);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("another relay is running"), "{err}");
+    assert!(pin.path().join("COUNTERS").exists(), "nothing was unpinned");
+}
