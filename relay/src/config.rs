@@ -613,6 +613,16 @@ impl Config {
         Config::from_toml(&text).with_context(|| format!("{}", path.display()))
     }
 
+    /// The port ranges the relay hands out itself (session ports, SOCKS5 association
+    /// ports), named as in the file: reserved from the kernel's own choices while it runs.
+    pub fn reserved_ranges(&self) -> Vec<(&'static str, PortRange)> {
+        let mut v = vec![("relay.session_ports", self.session_ports)];
+        if let Some(s) = &self.socks5 {
+            v.push(("socks5.udp_ports", s.udp_ports));
+        }
+        v
+    }
+
     /// Applies the command line's settings over the file's, each checked as the file's are.
     pub fn apply_flags(&mut self, flags: &Flags<'_>) -> anyhow::Result<()> {
         if let Some(c) = flags.session_capacity {
@@ -691,6 +701,14 @@ impl Config {
             let (a, b) = (s.udp_ports, self.session_ports);
             if a.first <= b.last && b.first <= a.last {
                 bail!("socks5.udp_ports {a} overlap relay.session_ports {b}");
+            }
+            for (name, r) in [("socks5.udp_ports", a), ("relay.session_ports", b)] {
+                if r.contains(s.listen.port()) {
+                    bail!(
+                        "socks5.listen port {} is inside {name} {r}",
+                        s.listen.port()
+                    );
+                }
             }
         }
         for (i, a) in self.forward.iter().enumerate() {

@@ -234,6 +234,10 @@ async fn run(
     pin::prepare(&dir)?;
     // Before any pinned map is opened: a second relay on this interface stops here.
     let _lock = pin::lock(&dir)?;
+    let ranges = config.reserved_ranges();
+    system::check_not_ephemeral(&ranges)?;
+    let _reserved =
+        system::ReservedPorts::reserve(&ranges.iter().map(|(_, r)| *r).collect::<Vec<_>>())?;
     let files = system::raise_fd_limit();
     if u64::from(config.session_capacity) + 64 > files {
         warn!(

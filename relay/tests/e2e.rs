@@ -246,3 +246,37 @@ fn a_second_relay_on_the_same_pins_leaves_them_alone() {
     assert!(err.contains("another relay is running"), "{err}");
     assert!(pin.path().join("COUNTERS").exists(), "nothing was unpinned");
 }
+
+/// The session and association port ranges are reserved from the kernel's own port choices
+/// while the relay runs, and given back when it stops; a range inside the ephemeral range is
+/// refused at start.
+#[test]
+fn session_ports_are_reserved_while_the_relay_runs() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let reserved = || {
+        t.relay
+            .exec(&["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"])
+    };
+    assert_eq!(reserved().trim(), "");
+    let relay = Relay::forwarding(&t.relay, &pin, &["198.18.1.1:5000=198.18.2.2:6000"], &[]);
+    assert_eq!(reserved().trim(), "20000-29999");
+    assert!(relay.stop(libc::SIGTERM));
+    assert_eq!(reserved().trim(), "", "given back on exit");
+
+    let out = relay_cmd(
+        &t.relay,
+        &[
+            "run",
+            "--iface",
+            "cli0",
+            "--pin-dir",
+            pin.arg(),
+            "--session-ports",
+            "40000-40999",
+        ],
+    );
+    let (err, code) = refusal(&out);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("overlaps the ephemeral port range"), "{err}");
+}
