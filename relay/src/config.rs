@@ -17,7 +17,7 @@ use serde::Deserialize;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Sessions one client address may hold on a rule when the rule does not say: room for a
 /// household or an office behind one NAT address, not for one host taking the table.
-pub const DEFAULT_MAX_SESSIONS_PER_SOURCE: u32 = 128;
+pub const DEFAULT_MAX_SESSIONS_PER_SOURCE: u32 = 256;
 /// New sessions per second a rule opens when it does not say, and in one burst (a relay's
 /// users reconnecting at once after an outage or a move).
 pub const DEFAULT_NEW_SESSIONS_PER_SECOND: u32 = 1000;
@@ -396,6 +396,7 @@ pub struct Flags<'a> {
     /// For the `--forward` rules.
     pub allow_private_upstream: bool,
     pub idle_timeout: Option<&'a str>,
+    pub max_sessions_per_source: Option<u32>,
 }
 
 /// The whole configuration.
@@ -631,6 +632,9 @@ impl Config {
         if let Some(p) = flags.session_ports {
             self.set_session_ports(p)?;
         }
+        if flags.max_sessions_per_source == Some(0) {
+            bail!("--max-sessions-per-source: must be at least 1");
+        }
         let idle = flags
             .idle_timeout
             .map(|t| {
@@ -646,6 +650,9 @@ impl Config {
                 if let Some(t) = idle {
                     rule.idle_timeout = t;
                     rule.unanswered_timeout = rule.unanswered_timeout.min(t);
+                }
+                if let Some(n) = flags.max_sessions_per_source {
+                    rule.max_sessions_per_source = n;
                 }
             }
         }

@@ -82,6 +82,9 @@ struct RunArgs {
     /// Idle timeout of --forward rules (e.g. 300s, 5m).
     #[arg(long)]
     idle_timeout: Option<String>,
+    /// Sessions one client address may hold on each --forward rule [default: 256].
+    #[arg(long)]
+    max_sessions_per_source: Option<u32>,
     /// Sessions the kernel maps hold [default: 10000 or the file's].
     #[arg(long)]
     session_capacity: Option<u32>,
@@ -135,6 +138,7 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
         forward: &args.forward,
         allow_private_upstream: args.allow_private_upstream,
         idle_timeout: args.idle_timeout.as_deref(),
+        max_sessions_per_source: args.max_sessions_per_source,
     })?;
     Ok(config)
 }
@@ -315,6 +319,8 @@ async fn run(
         }
         None => None,
     };
+    // Loaded, attached, listening: from here on only what running needs.
+    relay::privileges::drop_to_runtime_set()?;
     controller.spawn();
     if let Some((server, listener)) = socks5 {
         tokio::spawn(std::sync::Arc::clone(&server).publish(users_map));

@@ -280,3 +280,32 @@ fn session_ports_are_reserved_while_the_relay_runs() {
     assert_eq!(code, Some(1));
     assert!(err.contains("overlaps the ephemeral port range"), "{err}");
 }
+
+/// Once attached, every thread of the relay keeps only CAP_NET_ADMIN, CAP_BPF and
+/// CAP_NET_BIND_SERVICE, with the same bounding set and no_new_privs; it still relays and
+/// still detaches cleanly on SIGTERM.
+#[test]
+fn the_running_relay_keeps_only_the_capabilities_it_needs() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let relay = Relay::forwarding(&t.relay, &pin, &["198.18.1.1:5000=198.18.2.2:6000"], &[]);
+    let tasks = format!("/proc/{}/task", relay.child.id());
+    let mut threads = 0;
+    for entry in std::fs::read_dir(&tasks).expect("task list") {
+        let status =
+            std::fs::read_to_string(entry.expect("task").path().join("status")).unwrap_or_default();
+        if status.is_empty() {
+            continue;
+        }
+        threads += 1;
+        let c = relay::privileges::parse_status(&status);
+        assert_eq!(c.effective, relay::privileges::RUNTIME_SET, "{status}");
+        assert_eq!(c.permitted, relay::privileges::RUNTIME_SET, "{status}");
+        assert_eq!(c.bounding, relay::privileges::RUNTIME_SET, "{status}");
+        assert!(c.no_new_privs, "{status}");
+    }
+    assert!(threads > 1, "the runtime's threads were checked too");
+    assert_eq!(send_through(&t, 5).len(), 5, "the host still forwards");
+    assert!(relay.stop(libc::SIGTERM), "a clean exit");
+    assert!(!t.relay.xdp_attached("cli0"), "detached with what it kept");
+}
