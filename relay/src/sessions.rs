@@ -369,6 +369,20 @@ impl Table {
         None
     }
 
+    /// Sessions whose client `allowed(rule, client)` no longer admits (an allow list or a
+    /// rule changed by a reload, or sessions taken over after a restart): the caller closes
+    /// them.
+    pub fn revoked(&self, allowed: impl Fn(u16, SocketAddr) -> bool) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .entries
+            .values()
+            .filter(|e| !allowed(e.rule, e.client))
+            .map(|e| e.id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Records that the upstream of session `id` answered: it is no longer an eviction
     /// candidate, and only its idle timeout ends it.
     pub fn mark_answered(&mut self, id: u32) {
@@ -688,6 +702,26 @@ mod tests {
             .unwrap();
         assert_eq!(o.evicted.map(|e| e.client), Some(client(2)));
         assert!(t.find(1, client(1)).is_some());
+    }
+
+    #[test]
+    fn sessions_a_new_allow_list_refuses_are_revoked() {
+        let mut t = table(10, (20000, 20009));
+        let a = t
+            .open(0, limits(10), client(1), true, 0, silent)
+            .unwrap()
+            .entry;
+        let other = SocketAddr::from(([203, 0, 113, 9], 5));
+        let b = t.open(0, limits(10), other, true, 0, silent).unwrap().entry;
+        let c = t
+            .open(1, limits(10), client(2), true, 0, silent)
+            .unwrap()
+            .entry;
+        assert_eq!(t.revoked(|_, _| true), Vec::<u32>::new());
+        // Rule 0 now admits only 203.0.113.0/24; rule 1 is unchanged.
+        let allowed = |rule: u16, c: SocketAddr| rule != 0 || c.ip() == other.ip();
+        assert_eq!(t.revoked(allowed), vec![a.id]);
+        assert!(t.get(b.id).is_some() && t.get(c.id).is_some());
     }
 
     #[test]
