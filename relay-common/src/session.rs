@@ -176,6 +176,14 @@ pub struct RuleStats {
     pub refused_limit: u64,
     pub refused_full: u64,
     pub refused_no_port: u64,
+    /// Refused: the client address had `max_sessions_per_source` sessions already.
+    pub refused_source_limit: u64,
+    /// Refused: over the rule's `new_sessions_per_second`.
+    pub refused_rate: u64,
+    /// Unanswered sessions closed to make room for a new one.
+    pub evicted_unanswered: u64,
+    /// Sessions closed because the upstream never answered within `unanswered_timeout`.
+    pub closed_unanswered: u64,
     /// The rule's name (NUL-padded UTF-8), for `relay stats`.
     pub name: [u8; 32],
     pub listen: [u8; 16],

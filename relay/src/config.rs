@@ -15,6 +15,16 @@ use serde::Deserialize;
 /// Idle timeout of a session when a rule does not set one: long enough for VPN keepalives
 /// (WireGuard: 25 s) and for calls on hold.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Sessions one client address may hold on a rule when the rule does not say: room for a
+/// household or an office behind one NAT address, not for one host taking the table.
+pub const DEFAULT_MAX_SESSIONS_PER_SOURCE: u32 = 256;
+/// New sessions per second a rule opens when it does not say, and in one burst (a relay's
+/// users reconnecting at once after an outage or a move).
+pub const DEFAULT_NEW_SESSIONS_PER_SECOND: u32 = 1000;
+pub const DEFAULT_NEW_SESSIONS_BURST: u32 = 10_000;
+/// How long a session may wait for its upstream's first answer when the rule does not say.
+pub const DEFAULT_UNANSWERED_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Sessions the kernel maps hold when the configuration does not say: one per session port.
 pub const DEFAULT_SESSION_CAPACITY: u32 = 10_000;
 /// Relay-side ports of sessions when the configuration does not say: below Linux's ephemeral
@@ -163,6 +173,10 @@ struct RawForward {
     allow: Option<Vec<String>>,
     idle_timeout: Option<String>,
     max_sessions: Option<u32>,
+    max_sessions_per_source: Option<u32>,
+    new_sessions_per_second: Option<u32>,
+    new_sessions_burst: Option<u32>,
+    unanswered_timeout: Option<String>,
     #[serde(default)]
     allow_private_upstream: bool,
 }
@@ -312,6 +326,13 @@ pub struct ForwardRule {
     pub allow: Vec<Cidr>,
     pub idle_timeout: Duration,
     pub max_sessions: u32,
+    /// Sessions one client address may hold on the rule at once.
+    pub max_sessions_per_source: u32,
+    /// New sessions the rule opens per second on average, and at once.
+    pub new_sessions_per_second: u32,
+    pub new_sessions_burst: u32,
+    /// A session whose upstream has not answered ends this long after it opened.
+    pub unanswered_timeout: Duration,
     pub allow_private_upstream: bool,
 }
 
@@ -364,6 +385,20 @@ impl ForwardRule {
     }
 }
 
+/// Settings given on the command line of `relay run`, applied over the file's with
+/// [`Config::apply_flags`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Flags<'a> {
+    pub session_capacity: Option<u32>,
+    pub session_ports: Option<&'a str>,
+    /// `--forward LISTEN=UPSTREAM` rules.
+    pub forward: &'a [String],
+    /// For the `--forward` rules.
+    pub allow_private_upstream: bool,
+    pub idle_timeout: Option<&'a str>,
+    pub max_sessions_per_source: Option<u32>,
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -384,6 +419,25 @@ impl Default for Config {
             policy: crate::policy::Policy::default(),
         }
     }
+}
+
+/// Sessions the maps can be sized for.
+fn check_capacity(capacity: u32) -> anyhow::Result<()> {
+    if capacity == 0 || capacity > 16 << 20 {
+        bail!("{capacity} is out of range (1 to 16777216)");
+    }
+    Ok(())
+}
+
+/// A session idle timeout must outlast VPN keepalives (WireGuard: 25 s).
+pub fn check_idle_timeout(t: Duration) -> anyhow::Result<()> {
+    if t < Duration::from_secs(10) {
+        bail!(
+            "idle_timeout: {}s is shorter than VPN keepalives; use at least 10s",
+            t.as_secs()
+        );
+    }
+    Ok(())
 }
 
 /// `"300"`, `"300s"`, `"5m"`, `"1h"`.
@@ -446,11 +500,41 @@ impl RawForward {
             Some(s) => parse_duration(s).context("idle_timeout")?,
             None => DEFAULT_IDLE_TIMEOUT,
         };
-        if idle_timeout < Duration::from_secs(10) {
+        check_idle_timeout(idle_timeout)?;
+        let unanswered_timeout = match &self.unanswered_timeout {
+            Some(s) => parse_duration(s).context("unanswered_timeout")?,
+            None => DEFAULT_UNANSWERED_TIMEOUT.min(idle_timeout),
+        };
+        if unanswered_timeout < Duration::from_secs(5) || unanswered_timeout > idle_timeout {
             bail!(
-                "idle_timeout: {idle_timeout:?} is shorter than VPN keepalives; use at least 10s"
+                "unanswered_timeout: {}s must be at least 5s (an upstream's first answer can take \
+                 a few round trips) and at most idle_timeout ({}s)",
+                unanswered_timeout.as_secs(),
+                idle_timeout.as_secs()
             );
         }
+        let positive = |v: Option<u32>, default: u32, what: &str| -> anyhow::Result<u32> {
+            match v {
+                Some(0) => bail!("{what}: must be at least 1"),
+                Some(n) => Ok(n),
+                None => Ok(default),
+            }
+        };
+        let max_sessions_per_source = positive(
+            self.max_sessions_per_source,
+            DEFAULT_MAX_SESSIONS_PER_SOURCE,
+            "max_sessions_per_source",
+        )?;
+        let new_sessions_per_second = positive(
+            self.new_sessions_per_second,
+            DEFAULT_NEW_SESSIONS_PER_SECOND,
+            "new_sessions_per_second",
+        )?;
+        let new_sessions_burst = positive(
+            self.new_sessions_burst,
+            DEFAULT_NEW_SESSIONS_BURST.max(new_sessions_per_second),
+            "new_sessions_burst",
+        )?;
         Ok(ForwardRule {
             name: self.name.unwrap_or_else(|| format!("forward{index}")),
             listen_ip,
@@ -460,6 +544,10 @@ impl RawForward {
             allow,
             idle_timeout,
             max_sessions: self.max_sessions.unwrap_or(capacity).min(capacity),
+            max_sessions_per_source,
+            new_sessions_per_second,
+            new_sessions_burst,
+            unanswered_timeout,
             allow_private_upstream: self.allow_private_upstream,
         })
     }
@@ -473,9 +561,7 @@ impl Config {
             .relay
             .session_capacity
             .unwrap_or(DEFAULT_SESSION_CAPACITY);
-        if capacity == 0 || capacity > 16 << 20 {
-            bail!("relay.session_capacity: {capacity} is out of range (1 to 16777216)");
-        }
+        check_capacity(capacity).context("relay.session_capacity")?;
         let session_ports = match &raw.relay.session_ports {
             Some(s) => s.parse().context("relay.session_ports")?,
             None => DEFAULT_SESSION_PORTS,
@@ -528,6 +614,69 @@ impl Config {
         Config::from_toml(&text).with_context(|| format!("{}", path.display()))
     }
 
+    /// The port ranges the relay hands out itself (session ports, SOCKS5 association
+    /// ports), named as in the file: reserved from the kernel's own choices while it runs.
+    pub fn reserved_ranges(&self) -> Vec<(&'static str, PortRange)> {
+        let mut v = vec![("relay.session_ports", self.session_ports)];
+        if let Some(s) = &self.socks5 {
+            v.push(("socks5.udp_ports", s.udp_ports));
+        }
+        v
+    }
+
+    /// Applies the command line's settings over the file's, each checked as the file's are.
+    pub fn apply_flags(&mut self, flags: &Flags<'_>) -> anyhow::Result<()> {
+        if let Some(c) = flags.session_capacity {
+            self.set_session_capacity(c)?;
+        }
+        if let Some(p) = flags.session_ports {
+            self.set_session_ports(p)?;
+        }
+        if flags.max_sessions_per_source == Some(0) {
+            bail!("--max-sessions-per-source: must be at least 1");
+        }
+        let idle = flags
+            .idle_timeout
+            .map(|t| {
+                let t = parse_duration(t).context("--idle-timeout")?;
+                check_idle_timeout(t).context("--idle-timeout")?;
+                Ok::<_, anyhow::Error>(t)
+            })
+            .transpose()?;
+        for spec in flags.forward {
+            self.add_flag_rule(spec)?;
+            if let Some(rule) = self.forward.last_mut() {
+                rule.allow_private_upstream = flags.allow_private_upstream;
+                if let Some(t) = idle {
+                    rule.idle_timeout = t;
+                    rule.unanswered_timeout = rule.unanswered_timeout.min(t);
+                }
+                if let Some(n) = flags.max_sessions_per_source {
+                    rule.max_sessions_per_source = n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `--session-capacity`: checked as `relay.session_capacity` is in a file; rules keep at
+    /// most that many sessions.
+    pub fn set_session_capacity(&mut self, capacity: u32) -> anyhow::Result<()> {
+        check_capacity(capacity).context("--session-capacity")?;
+        self.session_capacity = capacity;
+        for rule in &mut self.forward {
+            rule.max_sessions = rule.max_sessions.min(capacity);
+        }
+        Ok(())
+    }
+
+    /// `--session-ports`: checked as `relay.session_ports` is in a file, also against the
+    /// listeners.
+    pub fn set_session_ports(&mut self, ports: &str) -> anyhow::Result<()> {
+        self.session_ports = ports.parse().context("--session-ports")?;
+        self.check_overlaps().context("--session-ports")
+    }
+
     /// Adds a rule given on the command line as `LISTEN=UPSTREAM`.
     pub fn add_flag_rule(&mut self, spec: &str) -> anyhow::Result<()> {
         let (listen, upstream) = spec
@@ -541,6 +690,10 @@ impl Config {
             allow: None,
             idle_timeout: None,
             max_sessions: None,
+            max_sessions_per_source: None,
+            new_sessions_per_second: None,
+            new_sessions_burst: None,
+            unanswered_timeout: None,
             allow_private_upstream: false,
         }
         .check(index, self.session_capacity)
@@ -555,6 +708,14 @@ impl Config {
             let (a, b) = (s.udp_ports, self.session_ports);
             if a.first <= b.last && b.first <= a.last {
                 bail!("socks5.udp_ports {a} overlap relay.session_ports {b}");
+            }
+            for (name, r) in [("socks5.udp_ports", a), ("relay.session_ports", b)] {
+                if r.contains(s.listen.port()) {
+                    bail!(
+                        "socks5.listen port {} is inside {name} {r}",
+                        s.listen.port()
+                    );
+                }
             }
         }
         for (i, a) in self.forward.iter().enumerate() {
@@ -708,6 +869,108 @@ mod tests {
             c.forward[0].resolve_upstream().unwrap(),
             "127.0.0.1".parse::<IpAddr>().unwrap()
         );
+    }
+
+    #[test]
+    fn command_line_settings_are_checked_as_the_file_is() {
+        let forward = ["0.0.0.0:51820=203.0.113.7:51820".to_owned()];
+        let flags = Flags {
+            forward: &forward,
+            ..Flags::default()
+        };
+        let cases = [
+            (
+                Flags {
+                    idle_timeout: Some("0"),
+                    ..flags
+                },
+                "--idle-timeout: idle_timeout: 0s is shorter",
+            ),
+            (
+                Flags {
+                    idle_timeout: Some("5s"),
+                    ..flags
+                },
+                "use at least 10s",
+            ),
+            (
+                Flags {
+                    session_capacity: Some(0),
+                    ..flags
+                },
+                "--session-capacity: 0 is out of range",
+            ),
+            (
+                Flags {
+                    session_ports: Some("9-1"),
+                    ..flags
+                },
+                "--session-ports: bad port range",
+            ),
+        ];
+        let file = "[socks5]\nlisten = \"0.0.0.0:1080\"\nallow_no_auth = true\n";
+        for (f, want) in cases {
+            let mut c = Config::from_toml(file).unwrap();
+            let e = format!("{:#}", c.apply_flags(&f).unwrap_err());
+            assert!(e.contains(want), "{f:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        // Session ports over a --forward listener, and over the SOCKS5 association ports.
+        let mut c = Config::default();
+        let e = c
+            .apply_flags(&Flags {
+                session_ports: Some("51800-51900"),
+                forward: &forward,
+                ..Flags::default()
+            })
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("overlap the session port range"),
+            "{e:#}"
+        );
+        let mut c = Config::from_toml(file).unwrap();
+        let e = c
+            .apply_flags(&Flags {
+                session_ports: Some("30000-30010"),
+                ..Flags::default()
+            })
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("overlap"), "{e:#}");
+        // A good override takes effect; an idle timeout also bounds the unanswered one.
+        let mut c = Config::default();
+        c.apply_flags(&Flags {
+            idle_timeout: Some("20s"),
+            session_capacity: Some(50),
+            ..flags
+        })
+        .unwrap();
+        let r = &c.forward[0];
+        assert_eq!(r.idle_timeout, Duration::from_secs(20));
+        assert_eq!(r.unanswered_timeout, Duration::from_secs(20));
+        assert_eq!((c.session_capacity, r.max_sessions), (50, 50));
+    }
+
+    #[test]
+    fn flood_limits_have_defaults_and_are_checked() {
+        let base = "[[forward]]\nlisten = \"0.0.0.0:51820\"\nupstream = \"203.0.113.7:51820\"\n";
+        let c = Config::from_toml(base).unwrap();
+        let r = &c.forward[0];
+        assert_eq!(r.max_sessions_per_source, DEFAULT_MAX_SESSIONS_PER_SOURCE);
+        assert_eq!(r.new_sessions_per_second, DEFAULT_NEW_SESSIONS_PER_SECOND);
+        assert_eq!(r.new_sessions_burst, DEFAULT_NEW_SESSIONS_BURST);
+        assert_eq!(r.unanswered_timeout, Duration::from_secs(30));
+        for (extra, want) in [
+            ("max_sessions_per_source = 0\n", "max_sessions_per_source"),
+            ("new_sessions_per_second = 0\n", "new_sessions_per_second"),
+            ("unanswered_timeout = \"1s\"\n", "unanswered_timeout"),
+            ("unanswered_timeout = \"10m\"\n", "at most idle_timeout"),
+        ] {
+            let e = format!(
+                "{:#}",
+                Config::from_toml(&format!("{base}{extra}")).unwrap_err()
+            );
+            assert!(e.contains(want), "{extra}: {e}");
+        }
     }
 
     #[test]

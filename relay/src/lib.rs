@@ -9,6 +9,7 @@ pub mod lab;
 pub mod nexthop;
 pub mod pin;
 pub mod policy;
+pub mod privileges;
 pub mod sessions;
 pub mod socks5;
 pub mod stats;

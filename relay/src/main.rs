@@ -83,6 +83,9 @@ struct RunArgs {
     /// Idle timeout of --forward rules (e.g. 300s, 5m).
     #[arg(long)]
     idle_timeout: Option<String>,
+    /// Sessions one client address may hold on each --forward rule [default: 256].
+    #[arg(long)]
+    max_sessions_per_source: Option<u32>,
     /// Sessions the kernel maps hold [default: 10000 or the file's].
     #[arg(long)]
     session_capacity: Option<u32>,
@@ -130,21 +133,14 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    if let Some(c) = args.session_capacity {
-        config.session_capacity = c;
-    }
-    if let Some(p) = &args.session_ports {
-        config.session_ports = p.parse().context("--session-ports")?;
-    }
-    for spec in &args.forward {
-        config.add_flag_rule(spec)?;
-        if let Some(rule) = config.forward.last_mut() {
-            rule.allow_private_upstream = args.allow_private_upstream;
-            if let Some(t) = &args.idle_timeout {
-                rule.idle_timeout = relay::config::parse_duration(t).context("--idle-timeout")?;
-            }
-        }
-    }
+    config.apply_flags(&relay::config::Flags {
+        session_capacity: args.session_capacity,
+        session_ports: args.session_ports.as_deref(),
+        forward: &args.forward,
+        allow_private_upstream: args.allow_private_upstream,
+        idle_timeout: args.idle_timeout.as_deref(),
+        max_sessions_per_source: args.max_sessions_per_source,
+    })?;
     Ok(config)
 }
 
@@ -222,7 +218,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         } => {
             system::require_privileges()?;
             let dir = pin_dir(&iface, dir)?;
-            pin::remove(&dir)?;
+            if dir.exists() {
+                let _lock = pin::lock(&dir)?;
+                pin::remove(&dir)?;
+            }
             println!("removed {}", dir.display());
             Ok(())
         }
@@ -238,6 +237,12 @@ async fn run(
 ) -> anyhow::Result<()> {
     use ebpf::AttachMode;
     pin::prepare(&dir)?;
+    // Before any pinned map is opened: a second relay on this interface stops here.
+    let _lock = pin::lock(&dir)?;
+    let ranges = config.reserved_ranges();
+    system::check_not_ephemeral(&ranges)?;
+    let _reserved =
+        system::ReservedPorts::reserve(&ranges.iter().map(|(_, r)| *r).collect::<Vec<_>>())?;
     let files = system::raise_fd_limit();
     if u64::from(config.session_capacity) + 64 > files {
         warn!(
@@ -306,6 +311,8 @@ async fn run(
         }
         None => None,
     };
+    // Loaded, attached, listening: from here on only what running needs.
+    relay::privileges::drop_to_runtime_set()?;
     forward.spawn();
     if let Some((server, listener)) = socks5 {
         tokio::spawn(Arc::clone(&server).publish());

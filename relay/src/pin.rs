@@ -84,6 +84,49 @@ pub fn prepare(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The pin directory held by one relay: an exclusive `flock(2)` on the directory, released
+/// when the process ends however it ends (also by SIGKILL). `relay run` holds it for its
+/// whole life and takes it before it opens any pinned map, so a second relay on the same
+/// interface stops before it touches the first one's state; `relay unpin` takes it too.
+pub struct Lock {
+    _dir: std::os::fd::OwnedFd,
+}
+
+/// Takes the lock on `dir` (which must exist), or says that another relay holds it.
+pub fn lock(dir: &Path) -> anyhow::Result<Lock> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let c = CString::new(dir.as_os_str().as_encoded_bytes()).context("pin directory path")?;
+    // SAFETY: `c` is a NUL-terminated path; the flags open a directory for reading only.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        bail!(
+            "opening pin directory {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: flock(2) on a descriptor we own.
+    if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "another relay is running with the pinned state in {} (one relay per interface; \
+                 stop it first)",
+                dir.display()
+            );
+        }
+        bail!("locking pin directory {}: {e}", dir.display());
+    }
+    Ok(Lock { _dir: fd })
+}
+
 /// Removes the pins in `dir` (and `dir` itself if it ends up empty).
 pub fn remove(dir: &Path) -> anyhow::Result<()> {
     if !dir.exists() {

@@ -7,8 +7,8 @@
 //! packet counters changing.
 
 use std::{
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
+    collections::{BTreeSet, HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -25,6 +25,10 @@ pub enum Refusal {
     Full,
     /// Every session port is in use.
     NoPort,
+    /// The client's address has `max_sessions_per_source` sessions on the rule already.
+    SourceLimit,
+    /// The rule opened `new_sessions_per_second` (plus its burst) sessions just now.
+    RateLimited,
 }
 
 impl Refusal {
@@ -34,6 +38,8 @@ impl Refusal {
             Refusal::RuleLimit => "rule_limit",
             Refusal::Full => "table_full",
             Refusal::NoPort => "no_port",
+            Refusal::SourceLimit => "source_limit",
+            Refusal::RateLimited => "rate_limited",
         }
     }
 }
@@ -51,6 +57,11 @@ pub struct Entry {
     /// When the kernel's count was last looked at, and what it was.
     pub checked: u64,
     pub kernel_packets: u64,
+    /// When the session was opened (or taken over after a restart).
+    pub opened: u64,
+    /// Whether the upstream has sent anything back. Unanswered sessions end after the rule's
+    /// short `unanswered_timeout` and are the only ones a full table evicts.
+    pub answered: bool,
 }
 
 impl Entry {
@@ -63,25 +74,40 @@ impl Entry {
             last_seen: now,
             checked: now,
             kernel_packets: 0,
+            opened: now,
+            answered: false,
         }
     }
+}
+
+/// A session [`Table::open`] made, and the unanswered session it evicted to make room (the
+/// caller closes that one's sockets and map entries).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub entry: Entry,
+    pub evicted: Option<Entry>,
 }
 
 /// One pass of [`Table::expired`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Expiry {
-    /// Sessions to close: idle for longer than their timeout, or their rule is gone.
+    /// Sessions to close: idle for longer than their timeout, unanswered for longer than the
+    /// rule's `unanswered_timeout`, or their rule is gone.
     pub closed: Vec<u32>,
+    /// Of `closed`, those that closed because the upstream never answered.
+    pub unanswered: Vec<u32>,
     /// Sessions whose XDP packet count moved since the last look: seen now.
     pub carried: Vec<u32>,
 }
 
 /// What the others who move a session's bytes say about it: the XDP program's packet count
-/// (both directions) and the last time the controller's own relays saw a packet (0 if never).
+/// (both directions), the last time the controller's own relays saw a packet (0 if never),
+/// and whether either has carried a packet from the upstream to the client.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
     pub kernel_packets: u64,
     pub slow_seen: u64,
+    pub answered: bool,
 }
 
 /// Session ports, handed out oldest-freed first so that a port is reused as late as possible
@@ -100,6 +126,10 @@ impl PortPool {
 
     pub fn take(&mut self) -> Option<u16> {
         self.free.pop_front()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.free.is_empty()
     }
 
     /// Returns a port to the pool (a closed session's, or one another socket holds: it is
@@ -129,6 +159,12 @@ pub struct Table {
     free_ids: Vec<u32>,
     next_id: u32,
     per_rule: HashMap<u16, u32>,
+    /// Sessions per (rule, client address): what `max_sessions_per_source` counts.
+    per_source: HashMap<(u16, IpAddr), u32>,
+    /// New-session token buckets per rule.
+    buckets: HashMap<u16, Bucket>,
+    /// Unanswered sessions by age: (opened, id), oldest first. The eviction candidates.
+    unanswered: BTreeSet<(u64, u32)>,
     pub ports: PortPool,
 }
 
@@ -137,7 +173,58 @@ pub struct Table {
 pub struct RuleLimits {
     pub max_sessions: u32,
     pub idle_timeout: Duration,
+    /// Sessions one client address may hold on the rule at once.
+    pub max_sessions_per_source: u32,
+    /// New sessions the rule opens per second, on average, and in one burst.
+    pub new_sessions_per_second: u32,
+    pub new_sessions_burst: u32,
+    /// A session whose upstream has sent nothing back ends this long after it opened.
+    pub unanswered_timeout: Duration,
 }
+
+impl RuleLimits {
+    /// Limits that never refuse anything but `max_sessions` (tests and tools).
+    pub fn sessions(max_sessions: u32, idle_timeout: Duration) -> RuleLimits {
+        RuleLimits {
+            max_sessions,
+            idle_timeout,
+            max_sessions_per_source: u32::MAX,
+            new_sessions_per_second: u32::MAX,
+            new_sessions_burst: u32::MAX,
+            unanswered_timeout: idle_timeout,
+        }
+    }
+}
+
+/// A token bucket in whole sessions, refilled from monotonic nanoseconds.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    /// Tokens, in billionths of a session (so that refills need no floating point).
+    nano_tokens: u128,
+    last: u64,
+}
+
+impl Bucket {
+    fn take(&mut self, now: u64, rate: u32, burst: u32) -> bool {
+        if rate == u32::MAX {
+            return true;
+        }
+        let cap = u128::from(burst.max(1)) * 1_000_000_000;
+        let elapsed = u128::from(now.saturating_sub(self.last));
+        self.nano_tokens = (self.nano_tokens + elapsed * u128::from(rate)).min(cap);
+        self.last = self.last.max(now);
+        if self.nano_tokens >= 1_000_000_000 {
+            self.nano_tokens -= 1_000_000_000;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Eviction candidates looked at per new session, at most: a bounded cost per packet even
+/// when the table believes many sessions unanswered that the kernel has seen answered.
+const EVICTION_TRIES: usize = 8;
 
 impl Table {
     pub fn new(capacity: u32, ports: PortRange) -> Table {
@@ -148,6 +235,9 @@ impl Table {
             free_ids: Vec::new(),
             next_id: 0,
             per_rule: HashMap::new(),
+            per_source: HashMap::new(),
+            buckets: HashMap::new(),
+            unanswered: BTreeSet::new(),
             ports: PortPool::new(ports),
         }
     }
@@ -186,9 +276,21 @@ impl Table {
         })
     }
 
+    /// Sessions `client`'s address holds on `rule`.
+    pub fn sessions_of_source(&self, rule: u16, client: IpAddr) -> u32 {
+        self.per_source.get(&(rule, client)).copied().unwrap_or(0)
+    }
+
     /// Opens a session for `client` on `rule`, given whether the client is allowed. The caller
     /// has checked [`Table::find`] first. The port is a candidate: if the I/O layer cannot
     /// bind it, it calls [`Table::replace_port`].
+    ///
+    /// Refusals come in this order: not allowed, the client address's share, the rule's
+    /// new-session rate, and then room: when the rule is at `max_sessions`, the table is full
+    /// or no port is free, the oldest session whose upstream never answered (of the rule, or
+    /// of any rule when the table is full) is evicted to make room; sessions that were
+    /// answered are never evicted. `observe` confirms that a candidate is still unanswered
+    /// (the kernel may have carried a reply the table has not heard of yet).
     pub fn open(
         &mut self,
         rule: u16,
@@ -196,15 +298,41 @@ impl Table {
         client: SocketAddr,
         allowed: bool,
         now: u64,
-    ) -> Result<Entry, Refusal> {
+        mut observe: impl FnMut(u32) -> Observed,
+    ) -> Result<Opened, Refusal> {
         if !allowed {
             return Err(Refusal::NotAllowed);
         }
-        if self.sessions_of(rule) >= limits.max_sessions {
-            return Err(Refusal::RuleLimit);
+        // Per source before the rule's rate: one host's flood must not use up everyone's.
+        if self.sessions_of_source(rule, client.ip()) >= limits.max_sessions_per_source {
+            return Err(Refusal::SourceLimit);
         }
-        if self.entries.len() as u32 >= self.capacity {
-            return Err(Refusal::Full);
+        let bucket = self.buckets.entry(rule).or_insert(Bucket {
+            nano_tokens: u128::from(limits.new_sessions_burst.max(1)) * 1_000_000_000,
+            last: now,
+        });
+        if !bucket.take(
+            now,
+            limits.new_sessions_per_second,
+            limits.new_sessions_burst,
+        ) {
+            return Err(Refusal::RateLimited);
+        }
+        let mut evicted = None;
+        let rule_full = self.sessions_of(rule) >= limits.max_sessions;
+        let table_full = self.entries.len() as u32 >= self.capacity || self.ports.is_empty();
+        if rule_full || table_full {
+            let only = rule_full.then_some(rule);
+            evicted = self.evict_unanswered(only, &mut observe);
+            if evicted.is_none() {
+                return Err(if rule_full {
+                    Refusal::RuleLimit
+                } else if self.entries.len() as u32 >= self.capacity {
+                    Refusal::Full
+                } else {
+                    Refusal::NoPort
+                });
+            }
         }
         let port = self.ports.take().ok_or(Refusal::NoPort)?;
         let Some(id) = self.alloc_id() else {
@@ -213,12 +341,69 @@ impl Table {
         };
         let entry = Entry::new(id, rule, client, port, now);
         self.insert(entry.clone());
-        Ok(entry)
+        Ok(Opened { entry, evicted })
+    }
+
+    /// Closes the oldest unanswered session (of `rule` only, if given), after `observe`
+    /// confirms it is still unanswered; sessions found answered are marked so. Looks at no
+    /// more than [`EVICTION_TRIES`] candidates.
+    fn evict_unanswered(
+        &mut self,
+        rule: Option<u16>,
+        observe: &mut impl FnMut(u32) -> Observed,
+    ) -> Option<Entry> {
+        let candidates: Vec<u32> = self
+            .unanswered
+            .iter()
+            .map(|&(_, id)| id)
+            .filter(|id| rule.is_none_or(|r| self.entries.get(id).is_some_and(|e| e.rule == r)))
+            .take(EVICTION_TRIES)
+            .collect();
+        for id in candidates {
+            if observe(id).answered {
+                self.mark_answered(id);
+                continue;
+            }
+            return self.close(id);
+        }
+        None
+    }
+
+    /// Sessions whose client `allowed(rule, client)` no longer admits (an allow list or a
+    /// rule changed by a reload, or sessions taken over after a restart): the caller closes
+    /// them.
+    pub fn revoked(&self, allowed: impl Fn(u16, SocketAddr) -> bool) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .entries
+            .values()
+            .filter(|e| !allowed(e.rule, e.client))
+            .map(|e| e.id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Records that the upstream of session `id` answered: it is no longer an eviction
+    /// candidate, and only its idle timeout ends it.
+    pub fn mark_answered(&mut self, id: u32) {
+        if let Some(e) = self.entries.get_mut(&id) {
+            if !e.answered {
+                e.answered = true;
+                self.unanswered.remove(&(e.opened, id));
+            }
+        }
     }
 
     fn insert(&mut self, entry: Entry) {
         self.by_client.insert((entry.rule, entry.client), entry.id);
         *self.per_rule.entry(entry.rule).or_default() += 1;
+        *self
+            .per_source
+            .entry((entry.rule, entry.client.ip()))
+            .or_default() += 1;
+        if !entry.answered {
+            self.unanswered.insert((entry.opened, entry.id));
+        }
         self.entries.insert(entry.id, entry);
     }
 
@@ -265,17 +450,26 @@ impl Table {
         if let Some(n) = self.per_rule.get_mut(&entry.rule) {
             *n = n.saturating_sub(1);
         }
+        let source = (entry.rule, entry.client.ip());
+        if let Some(n) = self.per_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&source);
+            }
+        }
+        self.unanswered.remove(&(entry.opened, id));
         self.free_ids.push(id);
         self.ports.put(entry.port);
         Some(entry)
     }
 
-    /// Sessions idle for longer than their rule's timeout at `now`. `observe` reports what the
-    /// XDP program and the controller's relays saw of a session; it costs a map read, so it is
-    /// asked only of sessions quiet for a quarter of their timeout, at most once per quarter
-    /// timeout, and always before closing one. A packet count that changed since the last look
-    /// means traffic since then, counted as traffic now: a session therefore closes between 1
-    /// and 1.25 timeouts after its last packet.
+    /// Sessions idle for longer than their rule's timeout at `now`, or unanswered for longer
+    /// than its `unanswered_timeout`. `observe` reports what the XDP program and the
+    /// controller's relays saw of a session; it costs a map read, so it is asked only of
+    /// sessions quiet for a quarter of their timeout, at most once per quarter timeout, and
+    /// always before closing one. A packet count that changed since the last look means traffic
+    /// since then, counted as traffic now: a session therefore closes between 1 and 1.25
+    /// timeouts after its last packet.
     pub fn expired(
         &mut self,
         now: u64,
@@ -283,16 +477,19 @@ impl Table {
         mut observe: impl FnMut(u32) -> Observed,
     ) -> Expiry {
         let mut out = Expiry::default();
+        let mut answered = Vec::new();
         for e in self.entries.values_mut() {
             // The rule is gone (configuration changed): close.
             let Some(l) = limits(e.rule) else {
                 out.closed.push(e.id);
                 continue;
             };
+            let unanswered_due = !e.answered
+                && now.saturating_sub(e.opened) > l.unanswered_timeout.as_nanos() as u64;
             let timeout = l.idle_timeout.as_nanos() as u64;
             let quiet = now.saturating_sub(e.last_seen);
             let due = now.saturating_sub(e.checked) >= timeout / 4 || quiet > timeout;
-            if quiet <= timeout / 4 || !due {
+            if !unanswered_due && (quiet <= timeout / 4 || !due) {
                 continue;
             }
             let o = observe(e.id);
@@ -303,11 +500,22 @@ impl Table {
                 out.carried.push(e.id);
             }
             e.last_seen = e.last_seen.max(o.slow_seen);
+            if o.answered && !e.answered {
+                answered.push(e.id);
+            } else if unanswered_due {
+                out.closed.push(e.id);
+                out.unanswered.push(e.id);
+                continue;
+            }
             if now.saturating_sub(e.last_seen) > timeout {
                 out.closed.push(e.id);
             }
         }
+        for id in answered {
+            self.mark_answered(id);
+        }
         out.closed.sort_unstable();
+        out.unanswered.sort_unstable();
         out.carried.sort_unstable();
         out
     }
@@ -320,9 +528,19 @@ mod tests {
     const SEC: u64 = 1_000_000_000;
 
     fn limits(max: u32) -> RuleLimits {
-        RuleLimits {
-            max_sessions: max,
-            idle_timeout: Duration::from_secs(300),
+        RuleLimits::sessions(max, Duration::from_secs(300))
+    }
+
+    /// What `observe` says of a session nobody has heard from.
+    fn silent(_: u32) -> Observed {
+        Observed::default()
+    }
+
+    /// What `observe` says of a session whose upstream has answered.
+    fn answered(_: u32) -> Observed {
+        Observed {
+            answered: true,
+            ..Observed::default()
         }
     }
 
@@ -343,7 +561,10 @@ mod tests {
     #[test]
     fn opens_finds_and_closes() {
         let mut t = table(10, (20000, 20009));
-        let e = t.open(0, limits(10), client(1), true, 5).unwrap();
+        let e = t
+            .open(0, limits(10), client(1), true, 5, silent)
+            .map(|o| o.entry)
+            .unwrap();
         assert_eq!((e.id, e.port), (0, 20000));
         assert_eq!(t.find(0, client(1)), Some(0));
         assert_eq!(t.find(1, client(1)), None, "sessions are per rule");
@@ -358,37 +579,190 @@ mod tests {
     #[test]
     fn refusals_are_explicit_and_never_evict() {
         let mut t = table(3, (20000, 20009));
+        let open = |t: &mut Table, rule, max, n| {
+            t.open(rule, limits(max), client(n), true, 0, answered)
+                .map(|o| o.entry)
+        };
         assert_eq!(
-            t.open(0, limits(10), client(1), false, 0),
+            t.open(0, limits(10), client(1), false, 0, answered)
+                .map(|o| o.entry),
             Err(Refusal::NotAllowed)
         );
         for n in 0..2 {
-            t.open(0, limits(2), client(n), true, 0).unwrap();
+            open(&mut t, 0, 2, n).unwrap();
+        }
+        assert_eq!(open(&mut t, 0, 2, 9), Err(Refusal::RuleLimit));
+        open(&mut t, 1, 10, 2).unwrap();
+        assert_eq!(open(&mut t, 1, 10, 3), Err(Refusal::Full));
+        assert_eq!(t.len(), 3, "no answered session was evicted");
+        let mut few_ports = table(10, (20000, 20000));
+        open(&mut few_ports, 0, 10, 1).unwrap();
+        assert_eq!(open(&mut few_ports, 0, 10, 2), Err(Refusal::NoPort));
+    }
+
+    #[test]
+    fn one_address_gets_its_share_and_no_more() {
+        let mut t = table(100, (20000, 20099));
+        let l = RuleLimits {
+            max_sessions_per_source: 3,
+            ..limits(100)
+        };
+        for n in 0..3 {
+            t.open(0, l, client(n), true, 0, silent).unwrap();
         }
         assert_eq!(
-            t.open(0, limits(2), client(9), true, 0),
-            Err(Refusal::RuleLimit)
+            t.open(0, l, client(3), true, 0, silent).map(|o| o.entry),
+            Err(Refusal::SourceLimit),
+            "a fourth port of the same address"
         );
-        t.open(1, limits(10), client(2), true, 0).unwrap();
+        let other = SocketAddr::from(([198, 51, 100, 2], 40000));
+        assert!(
+            t.open(0, l, other, true, 0, silent).is_ok(),
+            "another address"
+        );
+        assert!(
+            t.open(1, l, client(3), true, 0, silent).is_ok(),
+            "the share is per rule"
+        );
+        t.close(t.find(0, client(0)).unwrap());
+        assert!(
+            t.open(0, l, client(3), true, 0, silent).is_ok(),
+            "a closed session gives its share back"
+        );
+    }
+
+    #[test]
+    fn new_sessions_are_rate_limited_per_rule() {
+        let mut t = table(1000, (20000, 20999));
+        let l = RuleLimits {
+            new_sessions_per_second: 10,
+            new_sessions_burst: 5,
+            ..limits(1000)
+        };
+        let mut n = 0;
+        let mut open = |t: &mut Table, rule: u16, now: u64| {
+            n += 1;
+            t.open(rule, l, client(n), true, now, silent)
+                .map(|o| o.entry.id)
+        };
+        for _ in 0..5 {
+            open(&mut t, 0, 0).unwrap();
+        }
+        assert_eq!(open(&mut t, 0, 0), Err(Refusal::RateLimited), "burst used");
+        assert!(open(&mut t, 1, 0).is_ok(), "other rules have their own");
+        // 10 per second: one more every 100 ms, never more than the burst.
+        assert_eq!(open(&mut t, 0, SEC / 20), Err(Refusal::RateLimited));
+        assert!(open(&mut t, 0, SEC / 10).is_ok());
+        assert_eq!(open(&mut t, 0, SEC / 10), Err(Refusal::RateLimited));
+        let later = 100 * SEC;
+        for _ in 0..5 {
+            open(&mut t, 0, later).unwrap();
+        }
+        assert_eq!(open(&mut t, 0, later), Err(Refusal::RateLimited));
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_unanswered_session_and_never_an_answered_one() {
+        let mut t = table(4, (20000, 20099));
+        let l = limits(100);
+        let ids: Vec<u32> = (0..4)
+            .map(|n| {
+                t.open(0, l, client(n), true, u64::from(n) * SEC, silent)
+                    .unwrap()
+                    .entry
+                    .id
+            })
+            .collect();
+        // The kernel carried a reply of the oldest; the table learns it only when it asks.
+        let observe = |id: u32| Observed {
+            answered: id == ids[0],
+            ..Observed::default()
+        };
+        let o = t.open(0, l, client(9), true, 10 * SEC, observe).unwrap();
+        let evicted = o.evicted.expect("room was made");
+        assert_eq!(evicted.id, ids[1], "the oldest still unanswered");
+        assert_eq!(t.find(0, client(1)), None);
+        assert!(t.get(ids[0]).unwrap().answered);
+        t.mark_answered(ids[2]);
+        t.mark_answered(ids[3]);
+        t.mark_answered(o.entry.id);
         assert_eq!(
-            t.open(1, limits(10), client(3), true, 0),
-            Err(Refusal::Full)
+            t.open(0, l, client(10), true, 11 * SEC, silent)
+                .map(|o| o.entry),
+            Err(Refusal::Full),
+            "answered sessions stay"
         );
-        assert_eq!(t.len(), 3, "no live session was evicted");
-        let mut few_ports = table(10, (20000, 20000));
-        few_ports.open(0, limits(10), client(1), true, 0).unwrap();
-        assert_eq!(
-            few_ports.open(0, limits(10), client(2), true, 0),
-            Err(Refusal::NoPort)
-        );
+        assert_eq!(t.len(), 4);
+        // A rule at max_sessions evicts only its own unanswered sessions.
+        let mut t = table(10, (20000, 20099));
+        t.open(1, l, client(1), true, 0, silent).unwrap();
+        t.open(0, limits(1), client(2), true, SEC, silent).unwrap();
+        let o = t
+            .open(0, limits(1), client(3), true, 2 * SEC, silent)
+            .unwrap();
+        assert_eq!(o.evicted.map(|e| e.client), Some(client(2)));
+        assert!(t.find(1, client(1)).is_some());
+    }
+
+    #[test]
+    fn sessions_a_new_allow_list_refuses_are_revoked() {
+        let mut t = table(10, (20000, 20009));
+        let a = t
+            .open(0, limits(10), client(1), true, 0, silent)
+            .unwrap()
+            .entry;
+        let other = SocketAddr::from(([203, 0, 113, 9], 5));
+        let b = t.open(0, limits(10), other, true, 0, silent).unwrap().entry;
+        let c = t
+            .open(1, limits(10), client(2), true, 0, silent)
+            .unwrap()
+            .entry;
+        assert_eq!(t.revoked(|_, _| true), Vec::<u32>::new());
+        // Rule 0 now admits only 203.0.113.0/24; rule 1 is unchanged.
+        let allowed = |rule: u16, c: SocketAddr| rule != 0 || c.ip() == other.ip();
+        assert_eq!(t.revoked(allowed), vec![a.id]);
+        assert!(t.get(b.id).is_some() && t.get(c.id).is_some());
+    }
+
+    #[test]
+    fn unanswered_sessions_end_after_the_short_timeout() {
+        let mut t = table(10, (20000, 20009));
+        let l = RuleLimits {
+            unanswered_timeout: Duration::from_secs(30),
+            ..limits(10)
+        };
+        let quiet = t.open(0, l, client(1), true, 0, silent).unwrap().entry.id;
+        let replied = t.open(0, l, client(2), true, 0, silent).unwrap().entry.id;
+        let rules = |_: u16| Some(l);
+        // The client keeps sending (XDP counts), the upstream never answers.
+        let observe = |id: u32| Observed {
+            kernel_packets: 7,
+            slow_seen: 0,
+            answered: id == replied,
+        };
+        let e = t.expired(20 * SEC, rules, observe);
+        assert!(e.closed.is_empty(), "{e:?}");
+        let e = t.expired(31 * SEC, rules, observe);
+        assert_eq!(e.closed, vec![quiet]);
+        assert_eq!(e.unanswered, vec![quiet]);
+        t.close(quiet);
+        assert!(t.get(replied).unwrap().answered);
+        let e = t.expired(60 * SEC, rules, observe);
+        assert!(e.closed.is_empty(), "answered: the idle timeout applies");
     }
 
     #[test]
     fn ports_are_reused_as_late_as_possible() {
         let mut t = table(10, (20000, 20002));
-        let a = t.open(0, limits(10), client(1), true, 0).unwrap();
+        let a = t
+            .open(0, limits(10), client(1), true, 0, silent)
+            .map(|o| o.entry)
+            .unwrap();
         t.close(a.id);
-        let b = t.open(0, limits(10), client(2), true, 0).unwrap();
+        let b = t
+            .open(0, limits(10), client(2), true, 0, silent)
+            .map(|o| o.entry)
+            .unwrap();
         assert_eq!(
             b.port, 20001,
             "the freed port waits behind the never-used ones"
@@ -406,9 +780,18 @@ mod tests {
     #[test]
     fn expiry_follows_the_kernel_counters_and_the_slow_path() {
         let mut t = table(10, (20000, 20009));
-        let a = t.open(0, limits(10), client(1), true, 0).unwrap();
-        let b = t.open(0, limits(10), client(2), true, 0).unwrap();
-        let c = t.open(7, limits(10), client(3), true, 0).unwrap();
+        let a = t
+            .open(0, limits(10), client(1), true, 0, silent)
+            .map(|o| o.entry)
+            .unwrap();
+        let b = t
+            .open(0, limits(10), client(2), true, 0, silent)
+            .map(|o| o.entry)
+            .unwrap();
+        let c = t
+            .open(7, limits(10), client(3), true, 0, silent)
+            .map(|o| o.entry)
+            .unwrap();
         let rules = |r: u16| (r == 0).then(|| limits(10));
         // a: XDP carries its packets (the count keeps growing); b: nothing after opening;
         // c: its rule is gone.
@@ -419,9 +802,15 @@ mod tests {
             Observed {
                 kernel_packets: if id == a.id { packets.get() } else { 0 },
                 slow_seen: 0,
+                // Only idle expiry here: both sessions were answered.
+                answered: true,
             }
         };
-        let pass = |closed: Vec<u32>, carried: Vec<u32>| Expiry { closed, carried };
+        let pass = |closed: Vec<u32>, carried: Vec<u32>| Expiry {
+            closed,
+            carried,
+            unanswered: vec![],
+        };
         // Within a quarter timeout of opening, nobody is asked; the orphan closes at once.
         assert_eq!(
             t.expired(60 * SEC, rules, observe),
@@ -454,6 +843,7 @@ mod tests {
         let slow = |_: u32| Observed {
             kernel_packets: 5,
             slow_seen: 370 * SEC,
+            answered: true,
         };
         assert_eq!(t.expired(381 * SEC, rules, slow), pass(vec![], vec![]));
         assert_eq!(t.expired(669 * SEC, rules, slow), pass(vec![], vec![]));
@@ -472,13 +862,17 @@ mod tests {
         let mut ids = Vec::new();
         let mut ports = Vec::new();
         for n in 0..9 {
-            let e = t.open(0, limits(100), client(10 + n), true, 0).unwrap();
+            let e = t
+                .open(0, limits(100), client(10 + n), true, 0, silent)
+                .map(|o| o.entry)
+                .unwrap();
             ids.push(e.id);
             ports.push(e.port);
         }
         assert!(!ids.contains(&4) && !ports.contains(&20005));
         assert_eq!(
-            t.open(0, limits(100), client(99), true, 0),
+            t.open(0, limits(100), client(99), true, 0, answered)
+                .map(|o| o.entry),
             Err(Refusal::Full)
         );
     }

@@ -137,6 +137,10 @@ pub struct RuleReport {
     pub opened: u64,
     pub closed: u64,
     pub refused: BTreeMap<&'static str, u64>,
+    /// Sessions whose upstream never answered: evicted to make room for a new one, and
+    /// closed after `unanswered_timeout`.
+    pub evicted_unanswered: u64,
+    pub closed_unanswered: u64,
     /// Live sessions' traffic relayed by XDP, client to upstream and back.
     pub xdp: Directions,
     /// Live sessions' traffic the controller relayed itself (first packets, declined ones, or
@@ -218,6 +222,12 @@ pub fn sessions_and_rules(pin_dir: &Path) -> anyhow::Result<(Vec<SessionReport>,
         report.refused.insert("rule_limit", r.refused_limit);
         report.refused.insert("table_full", r.refused_full);
         report.refused.insert("no_port", r.refused_no_port);
+        report
+            .refused
+            .insert("source_limit", r.refused_source_limit);
+        report.refused.insert("rate_limited", r.refused_rate);
+        report.evicted_unanswered = r.evicted_unanswered;
+        report.closed_unanswered = r.closed_unanswered;
         report.closed_sessions.add(&r.retired);
         rules.insert(index, report);
     }
@@ -378,13 +388,14 @@ impl Report {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<12} {:<24} {:<24} {:>8} {:>8} {:>8} {:>12} {:>12} {:>12} {:>12}",
+            "{:<12} {:<24} {:<24} {:>8} {:>8} {:>8} {:>10} {:>12} {:>12} {:>12} {:>12}",
             "rule",
             "listen",
             "upstream",
             "sessions",
             "opened",
             "refused",
+            "unanswered",
             "xdp pkts ->",
             "xdp pkts <-",
             "slow pkts ->",
@@ -393,13 +404,14 @@ impl Report {
         for r in &self.rules {
             let _ = writeln!(
                 out,
-                "{:<12} {:<24} {:<24} {:>8} {:>8} {:>8} {:>12} {:>12} {:>12} {:>12}",
+                "{:<12} {:<24} {:<24} {:>8} {:>8} {:>8} {:>10} {:>12} {:>12} {:>12} {:>12}",
                 r.name,
                 r.listen,
                 r.upstream,
                 r.sessions,
                 r.opened,
                 r.refused.values().sum::<u64>(),
+                r.evicted_unanswered + r.closed_unanswered,
                 r.xdp.to_upstream.packets,
                 r.xdp.to_client.packets,
                 r.slow_path.to_upstream.packets,

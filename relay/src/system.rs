@@ -4,6 +4,8 @@ use std::{ffi::CString, fs};
 
 use anyhow::{bail, Context as _};
 
+use crate::config::PortRange;
+
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
@@ -73,4 +75,109 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: `ts` is a valid, writable timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+const EPHEMERAL: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// This network namespace's ephemeral port range (`net.ipv4.ip_local_port_range`, which
+/// IPv6 sockets use too).
+pub fn ephemeral_ports() -> anyhow::Result<PortRange> {
+    let text = fs::read_to_string(EPHEMERAL).with_context(|| format!("reading {EPHEMERAL}"))?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next()) {
+        (Some(Ok(first)), Some(Ok(last))) if first <= last => Ok(PortRange { first, last }),
+        _ => bail!("{EPHEMERAL}: unexpected contents {text:?}"),
+    }
+}
+
+/// Refuses port ranges (`name`, range) that overlap the ephemeral range: the kernel would hand
+/// their ports to other programs' outgoing connections.
+pub fn check_not_ephemeral(ranges: &[(&str, PortRange)]) -> anyhow::Result<()> {
+    let eph = ephemeral_ports()?;
+    for (name, r) in ranges {
+        if r.first <= eph.last && eph.first <= r.last {
+            bail!(
+                "{name} {r} overlaps the ephemeral port range {eph} ({EPHEMERAL}); choose ports \
+                 outside it (the defaults are 20000-29999 and 30000-31999)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Port ranges written to `net.ipv4.ip_local_reserved_ports` for as long as this value
+/// lives, so that no other program's socket is given one of them by the kernel; removed
+/// again on drop (a relay killed with SIGKILL leaves them reserved, which harms nothing).
+pub struct ReservedPorts {
+    ranges: Vec<PortRange>,
+}
+
+/// Parses the reserved-ports list (`"20000-29999,30000-31999"`, or empty).
+fn parse_reserved(text: &str) -> Vec<PortRange> {
+    text.trim()
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn write_reserved(ranges: &[PortRange]) -> anyhow::Result<()> {
+    let text = ranges
+        .iter()
+        .map(PortRange::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    // The kernel needs something to parse: an empty list is a lone newline.
+    fs::write(RESERVED, format!("{text}\n")).with_context(|| format!("writing {RESERVED}"))
+}
+
+impl ReservedPorts {
+    /// Adds `ranges` to the reserved ports (keeping what others reserved).
+    pub fn reserve(ranges: &[PortRange]) -> anyhow::Result<ReservedPorts> {
+        let text = fs::read_to_string(RESERVED).with_context(|| format!("reading {RESERVED}"))?;
+        let mut all = parse_reserved(&text);
+        let mut ours = Vec::new();
+        for r in ranges {
+            if !all.contains(r) {
+                all.push(*r);
+                ours.push(*r);
+            }
+        }
+        if !ours.is_empty() {
+            write_reserved(&all)?;
+        }
+        Ok(ReservedPorts { ranges: ours })
+    }
+}
+
+impl Drop for ReservedPorts {
+    fn drop(&mut self) {
+        if self.ranges.is_empty() {
+            return;
+        }
+        let Ok(text) = fs::read_to_string(RESERVED) else {
+            return;
+        };
+        let left: Vec<PortRange> = parse_reserved(&text)
+            .into_iter()
+            .filter(|r| !self.ranges.contains(r))
+            .collect();
+        let _ = write_reserved(&left);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_port_lists_parse() {
+        let r = |a, b| PortRange { first: a, last: b };
+        assert_eq!(parse_reserved("\n"), vec![]);
+        assert_eq!(
+            parse_reserved("80,20000-29999\n"),
+            vec![r(80, 80), r(20000, 29999)]
+        );
+    }
 }

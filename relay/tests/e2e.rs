@@ -198,3 +198,114 @@ fn a_second_relay_on_the_same_interface_is_refused() {
         "the first relay stays attached"
     );
 }
+
+/// A second `relay run` with the same pinned state stops before it touches it: the first
+/// relay's rules and counters stay as they were (without the lock the second rewrote the
+/// pinned rule records before it failed to attach). `relay unpin` is refused while it runs.
+#[test]
+fn a_second_relay_on_the_same_pins_leaves_them_alone() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let _first = Relay::forwarding(&t.relay, &pin, &["198.18.1.1:5000=198.18.2.2:6000"], &[]);
+    let before = stats(&t.relay, "cli0", &pin);
+    assert_eq!(before["rules"][0]["listen"], "198.18.1.1:5000", "{before}");
+    let out = relay_cmd(
+        &t.relay,
+        &[
+            "run",
+            "--iface",
+            "cli0",
+            "--iface",
+            "up0",
+            "--pin-dir",
+            pin.arg(),
+            "--forward",
+            "198.18.1.1:5005=198.18.2.2:6005",
+            "--allow-private-upstream",
+        ],
+    );
+    let (err, code) = refusal(&out);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("another relay is running"), "{err}");
+    let after = stats(&t.relay, "cli0", &pin);
+    assert_eq!(
+        after["rules"], before["rules"],
+        "the pinned rules are untouched"
+    );
+    assert!(
+        t.relay.xdp_attached("cli0"),
+        "the first relay stays attached"
+    );
+
+    let out = relay_cmd(
+        &t.relay,
+        &["unpin", "--iface", "cli0", "--pin-dir", pin.arg()],
+    );
+    let (err, code) = refusal(&out);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("another relay is running"), "{err}");
+    assert!(pin.path().join("COUNTERS").exists(), "nothing was unpinned");
+}
+
+/// The session and association port ranges are reserved from the kernel's own port choices
+/// while the relay runs, and given back when it stops; a range inside the ephemeral range is
+/// refused at start.
+#[test]
+fn session_ports_are_reserved_while_the_relay_runs() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let reserved = || {
+        t.relay
+            .exec(&["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"])
+    };
+    assert_eq!(reserved().trim(), "");
+    let relay = Relay::forwarding(&t.relay, &pin, &["198.18.1.1:5000=198.18.2.2:6000"], &[]);
+    assert_eq!(reserved().trim(), "20000-29999");
+    assert!(relay.stop(libc::SIGTERM));
+    assert_eq!(reserved().trim(), "", "given back on exit");
+
+    let out = relay_cmd(
+        &t.relay,
+        &[
+            "run",
+            "--iface",
+            "cli0",
+            "--pin-dir",
+            pin.arg(),
+            "--session-ports",
+            "40000-40999",
+        ],
+    );
+    let (err, code) = refusal(&out);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("overlaps the ephemeral port range"), "{err}");
+}
+
+/// Once attached, every thread of the relay keeps only CAP_NET_ADMIN, CAP_BPF and
+/// CAP_NET_BIND_SERVICE, with the same bounding set and no_new_privs; it still relays and
+/// still detaches cleanly on SIGTERM.
+#[test]
+fn the_running_relay_keeps_only_the_capabilities_it_needs() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let relay = Relay::forwarding(&t.relay, &pin, &["198.18.1.1:5000=198.18.2.2:6000"], &[]);
+    let tasks = format!("/proc/{}/task", relay.child.id());
+    let mut threads = 0;
+    for entry in std::fs::read_dir(&tasks).expect("task list") {
+        let status =
+            std::fs::read_to_string(entry.expect("task").path().join("status")).unwrap_or_default();
+        if status.is_empty() {
+            continue;
+        }
+        threads += 1;
+        let c = relay::privileges::parse_status(&status);
+        assert_eq!(c.effective, relay::privileges::RUNTIME_SET, "{status}");
+        assert_eq!(c.permitted, relay::privileges::RUNTIME_SET, "{status}");
+        assert_eq!(c.bounding, relay::privileges::RUNTIME_SET, "{status}");
+        assert!(c.no_new_privs, "{status}");
+    }
+    assert!(threads > 1, "the runtime's threads were checked too");
+    assert_eq!(send_through(&t, 5).len(), 5, "the host still forwards");
+    assert!(relay.stop(libc::SIGTERM), "a clean exit");
+    assert!(!t.relay.xdp_attached("cli0"), "detached with what it kept");
+}

@@ -170,7 +170,11 @@ fn settle() {
 
 const FRONT_V4: &str = "198.18.1.1:5000";
 
+/// The relay of a two-NIC topology with one IPv4 and one IPv6 rule. The tests' thousands of
+/// clients are ports of one address, so the per-address share is raised for them.
 fn start_two_nic(t: &Topology, pin: &PinDir, extra: &[&str]) -> Relay {
+    let mut args = vec!["--max-sessions-per-source", "5000"];
+    args.extend_from_slice(extra);
     Relay::forwarding(
         &t.relay,
         pin,
@@ -178,7 +182,7 @@ fn start_two_nic(t: &Topology, pin: &PinDir, extra: &[&str]) -> Relay {
             "198.18.1.1:5000=198.18.2.2:6000",
             "[fd00:5a:1::1]:5000=[fd00:5a:2::2]:6000",
         ],
-        extra,
+        &args,
     )
 }
 
@@ -598,4 +602,154 @@ fn sighup_reloads_rules_for_new_sessions() {
         "old sessions stayed on the first upstream"
     );
     assert_eq!(second.finish(), 5 * 2, "new sessions went to the second");
+}
+
+/// Sends one datagram to `to` from each of `n` source ports of `ip` (a socket per port,
+/// closed at once: the flood of one host cycling through its ports).
+fn flood(ns: &Netns, ip: &str, to: SocketAddr, n: usize) {
+    let ip = ip.to_owned();
+    ns.run(move || {
+        for _ in 0..n {
+            let s = UdpSocket::bind((ip.as_str(), 0)).expect("bind flood socket");
+            let _ = s.send_to(b"knock", to);
+        }
+    });
+}
+
+/// One host floods a rule whose upstream never answers with 20,000 source ports, and a
+/// second rule (the same table) with its ports too; the table does not fill with them, and a
+/// real client still gets a session and its replies. Unanswered sessions then end after the
+/// rule's short timeout. Fails without per-source caps and eviction: the flood takes every
+/// session of the table until the idle timeout.
+#[test]
+fn a_flood_of_unanswered_sessions_does_not_lock_out_real_clients() {
+    raise_fd_limit();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let _echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
+    let config = ConfigFile::new(
+        "[relay]\nsession_capacity = 300\n\
+         [[forward]]\nname = \"dead\"\nlisten = \"198.18.1.1:5000\"\nupstream = \"198.18.2.2:6001\"\n\
+         unanswered_timeout = \"5s\"\nallow_private_upstream = true\n\
+         [[forward]]\nname = \"wide\"\nlisten = \"198.18.1.1:5002\"\nupstream = \"198.18.2.2:6001\"\n\
+         max_sessions_per_source = 100000\nunanswered_timeout = \"5s\"\nallow_private_upstream = true\n\
+         [[forward]]\nname = \"live\"\nlisten = \"198.18.1.1:5001\"\nupstream = \"198.18.2.2:6000\"\n\
+         allow_private_upstream = true\n",
+    );
+    let _relay = Relay::with_config(&t.relay, &pin, &config);
+    flood(
+        &t.client,
+        "198.18.1.2",
+        "198.18.1.1:5000".parse().unwrap(),
+        20_000,
+    );
+    flood(
+        &t.client,
+        "198.18.1.2",
+        "198.18.1.1:5002".parse().unwrap(),
+        2_000,
+    );
+    thread::sleep(Duration::from_millis(500));
+    let s = stats(&t.relay, "cli0", &pin);
+    let dead = rule(&s, "dead");
+    assert!(
+        dead["sessions"].as_u64().unwrap_or(0) <= 256,
+        "one address holds at most max_sessions_per_source: {dead}"
+    );
+    assert!(
+        dead["refused"]["source_limit"].as_u64().unwrap_or(0) >= 15_000,
+        "the rest was refused and counted: {dead}"
+    );
+    let count = |s: &Value, what: &str| {
+        ["dead", "wide"]
+            .iter()
+            .map(|r| rule(s, r)[what].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert!(
+        count(&s, "evicted_unanswered") > 0,
+        "the full table made room by evicting unanswered sessions: {s}"
+    );
+
+    // A real client, on the same address even, gets a session and every reply.
+    let socks = clients(&t.client, "198.18.1.2", 5);
+    let to: SocketAddr = "198.18.1.1:5001".parse().unwrap();
+    round_trip(&socks, to, 0, 2);
+    let s = stats(&t.relay, "cli0", &pin);
+    assert_eq!(rule(&s, "live")["sessions"], 5, "{s}");
+    assert_eq!(rule(&s, "live")["refused"]["table_full"], 0, "{s}");
+
+    // Unanswered sessions end after 5 s (checked every second); answered ones stay.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = stats(&t.relay, "cli0", &pin);
+        let (d, w) = (rule(&s, "dead"), rule(&s, "wide"));
+        if d["sessions"] == 0 && w["sessions"] == 0 {
+            assert!(count(&s, "closed_unanswered") > 0, "{s}");
+            assert_eq!(rule(&s, "live")["sessions"], 5, "{s}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unanswered sessions still open: {s}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    round_trip(&socks, to, 1, 2);
+}
+
+/// Taking a client out of a rule's `allow` list and sending SIGHUP ends its live sessions
+/// within a second; a client still allowed keeps its own. A restart with such a list does
+/// not take the revoked sessions over either.
+#[test]
+fn a_reload_ends_the_sessions_an_allow_list_no_longer_admits() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let _echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
+    t.client
+        .ip(&["addr", "add", "198.18.1.3/24", "dev", "eth0"]);
+    let rule = |allow: &str| {
+        format!(
+            "[[forward]]\nname = \"vpn\"\nlisten = \"198.18.1.1:5000\"\nupstream = \"198.18.2.2:6000\"\n\
+             allow = [{allow}]\nallow_private_upstream = true\n"
+        )
+    };
+    let config = ConfigFile::new(&rule("\"198.18.1.2/32\", \"198.18.1.3/32\""));
+    let mut relay = Relay::with_config(&t.relay, &pin, &config);
+    let to: SocketAddr = FRONT_V4.parse().unwrap();
+    let revoked = clients(&t.client, "198.18.1.2", 3);
+    let kept = clients(&t.client, "198.18.1.3", 2);
+    round_trip(&revoked, to, 0, 1);
+    round_trip(&kept, to, 0, 1);
+    assert_eq!(sessions(&t.relay, "cli0", &pin).len(), 5);
+
+    config.rewrite(&rule("\"198.18.1.3/32\""));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(relay.child.id() as i32, libc::SIGHUP) };
+    let start = Instant::now();
+    relay.wait_for_log("configuration reloaded", Duration::from_secs(5));
+    let left: Vec<Value> = sessions(&t.relay, "cli0", &pin);
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().all(|s| s["client"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("198.18.1.3:")));
+    let failures = exchange(&revoked, to, 1, 1);
+    assert_eq!(
+        failures.len(),
+        3,
+        "revoked clients get nothing: {failures:?}"
+    );
+    round_trip(&kept, to, 1, 1);
+
+    // Across a restart: a session the new list refuses is not taken over.
+    config.rewrite(&rule("\"198.18.1.2/32\""));
+    assert!(relay.stop(libc::SIGTERM));
+    let _relay = Relay::with_config(&t.relay, &pin, &config);
+    assert_eq!(
+        sessions(&t.relay, "cli0", &pin).len(),
+        0,
+        "the sessions of 198.18.1.3 were not recovered"
+    );
 }

@@ -65,13 +65,22 @@ impl Forward {
     }
 
     /// Applies a re-read configuration: new limits, allow lists and upstream addresses (names
-    /// resolved again) for new sessions; live sessions keep their upstream. Listen addresses
-    /// cannot change without a restart, which keeps the sessions anyway.
+    /// resolved again) for new sessions; live sessions keep their upstream, and those of
+    /// clients an allow list no longer admits are closed now. Settings that need a restart
+    /// (listen addresses, session ports, capacity) are named in a warning.
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
         self.rules.reload(config)?;
-        // A lower capacity or other table-wide change needs a restart as well.
+        let revoked = self
+            .sessions
+            .revoke(|rule, client| self.rules.admits(rule, client));
+        if revoked > 0 {
+            info!("closed {revoked} sessions of clients the rules no longer allow");
+        }
         if config.session_capacity != self.sessions.capacity() {
             warn!("relay.session_capacity changes need `relay unpin` and a restart; keeping the old one");
+        }
+        if config.session_ports != self.sessions.ports() {
+            warn!("relay.session_ports changes need a restart (sessions survive one); keeping the old ones");
         }
         info!("configuration reloaded");
         Ok(())

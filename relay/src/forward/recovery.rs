@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use log::{info, warn};
-use relay_common::session::Session;
+use relay_common::session::{Session, TO_CLIENT};
 
 use super::sessions::{Sessions, Start};
 use crate::{
@@ -70,8 +70,17 @@ impl Sessions {
         let rule = self
             .rules
             .matching(record.rule, ends.front.port(), ends.upstream)?;
+        // A client the rule no longer admits (its allow list changed while no controller
+        // ran) does not get its session back.
+        if !rule.current().config.client_allowed(ends.client.ip()) {
+            info!("session {id} of {}: no longer allowed; closed", ends.client);
+            return None;
+        }
         // A restart does not count as idle time.
-        let entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
+        let mut entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
+        let slow = self.datapath.slow(id).unwrap_or_default();
+        entry.answered = record.traffic[TO_CLIENT as usize].packets > 0
+            || slow.traffic[TO_CLIENT as usize].packets > 0;
         if !self.reserve_recovered(entry) {
             return None;
         }

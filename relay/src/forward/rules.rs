@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _};
-use log::info;
+use log::{info, warn};
 use relay_common::session::{RuleStats, RULE_SLOTS};
 use tokio::net::UdpSocket;
 
@@ -49,6 +49,10 @@ impl Rule {
         RuleLimits {
             max_sessions: c.config.max_sessions,
             idle_timeout: c.config.idle_timeout,
+            max_sessions_per_source: c.config.max_sessions_per_source,
+            new_sessions_per_second: c.config.new_sessions_per_second,
+            new_sessions_burst: c.config.new_sessions_burst,
+            unanswered_timeout: c.config.unanswered_timeout,
         }
     }
 
@@ -171,21 +175,21 @@ impl Rules {
         })
     }
 
-    /// Re-resolves and applies the rules of `config` for new sessions; refuses changed listen
-    /// addresses.
+    /// Re-resolves and applies the rules of `config`: limits, allow lists and upstreams of
+    /// every listen address that is still configured. Listen addresses that were added or
+    /// removed need a restart: they are named in a warning, and the rest is applied.
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
-        let expanded = expand(config)?;
-        let same_listeners = expanded.len() == self.rules.len()
-            && expanded
-                .iter()
-                .zip(&self.rules)
-                .all(|((l, _), r)| *l == r.listen);
-        if !same_listeners {
-            anyhow::bail!(
-                "the listen addresses changed; restart the relay to apply that (sessions survive a restart)"
-            );
-        }
-        for ((_, new), rule) in expanded.into_iter().zip(&self.rules) {
+        let mut expanded = expand(config)?;
+        for rule in &self.rules {
+            let Some(at) = expanded.iter().position(|(l, _)| *l == rule.listen) else {
+                warn!(
+                    "rule {}: {} is no longer configured; it keeps running until a restart",
+                    rule.name(),
+                    rule.listen
+                );
+                continue;
+            };
+            let (_, new) = expanded.swap_remove(at);
             let old = rule.current();
             if old.upstream != new.upstream {
                 info!(
@@ -198,6 +202,19 @@ impl Rules {
                 .update_rule(rule.index, |r| label(r, rule.listen, &new));
             *rule.current.write().unwrap_or_else(|e| e.into_inner()) = new;
         }
+        for (listen, new) in expanded {
+            warn!(
+                "rule {}: a new listen address {listen} needs a restart (sessions survive one)",
+                new.config.name
+            );
+        }
         Ok(())
+    }
+
+    /// Whether rule `index`, as it is now, admits `client` (sessions of a rule that is gone
+    /// are left to expiry).
+    pub fn admits(&self, index: u16, client: SocketAddr) -> bool {
+        self.get(index)
+            .is_none_or(|r| r.current().config.client_allowed(client.ip()))
     }
 }

@@ -140,6 +140,8 @@ pub struct Sessions {
     pub(super) datapath: Arc<Datapath>,
     /// `None`: XDP does not relay, and sessions get no next hops.
     nexthops: Option<Arc<NextHops>>,
+    /// The session port range (a reload cannot change it).
+    ports: crate::config::PortRange,
     state: Mutex<State>,
 }
 
@@ -154,6 +156,7 @@ impl Sessions {
             rules,
             datapath,
             nexthops,
+            ports: config.session_ports,
             state: Mutex::new(State {
                 table: Table::new(config.session_capacity, config.session_ports),
                 live: HashMap::new(),
@@ -280,6 +283,8 @@ impl Sessions {
             Refusal::RuleLimit => r.refused_limit += 1,
             Refusal::Full => r.refused_full += 1,
             Refusal::NoPort => r.refused_no_port += 1,
+            Refusal::SourceLimit => r.refused_source_limit += 1,
+            Refusal::RateLimited => r.refused_rate += 1,
         });
         let last = st
             .last_refusal_log
@@ -292,6 +297,8 @@ impl Sessions {
                 Refusal::RuleLimit => "the rule's max_sessions reached",
                 Refusal::Full => "session table full (raise relay.session_capacity)",
                 Refusal::NoPort => "no free session port (widen relay.session_ports)",
+                Refusal::SourceLimit => "the address has max_sessions_per_source sessions",
+                Refusal::RateLimited => "over the rule's new_sessions_per_second",
             };
             warn!(
                 "rule {}: refused a session for {client}: {msg}",
@@ -365,11 +372,27 @@ impl Sessions {
         let current = rule.current();
         let allowed = current.config.client_allowed(client.ip());
         let mut st = self.lock();
-        let entry = match st
-            .table
-            .open(rule.index, rule.limits(), client, allowed, now)
-        {
-            Ok(e) => e,
+        let opened = {
+            let State { table, live, .. } = &mut *st;
+            table.open(rule.index, rule.limits(), client, allowed, now, |id| {
+                observe(&self.datapath, live, id)
+            })
+        };
+        let entry = match opened {
+            Ok(o) => {
+                if let Some(evicted) = o.evicted {
+                    debug!(
+                        "rule {}: evicted the unanswered session of {} for {client}",
+                        rule.name(),
+                        evicted.client
+                    );
+                    let _ = self
+                        .datapath
+                        .update_rule(evicted.rule, |r| r.evicted_unanswered += 1);
+                    self.close_entry(&mut st, evicted, "evicted, never answered");
+                }
+                o.entry
+            }
             Err(why) => {
                 self.refused(&mut st, rule, client, why);
                 return None;
@@ -498,12 +521,7 @@ impl Sessions {
             table.expired(
                 now,
                 |r| self.rules.limits(r),
-                |id| Observed {
-                    kernel_packets: datapath.session(id).map_or(0, |s| s.packets()),
-                    slow_seen: live
-                        .get(&id)
-                        .map_or(0, |l| l.io.slow.last_seen.load(Ordering::Relaxed)),
-                },
+                |id| observe(datapath, live, id),
             )
         };
         // Traffic XDP carried goes into the session's pinned slow-path record, where `relay
@@ -514,21 +532,49 @@ impl Sessions {
                 l.io.slow.dirty.store(true, Ordering::Relaxed);
             }
         }
-        for id in expired.closed {
-            self.close(st, id);
+        for id in &expired.unanswered {
+            if let Some(rule) = st.table.get(*id).map(|e| e.rule) {
+                let _ = self
+                    .datapath
+                    .update_rule(rule, |r| r.closed_unanswered += 1);
+            }
         }
+        for id in expired.closed {
+            self.close(st, id, "idle");
+        }
+    }
+
+    /// Closes the sessions `allowed(rule, client)` no longer admits (a reload changed an
+    /// allow list); returns how many.
+    pub fn revoke(&self, allowed: impl Fn(u16, SocketAddr) -> bool) -> usize {
+        let mut st = self.lock();
+        let ids = st.table.revoked(allowed);
+        for id in &ids {
+            self.close(&mut st, *id, "no longer allowed");
+        }
+        ids.len()
     }
 
     /// Closes a session: stop its relay, take it out of the maps, account its traffic. Its
     /// next hops are released once the last reference to it is gone.
-    fn close(&self, st: &mut State, id: u32) {
+    fn close(&self, st: &mut State, id: u32, why: &str) {
+        match st.table.close(id) {
+            Some(entry) => self.close_entry(st, entry, why),
+            None => {
+                if let Some(l) = st.live.remove(&id) {
+                    l.task.abort();
+                }
+            }
+        }
+    }
+
+    /// The I/O and map side of closing `entry`, which the table has let go of already.
+    fn close_entry(&self, st: &mut State, entry: Entry, why: &str) {
+        let id = entry.id;
         let live = st.live.remove(&id);
         if let Some(l) = &live {
             l.task.abort();
         }
-        let Some(entry) = st.table.close(id) else {
-            return;
-        };
         let mut retired = [Traffic::default(); 2];
         match self.datapath.remove(id) {
             Ok((session, slow_pinned)) => {
@@ -550,7 +596,7 @@ impl Sessions {
                 total.bytes += t.bytes;
             }
         });
-        debug!("session {id} of {} closed (idle)", entry.client);
+        debug!("session {id} of {} closed ({why})", entry.client);
     }
 
     pub fn len(&self) -> usize {
@@ -561,6 +607,11 @@ impl Sessions {
         self.lock().table.capacity()
     }
 
+    /// The session port range the table was made with.
+    pub fn ports(&self) -> crate::config::PortRange {
+        self.ports
+    }
+
     /// Publishes the slow-path counters one last time (on shutdown).
     pub fn flush(&self) {
         let st = self.lock();
@@ -569,6 +620,20 @@ impl Sessions {
                 .datapath
                 .set_slow(live.io.id, &live.io.slow.snapshot(live.io.opened));
         }
+    }
+}
+
+/// What the kernel and the controller's own relays saw of session `id`: the table's view of
+/// liveness, and of whether the upstream answered.
+fn observe(datapath: &Datapath, live: &HashMap<u32, Live>, id: u32) -> Observed {
+    let kernel = datapath.session(id).ok();
+    let slow = live.get(&id).map(|l| &l.io.slow);
+    let slow_replies = slow.map_or(0, |s| s.packets[TO_CLIENT as usize].load(Ordering::Relaxed));
+    Observed {
+        kernel_packets: kernel.map_or(0, |s| s.packets()),
+        slow_seen: slow.map_or(0, |s| s.last_seen.load(Ordering::Relaxed)),
+        answered: kernel.is_some_and(|s| s.traffic[TO_CLIENT as usize].packets > 0)
+            || slow_replies > 0,
     }
 }
 
