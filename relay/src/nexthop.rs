@@ -40,6 +40,32 @@ pub struct Route {
     pub oif: u32,
     /// The gateway, or `None` when the destination is on the link.
     pub gateway: Option<IpAddr>,
+    /// The route's own MTU (`ip route ... mtu N`), if it sets one; 0 if not.
+    pub mtu: u32,
+}
+
+/// The route in an RTM_NEWROUTE answer (after its 12-byte `rtmsg` header).
+fn parse_route(reply: &[u8]) -> Route {
+    let mut route = Route {
+        oif: 0,
+        gateway: None,
+        mtu: 0,
+    };
+    for (kind, data) in attrs(reply, 12) {
+        match kind {
+            RTA_OIF => route.oif = u32_at(data, 0).unwrap_or(0),
+            RTA_GATEWAY => route.gateway = ip_from(data),
+            // RTA_VIA: 2-byte family, then the address (IPv4 routes via IPv6).
+            RTA_VIA => route.gateway = data.get(2..).and_then(ip_from),
+            RTA_METRICS => {
+                if let Some((_, mtu)) = attrs(data, 0).find(|(k, _)| *k == RTAX_MTU) {
+                    route.mtu = u32_at(mtu, 0).unwrap_or(0);
+                }
+            }
+            _ => {}
+        }
+    }
+    route
 }
 
 const RTM_NEWLINK: u16 = 16;
@@ -54,6 +80,9 @@ const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
 const RTA_VIA: u16 = 18;
+const RTA_SRC: u16 = 2;
+const RTA_METRICS: u16 = 8;
+const RTAX_MTU: u16 = 2;
 const NDA_DST: u16 = 1;
 const NDA_LLADDR: u16 = 2;
 const IFLA_ADDRESS: u16 = 1;
@@ -138,28 +167,24 @@ impl Netlink {
         }
     }
 
-    /// `ip route get DST`: the route the kernel would use, or `None` if there is none.
-    pub fn route_get(&mut self, dst: IpAddr) -> io::Result<Option<Route>> {
+    /// `ip route get DST [from SRC]`: the route the kernel would use for packets from `src`
+    /// (a relay address, so that source-based rules apply), or `None` if there is none.
+    pub fn route_get(&mut self, dst: IpAddr, src: Option<IpAddr>) -> io::Result<Option<Route>> {
         let (family, addr) = family_and_bytes(dst);
-        let mut body = vec![family, (addr.len() * 8) as u8, 0, 0, 0, 0, 0, 0];
+        let src = src
+            .filter(|s| !s.is_unspecified() && s.is_ipv4() == dst.is_ipv4())
+            .map(|s| family_and_bytes(s).1);
+        let src_len = src.as_ref().map_or(0, |s| (s.len() * 8) as u8);
+        let mut body = vec![family, (addr.len() * 8) as u8, src_len, 0, 0, 0, 0, 0];
         body.extend_from_slice(&0u32.to_ne_bytes());
         push_attr(&mut body, RTA_DST, &addr);
+        if let Some(src) = &src {
+            push_attr(&mut body, RTA_SRC, src);
+        }
         let Some(reply) = self.request(RTM_GETROUTE, &body, RTM_NEWROUTE)? else {
             return Ok(None);
         };
-        let mut route = Route {
-            oif: 0,
-            gateway: None,
-        };
-        for (kind, data) in attrs(&reply, 12) {
-            match kind {
-                RTA_OIF => route.oif = u32_at(data, 0).unwrap_or(0),
-                RTA_GATEWAY => route.gateway = ip_from(data),
-                // RTA_VIA: 2-byte family, then the address (IPv4 routes via IPv6).
-                RTA_VIA => route.gateway = data.get(2..).and_then(ip_from),
-                _ => {}
-            }
-        }
+        let route = parse_route(&reply);
         Ok((route.oif != 0).then_some(route))
     }
 
@@ -208,13 +233,20 @@ impl Netlink {
     /// The `NEXTHOPS` value for sending to `via` out of `oif` (unresolved: ifindex 0, so the
     /// fast path hands such packets to the controller, whose sending makes the kernel resolve
     /// the neighbour).
-    pub fn nexthop(&mut self, oif: u32, via: IpAddr) -> io::Result<Nexthop> {
+    ///
+    /// The MTU is the link's, or the route's (`route_mtu`, 0 for none) where it is smaller.
+    pub fn nexthop(&mut self, oif: u32, via: IpAddr, route_mtu: u32) -> io::Result<Nexthop> {
         let (Some(link), Some(mac)) = (self.link_get(oif)?, self.neigh_get(via, oif)?) else {
             return Ok(Nexthop::default());
         };
+        let mtu = if route_mtu == 0 {
+            link.mtu
+        } else {
+            link.mtu.min(route_mtu)
+        };
         Ok(Nexthop {
             ifindex: oif,
-            mtu: link.mtu.min(u32::from(u16::MAX)) as u16,
+            mtu: mtu.min(u32::from(u16::MAX)) as u16,
             src_mac: link.mac,
             dst_mac: mac,
             _pad: [0; 2],
@@ -306,13 +338,17 @@ fn find_reply(buf: &[u8], seq: u32, answer: u16) -> io::Result<Option<Option<Vec
     Ok(None)
 }
 
-/// The slots of `NEXTHOPS` in use, keyed by interface and the address on the link (gateway,
-/// or the destination itself), each with the number of session records that refer to it.
+/// What a slot is for: interface, the address on the link (gateway, or the destination
+/// itself), and the route's MTU (0: the link's).
+pub type Key = (u32, IpAddr, u32);
+
+/// The slots of `NEXTHOPS` in use, keyed by [`Key`], each with the number of session records
+/// that refer to it.
 #[derive(Default)]
 pub struct Table {
-    by_key: HashMap<(u32, IpAddr), u16>,
+    by_key: HashMap<Key, u16>,
     /// Per slot: its key and how many holders it has (`None`: free).
-    slots: Vec<Option<((u32, IpAddr), u32)>>,
+    slots: Vec<Option<(Key, u32)>>,
     /// Slots freed since, reused before new ones.
     free: Vec<u16>,
 }
@@ -327,8 +363,8 @@ const SLOTS: usize = if (NEXTHOP_SLOTS as usize) < NEXTHOP_NONE as usize {
 impl Table {
     /// Takes a reference on the slot for `(oif, via)`; returns it and whether it was just
     /// allocated (and so must be written before use), or `None` when all are taken.
-    pub fn acquire(&mut self, oif: u32, via: IpAddr) -> Option<(u16, bool)> {
-        if let Some(&s) = self.by_key.get(&(oif, via)) {
+    pub fn acquire(&mut self, key: Key) -> Option<(u16, bool)> {
+        if let Some(&s) = self.by_key.get(&key) {
             if let Some((_, refs)) = self.slots[usize::from(s)].as_mut() {
                 *refs += 1;
             }
@@ -342,8 +378,8 @@ impl Table {
             }
             None => return None,
         };
-        self.slots[usize::from(s)] = Some(((oif, via), 1));
-        self.by_key.insert((oif, via), s);
+        self.slots[usize::from(s)] = Some((key, 1));
+        self.by_key.insert(key, s);
         Some((s, true))
     }
 
@@ -366,12 +402,12 @@ impl Table {
         true
     }
 
-    /// The slots in use: slot, interface, address on the link.
-    pub fn entries(&self) -> impl Iterator<Item = (u16, u32, IpAddr)> + '_ {
+    /// The slots in use, with what each is for.
+    pub fn entries(&self) -> impl Iterator<Item = (u16, Key)> + '_ {
         self.slots
             .iter()
             .enumerate()
-            .filter_map(|(i, e)| e.map(|((oif, via), _)| (i as u16, oif, via)))
+            .filter_map(|(i, e)| e.map(|(key, _)| (i as u16, key)))
     }
 }
 
@@ -408,9 +444,10 @@ impl Drop for Hops {
 }
 
 enum Request {
-    /// Slots for packets to two addresses (to the upstream, to the client).
+    /// Slots for packets to two addresses (to the upstream, to the client), each sent from a
+    /// relay address (the session's back and front).
     Acquire {
-        to: [IpAddr; 2],
+        to: [(IpAddr, IpAddr); 2],
         reply: oneshot::Sender<Hops>,
     },
     Release(u16),
@@ -446,7 +483,10 @@ impl NextHops {
     /// [`NEXTHOP_NONE`] and takes the slow path.
     pub async fn for_session(&self, ends: &crate::datapath::Endpoints) -> Hops {
         let (reply, answer) = oneshot::channel();
-        let to = [ends.upstream.ip(), ends.client.ip()];
+        let to = [
+            (ends.upstream.ip(), ends.back.ip()),
+            (ends.client.ip(), ends.front.ip()),
+        ];
         if self.requests.send(Request::Acquire { to, reply }).is_err() {
             return Hops::none();
         }
@@ -472,7 +512,7 @@ impl Resolver {
             match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
                 Ok(Request::Acquire { to, reply }) => {
                     let hops = Hops {
-                        slots: to.map(|dst| self.acquire(dst)),
+                        slots: to.map(|(dst, src)| self.acquire(dst, src)),
                         owner: Some(self.requests.clone()),
                     };
                     // A caller that went away drops the answer, which releases the slots.
@@ -488,8 +528,8 @@ impl Resolver {
             }
             if Instant::now() >= next {
                 let slots: Vec<_> = self.table.entries().collect();
-                for (slot, oif, via) in slots {
-                    self.refresh(slot, oif, via, false);
+                for (slot, key) in slots {
+                    self.refresh(slot, key, false);
                 }
                 next = Instant::now() + Duration::from_secs(1);
             }
@@ -498,8 +538,14 @@ impl Resolver {
 
     /// A `NEXTHOPS` slot for packets to `dst`, or [`NEXTHOP_NONE`] (slow path) when the route
     /// leaves by an interface XDP is not attached to, or there is no route.
-    fn acquire(&mut self, dst: IpAddr) -> u16 {
-        let route = match self.netlink.route_get(dst) {
+    fn acquire(&mut self, dst: IpAddr, src: IpAddr) -> u16 {
+        // From the relay's address, so that source-based rules apply; if the kernel will not
+        // answer for that source, as any packet to `dst` would be routed.
+        let route = self
+            .netlink
+            .route_get(dst, Some(src))
+            .or_else(|_| self.netlink.route_get(dst, None));
+        let route = match route {
             Ok(Some(r)) => r,
             Ok(None) => {
                 debug!("no route to {dst}: its packets take the slow path");
@@ -518,12 +564,13 @@ impl Resolver {
             return NEXTHOP_NONE;
         }
         let via = route.gateway.unwrap_or(dst);
-        let Some((slot, new)) = self.table.acquire(route.oif, via) else {
+        let key = (route.oif, via, route.mtu);
+        let Some((slot, new)) = self.table.acquire(key) else {
             warn!("the next-hop table is full; sessions via {via} use the slow path");
             return NEXTHOP_NONE;
         };
         if new {
-            self.refresh(slot, route.oif, via, true);
+            self.refresh(slot, key, true);
         }
         slot
     }
@@ -531,8 +578,8 @@ impl Resolver {
     /// Asks the kernel about slot `slot` again and writes the answer. On an error a slot in
     /// use keeps its last answer; a `new` one (which may still hold the answer for another
     /// next hop, freed since) is written unresolved.
-    fn refresh(&mut self, slot: u16, oif: u32, via: IpAddr, new: bool) {
-        let entry = match self.netlink.nexthop(oif, via) {
+    fn refresh(&mut self, slot: u16, (oif, via, mtu): Key, new: bool) {
+        let entry = match self.netlink.nexthop(oif, via, mtu) {
             Ok(entry) => entry,
             Err(e) => {
                 debug!("next hop {via}: {e}");
@@ -583,6 +630,40 @@ mod tests {
     }
 
     #[test]
+    fn route_answers_give_interface_gateway_and_mtu() {
+        let mut body = vec![2, 32, 0, 0, 254, 4, 0, 1, 0, 0, 0, 0];
+        body.extend(rta(RTA_OIF, &7u32.to_ne_bytes()));
+        body.extend(rta(RTA_GATEWAY, &[198, 18, 2, 254]));
+        let mut metrics = rta(3, &9u32.to_ne_bytes());
+        metrics.extend(rta(RTAX_MTU, &1400u32.to_ne_bytes()));
+        body.extend(rta(RTA_METRICS, &metrics));
+        let r = parse_route(&body);
+        assert_eq!(
+            r,
+            Route {
+                oif: 7,
+                gateway: Some("198.18.2.254".parse().unwrap()),
+                mtu: 1400
+            }
+        );
+        let plain = parse_route(&body[..12 + 8 + 8]);
+        assert_eq!(plain.mtu, 0, "no metrics: the link's MTU applies");
+    }
+
+    #[test]
+    fn asks_the_kernel_with_a_source_address() {
+        // Read-only queries in this process's namespace; 127.0.0.1 is a local source.
+        let mut nl = Netlink::open().unwrap();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let route = nl.route_get(lo, Some(lo)).unwrap().unwrap();
+        assert_eq!(route.gateway, None);
+        assert!(nl
+            .route_get(lo, Some(IpAddr::from([0u8; 4])))
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
     fn finds_the_answer_and_its_attributes() {
         let mut body = vec![2, 32, 0, 0, 254, 4, 0, 1, 0, 0, 0, 0];
         body.extend(rta(RTA_DST, &[203, 0, 113, 7]));
@@ -627,7 +708,10 @@ mod tests {
     fn asks_the_kernel_about_loopback() {
         // Read-only queries in this process's namespace: the route to 127.0.0.1 is on `lo`.
         let mut nl = Netlink::open().unwrap();
-        let route = nl.route_get("127.0.0.1".parse().unwrap()).unwrap().unwrap();
+        let route = nl
+            .route_get("127.0.0.1".parse().unwrap(), None)
+            .unwrap()
+            .unwrap();
         assert_eq!(route.gateway, None);
         let link = nl.link_get(route.oif).unwrap().unwrap();
         assert_eq!(link.mac, [0; 6], "loopback has an all-zero MAC");
@@ -639,13 +723,13 @@ mod tests {
     fn slots_are_shared_and_bounded() {
         let mut t = Table::default();
         let gw: IpAddr = "198.18.2.254".parse().unwrap();
-        assert_eq!(t.acquire(3, gw), Some((0, true)));
-        assert_eq!(t.acquire(4, gw), Some((1, true)));
-        assert_eq!(t.acquire(3, gw), Some((0, false)), "shared, not new");
+        assert_eq!(t.acquire((3, gw, 0)), Some((0, true)));
+        assert_eq!(t.acquire((4, gw, 0)), Some((1, true)));
+        assert_eq!(t.acquire((3, gw, 0)), Some((0, false)), "shared, not new");
         for i in 2..NEXTHOP_SLOTS {
-            assert!(t.acquire(5, IpAddr::from((i).to_be_bytes())).is_some());
+            assert!(t.acquire((5, IpAddr::from((i).to_be_bytes()), 0)).is_some());
         }
-        assert_eq!(t.acquire(9, gw), None, "full");
+        assert_eq!(t.acquire((9, gw, 0)), None, "full");
     }
 
     #[test]
@@ -655,18 +739,18 @@ mod tests {
         let mut t = Table::default();
         let peer = |i: u32| IpAddr::from(i.to_be_bytes());
         for i in 0..3 * NEXTHOP_SLOTS {
-            let (slot, new) = t.acquire(3, peer(i)).expect("a slot for every peer");
+            let (slot, new) = t.acquire((3, peer(i), 0)).expect("a slot for every peer");
             assert!(new);
             assert!(t.release(slot), "its only session ended");
         }
         assert_eq!(t.entries().count(), 0);
         // A slot two sessions share lives until the second ends, then is reused.
-        let (a, _) = t.acquire(3, peer(1)).unwrap();
-        assert_eq!(t.acquire(3, peer(1)), Some((a, false)));
+        let (a, _) = t.acquire((3, peer(1), 0)).unwrap();
+        assert_eq!(t.acquire((3, peer(1), 0)), Some((a, false)));
         assert!(!t.release(a), "one session still uses it");
-        assert_eq!(t.entries().collect::<Vec<_>>(), vec![(a, 3, peer(1))]);
+        assert_eq!(t.entries().collect::<Vec<_>>(), vec![(a, (3, peer(1), 0))]);
         assert!(t.release(a));
-        assert_eq!(t.acquire(4, peer(2)), Some((a, true)), "reused");
+        assert_eq!(t.acquire((4, peer(2), 0)), Some((a, true)), "reused");
         assert!(!t.release(NEXTHOP_NONE), "not a slot");
     }
 }

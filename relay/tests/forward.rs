@@ -753,3 +753,53 @@ fn a_reload_ends_the_sessions_an_allow_list_no_longer_admits() {
         "the sessions of 198.18.1.3 were not recovered"
     );
 }
+
+/// A route's own MTU (smaller than the link's) is honoured: datagrams that would exceed it
+/// are left to the controller (counted `too_big`) and still arrive; smaller ones go through
+/// XDP. Without the route MTU in the next hop, XDP sent them at the link's 1500.
+#[test]
+fn the_route_mtu_is_honoured() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let _echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
+    t.relay.ip(&[
+        "route",
+        "change",
+        "198.18.2.0/24",
+        "dev",
+        "up0",
+        "proto",
+        "kernel",
+        "scope",
+        "link",
+        "src",
+        "198.18.2.1",
+        "mtu",
+        "1200",
+    ]);
+    let _relay = start_two_nic(&t, &pin, &[]);
+    let socks = clients(&t.client, "198.18.1.2", 2);
+    let to: SocketAddr = FRONT_V4.parse().unwrap();
+    open_sessions(&socks, to);
+    let before = stats(&t.relay, "cli0", &pin);
+    let mut buf = [0u8; 2048];
+    for (size, _) in [(1300usize, "too big"), (1000, "fits")] {
+        for s in &socks {
+            let payload = vec![0x5a; size];
+            s.send_to(&payload, to).expect("send");
+            let (n, from) = s.recv_from(&mut buf).expect("the echo comes back");
+            assert_eq!((n, from), (size, to));
+        }
+    }
+    let after = stats(&t.relay, "cli0", &pin);
+    let delta = |r: &str| reason_packets(&after, r) - reason_packets(&before, r);
+    assert_eq!(
+        delta("too_big"),
+        2,
+        "the 1300-byte datagrams to the upstream: {after}"
+    );
+    assert!(
+        delta("relayed_redirect") >= 2,
+        "the 1000-byte ones went through XDP: {after}"
+    );
+}
