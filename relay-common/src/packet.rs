@@ -30,6 +30,22 @@ pub trait Packet {
     }
 }
 
+/// A frame whose bytes can also be written, and whose start can move: what the rewrite
+/// ([`crate::rewrite::apply`]) needs. The XDP program implements it over `data`/`data_end`
+/// (`relay_ebpf::frame::XdpFrame`), the host over a buffer with headroom
+/// (`relay_common::frame::HostFrame`), so the one rewrite is tested on the host.
+pub trait FrameMut: Packet {
+    /// Writes `value` at byte offset `off`, or `None` (nothing written) if the frame is too
+    /// short.
+    fn write<T: Copy>(&mut self, off: usize, value: T) -> Option<()>;
+
+    /// Moves the frame's start by `delta` bytes, as `bpf_xdp_adjust_head` does: a positive
+    /// delta drops bytes at the front, a negative one adds room (of undefined content) there.
+    /// Offsets count from the new start afterwards. `None`, with the frame unchanged, if there
+    /// is no room in front or fewer than 14 bytes (an Ethernet header) would remain.
+    fn adjust_head(&mut self, delta: i32) -> Option<()>;
+}
+
 impl Packet for [u8] {
     #[inline(always)]
     fn len(&self) -> usize {
