@@ -20,10 +20,15 @@ use crate::{
 
 /// A SOCKS5 UDP header, RSV RSV FRAG ATYP ADDR PORT: 10 bytes for an IPv4 address, 22 for
 /// IPv6 (both even, so the payload behind it keeps its 16-bit alignment in the checksum).
+// 8-aligned, so that copies of it move whole words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocksHeader {
     bytes: [u8; 22],
     size: u8,
+    /// The checksum effect of adding these bytes to a checksummed span, and of removing them.
+    added: Delta,
+    removed: Delta,
 }
 
 impl SocksHeader {
@@ -31,19 +36,33 @@ impl SocksHeader {
     #[inline(always)]
     pub fn new(family: u8, addr: &[u8; 16], port: u16) -> SocksHeader {
         let mut bytes = [0u8; 22];
-        let p = port.to_be_bytes();
-        if family == FAMILY_V4 {
-            bytes[3] = 1;
-            bytes[4..8].copy_from_slice(&addr[..4]);
-            bytes[8] = p[0];
-            bytes[9] = p[1];
-            SocksHeader { bytes, size: 10 }
+        let (atyp, size) = if family == FAMILY_V4 {
+            (1, 10)
         } else {
-            bytes[3] = 4;
-            bytes[4..20].copy_from_slice(addr);
-            bytes[20] = p[0];
-            bytes[21] = p[1];
-            SocksHeader { bytes, size: 22 }
+            (4, 22)
+        };
+        bytes[3] = atyp;
+        let alen = size - 6;
+        bytes[4..4 + alen].copy_from_slice(&addr[..alen]);
+        bytes[4 + alen..size].copy_from_slice(&port.to_be_bytes());
+        // Its words: RSV RSV (zero, changes nothing), FRAG ATYP, the address, the port.
+        let (mut added, mut removed) = (Delta::NONE, Delta::NONE);
+        let mut word = |w: u16| {
+            added = added.replace(0, w);
+            removed = removed.replace(w, 0);
+        };
+        word(atyp as u16);
+        let mut i = 0;
+        while i < alen {
+            word(u16::from_be_bytes([addr[i], addr[i + 1]]));
+            i += 2;
+        }
+        word(port);
+        SocksHeader {
+            bytes,
+            size: size as u8,
+            added,
+            removed,
         }
     }
 
@@ -56,27 +75,6 @@ impl SocksHeader {
     /// Its bytes as on the wire.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.size()]
-    }
-
-    /// The checksum effect of adding these bytes to a checksummed span (or of removing them).
-    #[inline(always)]
-    fn delta(&self, adding: bool) -> Delta {
-        // Words from offset 2 (the first, RSV RSV, is zero and changes nothing); constant
-        // bounds, so that the loops unroll.
-        let mut d = Delta::NONE;
-        let mut i = 2;
-        while i < 22 {
-            if i < 10 || self.size == 22 {
-                let w = u16::from_be_bytes([self.bytes[i], self.bytes[i + 1]]);
-                d = if adding {
-                    d.replace(0, w)
-                } else {
-                    d.replace(w, 0)
-                };
-            }
-            i += 2;
-        }
-        d
     }
 
     /// Writes the header at `off` with one fixed-size write.
@@ -121,8 +119,8 @@ impl Head {
     fn delta(&self) -> Delta {
         match self {
             Head::Keep => Delta::NONE,
-            Head::Strip(h) => h.delta(false),
-            Head::Prepend(h) => h.delta(true),
+            Head::Strip(h) => h.removed,
+            Head::Prepend(h) => h.added,
         }
     }
 }
