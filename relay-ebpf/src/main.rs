@@ -135,7 +135,12 @@ fn relay_udp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
     }
     let direction = flow.direction & TO_CLIENT;
     let (session, s) = active_session(frame, flow.session, h)?;
-    if *s.local(direction) != h.dst {
+    let local = if direction == TO_UPSTREAM {
+        s.front
+    } else {
+        s.back
+    };
+    if !same(local, h.dst) {
         return Err(Reason::WrongDestination);
     }
     let plan = plan(
@@ -169,6 +174,14 @@ fn active_session(
         return Err(Reason::NoSession);
     }
     Ok((session, s))
+}
+
+/// Whether two addresses are equal, compared as two 8-byte words each. Taken by value: a
+/// field of a session record is then loaded as the 8-aligned words it is, where comparing
+/// `[u8; 16]` references loads byte by byte (the BPF backend assumes they may be misaligned).
+#[inline(always)]
+fn same(a: [u8; 16], b: [u8; 16]) -> bool {
+    u128::from_ne_bytes(a) == u128::from_ne_bytes(b)
 }
 
 #[inline(always)]
@@ -263,7 +276,7 @@ fn socks_to_destination(
         other => other,
     })?;
     // Only the association's client, to the address it reached.
-    if s.client != h.src || s.client_port != h.src_port || s.front != h.dst {
+    if !same(s.client, h.src) || s.client_port != h.src_port || !same(s.front, h.dst) {
         return Err(Reason::SocksSlowPath);
     }
     // The header just read, FRAG 0: what the plan removes.
@@ -285,7 +298,7 @@ fn socks_to_client(
     id: u32,
 ) -> Result<Reason, Reason> {
     let (session, s) = active_session(frame, id, h)?;
-    if s.back != h.dst {
+    if !same(s.back, h.dst) {
         return Err(Reason::WrongDestination);
     }
     let prepend = Head::Prepend(SocksHeader::new(s.family, &s.upstream, s.upstream_port));
