@@ -76,8 +76,13 @@ const ETH_P_IPV6: u16 = EtherType::Ipv6 as u16;
 /// What the fast path needs to know about an IP packet. Addresses are 16 bytes for both
 /// families; an IPv4 address occupies the first 4 bytes and the rest are zero, so that
 /// checksum arithmetic over all 16 bytes is correct for both.
+// `repr(C)`, 8-aligned, addresses first: the addresses are then 8-aligned, so that the XDP
+// program copies and compares them as whole words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Headers {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     /// Offset of the IP header.
     pub l3: u16,
     /// Offset of the transport header.
@@ -90,8 +95,6 @@ pub struct Headers {
     pub proto: u8,
     /// TTL or hop limit.
     pub hop_limit: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     /// Transport ports in host order (0 for protocols without ports).
     pub src_port: u16,
     pub dst_port: u16,
