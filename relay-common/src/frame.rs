@@ -4,7 +4,7 @@
 use std::{net::IpAddr, net::SocketAddr, vec::Vec};
 
 use crate::checksum::{checksum, transport_checksum};
-use crate::packet::{PROTO_TCP, PROTO_UDP};
+use crate::packet::{FrameMut, Packet, PROTO_TCP, PROTO_UDP};
 
 /// A frame to build. Start from [`Frame::udp`] and adjust with the builder methods.
 #[derive(Clone, Debug)]
@@ -183,5 +183,73 @@ impl Frame {
             f.push(0);
         }
         f
+    }
+}
+
+/// The host's [`FrameMut`]: a frame in a buffer with headroom in front, as a driver gives an
+/// XDP program, so that the rewrite the XDP program runs (`rewrite::apply`) runs here too.
+/// The headroom is filled with 0xee, so that a byte the rewrite should have written but did
+/// not shows up in a comparison.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostFrame {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+/// Headroom XDP guarantees in front of a frame (`XDP_PACKET_HEADROOM`).
+pub const XDP_HEADROOM: usize = 256;
+
+impl HostFrame {
+    /// `frame` with `headroom` bytes of room in front of it.
+    pub fn new(frame: &[u8], headroom: usize) -> HostFrame {
+        let mut buf = std::vec![0xee; headroom];
+        buf.extend_from_slice(frame);
+        HostFrame {
+            buf,
+            start: headroom,
+        }
+    }
+
+    /// The frame's bytes, from its current start.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// Room left in front of the frame.
+    pub fn headroom(&self) -> usize {
+        self.start
+    }
+}
+
+impl Packet for HostFrame {
+    fn len(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    fn read<T: Copy>(&self, off: usize) -> Option<T> {
+        self.bytes().read(off)
+    }
+}
+
+impl FrameMut for HostFrame {
+    fn write<T: Copy>(&mut self, off: usize, value: T) -> Option<()> {
+        let at = self.start.checked_add(off)?;
+        let bytes = self
+            .buf
+            .get_mut(at..at.checked_add(core::mem::size_of::<T>())?)?;
+        // SAFETY: `bytes` is exactly `size_of::<T>()` writable bytes; `write_unaligned` has no
+        // alignment requirement, and every `T` written here is plain old data.
+        unsafe { bytes.as_mut_ptr().cast::<T>().write_unaligned(value) };
+        Some(())
+    }
+
+    fn adjust_head(&mut self, delta: i32) -> Option<()> {
+        let start = self.start.checked_add_signed(delta as isize)?;
+        // The kernel's rule: at least an Ethernet header must remain.
+        if start.checked_add(14)? > self.buf.len() {
+            return None;
+        }
+        self.start = start;
+        Some(())
     }
 }

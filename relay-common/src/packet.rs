@@ -30,6 +30,22 @@ pub trait Packet {
     }
 }
 
+/// A frame whose bytes can also be written, and whose start can move: what the rewrite
+/// ([`crate::rewrite::apply`]) needs. The XDP program implements it over `data`/`data_end`
+/// (`relay_ebpf::frame::XdpFrame`), the host over a buffer with headroom
+/// (`relay_common::frame::HostFrame`), so the one rewrite is tested on the host.
+pub trait FrameMut: Packet {
+    /// Writes `value` at byte offset `off`, or `None` (nothing written) if the frame is too
+    /// short.
+    fn write<T: Copy>(&mut self, off: usize, value: T) -> Option<()>;
+
+    /// Moves the frame's start by `delta` bytes, as `bpf_xdp_adjust_head` does: a positive
+    /// delta drops bytes at the front, a negative one adds room (of undefined content) there.
+    /// Offsets count from the new start afterwards. `None`, with the frame unchanged, if there
+    /// is no room in front or fewer than 14 bytes (an Ethernet header) would remain.
+    fn adjust_head(&mut self, delta: i32) -> Option<()>;
+}
+
 impl Packet for [u8] {
     #[inline(always)]
     fn len(&self) -> usize {
@@ -60,8 +76,13 @@ const ETH_P_IPV6: u16 = EtherType::Ipv6 as u16;
 /// What the fast path needs to know about an IP packet. Addresses are 16 bytes for both
 /// families; an IPv4 address occupies the first 4 bytes and the rest are zero, so that
 /// checksum arithmetic over all 16 bytes is correct for both.
+// `repr(C)`, 8-aligned, addresses first: the addresses are then 8-aligned, so that the XDP
+// program copies and compares them as whole words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Headers {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     /// Offset of the IP header.
     pub l3: u16,
     /// Offset of the transport header.
@@ -74,8 +95,6 @@ pub struct Headers {
     pub proto: u8,
     /// TTL or hop limit.
     pub hop_limit: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     /// Transport ports in host order (0 for protocols without ports).
     pub src_port: u16,
     pub dst_port: u16,

@@ -1,19 +1,21 @@
-//! The XDP side of `relay_common::packet::Packet`: reads and writes checked against
-//! `data_end`.
+//! The XDP side of `relay_common::packet::{Packet, FrameMut}`: reads and writes checked
+//! against `data_end`, and `bpf_xdp_adjust_head`.
 
 use core::{
     arch::asm,
     mem::{size_of, MaybeUninit},
 };
 
-use aya_ebpf::programs::XdpContext;
-use relay_common::packet::Packet;
+use aya_ebpf::{bindings::xdp_md, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
+use relay_common::packet::{FrameMut, Packet};
 
 /// Offsets are masked to this before use, so that the verifier always sees a bounded offset
 /// however the value travelled (headers never reach this far).
 const OFFSET_MASK: usize = 0x3fff;
 
 pub struct XdpFrame {
+    /// The program's context, for `bpf_xdp_adjust_head` and for `data`/`data_end` after it.
+    ctx: *mut xdp_md,
     start: usize,
     end: usize,
 }
@@ -22,6 +24,7 @@ impl XdpFrame {
     #[inline(always)]
     pub fn new(ctx: &XdpContext) -> Self {
         Self {
+            ctx: ctx.ctx,
             start: ctx.data(),
             end: ctx.data_end(),
         }
@@ -37,7 +40,8 @@ impl XdpFrame {
         Some(p as *mut T)
     }
 
-    /// Writes `value` at `off`, if the frame holds all of it.
+    /// Writes `value` at `off`, if the frame holds all of it. (Also what `FrameMut::write`
+    /// does; this one needs no `&mut`, for programs that never move the frame's start.)
     #[inline(always)]
     pub fn write<T: Copy>(&self, off: usize, value: T) -> Option<()> {
         let p = self.ptr_at::<T>(off)? as *mut u8;
@@ -158,9 +162,18 @@ unsafe fn store<const N: usize>(p: *mut u8, v: u64) {
 }
 
 impl Packet for XdpFrame {
+    /// `data_end - data`, computed where LLVM cannot see it: from `len() >= n` LLVM would
+    /// conclude that a later `start + off + size <= end` check is redundant and drop it, but
+    /// the verifier learns packet bounds only from comparisons of packet pointers, so every
+    /// access must keep its own.
     #[inline(always)]
     fn len(&self) -> usize {
-        self.end - self.start
+        let len: usize;
+        // SAFETY: one subtraction of two registers; no memory is touched.
+        unsafe {
+            asm!("{0} -= {1}", inout(reg) self.end => len, in(reg) self.start, options(pure, nomem, nostack, preserves_flags));
+        }
+        len
     }
 
     #[inline(always)]
@@ -179,5 +192,29 @@ impl Packet for XdpFrame {
             );
             Some(buf.0.assume_init())
         }
+    }
+}
+
+impl FrameMut for XdpFrame {
+    #[inline(always)]
+    fn write<T: Copy>(&mut self, off: usize, value: T) -> Option<()> {
+        XdpFrame::write(self, off, value)
+    }
+
+    #[inline(always)]
+    fn adjust_head(&mut self, delta: i32) -> Option<()> {
+        // SAFETY: `self.ctx` is the context this program run was given (`XdpFrame::new`). The
+        // helper moves `data`; on failure it changes nothing.
+        if unsafe { bpf_xdp_adjust_head(self.ctx, delta) } != 0 {
+            return None;
+        }
+        // The helper invalidates every packet pointer: take both ends afresh from the context.
+        // SAFETY: `self.ctx` is valid for the whole program run; reading its fields is how
+        // `XdpContext::data` and `data_end` do it.
+        unsafe {
+            self.start = (*self.ctx).data as usize;
+            self.end = (*self.ctx).data_end as usize;
+        }
+        Some(())
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! Every frame is parsed once with the shared parser from `relay-common`, classified, counted
 //! under exactly one [`Reason`] and given that reason's verdict. A UDP packet that belongs to a
-//! session is rewritten as `relay_common::rewrite::plan` says, in one place ([`apply`]), and
-//! sent with XDP_TX or XDP_REDIRECT. Everything else goes to the kernel untouched.
+//! session takes one way, whether forwarded or SOCKS5 in either direction: parse, find the
+//! session, `relay_common::rewrite::plan`, `relay_common::rewrite::apply` (the one rewrite,
+//! shared with the host tests), account, send with XDP_TX or XDP_REDIRECT. Everything else goes
+//! to the kernel untouched.
 #![no_std]
 #![no_main]
 // `core` has no `fetch_add` for the BPF target; the intrinsic lowers to BPF's atomic add.
@@ -13,7 +15,6 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    helpers::generated::bpf_xdp_adjust_head,
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
@@ -23,10 +24,10 @@ use aya_log_ebpf::debug;
 use relay_common::{
     counters::{Counter, Reason, COUNTER_SLOTS},
     packet::{ipv4_header_ok, parse, Headers, Packet, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP},
-    rewrite::{plan, plan_resized, socks_header_resize, socks_udp_header, Rewrite},
+    rewrite::{apply, plan, Head, SocksHeader},
     session::{
-        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Target, UserStats, FLOW_SOCKS,
-        NEXTHOP_NONE, NEXTHOP_SLOTS, RULE_SLOTS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
+        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, UserStats, FLOW_SOCKS, NEXTHOP_NONE,
+        NEXTHOP_SLOTS, RULE_SLOTS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
     },
 };
 
@@ -82,9 +83,9 @@ static SOCKS_PORT_LAST: Global<u16> = Global::new(0);
 
 #[xdp]
 pub fn relay(ctx: XdpContext) -> u32 {
-    let frame = XdpFrame::new(&ctx);
+    let mut frame = XdpFrame::new(&ctx);
     let len = frame.len();
-    let reason = match classify(&ctx, &frame) {
+    let reason = match classify(&ctx, &mut frame) {
         Ok(reason) | Err(reason) => reason,
     };
     count(reason, len);
@@ -93,7 +94,7 @@ pub fn relay(ctx: XdpContext) -> u32 {
 
 /// Decides what to do with a frame. `Err` is a frame the fast path declined.
 #[inline(always)]
-fn classify(ctx: &XdpContext, frame: &XdpFrame) -> Result<Reason, Reason> {
+fn classify(ctx: &XdpContext, frame: &mut XdpFrame) -> Result<Reason, Reason> {
     let headers = parse(frame).inspect_err(|reason| {
         let reason = *reason as u32;
         debug!(ctx, "declined frame: reason {}", reason);
@@ -107,7 +108,7 @@ fn classify(ctx: &XdpContext, frame: &XdpFrame) -> Result<Reason, Reason> {
 
 /// The fast path: find the flow, then the session, plan, apply, account, send.
 #[inline(always)]
-fn relay_udp(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Result<Reason, Reason> {
+fn relay_udp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reason, Reason> {
     let key = FlowKey {
         remote: h.src,
         remote_port: h.src_port,
@@ -130,19 +131,27 @@ fn relay_udp(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Result<Reason, 
     // SAFETY: a pointer the map lookup returned, valid for this program run.
     let flow = unsafe { *flow };
     if flow.direction == FLOW_SOCKS {
-        return socks_to_client(ctx, h, flow.session);
+        return socks_to_client(ctx, frame, h, flow.session);
     }
     let direction = flow.direction & TO_CLIENT;
     let (session, s) = active_session(frame, flow.session, h)?;
-    if *s.local(direction) != h.dst {
+    let local = if direction == TO_UPSTREAM {
+        s.front
+    } else {
+        s.back
+    };
+    if !same(local, h.dst) {
         return Err(Reason::WrongDestination);
     }
-    let nexthop = nexthop_of(s, direction)?;
-    let target = s.target(direction);
-    let rewrite = plan(h, &target, nexthop)?;
-    apply(frame, h, &target, &rewrite).ok_or(Reason::Truncated)?;
-    account(session, direction, h.l4 - h.l3 + rewrite.l4_len);
-    send(ctx, rewrite.ifindex)
+    let plan = plan(
+        h,
+        s.target(direction),
+        nexthop_of(s, direction)?,
+        Head::Keep,
+    )?;
+    apply(frame, &plan)?;
+    account(session, direction, plan.ip_bytes());
+    send(ctx, plan.ifindex)
 }
 
 /// The active session `id` of the packet's family, for a packet whose IPv4 header checksum is
@@ -165,6 +174,14 @@ fn active_session(
         return Err(Reason::NoSession);
     }
     Ok((session, s))
+}
+
+/// Whether two addresses are equal, compared as two 8-byte words each. Taken by value: a
+/// field of a session record is then loaded as the 8-aligned words it is, where comparing
+/// `[u8; 16]` references loads byte by byte (the BPF backend assumes they may be misaligned).
+#[inline(always)]
+fn same(a: [u8; 16], b: [u8; 16]) -> bool {
+    u128::from_ne_bytes(a) == u128::from_ne_bytes(b)
 }
 
 #[inline(always)]
@@ -211,7 +228,11 @@ fn send(ctx: &XdpContext, ifindex: u32) -> Result<Reason, Reason> {
 /// A client's SOCKS5 UDP datagram to a destination the controller has approved for its
 /// association: strip the header, rewrite, send from the association's port.
 #[inline(always)]
-fn socks_to_destination(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Result<Reason, Reason> {
+fn socks_to_destination(
+    ctx: &XdpContext,
+    frame: &mut XdpFrame,
+    h: &Headers,
+) -> Result<Reason, Reason> {
     let at = h.l4 as usize + 8;
     let head: [u8; 4] = frame.read(at).ok_or(Reason::SocksSlowPath)?;
     if head[0] != 0 || head[1] != 0 {
@@ -255,98 +276,36 @@ fn socks_to_destination(ctx: &XdpContext, frame: &XdpFrame, h: &Headers) -> Resu
         other => other,
     })?;
     // Only the association's client, to the address it reached.
-    if s.client != h.src || s.client_port != h.src_port || s.front != h.dst {
+    if !same(s.client, h.src) || s.client_port != h.src_port || !same(s.front, h.dst) {
         return Err(Reason::SocksSlowPath);
     }
-    let nexthop = nexthop_of(s, TO_UPSTREAM)?;
-    let target = s.target(TO_UPSTREAM);
-    let resize = socks_header_resize(family, &dest, port, false);
-    let rewrite = plan_resized(h, &target, nexthop, resize)?;
-    apply(frame, h, &target, &rewrite).ok_or(Reason::Truncated)?;
-    let shift = (-resize.bytes) as usize;
-    // Move the rewritten headers forward over the SOCKS5 header, then drop what is before.
-    move_headers(frame, h.l4 as usize + 8, 0, shift).ok_or(Reason::AdjustFailed)?;
-    // SAFETY: `ctx.ctx` is this program's context; the helper invalidates packet pointers,
-    // and nothing below uses `frame` again.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, shift as i32) } != 0 {
-        return Err(Reason::AdjustFailed);
-    }
+    // The header just read, FRAG 0: what the plan removes.
+    let strip = Head::Strip(SocksHeader::new(family, &dest, port));
+    let plan = plan(h, s.target(TO_UPSTREAM), nexthop_of(s, TO_UPSTREAM)?, strip)?;
+    apply(frame, &plan)?;
     // SOCKS5 accounting counts UDP payload bytes, as the controller does.
-    account(session, TO_UPSTREAM, rewrite.l4_len - 8);
-    send(ctx, rewrite.ifindex)
+    account(session, TO_UPSTREAM, plan.payload_bytes());
+    send(ctx, plan.ifindex)
 }
 
 /// A destination's reply to an association: rewrite toward the client and prepend the SOCKS5
 /// header naming the destination.
 #[inline(always)]
-fn socks_to_client(ctx: &XdpContext, h: &Headers, id: u32) -> Result<Reason, Reason> {
-    let frame = XdpFrame::new(ctx);
-    let (session, s) = active_session(&frame, id, h)?;
-    if s.back != h.dst {
+fn socks_to_client(
+    ctx: &XdpContext,
+    frame: &mut XdpFrame,
+    h: &Headers,
+    id: u32,
+) -> Result<Reason, Reason> {
+    let (session, s) = active_session(frame, id, h)?;
+    if !same(s.back, h.dst) {
         return Err(Reason::WrongDestination);
     }
-    let nexthop = nexthop_of(s, TO_CLIENT)?;
-    let target = s.target(TO_CLIENT);
-    let resize = socks_header_resize(s.family, &s.upstream, s.upstream_port, true);
-    let rewrite = plan_resized(h, &target, nexthop, resize)?;
-    apply(&frame, h, &target, &rewrite).ok_or(Reason::Truncated)?;
-    let headers = h.l4 as usize + 8;
-    let grow = resize.bytes as usize;
-    // SAFETY: `ctx.ctx` is this program's context. Negative delta makes room in front; every
-    // packet pointer is re-read afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
-        return Err(Reason::AdjustFailed);
-    }
-    let frame = XdpFrame::new(ctx);
-    move_headers(&frame, headers, grow, 0).ok_or(Reason::AdjustFailed)?;
-    let (header, _) = socks_udp_header(s.family, &s.upstream, s.upstream_port);
-    if s.family == FAMILY_V4 {
-        let mut h10 = [0u8; 10];
-        h10.copy_from_slice(&header[..10]);
-        frame.write(headers, h10).ok_or(Reason::AdjustFailed)?;
-    } else {
-        frame.write(headers, header).ok_or(Reason::AdjustFailed)?;
-    }
-    account(session, TO_CLIENT, rewrite.l4_len - 8);
-    send(ctx, rewrite.ifindex)
-}
-
-/// Copies the first `len` bytes at `from` to `to` (Ethernet, IP and UDP headers: 42, 46, 62
-/// or 66 bytes). The copy goes through the stack, so overlapping ranges are fine.
-#[inline(always)]
-fn move_headers(frame: &XdpFrame, len: usize, from: usize, to: usize) -> Option<()> {
-    match len {
-        42 => frame.write(to, frame.read::<[u8; 42]>(from)?),
-        46 => frame.write(to, frame.read::<[u8; 46]>(from)?),
-        62 => frame.write(to, frame.read::<[u8; 62]>(from)?),
-        66 => frame.write(to, frame.read::<[u8; 66]>(from)?),
-        _ => None,
-    }
-}
-
-/// Writes a planned rewrite into the frame: the one place packet bytes change.
-#[inline(always)]
-fn apply(frame: &XdpFrame, h: &Headers, t: &Target, rw: &Rewrite) -> Option<()> {
-    frame.write(0, rw.dst_mac)?;
-    frame.write(6, rw.src_mac)?;
-    let l3 = h.l3 as usize;
-    let l4 = h.l4 as usize;
-    if h.family == FAMILY_V4 {
-        frame.write(l3 + 2, rw.ip_len.to_be_bytes())?;
-        frame.write(l3 + 8, rw.hop_limit)?;
-        frame.write(l3 + 10, rw.ip_check.to_be_bytes())?;
-        frame.write(l3 + 12, [t.src[0], t.src[1], t.src[2], t.src[3]])?;
-        frame.write(l3 + 16, [t.dst[0], t.dst[1], t.dst[2], t.dst[3]])?;
-    } else {
-        frame.write(l3 + 4, rw.ip_len.to_be_bytes())?;
-        frame.write(l3 + 7, rw.hop_limit)?;
-        frame.write(l3 + 8, *t.src)?;
-        frame.write(l3 + 24, *t.dst)?;
-    }
-    frame.write(l4, t.src_port.to_be_bytes())?;
-    frame.write(l4 + 2, t.dst_port.to_be_bytes())?;
-    frame.write(l4 + 4, rw.l4_len.to_be_bytes())?;
-    frame.write(l4 + 6, rw.l4_check.to_be_bytes())
+    let prepend = Head::Prepend(SocksHeader::new(s.family, &s.upstream, s.upstream_port));
+    let plan = plan(h, s.target(TO_CLIENT), nexthop_of(s, TO_CLIENT)?, prepend)?;
+    apply(frame, &plan)?;
+    account(session, TO_CLIENT, plan.payload_bytes());
+    send(ctx, plan.ifindex)
 }
 
 #[inline(always)]

@@ -199,13 +199,25 @@ fn strip(
     dest: &str,
     data: &[u8],
 ) -> Fixture {
+    strip_tagged(what, client, front, back, dest, data, None)
+}
+
+/// [`strip`], with an 802.1Q tag on the way in and out if `vlan` says so.
+fn strip_tagged(
+    what: &'static str,
+    client: &str,
+    front: &str,
+    back: &str,
+    dest: &str,
+    data: &[u8],
+    vlan: Option<u16>,
+) -> Fixture {
     let input = Frame::udp(sa(client), sa(front), &wrapped(dest, data));
-    tx(
-        what,
-        input,
-        Frame::udp(sa(back), sa(dest), data),
-        &TO_UPSTREAM_HOP,
-    )
+    let output = Frame::udp(sa(back), sa(dest), data);
+    match vlan {
+        Some(v) => tx(what, input.vlan(v), output.vlan(v), &TO_UPSTREAM_HOP),
+        None => tx(what, input, output, &TO_UPSTREAM_HOP),
+    }
 }
 
 /// A destination's reply reaches the client with the SOCKS5 header naming the destination.
@@ -217,13 +229,25 @@ fn prepend(
     dest: &str,
     data: &[u8],
 ) -> Fixture {
+    prepend_tagged(what, client, front, back, dest, data, None)
+}
+
+/// [`prepend`], with an 802.1Q tag on the way in and out if `vlan` says so.
+fn prepend_tagged(
+    what: &'static str,
+    client: &str,
+    front: &str,
+    back: &str,
+    dest: &str,
+    data: &[u8],
+    vlan: Option<u16>,
+) -> Fixture {
     let input = Frame::udp(sa(dest), sa(back), data);
-    tx(
-        what,
-        input,
-        Frame::udp(sa(front), sa(client), &wrapped(dest, data)),
-        &TO_CLIENT_HOP,
-    )
+    let output = Frame::udp(sa(front), sa(client), &wrapped(dest, data));
+    match vlan {
+        Some(v) => tx(what, input.vlan(v), output.vlan(v), &TO_CLIENT_HOP),
+        None => tx(what, input, output, &TO_CLIENT_HOP),
+    }
 }
 
 fn socks_table() -> Vec<Fixture> {
@@ -291,6 +315,51 @@ fn socks_table() -> Vec<Fixture> {
             SOCKS6_BACK,
             SOCKS6_DEST,
             odd,
+        ),
+        prepend(
+            "SOCKS5 IPv6: odd length, prepend",
+            SOCKS6_CLIENT,
+            SOCKS6_FRONT,
+            SOCKS6_BACK,
+            SOCKS6_DEST,
+            odd,
+        ),
+        // 802.1Q: the header blocks that move are 46 and 66 bytes.
+        strip_tagged(
+            "SOCKS5 IPv4 802.1Q: strip",
+            SOCKS_CLIENT,
+            SOCKS_FRONT,
+            SOCKS_BACK,
+            SOCKS_DEST,
+            data,
+            Some(5),
+        ),
+        prepend_tagged(
+            "SOCKS5 IPv4 802.1Q: prepend",
+            SOCKS_CLIENT,
+            SOCKS_FRONT,
+            SOCKS_BACK,
+            SOCKS_DEST,
+            data,
+            Some(5),
+        ),
+        strip_tagged(
+            "SOCKS5 IPv6 802.1Q: strip",
+            SOCKS6_CLIENT,
+            SOCKS6_FRONT,
+            SOCKS6_BACK,
+            SOCKS6_DEST,
+            odd,
+            Some(4094),
+        ),
+        prepend_tagged(
+            "SOCKS5 IPv6 802.1Q: prepend",
+            SOCKS6_CLIENT,
+            SOCKS6_FRONT,
+            SOCKS6_BACK,
+            SOCKS6_DEST,
+            odd,
+            Some(4094),
         ),
         dropped(
             "SOCKS5 FRAG != 0 is dropped",
