@@ -104,7 +104,8 @@ reasons! {
     NoNexthop = 14, "no_nexthop", Pass;
     /// Session packet larger than the egress MTU; the controller relays it.
     TooBig = 15, "too_big", Pass;
-    /// UDP to a relay session port from an address that is not that session's upstream.
+    /// UDP to a live session's relay port and address from anyone but that session's
+    /// upstream (to other ports or addresses it passes: the host's own traffic).
     WrongSource = 16, "wrong_source", Drop;
     /// Session packet with a wrong IPv4 header checksum: left to the kernel, which drops it.
     BadIpChecksum = 17, "bad_ip_checksum", Pass;
@@ -121,6 +122,9 @@ reasons! {
     SocksSlowPath = 22, "socks_slow_path", Pass;
     /// Moving the headers for a SOCKS5 header failed; the frame was lost.
     AdjustFailed = 23, "adjust_failed", Aborted;
+    /// A session packet with a VLAN tag whose egress is another link (where that tag would
+    /// be wrong): left to the kernel, whose VLAN device delivers it to the controller.
+    VlanOtherLink = 24, "vlan_other_link", Pass;
 }
 
 /// Number of slots in the `COUNTERS` map. Larger than the number of reasons so that a newer

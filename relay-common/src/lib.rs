@@ -28,4 +28,5 @@ pub mod maps {
     pub const SLOWPATH: &str = "SLOWPATH";
     pub const RULES: &str = "RULES";
     pub const USERS: &str = "USERS";
+    pub const PORTS: &str = "PORTS";
 }

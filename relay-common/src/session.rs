@@ -235,6 +235,10 @@ pub fn name32(name: &str) -> [u8; 32] {
 /// Capacity of `RULES`: forward rules per relay.
 pub const RULE_SLOTS: u32 = 256;
 
+/// Entries of `PORTS`: one per UDP port. `PORTS[port]` is 1 + the index of the forward
+/// session whose relay-side (back) port it is, or 0.
+pub const PORT_SLOTS: u32 = 65536;
+
 /// Capacity of `NEXTHOPS`.
 pub const NEXTHOP_SLOTS: u32 = 1024;
 

@@ -27,7 +27,7 @@ use relay_common::{
     rewrite::{apply, plan, Head, SocksHeader},
     session::{
         Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, UserStats, FLOW_SOCKS, NEXTHOP_NONE,
-        NEXTHOP_SLOTS, RULE_SLOTS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
+        NEXTHOP_SLOTS, PORT_SLOTS, RULE_SLOTS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
     },
 };
 
@@ -62,6 +62,11 @@ static RULES: Array<RuleStats> = Array::pinned(RULE_SLOTS, 0);
 /// Per-user SOCKS5 accounting kept by the controller (created and pinned with the rest).
 #[map]
 static USERS: Array<UserStats> = Array::pinned(USER_SLOTS, 0);
+
+/// UDP port -> 1 + the forward session whose relay-side port it is (0: none). Written by the
+/// controller with the session records.
+#[map]
+static PORTS: Array<u32> = Array::pinned(PORT_SLOTS, 0);
 
 /// Interfaces a frame may be redirected to (ifindex -> ifindex).
 #[map]
@@ -123,7 +128,7 @@ fn relay_udp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
             return socks_to_destination(ctx, frame, h);
         }
         let (first, last) = (SESSION_PORT_FIRST.load(), SESSION_PORT_LAST.load());
-        if first != 0 && h.dst_port >= first && h.dst_port <= last {
+        if first != 0 && h.dst_port >= first && h.dst_port <= last && held(h) {
             return Err(Reason::WrongSource);
         }
         return Err(Reason::NoSession);
@@ -143,12 +148,23 @@ fn relay_udp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
     if !same(local, h.dst) {
         return Err(Reason::WrongDestination);
     }
+    // The flow led to this record; it must also be the packet's own session (a record
+    // reused since the flow was written belongs to someone else).
+    let (remote, remote_port) = if direction == TO_UPSTREAM {
+        (s.client, s.client_port)
+    } else {
+        (s.upstream, s.upstream_port)
+    };
+    if !same(remote, h.src) || remote_port != h.src_port {
+        return Err(Reason::NoSession);
+    }
     let plan = plan(
         h,
         s.target(direction),
         nexthop_of(s, direction)?,
         Head::Keep,
     )?;
+    same_link_if_tagged(ctx, h, plan.ifindex)?;
     apply(frame, &plan)?;
     account(session, direction, plan.ip_bytes());
     send(ctx, plan.ifindex)
@@ -211,6 +227,34 @@ fn account(session: *mut Session, direction: u32, ip_len: u16) {
     }
     // No clock read here: it would cost about a fifth of the fast path. The controller sees
     // that a session is alive from its packet counters changing.
+}
+
+/// Whether a UDP packet with no flow is addressed to a live forward session's relay port and
+/// address: a stranger's packet to it (dropped). Anything else to a session-range port is
+/// the host's own business (another service, another address of the NIC, a reply to the
+/// host's own socket) and passes.
+#[inline(always)]
+fn held(h: &Headers) -> bool {
+    let Some(entry) = PORTS.get(u32::from(h.dst_port)) else {
+        return false;
+    };
+    if *entry == 0 {
+        return false;
+    }
+    let Some(s) = SESSIONS.get(*entry - 1) else {
+        return false;
+    };
+    s.state == STATE_ACTIVE && s.family == h.family && same(s.back, h.dst)
+}
+
+/// A frame with a VLAN tag keeps it when it is rewritten, which is right only when it leaves
+/// by the link it came in on (XDP_TX). Checked before anything is rewritten.
+#[inline(always)]
+fn same_link_if_tagged(ctx: &XdpContext, h: &Headers, ifindex: u32) -> Result<(), Reason> {
+    if h.l3 != 14 && ifindex as usize != ctx.ingress_ifindex() {
+        return Err(Reason::VlanOtherLink);
+    }
+    Ok(())
 }
 
 /// XDP_TX if the egress is the ingress interface, else XDP_REDIRECT through `EGRESS`.
@@ -282,6 +326,7 @@ fn socks_to_destination(
     // The header just read, FRAG 0: what the plan removes.
     let strip = Head::Strip(SocksHeader::new(family, &dest, port));
     let plan = plan(h, s.target(TO_UPSTREAM), nexthop_of(s, TO_UPSTREAM)?, strip)?;
+    same_link_if_tagged(ctx, h, plan.ifindex)?;
     apply(frame, &plan)?;
     // SOCKS5 accounting counts UDP payload bytes, as the controller does.
     account(session, TO_UPSTREAM, plan.payload_bytes());
@@ -301,8 +346,12 @@ fn socks_to_client(
     if !same(s.back, h.dst) {
         return Err(Reason::WrongDestination);
     }
+    if !same(s.upstream, h.src) || s.upstream_port != h.src_port {
+        return Err(Reason::NoSession);
+    }
     let prepend = Head::Prepend(SocksHeader::new(s.family, &s.upstream, s.upstream_port));
     let plan = plan(h, s.target(TO_CLIENT), nexthop_of(s, TO_CLIENT)?, prepend)?;
+    same_link_if_tagged(ctx, h, plan.ifindex)?;
     apply(frame, &plan)?;
     account(session, TO_CLIENT, plan.payload_bytes());
     send(ctx, plan.ifindex)

@@ -14,6 +14,8 @@
 //!   reload); opened, closed and refused sessions by `forward::sessions`.
 //! - `USERS`: [`Datapath::set_user`]: the SOCKS5 server's accounts, once a second.
 //! - `EGRESS`: [`Datapath::add_egress`]: the interfaces XDP is attached to, at start.
+//! - `PORTS`: with the forward sessions' records, by [`Datapath::install`] and
+//!   [`Datapath::remove`]: which session holds a relay port.
 //!
 //! `COUNTERS` is written by the XDP program alone, which also adds to the traffic counters of
 //! the `SESSIONS` records it relays for. The record ids of SOCKS5 fast-path flows
@@ -180,6 +182,7 @@ struct Maps {
     rules: Array<MapData, RuleStats>,
     users: Array<MapData, UserStats>,
     egress: DevMapHash<MapData>,
+    ports: Array<MapData, u32>,
     /// Free record ids for SOCKS5 fast-path flows.
     socks_free: Vec<u32>,
 }
@@ -213,6 +216,7 @@ impl Datapath {
                 rules: take(ebpf, maps::RULES)?,
                 users: take(ebpf, maps::USERS)?,
                 egress: take(ebpf, maps::EGRESS)?,
+                ports: take(ebpf, maps::PORTS)?,
                 socks_free: Vec::new(),
             }),
         })
@@ -409,7 +413,10 @@ impl Maps {
                 return Err(anyhow!(e).context("writing FLOWS (is the flow table full?)"));
             }
         }
-        Ok(())
+        // The relay port is now the session's: strangers' datagrams to it are dropped.
+        self.ports
+            .set(u32::from(s.back_port), id + 1, 0)
+            .context("writing PORTS")
     }
 
     fn remove(&mut self, id: u32) -> anyhow::Result<(Session, SlowPath)> {
@@ -420,6 +427,10 @@ impl Maps {
             for key in flow_keys(&endpoints(&s)) {
                 // Missing keys are fine: a failed install or an earlier partial removal.
                 let _ = self.flows.remove(&key);
+            }
+            let port = u32::from(s.back_port);
+            if self.ports.get(&port, 0).is_ok_and(|v| v == id + 1) {
+                let _ = self.ports.set(port, 0, 0);
             }
         }
         // Read again: the fast path may have counted packets until the flows went away.

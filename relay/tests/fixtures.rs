@@ -114,6 +114,10 @@ const V6_BACK: &str = "[fd00:5a:2::1]:20001";
 const V6_UPSTREAM: &str = "[fd00:5a:2::2]:51820";
 const UNRESOLVED_CLIENT: &str = "198.18.1.3:40000";
 const SMALL_MTU_CLIENT: &str = "198.18.1.4:40000";
+/// A session whose egress is another interface (ifindex 99).
+const OTHER_LINK_CLIENT: &str = "198.18.1.5:40000";
+/// A session whose record (id 5) was taken by another session after its flows were written.
+const STALE_CLIENT: &str = "198.18.1.6:40000";
 
 /// BPF_PROG_TEST_RUN runs the program as if the frame arrived on loopback (ifindex 1): a
 /// next hop out of ifindex 1 is XDP_TX.
@@ -146,6 +150,14 @@ fn install(dp: &mut Datapath) {
         },
     )
     .unwrap();
+    dp.set_nexthop(
+        4,
+        &Nexthop {
+            ifindex: 99,
+            ..TO_UPSTREAM_HOP
+        },
+    )
+    .unwrap();
     let sessions = [
         (ends(V4_CLIENT, V4_FRONT, V4_BACK, V4_UPSTREAM), [0, 1]),
         (ends(V6_CLIENT, V6_FRONT, V6_BACK, V6_UPSTREAM), [0, 1]),
@@ -157,12 +169,33 @@ fn install(dp: &mut Datapath) {
             ends(SMALL_MTU_CLIENT, V4_FRONT, "198.18.2.1:20003", V4_UPSTREAM),
             [3, 3],
         ),
+        (
+            ends(OTHER_LINK_CLIENT, V4_FRONT, "198.18.2.1:20004", V4_UPSTREAM),
+            [4, 4],
+        ),
+        (
+            ends(STALE_CLIENT, V4_FRONT, "198.18.2.1:20005", V4_UPSTREAM),
+            [0, 1],
+        ),
     ];
     for (id, (e, hops)) in sessions.iter().enumerate() {
         let record = datapath::record(e, 0, *hops, 1);
         dp.install(id as u32, &record, &SlowPath::default())
             .unwrap();
     }
+    // Record 5 reused by another client: STALE_CLIENT's flows still lead to it.
+    let other = ends(
+        "198.18.1.7:40000",
+        V4_FRONT,
+        "198.18.2.1:20006",
+        V4_UPSTREAM,
+    );
+    dp.install(
+        5,
+        &datapath::record(&other, 0, [0, 1], 1),
+        &SlowPath::default(),
+    )
+    .unwrap();
     // SOCKS5 associations (ids 8 and 9), each approved for one destination.
     let socks = [
         ends(SOCKS_CLIENT, SOCKS_FRONT, SOCKS_BACK, SOCKS_DEST),
@@ -500,6 +533,28 @@ fn session_table() -> Vec<Fixture> {
             "upstream address, wrong port, to a session port",
             Frame::udp(sa("198.18.2.2:9999"), sa(V4_BACK), payload).build(),
             Reason::WrongSource,
+        ),
+        pass(
+            "stranger to a session-range port no session holds (another service's)",
+            Frame::udp(sa("203.0.113.9:53"), sa("198.18.2.1:25000"), payload).build(),
+            Reason::NoSession,
+        ),
+        pass(
+            "stranger to a session's port at another address of the host",
+            Frame::udp(sa("203.0.113.9:53"), sa("198.18.2.77:20000"), payload).build(),
+            Reason::NoSession,
+        ),
+        pass(
+            "a flow whose record another session has taken since",
+            Frame::udp(sa(STALE_CLIENT), sa(V4_FRONT), payload).build(),
+            Reason::NoSession,
+        ),
+        pass(
+            "802.1Q tag, egress on another link: left to the kernel untouched",
+            Frame::udp(sa(OTHER_LINK_CLIENT), sa(V4_FRONT), payload)
+                .vlan(100)
+                .build(),
+            Reason::VlanOtherLink,
         ),
         pass(
             "session flow to another local address",

@@ -803,3 +803,42 @@ fn the_route_mtu_is_honoured() {
         "the 1000-byte ones went through XDP: {after}"
     );
 }
+
+/// A UDP service of the relay host on a port inside the session range (here 25000, with no
+/// session on it) still gets its datagrams, as do replies to the host's own sockets; only a
+/// live session's relay port and address are the relay's (before, every datagram to a
+/// session-range port without a flow was dropped as `wrong_source`).
+#[test]
+fn the_hosts_own_udp_on_session_range_ports_passes() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let _echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
+    let service = t
+        .relay
+        .run(|| UdpSocket::bind("198.18.1.1:25000").expect("bind the host's service"));
+    service
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let _relay = start_two_nic(&t, &pin, &[]);
+    let socks = clients(&t.client, "198.18.1.2", 3);
+    let to: SocketAddr = FRONT_V4.parse().unwrap();
+    open_sessions(&socks, to);
+    let before = stats(&t.relay, "cli0", &pin);
+    let mut buf = [0u8; 64];
+    for i in 0..5 {
+        socks[0]
+            .send_to(format!("to the host {i}").as_bytes(), "198.18.1.1:25000")
+            .expect("send");
+        let (n, _) = service
+            .recv_from(&mut buf)
+            .expect("the host's service receives");
+        assert_eq!(&buf[..n], format!("to the host {i}").as_bytes());
+    }
+    let after = stats(&t.relay, "cli0", &pin);
+    assert_eq!(
+        reason_packets(&after, "wrong_source"),
+        reason_packets(&before, "wrong_source"),
+        "{after}"
+    );
+    round_trip(&socks, to, 1, 2);
+}
