@@ -35,16 +35,19 @@ impl SocksHeader {
     /// The header naming `addr` (4 or 16 bytes by `family`) and `port`, FRAG 0.
     #[inline(always)]
     pub fn new(family: u8, addr: &[u8; 16], port: u16) -> SocksHeader {
+        // Constant-size copies in each branch: a copy of variable length would be a loop.
         let mut bytes = [0u8; 22];
-        let (atyp, size) = if family == FAMILY_V4 {
-            (1, 10)
+        let p = port.to_be_bytes();
+        let (atyp, size, alen) = if family == FAMILY_V4 {
+            bytes[4..8].copy_from_slice(&addr[..4]);
+            bytes[8..10].copy_from_slice(&p);
+            (1, 10, 4)
         } else {
-            (4, 22)
+            bytes[4..20].copy_from_slice(addr);
+            bytes[20..22].copy_from_slice(&p);
+            (4, 22, 16)
         };
         bytes[3] = atyp;
-        let alen = size - 6;
-        bytes[4..4 + alen].copy_from_slice(&addr[..alen]);
-        bytes[4 + alen..size].copy_from_slice(&port.to_be_bytes());
         // Its words: RSV RSV (zero, changes nothing), FRAG ATYP, the address, the port.
         let (mut added, mut removed) = (Delta::NONE, Delta::NONE);
         let mut word = |w: u16| {
