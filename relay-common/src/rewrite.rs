@@ -35,16 +35,19 @@ impl SocksHeader {
     /// The header naming `addr` (4 or 16 bytes by `family`) and `port`, FRAG 0.
     #[inline(always)]
     pub fn new(family: u8, addr: &[u8; 16], port: u16) -> SocksHeader {
+        // Constant-size copies in each branch: a copy of variable length would be a loop.
         let mut bytes = [0u8; 22];
-        let (atyp, size) = if family == FAMILY_V4 {
-            (1, 10)
+        let p = port.to_be_bytes();
+        let (atyp, size, alen) = if family == FAMILY_V4 {
+            bytes[4..8].copy_from_slice(&addr[..4]);
+            bytes[8..10].copy_from_slice(&p);
+            (1, 10, 4)
         } else {
-            (4, 22)
+            bytes[4..20].copy_from_slice(addr);
+            bytes[20..22].copy_from_slice(&p);
+            (4, 22, 16)
         };
         bytes[3] = atyp;
-        let alen = size - 6;
-        bytes[4..4 + alen].copy_from_slice(&addr[..alen]);
-        bytes[4 + alen..size].copy_from_slice(&port.to_be_bytes());
         // Its words: RSV RSV (zero, changes nothing), FRAG ATYP, the address, the port.
         let (mut added, mut removed) = (Delta::NONE, Delta::NONE);
         let mut word = |w: u16| {
@@ -324,15 +327,18 @@ pub fn plan<'a>(
 /// Writes `plan` into `frame`: the one place packet bytes change.
 ///
 /// The order is chosen so that a failure never leaves a half-rewritten frame for the kernel:
-/// everything that can fail without a change comes first (lengths, reading the headers that
-/// move, `adjust_head`), and fails with a reason whose verdict is XDP_PASS, the frame
-/// untouched (`truncated`, or `socks_slow_path` when the head cannot move: the controller
-/// relays the datagram). Once a byte has changed, a failure is `adjust_failed`, a counted
-/// drop.
+/// everything that can fail without a change comes first (lengths, the header layout,
+/// reading the headers that move, `adjust_head`) and fails with a reason whose verdict is
+/// XDP_PASS, the frame untouched (`truncated`, or `socks_slow_path` when the head cannot
+/// move: the controller relays the datagram). Once a byte has changed, a failure is
+/// `adjust_failed`, a counted drop.
 ///
 /// A head change moves the Ethernet, IP and transport headers (42, 46, 62 or 66 bytes for
-/// UDP) as one fixed-size block through the stack: read from the old start, `adjust_head`,
-/// written at the new start. The field writes then use the same offsets as without one.
+/// UDP) as one fixed-size block through the stack, so that they keep their offsets from the
+/// frame's new start: for a strip they are read first, then `adjust_head` drops the front and
+/// they are written at the new start (over the stripped bytes); for a prepend `adjust_head`
+/// makes room first, then they move from behind it to the new start. The field writes then
+/// use the same offsets as without a head change, and a prepended header goes after them.
 #[inline(always)]
 pub fn apply<F: FrameMut + ?Sized>(frame: &mut F, plan: &Plan<'_>) -> Result<(), Reason> {
     let payload = plan.payload as usize;
@@ -346,9 +352,23 @@ pub fn apply<F: FrameMut + ?Sized>(frame: &mut F, plan: &Plan<'_>) -> Result<(),
             if frame.len() < payload + h.size() {
                 return Err(Reason::Truncated);
             }
-            move_headers(frame, payload, h.size() as i32)?;
+            // The headers must be saved before the front is dropped.
+            strip_headers(frame, payload, h.size())?;
         }
-        Head::Prepend(h) => move_headers(frame, payload, -(h.size() as i32))?,
+        Head::Prepend(h) => {
+            if frame.len() < payload {
+                return Err(Reason::Truncated);
+            }
+            if !matches!(payload, 42 | 46 | 62 | 66) {
+                // A layout the fast path does not move: the controller relays the datagram.
+                return Err(Reason::SocksSlowPath);
+            }
+            frame
+                .adjust_head(-(h.size() as i32))
+                .ok_or(Reason::SocksSlowPath)?;
+            // From here on the frame has changed.
+            move_headers(frame, payload, h.size(), 0).ok_or(Reason::AdjustFailed)?;
+        }
     }
     write_fields(frame, plan).ok_or(Reason::AdjustFailed)?;
     if let Head::Prepend(h) = &plan.head {
@@ -357,28 +377,46 @@ pub fn apply<F: FrameMut + ?Sized>(frame: &mut F, plan: &Plan<'_>) -> Result<(),
     Ok(())
 }
 
-/// Moves the first `len` bytes (the headers) along with the frame's start as it moves by
-/// `delta` (see [`FrameMut::adjust_head`]), so that they end up at the new start.
+/// Copies the first `len` bytes at `from` to `to` (the headers: 42, 46, 62 or 66 bytes for
+/// UDP), one arm per layout so that every access has a constant size. The copy goes through
+/// the stack, so overlapping ranges are fine.
 #[inline(always)]
-fn move_headers<F: FrameMut + ?Sized>(frame: &mut F, len: usize, delta: i32) -> Result<(), Reason> {
-    // One arm per header layout, so that every access has a constant size.
+fn move_headers<F: FrameMut + ?Sized>(
+    frame: &mut F,
+    len: usize,
+    from: usize,
+    to: usize,
+) -> Option<()> {
     match len {
-        42 => move_block::<42, F>(frame, delta),
-        46 => move_block::<46, F>(frame, delta),
-        62 => move_block::<62, F>(frame, delta),
-        66 => move_block::<66, F>(frame, delta),
+        42 => frame.write(to, frame.read::<[u8; 42]>(from)?),
+        46 => frame.write(to, frame.read::<[u8; 46]>(from)?),
+        62 => frame.write(to, frame.read::<[u8; 62]>(from)?),
+        66 => frame.write(to, frame.read::<[u8; 66]>(from)?),
+        _ => None,
+    }
+}
+
+/// Drops `n` bytes after the first `len` (the headers): headers read into the stack,
+/// `adjust_head`, written at the new start.
+#[inline(always)]
+fn strip_headers<F: FrameMut + ?Sized>(frame: &mut F, len: usize, n: usize) -> Result<(), Reason> {
+    match len {
+        42 => strip_block::<42, F>(frame, n),
+        46 => strip_block::<46, F>(frame, n),
+        62 => strip_block::<62, F>(frame, n),
+        66 => strip_block::<66, F>(frame, n),
         // A layout the fast path does not move: the controller relays the datagram.
         _ => Err(Reason::SocksSlowPath),
     }
 }
 
 #[inline(always)]
-fn move_block<const N: usize, F: FrameMut + ?Sized>(
+fn strip_block<const N: usize, F: FrameMut + ?Sized>(
     frame: &mut F,
-    delta: i32,
+    n: usize,
 ) -> Result<(), Reason> {
     let block: [u8; N] = frame.read(0).ok_or(Reason::Truncated)?;
-    frame.adjust_head(delta).ok_or(Reason::SocksSlowPath)?;
+    frame.adjust_head(n as i32).ok_or(Reason::SocksSlowPath)?;
     // From here on the frame has changed.
     frame.write(0, block).ok_or(Reason::AdjustFailed)
 }
