@@ -118,9 +118,11 @@ reasons! {
     /// SOCKS5 UDP datagram with FRAG != 0: dropped (fragmentation is not supported).
     SocksFragment = 21, "socks_fragment", Drop;
     /// SOCKS5 UDP datagram the fast path leaves to the controller: a domain name, a
-    /// destination not yet approved, another sender, a malformed header.
+    /// destination not yet approved, another sender, a malformed header, or no headroom for a
+    /// reply's SOCKS5 header (the frame is untouched).
     SocksSlowPath = 22, "socks_slow_path", Pass;
-    /// Moving the headers for a SOCKS5 header failed; the frame was lost.
+    /// A rewrite failed after its first change to the frame (the SOCKS5 head move): dropped,
+    /// never passed on half-rewritten.
     AdjustFailed = 23, "adjust_failed", Aborted;
     /// A session packet with a VLAN tag whose egress is another link (where that tag would
     /// be wrong): left to the kernel, whose VLAN device delivers it to the controller.

@@ -142,6 +142,8 @@ pub fn build_prerequisites() -> anyhow::Result<()> {
             "minimal",
             "--component",
             "rust-src",
+            "--component",
+            "clippy",
         ]))?;
     }
     let components = output(Command::new("rustup").args([
@@ -152,17 +154,18 @@ pub fn build_prerequisites() -> anyhow::Result<()> {
         "--installed",
     ]))
     .unwrap_or_default();
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        say(&format!(
-            "adding rust-src to {toolchain} (to build `core` for the BPF target)"
-        ));
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            toolchain,
-        ]))?;
+    // rust-src builds `core` for the BPF target; clippy lints the eBPF crate.
+    for component in ["rust-src", "clippy"] {
+        if !components.lines().any(|l| l.starts_with(component)) {
+            say(&format!("adding {component} to {toolchain}"));
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                toolchain,
+            ]))?;
+        }
     }
 
     let missing = missing_llvm_dev();
