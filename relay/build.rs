@@ -1,8 +1,10 @@
-//! Builds the XDP program (`relay-ebpf`) with aya-build and places the object in `OUT_DIR`,
-//! where `src/ebpf.rs` embeds it.
+//! Builds the XDP objects (`relay-ebpf`) with aya-build and places them in `OUT_DIR`:
+//! `relay`, which `src/ebpf.rs` embeds, and `relay-bench`, the benchmark's programs, which the
+//! relay does not embed. The directory is passed on (`links` metadata `objects`) to the build
+//! script of `relay-bench`, which embeds that one, so the eBPF crate is built once.
 //!
-//! With `AYA_BUILD_SKIP=1` (clippy, rustdoc, quick checks without bpf-linker) an empty
-//! placeholder is written instead; the controller then refuses to load with a clear message.
+//! With `AYA_BUILD_SKIP=1` (clippy, rustdoc, quick checks without bpf-linker) empty
+//! placeholders are written instead; the controller then refuses to load with a clear message.
 
 use std::{env, fs, path::PathBuf};
 
@@ -13,8 +15,11 @@ fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
+    println!("cargo::metadata=objects={}", out_dir.display());
     if skip {
-        fs::write(out_dir.join("relay"), []).context("writing the placeholder eBPF object")?;
+        for object in ["relay", "relay-bench"] {
+            fs::write(out_dir.join(object), []).context("writing a placeholder eBPF object")?;
+        }
         return Ok(());
     }
     let manifest = PathBuf::from(

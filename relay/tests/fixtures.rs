@@ -17,9 +17,7 @@ use std::collections::BTreeMap;
 use aya::programs::{TestRun as _, TestRunOptions};
 use relay::{
     datapath::{self, Datapath},
-    ebpf,
-    lab::{ends, sa},
-    pin,
+    ebpf, pin,
     stats::Snapshot,
 };
 use relay_common::{
@@ -28,7 +26,8 @@ use relay_common::{
     packet::PROTO_TCP,
     session::{Nexthop, SlowPath, TO_CLIENT, TO_UPSTREAM},
 };
-use support::PinDir;
+use relay_lab::sa;
+use support::{ends, PinDir};
 
 struct Fixture {
     what: &'static str,
@@ -796,4 +795,27 @@ fn pinned_counters_survive_a_reload() {
     }
     let from_pin = Snapshot::from_pin(pin.path()).expect("read pinned counters");
     assert_eq!(from_pin.reason(Reason::NoSession).packets, 2);
+}
+
+/// The object the relay loads holds the relay's program and maps only: the benchmark's
+/// programs and maps (`macswap`, `sink`, `nat`, `SINK`, `NAT`) are in an object of their own.
+#[test]
+fn the_relay_object_is_the_relays_only() {
+    let pin = PinDir::new();
+    let bpf = load(&pin);
+    let programs: Vec<&str> = bpf.programs().map(|(name, _)| name).collect();
+    assert_eq!(programs, ["relay"]);
+    let mut maps: Vec<&str> = bpf
+        .maps()
+        .map(|(name, _)| name)
+        .filter(|name| !name.starts_with('.'))
+        .collect();
+    maps.sort_unstable();
+    assert_eq!(
+        maps,
+        [
+            "AYA_LOGS", "COUNTERS", "EGRESS", "FLOWS", "NEXTHOPS", "PORTS", "RULES", "SESSIONS",
+            "SLOWPATH", "USERS"
+        ]
+    );
 }

@@ -1,9 +1,6 @@
 //! `cargo xtask`: the relay's build, run and test entry points.
 
 mod bootstrap;
-// The relay's sweep of test leftovers, as a module here: xtask runs before the relay builds.
-#[path = "../../relay/src/sweep.rs"]
-mod sweep;
 
 use std::{
     ffi::OsString,
@@ -13,6 +10,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
+use relay_lab::sweep;
 
 #[derive(Parser)]
 #[command(about = "Build, run and test the relay")]
@@ -177,13 +175,14 @@ fn bench(smoke: bool) -> anyhow::Result<()> {
     bootstrap::test_prerequisites()?;
     clean_stale_test_state();
     let mut build = cargo();
+    // The benchmark starts the relay binary itself.
     build.args([
         "build",
         "--release",
         "--package",
         "relay",
-        // Both binaries: the benchmark starts the relay itself.
-        "--bins",
+        "--package",
+        "relay-bench",
     ]);
     status(build)?;
     let out = workspace_root().join("target").join("bench");
@@ -214,7 +213,7 @@ fn is_root() -> bool {
 }
 
 /// Whether a namespace, mount or temp file name is one a test (`rlyt`) or benchmark (`rlyb`)
-/// process made (see `relay::lab`) that is no longer running: a run going on at the same time
+/// process made (see `relay_lab::unique`) that is no longer running: a run going on at the same time
 /// keeps its own.
 fn stale(name: &str) -> bool {
     ["rlyt", "rlyb"]

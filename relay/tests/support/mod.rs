@@ -1,7 +1,7 @@
 //! Test support: network namespaces the test creates (and always removes), the relay as a
 //! child process (always killed), and sockets opened inside a namespace.
 //!
-//! Built on `relay::lab`: every name starts with `rlyt` so that `cargo xtask test` can sweep
+//! Built on `relay-lab`: every name starts with `rlyt` so that `cargo xtask test` can sweep
 //! what a killed run left. Addresses are from 198.18.0.0/15 (RFC 2544, benchmarking) and
 //! fd00:5a::/48; they exist only inside the namespaces made here.
 #![allow(dead_code)]
@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use relay::lab;
+use relay_lab as lab;
 
 /// Test-local names: `rlyt`, the process id, `tag`, a counter.
 pub fn unique(tag: &str) -> String {
@@ -71,7 +71,7 @@ impl Netns {
     }
 }
 
-/// A veth pair between two test namespaces (see `relay::lab::veth`).
+/// A veth pair between two test namespaces (see `relay_lab::veth`).
 pub fn veth(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_addrs: &[&str]) {
     lab::veth((&a.0, a_if, a_addrs), (&b.0, b_if, b_addrs)).unwrap_or_else(|e| panic!("{e:#}"));
 }
@@ -407,4 +407,14 @@ pub fn reason_packets(stats: &serde_json::Value, reason: &str) -> u64 {
     stats["reasons"][reason]["packets"]
         .as_u64()
         .unwrap_or_else(|| panic!("no reason {reason} in {stats}"))
+}
+
+/// A session's four endpoints, written as text.
+pub fn ends(client: &str, front: &str, back: &str, upstream: &str) -> relay::datapath::Endpoints {
+    relay::datapath::Endpoints {
+        client: lab::sa(client),
+        front: lab::sa(front),
+        back: lab::sa(back),
+        upstream: lab::sa(upstream),
+    }
 }

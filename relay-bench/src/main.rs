@@ -28,7 +28,6 @@ use aya::{
 use relay::{
     datapath::{self, Datapath, Endpoints},
     ebpf,
-    lab::{ends, sa, BpfMount},
     stats::Snapshot,
 };
 use relay_common::{
@@ -36,7 +35,18 @@ use relay_common::{
     frame::Frame,
     session::{Nexthop, SlowPath, RULE_SOCKS},
 };
+use relay_lab::{sa, BpfMount};
 use serde::Serialize;
+
+/// A session's four endpoints, written as text.
+fn ends(client: &str, front: &str, back: &str, upstream: &str) -> Endpoints {
+    Endpoints {
+        client: sa(client),
+        front: sa(front),
+        back: sa(back),
+        upstream: sa(upstream),
+    }
+}
 
 /// Out of loopback, the interface BPF_PROG_TEST_RUN pretends frames arrive on: XDP_TX.
 const HOP: Nexthop = Nexthop {
@@ -57,6 +67,8 @@ const REPEAT: u32 = 200;
 struct Bench {
     dp: Datapath,
     bpf: Ebpf,
+    /// The benchmark object, with the MAC-swap reference program.
+    reference: Ebpf,
     _held: e2e::Dispatcher,
     _pins: BpfMount,
     next_id: u32,
@@ -70,17 +82,15 @@ impl Bench {
         opts.session_ports = Some((20000, 29999));
         opts.socks_ports = Some((30000, 31999));
         let mut bpf = ebpf::load(&opts)?;
-        let reference: &mut Xdp = bpf
-            .program_mut("macswap")
-            .context("no macswap program")?
-            .try_into()?;
-        reference.load().context("loading macswap")?;
+        let mut reference = e2e::load(&["macswap"])?;
         let dp = Datapath::take(&mut bpf)?;
         dp.set_nexthop(0, &HOP)?;
-        let held = e2e::Dispatcher::hold(&mut bpf, &["relay", "macswap"])?;
+        let held =
+            e2e::Dispatcher::hold(&mut [(&mut bpf, &["relay"]), (&mut reference, &["macswap"])])?;
         Ok(Bench {
             dp,
             bpf,
+            reference,
             _held: held,
             _pins: pins,
             next_id: 0,
@@ -96,7 +106,11 @@ impl Bench {
     }
 
     fn program(&self, name: &str) -> anyhow::Result<&Xdp> {
-        Ok(self.bpf.program(name).context("program")?.try_into()?)
+        let program = match self.bpf.program(name) {
+            Some(p) => p,
+            None => self.reference.program(name).context("program")?,
+        };
+        Ok(program.try_into()?)
     }
 
     /// Runs `frame` through `program` `calls` times with `repeat`; returns the per-packet

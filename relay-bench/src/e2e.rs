@@ -27,12 +27,12 @@ use aya::{
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
     Ebpf,
 };
-use relay::lab::{self, BpfMount, Netns};
 use relay_common::{
     bench::StatelessNat,
     counters::Counter,
     frame::{socks5_udp_header, Frame},
 };
+use relay_lab::{self as lab, BpfMount, Netns};
 use serde::Serialize;
 
 /// Prefix of everything the benchmark creates (swept by `cargo xtask test` after a kill).
@@ -147,27 +147,38 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn hold(bpf: &mut Ebpf, programs: &[&str]) -> anyhow::Result<Dispatcher> {
+    /// Holds the named programs of each loaded object (the relay's and the benchmark's).
+    pub fn hold(objects: &mut [(&mut Ebpf, &[&str])]) -> anyhow::Result<Dispatcher> {
         let ns = Netns::new(PREFIX, "d")?;
-        for (i, name) in programs.iter().enumerate() {
-            let (a, b) = (format!("h{i}a"), format!("h{i}b"));
-            ns.ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
-            ns.ip(&["link", "set", &a, "up"])?;
-            ns.ip(&["link", "set", &b, "up"])?;
-            let prog: &mut Xdp = bpf.program_mut(name).context("program")?.try_into()?;
-            // Attach from inside the namespace: netlink and ifindex are per namespace. The
-            // link lives as long as `bpf`.
-            lab::on_this_thread_in(&ns.path(), || prog.attach(&a, XdpMode::Driver))?
-                .with_context(|| format!("attaching {name} to hold it in the dispatcher"))?;
+        let mut i = 0;
+        for (bpf, programs) in objects.iter_mut() {
+            for name in programs.iter() {
+                let (a, b) = (format!("h{i}a"), format!("h{i}b"));
+                i += 1;
+                ns.ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+                ns.ip(&["link", "set", &a, "up"])?;
+                ns.ip(&["link", "set", &b, "up"])?;
+                let prog: &mut Xdp = bpf.program_mut(name).context("program")?.try_into()?;
+                // Attach from inside the namespace: netlink and ifindex are per namespace. The
+                // link lives as long as `bpf`.
+                lab::on_this_thread_in(&ns.path(), || prog.attach(&a, XdpMode::Driver))?
+                    .with_context(|| format!("attaching {name} to hold it in the dispatcher"))?;
+            }
         }
         Ok(Dispatcher { _ns: ns })
     }
 }
 
-/// Loads the object's maps in `dir` and the named programs through the verifier.
-pub fn load(dir: &Path, programs: &[&str]) -> anyhow::Result<Ebpf> {
-    relay::pin::prepare(dir)?;
-    let mut bpf = relay::ebpf::load_maps(&relay::ebpf::LoadOptions::new(dir))?;
+/// The benchmark's own XDP object (`macswap`, `generate`, `sink`, `nat` and their maps),
+/// built with the relay's by `relay`'s build script; the relay never loads it.
+static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("RELAY_BENCH_OBJECT"));
+
+/// Loads the benchmark object and the named programs of it through the verifier.
+pub fn load(programs: &[&str]) -> anyhow::Result<Ebpf> {
+    if BENCH_OBJECT.is_empty() {
+        bail!("relay-bench was built without its XDP object (AYA_BUILD_SKIP); build it with `cargo xtask bench`");
+    }
+    let mut bpf = aya::Ebpf::load(BENCH_OBJECT).context("loading the benchmark's XDP object")?;
     for name in programs {
         let p: &mut Xdp = bpf
             .program_mut(name)
@@ -212,7 +223,7 @@ const CLIENT4: &str = "198.18.1.2";
 const CLIENT6: &str = "fd00:5a:1::2";
 
 impl Topology {
-    fn new(pins: &BpfMount) -> anyhow::Result<Topology> {
+    fn new() -> anyhow::Result<Topology> {
         let client = Netns::new(PREFIX, "c")?;
         let relay_ns = Netns::new(PREFIX, "r")?;
         let upstream = Netns::new(PREFIX, "u")?;
@@ -231,9 +242,9 @@ impl Topology {
         relay_ns.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
         relay_ns.exec(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])?;
 
-        let mut generator = load(&pins.dir("generator"), &["generate"])?;
-        let held = Dispatcher::hold(&mut generator, &["generate"])?;
-        let mut sink = load(&pins.dir("sink"), &["sink"])?;
+        let mut generator = load(&["generate"])?;
+        let held = Dispatcher::hold(&mut [(&mut generator, &["generate"])])?;
+        let mut sink = load(&["sink"])?;
         {
             let p: &mut Xdp = sink.program_mut("sink").context("sink")?.try_into()?;
             lab::on_this_thread_in(&upstream.path(), || p.attach("eth0", XdpMode::Driver))??;
@@ -558,7 +569,7 @@ pub fn run(
     pins: &BpfMount,
     smoke: bool,
 ) -> anyhow::Result<(Vec<PeerResult>, SessionRate)> {
-    let t = Topology::new(pins)?;
+    let t = Topology::new()?;
     let n: u16 = 16;
     let mut r = Runner {
         t: &t,
@@ -577,6 +588,10 @@ pub fn run(
         "--forward",
         "[fd00:5a:1::1]:5000=[fd00:5a:2::2]:6000",
         "--allow-private-upstream",
+        // The generator's flows, and the sessions opened at once below, all come from one
+        // address: lift the per-address share a real rule keeps.
+        "--max-sessions-per-source",
+        "100000",
     ];
 
     let xdp_pins = pins.dir("relay-xdp");
@@ -601,7 +616,7 @@ pub fn run(
 
     // The minimal stateless XDP NAT on cli0, redirecting to up0.
     {
-        let mut nat = load(&pins.dir("nat"), &["nat"])?;
+        let mut nat = load(&["nat"])?;
         let rule = StatelessNat {
             ifindex: lab::on_this_thread_in(&t.relay.path(), || relay::system::ifindex("up0"))??,
             match_port: 5000u16.to_be_bytes(),

@@ -1,7 +1,6 @@
 //! Removes what test and benchmark runs leave behind when they are killed: network namespaces,
 //! private bpffs mounts in the temp directory, and temp files, chosen by name (see
-//! `lab::unique`). Only `std` and the `ip` and `umount` commands, so that `xtask` includes this
-//! file as a module of its own without depending on the relay crate.
+//! [`crate::unique`]). Used by the signal handler of a run and by `cargo xtask test`.
 
 use std::{path::Path, process::Command};
 

@@ -1,5 +1,6 @@
-//! Network namespaces and private bpffs mounts for the test suite and the benchmark; not used
-//! by the relay itself. Everything here removes what it created when dropped, also when a test
+//! `relay-lab`: network namespaces and private bpffs mounts for the test suite and the
+//! benchmark. A development crate: a dev-dependency of `relay`, a dependency of `relay-bench`
+//! and `xtask`; nothing here is in the `relay` binary. Everything here removes what it created when dropped, also when a test
 //! panics halfway: namespaces are deleted (which detaches their XDP programs and destroys their
 //! veth pairs) and bpffs mounts are unmounted (which unpins everything in them).
 //!
@@ -25,6 +26,8 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
+pub mod sweep;
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call: `{prefix}{pid}{tag}{n}`. The first call arms the
@@ -41,16 +44,6 @@ pub fn unique(prefix: &'static str, tag: &str) -> String {
 /// A socket address written in a test or benchmark (panics on a typo).
 pub fn sa(s: &str) -> std::net::SocketAddr {
     s.parse().expect("socket address")
-}
-
-/// A session's four endpoints, written as text.
-pub fn ends(client: &str, front: &str, back: &str, upstream: &str) -> crate::datapath::Endpoints {
-    crate::datapath::Endpoints {
-        client: sa(client),
-        front: sa(front),
-        back: sa(back),
-        upstream: sa(upstream),
-    }
 }
 
 /// Write end of the pipe the signal handler writes the signal number into.
@@ -282,6 +275,24 @@ pub fn veth(
     Ok(())
 }
 
+/// Mounts a new bpffs on `path` (created if needed) with mount(8).
+fn mount_bpffs(path: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    let out = Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(path)
+        .output()
+        .context("running mount")?;
+    if !out.status.success() {
+        bail!(
+            "mounting a bpffs on {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// A bpffs of its own, mounted on a fresh directory and unmounted on drop, so that pinned maps
 /// never outlive the test or benchmark that made them, and nothing is left under /sys/fs/bpf.
 pub struct BpfMount {
@@ -291,7 +302,7 @@ pub struct BpfMount {
 impl BpfMount {
     pub fn new(prefix: &'static str) -> anyhow::Result<BpfMount> {
         let path = std::env::temp_dir().join(format!("{}-bpf", unique(prefix, "m")));
-        if let Err(e) = crate::pin::mount_bpffs(&path) {
+        if let Err(e) = mount_bpffs(&path) {
             let _ = std::fs::remove_dir(&path);
             return Err(e);
         }
