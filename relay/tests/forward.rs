@@ -72,6 +72,9 @@ fn exchange(socks: &[UdpSocket], to: SocketAddr, round: usize, per_client: usize
                             None => failures.push(format!("client {c}: unexpected {n}-byte reply")),
                         }
                     }
+                    // A signal that reached this thread (the harness's, a peer's): not the
+                    // relay's doing; wait on.
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         failures.push(format!("client {c}: {} replies missing ({e})", want.len()));
                         if failures.len() >= 10 {
