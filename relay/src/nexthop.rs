@@ -453,6 +453,32 @@ enum Request {
     Release(u16),
 }
 
+/// The next hops [`NextHops::ask`] was asked for.
+pub struct Answer(Option<oneshot::Receiver<Hops>>);
+
+impl Answer {
+    /// No question asked: no next hops (the controller relays both directions).
+    pub fn none() -> Answer {
+        Answer(None)
+    }
+}
+
+impl std::future::Future for Answer {
+    type Output = Hops;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Hops> {
+        match self.0.as_mut() {
+            None => std::task::Poll::Ready(Hops::none()),
+            Some(rx) => std::pin::Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or_else(|_| Hops::none())),
+        }
+    }
+}
+
 /// The next-hop service: the rtnetlink socket and the slot table, on their own thread.
 pub struct NextHops {
     requests: mpsc::Sender<Request>,
@@ -482,15 +508,22 @@ impl NextHops {
     /// without one (no route, a route by an interface without XDP, the table full) gets
     /// [`NEXTHOP_NONE`] and takes the slow path.
     pub async fn for_session(&self, ends: &crate::datapath::Endpoints) -> Hops {
+        self.ask(ends).await
+    }
+
+    /// Sends the question of [`NextHops::for_session`] now and returns the answer to await:
+    /// a batch of new sessions asks all its questions before it waits for the first answer,
+    /// so the next-hop thread answers them back to back.
+    pub fn ask(&self, ends: &crate::datapath::Endpoints) -> Answer {
         let (reply, answer) = oneshot::channel();
         let to = [
             (ends.upstream.ip(), ends.back.ip()),
             (ends.client.ip(), ends.front.ip()),
         ];
         if self.requests.send(Request::Acquire { to, reply }).is_err() {
-            return Hops::none();
+            return Answer(None);
         }
-        answer.await.unwrap_or_else(|_| Hops::none())
+        Answer(Some(answer))
     }
 }
 

@@ -38,7 +38,7 @@ impl Sessions {
                 rule,
                 ends,
                 socket,
-                hops: self.hops(&ends).await,
+                hops: self.ask_hops(&ends).await,
                 slow: self.datapath.slow(id).unwrap_or_default(),
                 traffic: record.traffic,
                 now,

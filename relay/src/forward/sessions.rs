@@ -27,7 +27,7 @@ use super::rules::{Rule, Rules};
 use crate::{
     config::Config,
     datapath::{self, Datapath, Endpoints},
-    nexthop::{Hops, NextHops},
+    nexthop::{Answer, Hops, NextHops},
     sessions::{Entry, Observed, Refusal, Table},
     system::monotonic_ns,
     udp,
@@ -126,6 +126,16 @@ pub(super) struct Start {
     pub now: u64,
 }
 
+/// A session of a batch being opened: reserved, its next hops asked for.
+struct Pending {
+    id: u32,
+    ends: Endpoints,
+    socket: std::net::UdpSocket,
+    answer: Answer,
+    /// The client's datagrams of the batch, relayed once the session is installed.
+    datagrams: Vec<(Vec<u8>, u64)>,
+}
+
 /// A client's datagram for which no session was found, kept until one is opened.
 struct First {
     client: SocketAddr,
@@ -185,17 +195,17 @@ impl Sessions {
         self.lock().table.finish_recovery();
     }
 
-    /// The next hops for a session: none without XDP, or when the families differ (XDP does
-    /// not translate them).
-    pub(super) async fn hops(&self, ends: &Endpoints) -> Hops {
+    /// Asks for the next hops of a session (to be awaited): none without XDP, or when the
+    /// families differ (XDP does not translate them).
+    pub(super) fn ask_hops(&self, ends: &Endpoints) -> Answer {
         match &self.nexthops {
-            Some(n) if ends.same_family() => n.for_session(ends).await,
-            _ => Hops::none(),
+            Some(n) if ends.same_family() => n.ask(ends),
+            _ => Answer::none(),
         }
     }
 
     /// Receives on rule `i`'s listening socket, forever: datagrams of known clients are relayed
-    /// at once; the others open sessions, one after the other, once the batch is read.
+    /// at once; the others open sessions once the batch is read.
     pub async fn listen(self: Arc<Self>, i: usize) {
         let Some(rule) = u16::try_from(i).ok().and_then(|i| self.rules.get(i)) else {
             return;
@@ -222,9 +232,7 @@ impl Sessions {
                     warn!("rule {}: receiving: {e}", rule.name());
                 }
             }
-            for first in firsts {
-                self.first(rule, first).await;
-            }
+            self.open_batch(rule, firsts).await;
         }
     }
 
@@ -258,22 +266,53 @@ impl Sessions {
         None
     }
 
-    /// The first datagram of a client: opens its session (unless an earlier datagram of the
-    /// same batch did), then relays it.
-    async fn first(self: &Arc<Self>, rule: &Rule, first: First) {
-        let existing = {
-            let mut st = self.lock();
-            st.table.find(rule.index, first.client).map(|id| {
-                st.table.touch(id, first.now);
-                st.live.get(&id).map(|l| Arc::clone(&l.io))
-            })
-        };
-        let io = match existing {
-            Some(io) => io,
-            None => self.open(rule, first.client, first.local, first.now).await,
-        };
-        if let Some(io) = io {
-            send_upstream(&io, &first.data, first.now);
+    /// Opens the sessions of a batch's new clients: each is reserved (table entry, socket)
+    /// and its next hops asked for, all before the first answer is awaited, so that the
+    /// next-hop thread answers them back to back; then each is installed and its datagrams
+    /// (all of the batch's, in order) are relayed.
+    async fn open_batch(self: &Arc<Self>, rule: &Rule, firsts: Vec<First>) {
+        let mut pending: Vec<Pending> = Vec::new();
+        for first in firsts {
+            if let Some(p) = pending.iter_mut().find(|p| p.ends.client == first.client) {
+                p.datagrams.push((first.data, first.now));
+                continue;
+            }
+            // A session an earlier batch opened meanwhile.
+            let existing = {
+                let mut st = self.lock();
+                st.table.find(rule.index, first.client).map(|id| {
+                    st.table.touch(id, first.now);
+                    st.live.get(&id).map(|l| Arc::clone(&l.io))
+                })
+            };
+            match existing {
+                Some(Some(io)) => {
+                    send_upstream(&io, &first.data, first.now);
+                    continue;
+                }
+                Some(None) => continue,
+                None => {}
+            }
+            let Some((id, ends, socket)) = self.reserve(rule, first.client, first.local, first.now)
+            else {
+                continue;
+            };
+            pending.push(Pending {
+                id,
+                answer: self.ask_hops(&ends),
+                ends,
+                socket,
+                datagrams: vec![(first.data, first.now)],
+            });
+        }
+        for p in pending {
+            let hops = p.answer.await;
+            let now = p.datagrams.first().map_or(0, |(_, now)| *now);
+            if let Some(io) = self.install_new(rule, p.id, p.ends, p.socket, hops, now) {
+                for (data, now) in &p.datagrams {
+                    send_upstream(&io, data, *now);
+                }
+            }
         }
     }
 
@@ -307,17 +346,18 @@ impl Sessions {
         }
     }
 
-    /// Opens a session: reserve its port with a socket connected to the upstream, resolve its
-    /// next hops, install it in the maps, start relaying its replies.
-    async fn open(
+    /// Installs a reserved session with its next hops in the maps and starts relaying its
+    /// replies.
+    fn install_new(
         self: &Arc<Self>,
         rule: &Rule,
-        client: SocketAddr,
-        local: Option<IpAddr>,
+        id: u32,
+        ends: Endpoints,
+        socket: std::net::UdpSocket,
+        hops: Hops,
         now: u64,
     ) -> Option<Arc<SessionIo>> {
-        let (id, ends, socket) = self.reserve(rule, client, local, now)?;
-        let hops = self.hops(&ends).await;
+        let client = ends.client;
         let mut st = self.lock();
         // Still the entry reserved above (nothing else closes one this young, but the lock
         // was let go).
