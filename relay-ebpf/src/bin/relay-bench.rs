@@ -131,13 +131,6 @@ pub fn nat(ctx: XdpContext) -> u32 {
     unsafe { bpf_redirect(rule.ifindex, 0) as u32 }
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The verifier rejects any reachable panic, so this is never called.
-    loop {}
-}
-
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
