@@ -315,10 +315,11 @@ async fn run(
         None => None,
     };
     controller.spawn();
-    if let Some((server, listener)) = socks5 {
+    let socks5 = socks5.map(|(server, listener)| {
         tokio::spawn(std::sync::Arc::clone(&server).publish(users_map));
-        tokio::spawn(server.serve(listener));
-    }
+        tokio::spawn(std::sync::Arc::clone(&server).serve(listener));
+        server
+    });
     let names: Vec<&str> = ifaces.iter().map(|(n, _)| n.as_str()).collect();
     info!(
         "relay running on {}, maps pinned in {}; Ctrl-C or SIGTERM stops it",
@@ -337,8 +338,21 @@ async fn run(
             _ = term.recv() => break,
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                if let Err(e) = reread().and_then(|c| controller.reload(&c)) {
-                    warn!("reload failed, keeping the running configuration: {e:#}");
+                match reread() {
+                    Err(e) => warn!("reload failed, keeping the running configuration: {e:#}"),
+                    Ok(c) => {
+                        if let Err(e) = controller.reload(&c) {
+                            warn!("forward rules not reloaded, keeping the running ones: {e:#}");
+                        }
+                        let r = match (&socks5, c.socks5) {
+                            (Some(s), Some(cfg)) => s.reload(cfg, c.policy),
+                            (None, None) => Ok(()),
+                            _ => Err(anyhow::anyhow!("adding or removing [socks5] needs a restart")),
+                        };
+                        if let Err(e) = r {
+                            warn!("SOCKS5 not reloaded, keeping the running users and policy: {e:#}");
+                        }
+                    }
                 }
             }
         }
