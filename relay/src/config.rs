@@ -58,6 +58,9 @@ struct RawSocks5 {
     connect_timeout: Option<String>,
     udp_idle_timeout: Option<String>,
     max_handshakes: Option<u32>,
+    max_handshakes_per_source: Option<u32>,
+    max_connections_per_source: Option<u32>,
+    connect_idle_timeout: Option<String>,
     fast_path_flows: Option<u32>,
     #[serde(default)]
     users: Vec<RawUser>,
@@ -94,10 +97,17 @@ pub struct Socks5Config {
     pub public_address: Option<IpAddr>,
     pub udp_ports: PortRange,
     pub allow_no_auth: bool,
+    /// The whole handshake (greeting to request) must end within this.
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
+    /// A CONNECT without a byte either way for this long is closed.
+    pub connect_idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
     pub max_handshakes: u32,
+    /// Handshakes at once from one source (an IPv4 address or an IPv6 /64).
+    pub max_handshakes_per_source: u32,
+    /// Connections at once (handshaking or established) from one source.
+    pub max_connections_per_source: u32,
     /// (association, destination) pairs the XDP fast path can hold.
     pub fast_path_flows: u32,
     pub users: Vec<crate::socks5::users::User>,
@@ -124,6 +134,34 @@ impl RawSocks5 {
                 max_connections: u.max_connections.unwrap_or(256),
             })
             .collect::<Vec<_>>();
+        let max_handshakes = self.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES);
+        let max_handshakes_per_source = self
+            .max_handshakes_per_source
+            .unwrap_or(DEFAULT_MAX_HANDSHAKES_PER_SOURCE);
+        let max_connections_per_source = self
+            .max_connections_per_source
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_SOURCE);
+        for (what, v) in [
+            ("max_handshakes", max_handshakes),
+            ("max_handshakes_per_source", max_handshakes_per_source),
+            ("max_connections_per_source", max_connections_per_source),
+        ] {
+            if v == 0 {
+                bail!("{what}: must be at least 1");
+            }
+        }
+        let handshake_timeout = dur(&self.handshake_timeout, 10, "handshake_timeout")?;
+        if handshake_timeout < Duration::from_secs(1) {
+            bail!("handshake_timeout: at least 1s (a whole handshake over a slow link)");
+        }
+        let connect_idle_timeout = dur(
+            &self.connect_idle_timeout,
+            DEFAULT_CONNECT_IDLE_TIMEOUT.as_secs(),
+            "connect_idle_timeout",
+        )?;
+        if connect_idle_timeout < Duration::from_secs(1) {
+            bail!("connect_idle_timeout: at least 1s");
+        }
         if users.is_empty() && !self.allow_no_auth {
             bail!("no users: add [[socks5.users]] (or set allow_no_auth = true for an open proxy, which is not recommended)");
         }
@@ -141,15 +179,31 @@ impl RawSocks5 {
                 None => DEFAULT_SOCKS_UDP_PORTS,
             },
             allow_no_auth: self.allow_no_auth,
-            handshake_timeout: dur(&self.handshake_timeout, 10, "handshake_timeout")?,
+            handshake_timeout,
             connect_timeout: dur(&self.connect_timeout, 10, "connect_timeout")?,
+            connect_idle_timeout,
             udp_idle_timeout: dur(&self.udp_idle_timeout, 300, "udp_idle_timeout")?,
-            max_handshakes: self.max_handshakes.unwrap_or(256),
+            max_handshakes,
+            max_handshakes_per_source,
+            max_connections_per_source,
             fast_path_flows: self.fast_path_flows.unwrap_or(4096),
             users,
         })
     }
 }
+
+/// Handshakes at once, all sources together.
+pub const DEFAULT_MAX_HANDSHAKES: u32 = 256;
+/// Handshakes at once from one source: a tenth of the slots or so, so that one address (or
+/// one IPv6 /64) cannot take them all, while a tun2socks client opening a burst of flows
+/// over a slow link still gets through.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 24;
+/// Connections at once from one source (a household or a carrier-grade NAT shares an
+/// address; one tun2socks client opens one per flow).
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: u32 = 1024;
+/// A CONNECT with no byte either way for this long is closed (dead peers are found sooner,
+/// by TCP keepalive).
+pub const DEFAULT_CONNECT_IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
 
 /// UDP ASSOCIATE ports when the configuration does not say.
 pub const DEFAULT_SOCKS_UDP_PORTS: PortRange = PortRange {

@@ -314,10 +314,11 @@ async fn run(
     // Loaded, attached, listening: from here on only what running needs.
     relay::privileges::drop_to_runtime_set()?;
     forward.spawn();
-    if let Some((server, listener)) = socks5 {
+    let socks5 = socks5.map(|(server, listener)| {
         tokio::spawn(Arc::clone(&server).publish());
-        tokio::spawn(server.serve(listener));
-    }
+        tokio::spawn(Arc::clone(&server).serve(listener));
+        server
+    });
     let names: Vec<&str> = ifaces.iter().map(|(n, _)| n.as_str()).collect();
     info!(
         "relay running on {}, maps pinned in {}; Ctrl-C or SIGTERM stops it",
@@ -336,8 +337,21 @@ async fn run(
             _ = term.recv() => break,
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                if let Err(e) = reread().and_then(|c| forward.reload(&c)) {
-                    warn!("reload failed, keeping the running configuration: {e:#}");
+                match reread() {
+                    Err(e) => warn!("reload failed, keeping the running configuration: {e:#}"),
+                    Ok(c) => {
+                        if let Err(e) = forward.reload(&c) {
+                            warn!("forward rules not reloaded, keeping the running ones: {e:#}");
+                        }
+                        let r = match (&socks5, c.socks5) {
+                            (Some(s), Some(cfg)) => s.reload(cfg, c.policy),
+                            (None, None) => Ok(()),
+                            _ => Err(anyhow::anyhow!("adding or removing [socks5] needs a restart")),
+                        };
+                        if let Err(e) = r {
+                            warn!("SOCKS5 not reloaded, keeping the running users and policy: {e:#}");
+                        }
+                    }
                 }
             }
         }

@@ -5,14 +5,20 @@
 //! from the control connection's client address (and, once seen or if the request named it,
 //! only from that port), relays replies only from destinations the client has sent to, drops
 //! fragments (FRAG != 0), and ends when the control connection closes.
+//!
+//! What strangers can hold is bounded: a handshake has one deadline for all of it
+//! (`handshake_timeout`), at most `max_handshakes` run at once and at most
+//! `max_handshakes_per_source` / `max_connections_per_source` per source (`gate`), password
+//! checks run about one per core (`auth`), and every refusal is counted and summarised in the
+//! log every few seconds instead of one line per attempt.
 
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
     },
     time::Duration,
 };
@@ -22,11 +28,13 @@ use relay_common::socks5::{self as wire, reply, Addr};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::Semaphore,
-    time::timeout,
+    sync::{watch, Semaphore},
+    time::{timeout, timeout_at, Instant},
 };
 
 use super::{
+    auth::{Verdict, Verifier},
+    gate::{Refusal, Refusals, SourceGuard, Sources},
     handshake::{reply_bytes, Dest, Event, Handshake},
     users::Users,
 };
@@ -39,7 +47,8 @@ use crate::{
     udp,
 };
 
-/// What one user did (index 0 is everyone without authentication).
+/// What one user did (index 0 is everyone without authentication, and what happened before a
+/// user was known: unknown users' failed logins and refused handshakes).
 #[derive(Default)]
 pub struct Account {
     pub name: String,
@@ -53,28 +62,129 @@ pub struct Account {
     pub active_connections: AtomicU64,
     pub active_associations: AtomicU64,
     pub auth_failures: AtomicU64,
-    /// Requests refused by the destination policy or a limit.
+    /// Requests refused by the destination policy or a limit (index 0: handshakes refused).
     pub refused: AtomicU64,
     /// UDP datagrams dropped: malformed, fragmented, refused, unsolicited.
     pub udp_dropped: AtomicU64,
     /// What XDP relayed for this user's ended associations.
     pub udp_xdp_packets: [AtomicU64; 2],
     pub udp_xdp_bytes: [AtomicU64; 2],
+    /// Whether the running configuration has this user (a reload may remove it).
+    pub configured: AtomicBool,
 }
 
 fn add(a: &AtomicU64, n: u64) {
     a.fetch_add(n, Ordering::Relaxed);
 }
 
-/// The SOCKS5 server.
-pub struct Server {
+/// How often the log summarises refused handshakes.
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
+
+/// TCP keepalive on SOCKS5 sockets: a peer that vanished is noticed about two minutes after
+/// its last packet (60 s, then 4 probes 15 s apart), so its descriptors and its place in the
+/// user's limits do not stay taken.
+fn keepalive(s: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(15))
+        .with_retries(4);
+    if let Err(e) = socket2::SockRef::from(s).set_tcp_keepalive(&ka) {
+        debug!("SOCKS5: TCP keepalive: {e}");
+    }
+}
+
+/// A user's (or the no-auth pseudo-user's) right to its sessions.
+#[derive(Clone)]
+struct Grant {
+    account: usize,
+    max_connections: u32,
+    max_associations: u32,
+    /// Set to true when the user is removed or its password changes: its sessions end.
+    revoke: Arc<watch::Sender<bool>>,
+}
+
+impl Grant {
+    fn new(account: usize, max_connections: u32, max_associations: u32) -> Grant {
+        Grant {
+            account,
+            max_connections,
+            max_associations,
+            revoke: Arc::new(watch::channel(false).0),
+        }
+    }
+}
+
+/// Resolves when `rx`'s user is revoked (or its grant is gone).
+async fn revoked(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|r| *r).await;
+}
+
+/// What a reload replaces at once.
+struct Current {
+    /// The latest settings; those that need a restart are read from `Server::cfg`.
     cfg: Socks5Config,
     users: Arc<Users>,
-    policy: Policy,
+    grants: HashMap<String, Grant>,
+    /// The no-auth pseudo-user, when `allow_no_auth`.
+    anonymous: Option<Grant>,
+}
+
+/// Accounts by slot of the pinned `USERS` map: a name keeps its slot for the life of the
+/// process, across reloads.
+struct Accounts {
+    list: Vec<Arc<Account>>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Accounts {
+    fn slot(&mut self, name: &str) -> usize {
+        if let Some(i) = self.by_name.get(name) {
+            return *i;
+        }
+        self.list.push(Arc::new(Account {
+            name: name.to_owned(),
+            ..Account::default()
+        }));
+        let i = self.list.len() - 1;
+        self.by_name.insert(name.to_owned(), i);
+        i
+    }
+}
+
+/// The destination policy, replaced by a reload.
+struct SharedPolicy(RwLock<Arc<Policy>>);
+
+impl SharedPolicy {
+    fn new(mut policy: Policy) -> SharedPolicy {
+        policy.own.extend(crate::policy::local_addresses());
+        SharedPolicy(RwLock::new(Arc::new(policy)))
+    }
+
+    fn check(&self, dest: SocketAddr) -> Result<(), crate::policy::Refused> {
+        let p = Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()));
+        p.check(dest)
+    }
+
+    fn set(&self, policy: SharedPolicy) {
+        let new = policy.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = new;
+    }
+}
+
+/// The SOCKS5 server.
+pub struct Server {
+    /// The settings it started with (listen address, ports and sizes need a restart).
+    cfg: Socks5Config,
+    current: RwLock<Arc<Current>>,
+    policy: SharedPolicy,
     handshakes: Arc<Semaphore>,
+    sources: Arc<Sources>,
+    /// Handshakes refused, by reason.
+    pub refusals: Arc<Refusals>,
+    verifier: Verifier,
     ports: Mutex<PortPool>,
-    /// Index 0: unauthenticated; user `i` of the configuration is `i + 1`.
-    pub accounts: Vec<Account>,
+    /// Index 0: unauthenticated; then one per user name ever configured.
+    accounts: RwLock<Accounts>,
     /// The kernel maps: the UDP fast path's flows, and the accounts published to `USERS`.
     datapath: Arc<Datapath>,
     /// Next hops for fast-path flows; `None` when XDP does not relay.
@@ -86,27 +196,97 @@ enum Outcome {
     Associate(Dest),
 }
 
+/// The grants of `cfg`'s users, keeping the grant (and so the sessions) of users whose hash
+/// did not change; and the old grants that must be revoked.
+fn grants(
+    cfg: &Socks5Config,
+    old: Option<&Current>,
+    accounts: &mut Accounts,
+) -> anyhow::Result<(HashMap<String, Grant>, Option<Grant>, Vec<Grant>)> {
+    let slots = relay_common::session::USER_SLOTS as usize;
+    let new_names = cfg
+        .users
+        .iter()
+        .filter(|u| !accounts.by_name.contains_key(&u.name))
+        .count();
+    if accounts.list.len() + new_names > slots {
+        anyhow::bail!(
+            "more than {} user names since the relay started (the USERS map's size); restart it",
+            slots - 1
+        );
+    }
+    let mut grants = HashMap::new();
+    for u in &cfg.users {
+        let account = accounts.slot(&u.name);
+        let unchanged = old.and_then(|o| {
+            let same = o.users.get(&u.name)?.1.password_hash == u.password_hash;
+            o.grants.get(&u.name).filter(|_| same)
+        });
+        let mut grant = Grant::new(account, u.max_connections, u.max_associations);
+        if let Some(g) = unchanged {
+            grant.revoke = Arc::clone(&g.revoke);
+        }
+        grants.insert(u.name.clone(), grant);
+    }
+    let anonymous = cfg.allow_no_auth.then(|| {
+        let mut g = Grant::new(0, u32::MAX, u32::MAX);
+        if let Some(old) = old.and_then(|o| o.anonymous.as_ref()) {
+            g.revoke = Arc::clone(&old.revoke);
+        }
+        g
+    });
+    let mut revoked = Vec::new();
+    if let Some(o) = old {
+        for (name, g) in &o.grants {
+            if !grants
+                .get(name)
+                .is_some_and(|n| Arc::ptr_eq(&n.revoke, &g.revoke))
+            {
+                revoked.push(g.clone());
+            }
+        }
+        if let (Some(g), None) = (&o.anonymous, &anonymous) {
+            revoked.push(g.clone());
+        }
+    }
+    Ok((grants, anonymous, revoked))
+}
+
 impl Server {
     pub fn new(
         cfg: Socks5Config,
-        mut policy: Policy,
+        policy: Policy,
         datapath: Arc<Datapath>,
         nexthops: Option<Arc<NextHops>>,
     ) -> anyhow::Result<Arc<Server>> {
-        let users = Users::new(cfg.users.clone())?;
-        let mut accounts: Vec<Account> =
-            (0..=cfg.users.len()).map(|_| Account::default()).collect();
-        accounts[0].name = "(no auth)".into();
-        for (i, name) in users.names() {
-            accounts[i + 1].name = name;
+        let users = Arc::new(Users::new(cfg.users.clone())?);
+        let mut accounts = Accounts {
+            list: Vec::new(),
+            by_name: HashMap::new(),
+        };
+        accounts.list.push(Arc::new(Account {
+            name: "(no auth)".into(),
+            configured: AtomicBool::new(true),
+            ..Account::default()
+        }));
+        let (grants, anonymous, _) = grants(&cfg, None, &mut accounts)?;
+        for a in &accounts.list {
+            a.configured.store(true, Ordering::Relaxed);
         }
-        policy.own.extend(crate::policy::local_addresses());
         Ok(Arc::new(Server {
             handshakes: Arc::new(Semaphore::new(cfg.max_handshakes as usize)),
+            sources: Arc::default(),
+            refusals: Arc::default(),
+            verifier: Verifier::per_core()?,
             ports: Mutex::new(PortPool::new(cfg.udp_ports)),
-            users: Arc::new(users),
-            policy,
-            accounts,
+            current: RwLock::new(Arc::new(Current {
+                cfg: cfg.clone(),
+                users,
+                grants,
+                anonymous,
+            })),
+            policy: SharedPolicy::new(policy),
+            accounts: RwLock::new(accounts),
             datapath,
             nexthops,
             cfg,
@@ -115,6 +295,104 @@ impl Server {
 
     pub fn listen_addr(&self) -> SocketAddr {
         self.cfg.listen
+    }
+
+    fn current(&self) -> Arc<Current> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The account in slot `i` (every slot handed out exists for the process's life).
+    pub fn account(&self, i: usize) -> Arc<Account> {
+        let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(&accounts.list[i.min(accounts.list.len() - 1)])
+    }
+
+    /// Applies a re-read configuration: users, their limits and passwords, `allow_no_auth`,
+    /// timeouts, per-source caps and the destination policy, all at once. The CONNECTs and
+    /// associations of users that were removed or whose password changed end now. Settings
+    /// that need a restart are named in a warning and keep their running values.
+    pub fn reload(&self, cfg: Socks5Config, policy: Policy) -> anyhow::Result<()> {
+        let old = self.current();
+        let users = Arc::new(Users::new(cfg.users.clone())?);
+        let restart: Vec<&str> = [
+            ("listen", cfg.listen != self.cfg.listen),
+            ("udp_ports", cfg.udp_ports != self.cfg.udp_ports),
+            (
+                "public_address",
+                cfg.public_address != self.cfg.public_address,
+            ),
+            (
+                "udp_idle_timeout",
+                cfg.udp_idle_timeout != self.cfg.udp_idle_timeout,
+            ),
+            (
+                "max_handshakes",
+                cfg.max_handshakes != self.cfg.max_handshakes,
+            ),
+            (
+                "fast_path_flows",
+                cfg.fast_path_flows != self.cfg.fast_path_flows,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect();
+        if !restart.is_empty() {
+            warn!(
+                "SOCKS5: {} changed; that needs a restart, the running values stay",
+                restart.join(", ")
+            );
+        }
+        let (grants, anonymous, revoked) = {
+            let mut accounts = self.accounts.write().unwrap_or_else(|e| e.into_inner());
+            let r = grants(&cfg, Some(&old), &mut accounts)?;
+            for (i, a) in accounts.list.iter().enumerate() {
+                let configured = i == 0 || r.0.values().any(|g| g.account == i);
+                a.configured.store(configured, Ordering::Relaxed);
+            }
+            r
+        };
+        let mut added: Vec<String> = grants
+            .keys()
+            .filter(|n| !old.grants.contains_key(*n))
+            .cloned()
+            .collect();
+        let mut removed: Vec<String> = old
+            .grants
+            .keys()
+            .filter(|n| !grants.contains_key(*n))
+            .cloned()
+            .collect();
+        added.sort();
+        removed.sort();
+        let changed = revoked.len().saturating_sub(removed.len());
+        self.policy.set(SharedPolicy::new(policy));
+        self.verifier.retain(&users);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Current {
+            cfg,
+            users,
+            grants,
+            anonymous,
+        });
+        // After the swap, so that a handshake finishing now finds the new grants.
+        for g in &revoked {
+            g.revoke.send_replace(true);
+        }
+        info!(
+            "SOCKS5 reloaded: {} users (added: {:?}, removed: {:?}, {changed} with a new password or no-auth turned off; their sessions were ended)",
+            self.current().grants.len(),
+            added,
+            removed
+        );
+        Ok(())
+    }
+
+    /// Counts a handshake refused before a user was known.
+    fn refuse(&self, why: Refusal) {
+        self.refusals.count(why);
+        if why != Refusal::AuthFailed {
+            add(&self.account(0).refused, 1);
+        }
     }
 
     /// Accepts clients forever.
@@ -129,6 +407,7 @@ impl Server {
                 ""
             }
         );
+        tokio::spawn(Arc::clone(&self.refusals).log_every(REFUSALS_LOGGED_EVERY));
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(c) => c,
@@ -138,14 +417,28 @@ impl Server {
                     continue;
                 }
             };
+            let cur = self.current();
+            let source = match self.sources.admit(
+                peer.ip(),
+                cur.cfg.max_handshakes_per_source,
+                cur.cfg.max_connections_per_source,
+            ) {
+                Ok(g) => g,
+                Err(why) => {
+                    self.refuse(why);
+                    continue;
+                }
+            };
             let Ok(permit) = Arc::clone(&self.handshakes).try_acquire_owned() else {
-                debug!("SOCKS5: too many handshakes in progress; closing {peer}");
+                self.refuse(Refusal::Slots);
                 continue;
             };
+            let deadline = Instant::now() + cur.cfg.handshake_timeout;
             let server = Arc::clone(&self);
             tokio::spawn(async move {
                 let _ = stream.set_nodelay(true);
-                server.client(stream, peer, permit).await;
+                keepalive(&stream);
+                server.client(stream, peer, permit, source, deadline).await;
             });
         }
     }
@@ -155,54 +448,88 @@ impl Server {
         mut stream: TcpStream,
         peer: SocketAddr,
         permit: tokio::sync::OwnedSemaphorePermit,
+        mut source: SourceGuard,
+        deadline: Instant,
     ) {
-        let outcome = self.handshake(&mut stream, peer).await;
+        let outcome = self.handshake(&mut stream, peer, deadline).await;
         drop(permit);
-        let Some((account, outcome)) = outcome else {
-            return;
+        source.handshake_done();
+        let (grant, outcome) = match outcome {
+            Ok(o) => o,
+            Err(Some(why)) => {
+                self.refuse(why);
+                return;
+            }
+            Err(None) => return,
         };
+        // Subscribed before anything else: a revocation from now on is seen.
+        let revoked = grant.revoke.subscribe();
         match outcome {
-            Outcome::Connect(dest, early) => self.connect(stream, account, dest, early).await,
-            Outcome::Associate(dest) => self.associate(stream, peer, account, dest).await,
+            Outcome::Connect(dest, early) => {
+                self.connect(stream, grant, dest, early, revoked).await
+            }
+            Outcome::Associate(dest) => {
+                self.associate(stream, peer, grant.account, dest, revoked)
+                    .await
+            }
         }
+        // `source` counts this connection until here.
+        drop(source);
     }
 
+    /// Runs the handshake until `deadline`: the grant and what the client asked for, or why
+    /// it was refused (`None`: the client went away).
     async fn handshake(
         &self,
         stream: &mut TcpStream,
         peer: SocketAddr,
-    ) -> Option<(usize, Outcome)> {
-        let mut hs = Handshake::new(self.cfg.allow_no_auth);
+        deadline: Instant,
+    ) -> Result<(Grant, Outcome), Option<Refusal>> {
+        let cur = self.current();
+        let mut hs = Handshake::new(cur.cfg.allow_no_auth);
         let mut buf = [0u8; 1024];
         let mut event = Event::NeedMore;
-        let step = self.cfg.handshake_timeout;
+        let mut failed = Refusal::Protocol;
         loop {
             match event {
                 Event::NeedMore => {
-                    let n = match timeout(step, stream.read(&mut buf)).await {
+                    let n = match timeout_at(deadline, stream.read(&mut buf)).await {
                         Ok(Ok(n)) if n > 0 => n,
-                        Ok(_) => return None,
+                        Ok(_) => return Err(None),
                         Err(_) => {
                             debug!("SOCKS5 {peer}: handshake timed out");
-                            return None;
+                            return Err(Some(Refusal::Timeout));
                         }
                     };
                     event = hs.feed(&buf[..n]);
                 }
                 Event::Send(bytes) => {
-                    timeout(step, stream.write_all(&bytes)).await.ok()?.ok()?;
+                    match timeout_at(deadline, stream.write_all(&bytes)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return Err(None),
+                        Err(_) => return Err(Some(Refusal::Timeout)),
+                    }
                     event = hs.feed(&[]);
                 }
                 Event::Verify { user, password } => {
-                    let users = Arc::clone(&self.users);
-                    let name = user.clone();
-                    let ok = tokio::task::spawn_blocking(move || users.verify(&name, &password))
+                    let users = Arc::clone(&self.current().users);
+                    let ok = match self
+                        .verifier
+                        .verify(&users, &user, &password, deadline)
                         .await
-                        .unwrap_or(false);
+                    {
+                        Verdict::Ok => true,
+                        Verdict::Wrong => false,
+                        Verdict::Busy => {
+                            debug!("SOCKS5 {peer}: no password check before the deadline");
+                            return Err(Some(Refusal::AuthBusy));
+                        }
+                    };
                     if !ok {
-                        let idx = self.users.get(&user).map_or(0, |(i, _)| i + 1);
-                        add(&self.accounts[idx].auth_failures, 1);
-                        info!("SOCKS5 {peer}: authentication failed for {user:?}");
+                        let idx = self.current().grants.get(&user).map_or(0, |g| g.account);
+                        add(&self.account(idx).auth_failures, 1);
+                        debug!("SOCKS5 {peer}: authentication failed for {user:?}");
+                        failed = Refusal::AuthFailed;
                     }
                     event = hs.verified(&user, ok);
                 }
@@ -211,12 +538,24 @@ impl Server {
                     dest,
                     early,
                 } => {
-                    let account = hs
-                        .user()
-                        .and_then(|u| self.users.get(u))
-                        .map_or(0, |(i, _)| i + 1);
-                    return Some((
-                        account,
+                    // The grants as they are now: a reload during the handshake counts.
+                    let now = self.current();
+                    let grant = match hs.user() {
+                        Some(u) => now.grants.get(u).cloned(),
+                        None => now.anonymous.clone(),
+                    };
+                    let Some(grant) = grant else {
+                        let unbound =
+                            SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+                        let _ = timeout_at(
+                            deadline,
+                            stream.write_all(&reply_bytes(reply::NOT_ALLOWED, unbound)),
+                        )
+                        .await;
+                        return Err(Some(Refusal::AuthFailed));
+                    };
+                    return Ok((
+                        grant,
                         if command == wire::CMD_CONNECT {
                             Outcome::Connect(dest, early)
                         } else {
@@ -225,25 +564,29 @@ impl Server {
                     ));
                 }
                 Event::Close { send, why } => {
-                    let _ = timeout(step, stream.write_all(&send)).await;
+                    let _ = timeout_at(deadline, stream.write_all(&send)).await;
                     debug!("SOCKS5 {peer}: {why}");
-                    return None;
+                    return Err(Some(failed));
                 }
             }
         }
     }
 
+    /// The user's (max_connections, max_associations) now; nothing for a removed user.
     fn limit(&self, account: usize) -> (u32, u32) {
+        let cur = self.current();
         if account == 0 {
-            return (u32::MAX, u32::MAX);
+            return cur
+                .anonymous
+                .as_ref()
+                .map_or((0, 0), |_| (u32::MAX, u32::MAX));
         }
-        self.cfg
-            .users
-            .get(account - 1)
-            .map_or((0, 0), |u| (u.max_connections, u.max_associations))
+        cur.grants
+            .values()
+            .find(|g| g.account == account)
+            .map_or((0, 0), |g| (g.max_connections, g.max_associations))
     }
 
-    /// Resolves and checks a destination: the addresses the policy allows, or the reply code.
     async fn admit(&self, dest: &Dest) -> Result<Vec<SocketAddr>, u8> {
         let candidates: Vec<SocketAddr> = match dest {
             Dest::Ip(a) => vec![*a],
@@ -270,17 +613,34 @@ impl Server {
         Ok(allowed)
     }
 
-    async fn connect(&self, mut client: TcpStream, account: usize, dest: Dest, early: Vec<u8>) {
-        let acct = &self.accounts[account];
+    async fn connect(
+        &self,
+        mut client: TcpStream,
+        grant: Grant,
+        dest: Dest,
+        early: Vec<u8>,
+        mut revoked_rx: watch::Receiver<bool>,
+    ) {
+        let acct = self.account(grant.account);
+        let acct = &*acct;
         let unbound = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
-        let (max_conns, _) = self.limit(account);
-        if acct.active_connections.load(Ordering::Relaxed) >= u64::from(max_conns) {
+        // The slot is taken before connecting, so that requests arriving together cannot all
+        // pass the check; it is given back whatever happens next.
+        let max = u64::from(grant.max_connections);
+        if acct
+            .active_connections
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
             add(&acct.refused, 1);
             let _ = client
                 .write_all(&reply_bytes(reply::NOT_ALLOWED, unbound))
                 .await;
             return;
         }
+        let _slot = Active(&acct.active_connections);
         let addrs = match self.admit(&dest).await {
             Ok(a) => a,
             Err(code) => {
@@ -289,10 +649,11 @@ impl Server {
                 return;
             }
         };
+        let connect_timeout = self.current().cfg.connect_timeout;
         let mut last = reply::HOST_UNREACHABLE;
         let mut upstream = None;
         for a in addrs {
-            match timeout(self.cfg.connect_timeout, TcpStream::connect(a)).await {
+            match timeout(connect_timeout, TcpStream::connect(a)).await {
                 Ok(Ok(s)) => {
                     upstream = Some(s);
                     break;
@@ -312,6 +673,7 @@ impl Server {
             return;
         };
         let _ = upstream.set_nodelay(true);
+        keepalive(&upstream);
         let bound = upstream.local_addr().unwrap_or(unbound);
         if client
             .write_all(&reply_bytes(reply::SUCCEEDED, bound))
@@ -321,30 +683,40 @@ impl Server {
             return;
         }
         add(&acct.connections, 1);
-        add(&acct.active_connections, 1);
         if !early.is_empty() && upstream.write_all(&early).await.is_ok() {
             add(&acct.tcp_bytes[0], early.len() as u64);
         }
+        // Bytes moved either way on this connection (for the idle timeout).
+        let moved = AtomicU64::new(0);
+        let idle_timeout = self.current().cfg.connect_idle_timeout;
         // Each direction ends on EOF by shutting down the other side's writing half, so a
         // half-closed connection keeps flowing the other way. Bytes move with splice(2)
         // through a pipe, never through userspace, where the kernel allows it.
-        match (Pipe::new(), Pipe::new()) {
-            (Ok(p1), Ok(p2)) => {
-                tokio::join!(
-                    splice_copy(&client, &upstream, p1, &acct.tcp_bytes[0]),
-                    splice_copy(&upstream, &client, p2, &acct.tcp_bytes[1])
-                );
+        let relay = async {
+            match (Pipe::new(), Pipe::new()) {
+                (Ok(p1), Ok(p2)) => {
+                    tokio::join!(
+                        splice_copy(&client, &upstream, p1, &acct.tcp_bytes[0], &moved),
+                        splice_copy(&upstream, &client, p2, &acct.tcp_bytes[1], &moved)
+                    );
+                }
+                _ => {
+                    let (cr, cw) = client.into_split();
+                    let (ur, uw) = upstream.into_split();
+                    tokio::join!(
+                        pipe(cr, uw, &acct.tcp_bytes[0], &moved),
+                        pipe(ur, cw, &acct.tcp_bytes[1], &moved)
+                    );
+                }
             }
-            _ => {
-                let (cr, cw) = client.into_split();
-                let (ur, uw) = upstream.into_split();
-                tokio::join!(
-                    pipe(cr, uw, &acct.tcp_bytes[0]),
-                    pipe(ur, cw, &acct.tcp_bytes[1])
-                );
+        };
+        tokio::select! {
+            () = relay => {}
+            () = idle(&moved, idle_timeout) => debug!("SOCKS5 CONNECT to {dest}: idle; closing"),
+            () = revoked(&mut revoked_rx) => {
+                debug!("SOCKS5 CONNECT to {dest}: the user was removed or changed; closing");
             }
         }
-        acct.active_connections.fetch_sub(1, Ordering::Relaxed);
     }
 
     async fn associate(
@@ -353,8 +725,10 @@ impl Server {
         peer: SocketAddr,
         account: usize,
         dest: Dest,
+        mut revoked_rx: watch::Receiver<bool>,
     ) {
-        let acct = &self.accounts[account];
+        let acct = self.account(account);
+        let acct = &*acct;
         let unbound = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
         let (_, max_assoc) = self.limit(account);
         if acct.active_associations.load(Ordering::Relaxed) >= u64::from(max_assoc) {
@@ -405,6 +779,11 @@ impl Server {
         let mut xdp_packets = 0;
         loop {
             tokio::select! {
+                // A reload removed the user or changed its password.
+                () = revoked(&mut revoked_rx) => {
+                    debug!("SOCKS5 {peer}: the user was removed or changed; closing");
+                    break;
+                }
                 // The association lives as long as its control connection.
                 r = control.read(&mut probe) => {
                     if matches!(r, Ok(0) | Err(_)) {
@@ -622,11 +1001,38 @@ struct FastFlow {
     _hops: Hops,
 }
 
-/// Copies until EOF, counting bytes, then shuts down the writer.
+/// Gives back a slot of an `active_*` count on drop.
+struct Active<'a>(&'a AtomicU64);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves once `moved` has not changed for `timeout` (looked at every quarter timeout, so
+/// 1 to 1.25 timeouts after the last byte).
+async fn idle(moved: &AtomicU64, timeout: Duration) {
+    let step = timeout / 4;
+    let mut seen = moved.load(Ordering::Relaxed);
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(step).await;
+        let now = moved.load(Ordering::Relaxed);
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        } else if since.elapsed() >= timeout {
+            return;
+        }
+    }
+}
+
+/// Copies until EOF, counting bytes (in `bytes` and `moved`), then shuts down the writer.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     bytes: &AtomicU64,
+    moved: &AtomicU64,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -637,6 +1043,7 @@ async fn pipe(
                     break;
                 }
                 add(bytes, n as u64);
+                add(moved, n as u64);
             }
         }
     }
@@ -662,7 +1069,7 @@ impl Account {
             auth_failures: l(&self.auth_failures),
             refused: l(&self.refused),
             udp_dropped: l(&self.udp_dropped),
-            configured: 1,
+            configured: u64::from(self.configured.load(Ordering::Relaxed)),
             udp_xdp: [0, 1].map(|d| Traffic {
                 packets: l(&self.udp_xdp_packets[d]),
                 bytes: l(&self.udp_xdp_bytes[d]),
@@ -677,7 +1084,13 @@ impl Server {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            for (i, a) in self.accounts.iter().enumerate() {
+            let accounts: Vec<Arc<Account>> = self
+                .accounts
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .list
+                .clone();
+            for (i, a) in accounts.iter().enumerate() {
                 if let Err(e) = self.datapath.set_user(i as u32, &a.snapshot()) {
                     debug!("publishing SOCKS5 accounts: {e:#}");
                     break;
@@ -731,8 +1144,14 @@ fn splice(from: i32, to: i32, len: usize) -> std::io::Result<usize> {
 }
 
 /// Moves bytes from `from` to `to` with splice(2) through `pipe` until EOF or an error, then
-/// shuts down `to` for writing. Counts the bytes moved.
-async fn splice_copy(from: &TcpStream, to: &TcpStream, pipe: Pipe, bytes: &AtomicU64) {
+/// shuts down `to` for writing. Counts the bytes moved (in `bytes` and `moved`).
+async fn splice_copy(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: Pipe,
+    bytes: &AtomicU64,
+    moved: &AtomicU64,
+) {
     use std::os::fd::AsRawFd as _;
     const CHUNK: usize = 1 << 16;
     let (src, dst) = (from.as_raw_fd(), to.as_raw_fd());
@@ -759,6 +1178,7 @@ async fn splice_copy(from: &TcpStream, to: &TcpStream, pipe: Pipe, bytes: &Atomi
             }
         }
         add(bytes, n as u64);
+        add(moved, n as u64);
     }
     // SAFETY: shutdown(2) on a socket we hold; it only ends our sending.
     unsafe { libc::shutdown(dst, libc::SHUT_WR) };

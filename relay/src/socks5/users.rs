@@ -1,5 +1,8 @@
 //! SOCKS5 users: names with Argon2id password hashes (PHC strings) from the configuration.
 //! Plain-text passwords are never stored; `relay hash-password` makes the hash.
+//!
+//! A hash's parameters decide what each check costs (Argon2 needs `m` KiB for `t` passes),
+//! so they are bounded when the file is read: see [`MEMORY_KIB`], [`PASSES`], [`LANES`].
 
 use std::collections::HashMap;
 
@@ -20,6 +23,46 @@ pub struct User {
     pub max_connections: u32,
 }
 
+/// Accepted Argon2 memory sizes in KiB: 8 MiB to 256 MiB (the default is 19 MiB).
+pub const MEMORY_KIB: std::ops::RangeInclusive<u32> = 8 * 1024..=256 * 1024;
+/// Accepted Argon2 passes (the default is 2).
+pub const PASSES: std::ops::RangeInclusive<u32> = 1..=10;
+/// Accepted Argon2 lanes (the default is 1).
+pub const LANES: std::ops::RangeInclusive<u32> = 1..=16;
+
+/// Checks that `hash` is an Argon2id PHC string with parameters in the accepted bounds.
+pub fn check_hash(hash: &str) -> anyhow::Result<()> {
+    let h = PasswordHash::new(hash).map_err(|e| {
+        anyhow!("password_hash is not a PHC hash ({e}); make one with `relay hash-password`")
+    })?;
+    if h.algorithm.as_str() != "argon2id" {
+        anyhow::bail!(
+            "password_hash uses {}, not argon2id; make one with `relay hash-password`",
+            h.algorithm
+        );
+    }
+    let params = argon2::Params::try_from(&h)
+        .map_err(|e| anyhow!("password_hash has bad Argon2 parameters ({e})"))?;
+    let bounds = [
+        ("m (memory, KiB)", params.m_cost(), &MEMORY_KIB),
+        ("t (passes)", params.t_cost(), &PASSES),
+        ("p (lanes)", params.p_cost(), &LANES),
+    ];
+    for (what, v, range) in bounds {
+        if !range.contains(&v) {
+            anyhow::bail!(
+                "password_hash: Argon2 {what} = {v} is outside {}..={}; make one with `relay hash-password`",
+                range.start(),
+                range.end()
+            );
+        }
+    }
+    if h.hash.is_none() || h.salt.is_none() {
+        anyhow::bail!("password_hash has no salt or no hash; make one with `relay hash-password`");
+    }
+    Ok(())
+}
+
 /// The users, by name.
 #[derive(Clone, Debug, Default)]
 pub struct Users {
@@ -31,9 +74,7 @@ impl Users {
     pub fn new(users: Vec<User>) -> anyhow::Result<Users> {
         let mut by_name = HashMap::new();
         for (i, u) in users.into_iter().enumerate() {
-            PasswordHash::new(&u.password_hash).map_err(|e| {
-                anyhow!("user {:?}: password_hash is not a PHC hash ({e}); make one with `relay hash-password`", u.name)
-            })?;
+            check_hash(&u.password_hash).with_context(|| format!("user {:?}", u.name))?;
             if by_name.insert(u.name.clone(), (i, u.clone())).is_some() {
                 anyhow::bail!("user {:?} is configured twice", u.name);
             }
@@ -75,18 +116,33 @@ fn verify_hash(hash: &str, password: &[u8]) -> bool {
 
 /// An Argon2id PHC hash of `password` with a random salt.
 pub fn hash_password(password: &[u8]) -> anyhow::Result<String> {
-    let mut salt = [0u8; 16];
-    // SAFETY: `salt` is a writable buffer of the length passed.
-    let n = unsafe { libc::getrandom(salt.as_mut_ptr().cast(), salt.len(), 0) };
-    if n != salt.len() as isize {
-        anyhow::bail!("getrandom failed: {}", std::io::Error::last_os_error());
-    }
+    let salt: [u8; 16] = random()?;
     let salt = SaltString::encode_b64(&salt).map_err(|e| anyhow!("salt: {e}"))?;
     Argon2::default()
         .hash_password(password, &salt)
         .map(|h| h.to_string())
         .map_err(|e| anyhow!("hashing: {e}"))
         .context("hashing the password")
+}
+
+/// Random bytes from the kernel (getrandom(2), which blocks only until the pool is
+/// initialised at boot).
+pub fn random<const N: usize>() -> anyhow::Result<[u8; N]> {
+    let mut out = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        // SAFETY: the pointer and length describe the unfilled, writable tail of `out`.
+        let n = unsafe { libc::getrandom(out[filled..].as_mut_ptr().cast(), N - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            anyhow::bail!("getrandom failed: {e}");
+        }
+        filled += n as usize;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -120,8 +176,36 @@ mod tests {
             max_connections: 1,
         };
         let e = Users::new(vec![user("alice", "hunter2")]).unwrap_err();
-        assert!(format!("{e}").contains("relay hash-password"), "{e}");
+        assert!(format!("{e:#}").contains("relay hash-password"), "{e}");
         let h = hash_password(b"x").unwrap();
         assert!(Users::new(vec![user("a", &h), user("a", &h)]).is_err());
+    }
+
+    #[test]
+    fn hash_parameters_outside_the_bounds_are_refused() {
+        let user = |hash: &str| User {
+            name: "alice".into(),
+            password_hash: hash.into(),
+            max_associations: 1,
+            max_connections: 1,
+        };
+        // What `relay hash-password` makes passes.
+        let ours = hash_password(b"x").unwrap();
+        Users::new(vec![user(&ours)]).unwrap();
+        let tail = "$c2FsdHNhbHRzYWx0$KxJ1FCRT//sSd/Alf06Jp8O9qgVCkvAlQF2yNPjpsZk";
+        for (params, want) in [
+            ("m=4096,t=2,p=1", "m (memory, KiB) = 4096"),
+            ("m=1048576,t=2,p=1", "m (memory, KiB) = 1048576"),
+            ("m=19456,t=100,p=1", "t (passes) = 100"),
+            ("m=19456,t=2,p=64", "p (lanes) = 64"),
+        ] {
+            let hash = format!("$argon2id$v=19${params}{tail}");
+            let e = format!("{:#}", Users::new(vec![user(&hash)]).unwrap_err());
+            assert!(e.contains(want) && e.contains("alice"), "{params}: {e}");
+        }
+        // In bounds, other algorithms are refused.
+        Users::new(vec![user(&format!("$argon2id$v=19$m=8192,t=1,p=1{tail}"))]).unwrap();
+        let e = Users::new(vec![user(&format!("$argon2i$v=19$m=19456,t=2,p=1{tail}"))]);
+        assert!(format!("{:#}", e.unwrap_err()).contains("not argon2id"));
     }
 }
