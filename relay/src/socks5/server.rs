@@ -196,13 +196,17 @@ enum Outcome {
     Associate(Dest),
 }
 
+/// What [`grants`] returns: the grants by user name, the grant of unauthenticated clients
+/// (if allowed), and the old grants that must be revoked.
+type Granted = (HashMap<String, Grant>, Option<Grant>, Vec<Grant>);
+
 /// The grants of `cfg`'s users, keeping the grant (and so the sessions) of users whose hash
 /// did not change; and the old grants that must be revoked.
 fn grants(
     cfg: &Socks5Config,
     old: Option<&Current>,
     accounts: &mut Accounts,
-) -> anyhow::Result<(HashMap<String, Grant>, Option<Grant>, Vec<Grant>)> {
+) -> anyhow::Result<Granted> {
     let slots = relay_common::session::USER_SLOTS as usize;
     let new_names = cfg
         .users
