@@ -130,7 +130,7 @@ impl RawSocks5 {
             .map(|u| crate::socks5::users::User {
                 name: u.name,
                 password_hash: u.password_hash,
-                max_associations: u.max_associations.unwrap_or(16),
+                max_associations: u.max_associations.unwrap_or(DEFAULT_MAX_ASSOCIATIONS),
                 max_connections: u.max_connections.unwrap_or(256),
             })
             .collect::<Vec<_>>();
@@ -204,6 +204,10 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: u32 = 1024;
 /// A CONNECT with no byte either way for this long is closed (dead peers are found sooner,
 /// by TCP keepalive).
 pub const DEFAULT_CONNECT_IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
+
+/// UDP associations a user may hold at once when the configuration does not say: tun2socks
+/// clients open one per UDP flow, and a phone opens dozens at once.
+pub const DEFAULT_MAX_ASSOCIATIONS: u32 = 256;
 
 /// UDP ASSOCIATE ports when the configuration does not say.
 pub const DEFAULT_SOCKS_UDP_PORTS: PortRange = PortRange {
@@ -291,6 +295,13 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// Whether this entry names exactly `ip` (a /32 or /128 of it).
+    pub fn is_host(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        let full = if ip.is_ipv4() { 32 } else { 128 };
+        self.len == full && canonical(self.addr) == ip
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         match (self.addr, ip) {

@@ -132,6 +132,16 @@ impl PortPool {
         self.free.is_empty()
     }
 
+    /// Takes the free port at position `pick` modulo the number of free ports (a random
+    /// `pick` makes the port unpredictable).
+    pub fn take_nth(&mut self, pick: u64) -> Option<u16> {
+        if self.free.is_empty() {
+            return None;
+        }
+        let at = (pick % self.free.len() as u64) as usize;
+        self.free.remove(at)
+    }
+
     /// Returns a port to the pool (a closed session's, or one another socket holds: it is
     /// tried again last).
     pub fn put(&mut self, port: u16) {
@@ -749,6 +759,26 @@ mod tests {
         assert!(t.get(replied).unwrap().answered);
         let e = t.expired(60 * SEC, rules, observe);
         assert!(e.closed.is_empty(), "answered: the idle timeout applies");
+    }
+
+    #[test]
+    fn association_ports_are_not_handed_out_in_order() {
+        let mut pool = PortPool::new(PortRange {
+            first: 30000,
+            last: 31999,
+        });
+        let taken: Vec<u16> = (0..50)
+            .map(|_| {
+                let pick = u64::from_ne_bytes(crate::socks5::users::random::<8>().unwrap());
+                pool.take_nth(pick).unwrap()
+            })
+            .collect();
+        let in_order = taken.windows(2).filter(|w| w[1] == w[0] + 1).count();
+        assert!(in_order < 5, "{taken:?}");
+        let mut unique = taken.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), 50, "each port once");
     }
 
     #[test]

@@ -890,3 +890,246 @@ fn reload_ends_a_removed_users_sessions_and_admits_new_users() {
     let bob = user(&st, "bob");
     assert_eq!(bob["auth_failures"], 0, "{bob}");
 }
+
+/// A relay on the topology with a configuration of our own: `socks` lines of `[socks5]`
+/// (without `listen`, which is `listen`), `users` (`[[socks5.users]]` tables after alice's,
+/// whose own extra lines are `alice`), and `policy` lines. The UDP echo server answers on
+/// 198.18.2.2:6000.
+struct Custom {
+    _relay: Relay,
+    _config: ConfigFile,
+    _echo: Echo,
+    pin: PinDir,
+    t: Topology,
+}
+
+fn custom(listen: &str, socks: &str, alice: &str, users: &str, policy: &str) -> Custom {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
+    let hash = relay::socks5::users::hash_password(PASSWORD.as_bytes()).unwrap();
+    let config = ConfigFile::new(&format!(
+        "[socks5]\nlisten = \"{listen}\"\nhandshake_timeout = \"2s\"\n{socks}\n\
+         [[socks5.users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n{alice}\n{users}\n\
+         [policy]\n{policy}\n",
+        users = users.replace("HASH", &hash)
+    ));
+    let relay = Relay::with_config(&t.relay, &pin, &config);
+    Custom {
+        _relay: relay,
+        _config: config,
+        _echo: echo,
+        pin,
+        t,
+    }
+}
+
+/// A CONNECT request for `dest`, of either family.
+fn connect_to(dest: SocketAddr) -> Vec<u8> {
+    let mut req = vec![5, 1, 0];
+    req.extend_from_slice(&socks5_udp_header(dest, 0)[3..]);
+    req
+}
+
+/// The reply code the proxy gives a CONNECT to `dest`.
+fn connect_reply(ns: &Netns, dest: &str) -> u8 {
+    let (_c, reply) = raw_request(ns, connect_to(dest.parse().unwrap()));
+    *reply
+        .get(1)
+        .unwrap_or_else(|| panic!("no reply for {dest}: {reply:?}"))
+}
+
+/// Addresses that carry an IPv4 address (NAT64, 6to4, IPv4-compatible, Teredo) are judged as
+/// the address they carry: loopback and the relay's own address in disguise are refused.
+#[test]
+fn connect_refuses_internal_and_own_addresses_inside_ipv6_forms() {
+    let s = custom(PROXY, "", "", "", "");
+    for dest in [
+        "[64:ff9b::7f00:1]:1080",            // NAT64 well-known prefix: 127.0.0.1
+        "[64:ff9b::c612:101]:1080",          // NAT64: 198.18.1.1, the relay itself
+        "[64:ff9b:1::7f00:1]:1080",          // local-use NAT64: 127.0.0.1
+        "[2002:7f00:1::1]:1080",             // 6to4: 127.0.0.1
+        "[2002:c612:101::1]:1080",           // 6to4: the relay
+        "[::7f00:1]:1080",                   // IPv4-compatible: 127.0.0.1
+        "[2001:0:c612:101::80ff:fffe]:1080", // Teredo: client 127.0.0.1 via server 198.18.1.1
+    ] {
+        assert_eq!(
+            connect_reply(&s.t.client, dest),
+            2,
+            "{dest} must be refused"
+        );
+    }
+    // A public IPv4 address in NAT64 form is not the policy's business (the relay has no
+    // route to it here: unreachable, not refused).
+    let public = connect_reply(&s.t.client, "[64:ff9b::808:808]:53");
+    assert_ne!(public, 2, "a public address behind NAT64 is allowed");
+    let st = published_stats_custom(&s);
+    assert_eq!(user(&st, "alice")["refused"], 7, "{st}");
+}
+
+/// The relay's own addresses (those of its interfaces, also ones added while it runs, and
+/// `public_address`) stay refused when an allow list covers them, unless named exactly.
+#[test]
+fn connect_refuses_the_relays_own_addresses_even_inside_an_allow_list() {
+    let s = custom(
+        PROXY,
+        "public_address = \"198.18.2.3\"",
+        "",
+        "",
+        "allow = [\"198.18.0.0/15\", \"198.18.2.1/32\"]",
+    );
+    // public_address: here an address of the upstream host standing in for the NAT router
+    // that forwards to the relay; something listens there.
+    s.t.upstream
+        .ip(&["addr", "add", "198.18.2.3/24", "dev", "eth0"]);
+    let listeners = s.t.upstream.run(|| {
+        [
+            std::net::TcpListener::bind("198.18.2.3:7002").unwrap(),
+            std::net::TcpListener::bind("198.18.2.2:7003").unwrap(),
+        ]
+    });
+    let own =
+        s.t.relay
+            .run(|| std::net::TcpListener::bind("198.18.2.1:7005").unwrap());
+    assert_eq!(connect_reply(&s.t.client, "198.18.2.2:7003"), 0, "allowed");
+    assert_eq!(
+        connect_reply(&s.t.client, "198.18.2.1:7005"),
+        0,
+        "an own address named exactly in the allow list"
+    );
+    for dest in [
+        "198.18.1.1:1080",          // the relay's own SOCKS5 port
+        "198.18.2.3:7002",          // public_address
+        "[64:ff9b::c612:101]:1080", // the relay in NAT64 form
+        "127.0.0.1:1080",
+        "0.0.0.0:1080",
+    ] {
+        assert_eq!(
+            connect_reply(&s.t.client, dest),
+            2,
+            "{dest} must be refused"
+        );
+    }
+    // An address the relay gains while running is its own within a few seconds.
+    s.t.relay
+        .ip(&["addr", "add", "198.18.2.50/32", "dev", "up0"]);
+    let added =
+        s.t.relay
+            .run(|| std::net::TcpListener::bind("198.18.2.50:7004").unwrap());
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        connect_reply(&s.t.client, "198.18.2.50:7004"),
+        2,
+        "an address added after the start is the relay's own"
+    );
+    drop((listeners, own, added));
+}
+
+/// `published_stats` for a [`Custom`] relay.
+fn published_stats_custom(s: &Custom) -> Value {
+    thread::sleep(Duration::from_millis(1500));
+    stats(&s.t.relay, "cli0", &s.pin)
+}
+
+/// Greeting, alice's credentials and UDP ASSOCIATE on a fresh connection to `proxy`, from the
+/// current thread's namespace: the control connection and BND.ADDR:BND.PORT.
+fn associate_here(proxy: &str) -> Result<(TcpStream, SocketAddr), String> {
+    let mut c = TcpStream::connect(proxy).map_err(|e| e.to_string())?;
+    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    c.write_all(&[5, 1, 2]).unwrap();
+    let mut b = [0u8; 2];
+    c.read_exact(&mut b).map_err(|e| e.to_string())?;
+    let mut auth = vec![1, 5];
+    auth.extend_from_slice(b"alice");
+    auth.push(PASSWORD.len() as u8);
+    auth.extend_from_slice(PASSWORD.as_bytes());
+    c.write_all(&auth).unwrap();
+    c.read_exact(&mut b).map_err(|e| e.to_string())?;
+    if b != [1, 0] {
+        return Err(format!("authentication: {b:?}"));
+    }
+    c.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
+    let mut head = [0u8; 4];
+    c.read_exact(&mut head).map_err(|e| e.to_string())?;
+    if head[..3] != [5, 0, 0] {
+        return Err(format!("reply {head:?}"));
+    }
+    let bnd = match head[3] {
+        1 => {
+            let mut a = [0u8; 6];
+            c.read_exact(&mut a).map_err(|e| e.to_string())?;
+            SocketAddr::from(([a[0], a[1], a[2], a[3]], u16::from_be_bytes([a[4], a[5]])))
+        }
+        4 => {
+            let mut a = [0u8; 18];
+            c.read_exact(&mut a).map_err(|e| e.to_string())?;
+            let ip: [u8; 16] = a[..16].try_into().unwrap();
+            return Err(format!(
+                "BND.ADDR is IPv6 {} for an IPv4 client",
+                std::net::Ipv6Addr::from(ip)
+            ));
+        }
+        t => return Err(format!("ATYP {t}")),
+    };
+    Ok((c, bnd))
+}
+
+/// One datagram to the echo server through an association, and its echo back.
+fn echo_through(udp: &UdpSocket, bnd: SocketAddr, payload: &[u8]) -> Result<(), String> {
+    let mut dgram = socks5_udp_header("198.18.2.2:6000".parse().unwrap(), 0);
+    dgram.extend_from_slice(payload);
+    udp.send_to(&dgram, bnd).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 2048];
+    let (n, from) = udp
+        .recv_from(&mut buf)
+        .map_err(|e| format!("no echo: {e}"))?;
+    if from != bnd || buf[..n] != dgram[..] {
+        return Err(format!("echo from {from}: {:?}", &buf[..n]));
+    }
+    Ok(())
+}
+
+/// `listen = "[::]:PORT"`: an IPv4 client's association is an IPv4 one, advertised as such.
+#[test]
+fn ipv4_udp_associate_through_a_dual_stack_listener() {
+    let s = custom("[::]:1080", "", "", "", "allow = [\"198.18.2.0/24\"]");
+    let r = s.t.client.run(|| {
+        let (_control, bnd) = associate_here(PROXY)?;
+        if bnd.ip().to_string() != "198.18.1.1" {
+            return Err(format!("BND.ADDR {bnd}"));
+        }
+        let udp = UdpSocket::bind("198.18.1.2:0").unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        echo_through(&udp, bnd, b"through [::]")
+    });
+    r.expect("IPv4 UDP ASSOCIATE through a [::] listener");
+}
+
+/// tun2socks opens one association per UDP flow: 64 at once must work with the defaults.
+#[test]
+fn sixty_four_associations_at_once_with_the_default_limits() {
+    let s = custom(PROXY, "", "", "", "allow = [\"198.18.2.0/24\"]");
+    let r = s.t.client.run(|| {
+        let mut open = Vec::new();
+        for i in 0..64 {
+            let (control, bnd) = associate_here(PROXY).map_err(|e| format!("#{i}: {e}"))?;
+            let udp = UdpSocket::bind("198.18.1.2:0").unwrap();
+            udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            open.push((control, bnd, udp));
+        }
+        let ports: std::collections::HashSet<u16> = open.iter().map(|o| o.1.port()).collect();
+        if ports.len() != 64 {
+            return Err(format!("{} distinct ports", ports.len()));
+        }
+        for (i, (_, bnd, udp)) in open.iter().enumerate() {
+            echo_through(udp, *bnd, format!("flow {i}").as_bytes())
+                .map_err(|e| format!("#{i}: {e}"))?;
+        }
+        Ok(())
+    });
+    r.expect("64 associations");
+    let st = published_stats_custom(&s);
+    let alice = user(&st, "alice");
+    assert_eq!(alice["associations"], 64, "{alice}");
+    assert_eq!(alice["refused"], 0, "{alice}");
+}

@@ -151,23 +151,48 @@ impl Accounts {
     }
 }
 
-/// The destination policy, replaced by a reload.
-struct SharedPolicy(RwLock<Arc<Policy>>);
+/// The destination policy: as configured (replaced by a reload), with the relay's own
+/// addresses (its interfaces', re-read every [`OWN_ADDRESSES_EVERY`], and `public_address`).
+struct SharedPolicy {
+    configured: RwLock<(Policy, Option<IpAddr>)>,
+    current: RwLock<Arc<Policy>>,
+}
+
+/// How often the relay's own addresses are read again (an address added or removed while it
+/// runs is its own, or no longer, within this).
+const OWN_ADDRESSES_EVERY: Duration = Duration::from_secs(2);
 
 impl SharedPolicy {
-    fn new(mut policy: Policy) -> SharedPolicy {
-        policy.own.extend(crate::policy::local_addresses());
-        SharedPolicy(RwLock::new(Arc::new(policy)))
+    fn new(policy: Policy, public: Option<IpAddr>) -> SharedPolicy {
+        let p = SharedPolicy {
+            configured: RwLock::new((policy, public)),
+            current: RwLock::new(Arc::new(Policy::default())),
+        };
+        p.refresh_own();
+        p
     }
 
     fn check(&self, dest: SocketAddr) -> Result<(), crate::policy::Refused> {
-        let p = Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()));
+        let p = Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()));
         p.check(dest)
     }
 
-    fn set(&self, policy: SharedPolicy) {
-        let new = policy.0.into_inner().unwrap_or_else(|e| e.into_inner());
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = new;
+    /// A reload's policy and public address.
+    fn set(&self, policy: Policy, public: Option<IpAddr>) {
+        *self.configured.write().unwrap_or_else(|e| e.into_inner()) = (policy, public);
+        self.refresh_own();
+    }
+
+    /// Reads the interfaces' addresses again (getifaddrs: call off the async threads).
+    fn refresh_own(&self) {
+        let mut p = {
+            let c = self.configured.read().unwrap_or_else(|e| e.into_inner());
+            let mut p = c.0.clone();
+            p.own.extend(c.1);
+            p
+        };
+        p.own.extend(crate::policy::local_addresses());
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
     }
 }
 
@@ -289,7 +314,7 @@ impl Server {
                 grants,
                 anonymous,
             })),
-            policy: SharedPolicy::new(policy),
+            policy: SharedPolicy::new(policy, cfg.public_address),
             accounts: RwLock::new(accounts),
             datapath,
             nexthops,
@@ -370,7 +395,7 @@ impl Server {
         added.sort();
         removed.sort();
         let changed = revoked.len().saturating_sub(removed.len());
-        self.policy.set(SharedPolicy::new(policy));
+        self.policy.set(policy, cfg.public_address);
         self.verifier.retain(&users);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Current {
             cfg,
@@ -412,6 +437,15 @@ impl Server {
             }
         );
         tokio::spawn(Arc::clone(&self.refusals).log_every(REFUSALS_LOGGED_EVERY));
+        let own = Arc::clone(&self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(OWN_ADDRESSES_EVERY);
+            loop {
+                tick.tick().await;
+                let server = Arc::clone(&own);
+                let _ = tokio::task::spawn_blocking(move || server.policy.refresh_own()).await;
+            }
+        });
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(c) => c,
@@ -745,13 +779,16 @@ impl Server {
         let Ok(local) = control.local_addr() else {
             return;
         };
-        let Some((socket, port)) = self.bind_association(local.ip()) else {
+        // An IPv4 client of a `[::]` listener reached an IPv4-mapped address: its association
+        // is an IPv4 one, advertised as a plain IPv4 address.
+        let local_ip = crate::config::canonical(local.ip());
+        let Some((socket, port)) = self.bind_association(local_ip) else {
             let _ = control
                 .write_all(&reply_bytes(reply::GENERAL_FAILURE, unbound))
                 .await;
             return;
         };
-        let advertised = SocketAddr::new(self.cfg.public_address.unwrap_or(local.ip()), port);
+        let advertised = SocketAddr::new(self.cfg.public_address.unwrap_or(local_ip), port);
         if control
             .write_all(&reply_bytes(reply::SUCCEEDED, advertised))
             .await
@@ -770,8 +807,8 @@ impl Server {
         };
         let mut assoc = Association {
             client_ip: crate::config::canonical(peer.ip()),
-            client: client_port.map(|p| SocketAddr::new(peer.ip(), p)),
-            local: local.ip(),
+            client: client_port.map(|p| SocketAddr::new(crate::config::canonical(peer.ip()), p)),
+            local: local_ip,
             port,
             account: account as u16,
             contacted: HashSet::new(),
@@ -835,11 +872,14 @@ impl Server {
             IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
         };
         for _ in 0..64 {
+            // A random free port: handed out in order, the next one could be guessed and
+            // claimed by a neighbour behind the same carrier NAT with the first datagram.
+            let pick = super::users::random::<8>().map_or(0, u64::from_ne_bytes);
             let port = self
                 .ports
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .take()?;
+                .take_nth(pick)?;
             match udp::bind(SocketAddr::new(unspecified, port), false) {
                 Ok(s) => return UdpSocket::from_std(s).ok().map(|s| (s, port)),
                 Err(_) => self.release(port),
