@@ -219,6 +219,9 @@ pub struct UserStats {
     /// UDP datagrams and payload bytes XDP relayed for ended associations (live ones are in
     /// their `SESSIONS` records).
     pub udp_xdp: [Traffic; 2],
+    /// Destinations left to the controller because the user held its share of the fast-path
+    /// table already.
+    pub fast_path_refused: u64,
 }
 
 /// Capacity of `USERS`.

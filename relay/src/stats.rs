@@ -279,6 +279,7 @@ pub struct UserReport {
     pub auth_failures: u64,
     pub refused: u64,
     pub udp_dropped: u64,
+    pub fast_path_refused: u64,
     /// The part of `udp` that XDP relayed (live and ended associations).
     pub udp_xdp: Directions,
 }
@@ -333,6 +334,7 @@ pub fn users(pin_dir: &Path) -> anyhow::Result<Vec<UserReport>> {
             auth_failures: u.auth_failures,
             refused: u.refused,
             udp_dropped: u.udp_dropped,
+            fast_path_refused: u.fast_path_refused,
             udp_xdp,
         });
     }

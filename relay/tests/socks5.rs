@@ -1133,3 +1133,85 @@ fn sixty_four_associations_at_once_with_the_default_limits() {
     assert_eq!(alice["associations"], 64, "{alice}");
     assert_eq!(alice["refused"], 0, "{alice}");
 }
+
+/// One user cannot take every fast-path record: with `fast_path_flows = 4` alice's four
+/// destinations leave room for bob's, and what did not fit is relayed by the controller.
+#[test]
+fn one_user_cannot_take_the_whole_fast_path_table() {
+    let s = custom(
+        PROXY,
+        "fast_path_flows = 4",
+        "",
+        "[[socks5.users]]\nname = \"bob\"\npassword_hash = \"HASH\"\n",
+        "allow = [\"198.18.2.0/24\"]",
+    );
+    let _more: Vec<Echo> = (6001..6004)
+        .map(|p| Echo::start(&s.t.upstream, SocketAddr::from(([198, 18, 2, 2], p))))
+        .collect();
+    let r = s.t.client.run(|| -> Result<(), String> {
+        let (_alice, bnd) = associate_here(PROXY)?;
+        let udp = UdpSocket::bind("198.18.1.2:0").unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 512];
+        for round in 0..2 {
+            for port in 6000..6004u16 {
+                let dest = SocketAddr::from(([198, 18, 2, 2], port));
+                let mut d = socks5_udp_header(dest, 0);
+                d.extend_from_slice(format!("alice {round} {port}").as_bytes());
+                udp.send_to(&d, bnd).map_err(|e| e.to_string())?;
+                let (n, _) = udp
+                    .recv_from(&mut buf)
+                    .map_err(|e| format!("alice {port}: {e}"))?;
+                if buf[..n] != d[..] {
+                    return Err(format!("alice {port}: {:?}", &buf[..n]));
+                }
+            }
+        }
+        // bob, while alice's association is open.
+        let mut c = TcpStream::connect(PROXY).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        c.write_all(&[5, 1, 2]).unwrap();
+        let mut b = [0u8; 2];
+        c.read_exact(&mut b).unwrap();
+        let mut auth = vec![1, 3];
+        auth.extend_from_slice(b"bob");
+        auth.push(PASSWORD.len() as u8);
+        auth.extend_from_slice(PASSWORD.as_bytes());
+        c.write_all(&auth).unwrap();
+        c.read_exact(&mut b).unwrap();
+        c.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
+        let mut rep = [0u8; 10];
+        c.read_exact(&mut rep).unwrap();
+        if rep[..4] != [5, 0, 0, 1] {
+            return Err(format!("bob's association: {rep:?}"));
+        }
+        let bob_bnd = SocketAddr::from((
+            [rep[4], rep[5], rep[6], rep[7]],
+            u16::from_be_bytes([rep[8], rep[9]]),
+        ));
+        let bob = UdpSocket::bind("198.18.1.2:0").unwrap();
+        bob.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        for i in 0..6 {
+            echo_through(&bob, bob_bnd, format!("bob {i}").as_bytes())?;
+            if i == 0 {
+                // The first datagram opens the fast path; next hops settle in a second or two.
+                thread::sleep(Duration::from_millis(2500));
+            }
+        }
+        drop(c);
+        Ok(())
+    });
+    r.expect("alice's and bob's datagrams");
+    let st = published_stats_custom(&s);
+    let bob = user(&st, "bob");
+    assert_eq!(
+        bob["udp_xdp"]["to_upstream"]["packets"], 5,
+        "bob's datagrams after the first went through XDP: {st}"
+    );
+    let alice = user(&st, "alice");
+    assert_eq!(alice["udp"]["to_upstream"]["packets"], 8, "{alice}");
+    assert_eq!(
+        alice["fast_path_refused"], 3,
+        "alice's destinations beyond her share, relayed by the controller: {alice}"
+    );
+}

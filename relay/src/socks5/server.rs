@@ -71,11 +71,23 @@ pub struct Account {
     pub udp_xdp_bytes: [AtomicU64; 2],
     /// Whether the running configuration has this user (a reload may remove it).
     pub configured: AtomicBool,
+    /// Fast-path records the user's associations hold now.
+    pub fast_flows: AtomicU64,
+    /// Destinations relayed by the controller because the user held its share of the
+    /// fast-path table.
+    pub fast_path_refused: AtomicU64,
 }
 
 fn add(a: &AtomicU64, n: u64) {
     a.fetch_add(n, Ordering::Relaxed);
 }
+
+/// Destinations (and cached names) one UDP association may have: beyond them its datagrams
+/// to new destinations are dropped (counted in `udp_dropped`).
+const MAX_DESTINATIONS: usize = 1024;
+
+/// One user holds at most this fraction (1/N) of the fast-path table (`fast_path_flows`).
+const FAST_PATH_SHARE: u32 = 4;
 
 /// How often the log summarises refused handshakes.
 const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
@@ -855,6 +867,7 @@ impl Server {
         // Out of the fast path first, so that nothing more is relayed for it, then account
         // what XDP carried (and let the flow's next hops go).
         for flow in assoc.fast.drain(..) {
+            acct.fast_flows.fetch_sub(1, Ordering::Relaxed);
             for (d, t) in self.datapath.socks_close(flow.id).iter().enumerate() {
                 add(&acct.udp_xdp_packets[d], t.packets);
                 add(&acct.udp_xdp_bytes[d], t.bytes);
@@ -975,13 +988,19 @@ impl Server {
                             .await
                             .ok()?
                             .find(|a| a.is_ipv4() == assoc.local.is_ipv4())?;
-                        assoc.names.insert((name, p), a);
+                        if assoc.names.len() < MAX_DESTINATIONS {
+                            assoc.names.insert((name, p), a);
+                        }
                         a
                     }
                 }
             }
         };
         if dest.is_ipv4() != assoc.local.is_ipv4() || self.policy.check(dest).is_err() {
+            return None;
+        }
+        // One association cannot fill memory (or the fast path) with destinations.
+        if !assoc.contacted.contains(&dest) && assoc.contacted.len() >= MAX_DESTINATIONS {
             return None;
         }
         if assoc.contacted.insert(dest) {
@@ -1014,8 +1033,21 @@ impl Server {
             back: SocketAddr::new(back.ip(), assoc.port),
             upstream: dest,
         };
+        // A user holds at most its share of the fast-path table; the rest of its
+        // destinations are relayed by the controller.
+        let account = {
+            let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
+            accounts.list.get(usize::from(assoc.account)).cloned()
+        };
+        let Some(account) = account else { return };
+        let share = u64::from((self.cfg.fast_path_flows / FAST_PATH_SHARE).max(1));
+        if account.fast_flows.load(Ordering::Relaxed) >= share {
+            add(&account.fast_path_refused, 1);
+            return;
+        }
         let hops = nexthops.for_session(&ends).await;
         if let Some(id) = self.datapath.socks_open(ends, assoc.account, hops.slots()) {
+            add(&account.fast_flows, 1);
             assoc.fast.push(FastFlow { id, _hops: hops });
         }
     }
@@ -1118,6 +1150,7 @@ impl Account {
                 packets: l(&self.udp_xdp_packets[d]),
                 bytes: l(&self.udp_xdp_bytes[d]),
             }),
+            fast_path_refused: l(&self.fast_path_refused),
         }
     }
 }
