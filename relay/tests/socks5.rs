@@ -1215,3 +1215,36 @@ fn one_user_cannot_take_the_whole_fast_path_table() {
         "alice's destinations beyond her share, relayed by the controller: {alice}"
     );
 }
+
+/// max_associations holds for UDP ASSOCIATEs that arrive together (the limit used to be
+/// checked before binding and counted after the reply, so requests together all passed).
+#[test]
+fn parallel_associations_respect_max_associations() {
+    let s = setup_with("", "max_associations = 2\n");
+    let barrier = std::sync::Barrier::new(8);
+    let results: Vec<(TcpStream, Vec<u8>)> = thread::scope(|scope| {
+        let (client, barrier) = (&s.t.client, &barrier);
+        (0..8)
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut c = raw_login(client, "alice", PASSWORD).expect("alice logs in");
+                    barrier.wait();
+                    let r = send_request(&mut c, &[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]);
+                    (c, r)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect()
+    });
+    let codes: Vec<u8> = results
+        .iter()
+        .map(|(_, r)| r.get(1).copied().unwrap_or(255))
+        .collect();
+    assert_eq!(codes.iter().filter(|c| **c == 0).count(), 2, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == 2).count(), 6, "{codes:?}");
+    let st = published_stats(&s);
+    let alice = user(&st, "alice");
+    assert_eq!(alice["active_associations"], 2, "{alice}");
+}

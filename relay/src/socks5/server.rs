@@ -780,14 +780,24 @@ impl Server {
         let acct = self.account(account);
         let acct = &*acct;
         let unbound = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+        // The slot is taken before anything is bound, as for CONNECT: associations requested
+        // together cannot all pass the check; it is given back whatever happens next.
         let (_, max_assoc) = self.limit(account);
-        if acct.active_associations.load(Ordering::Relaxed) >= u64::from(max_assoc) {
+        let max = u64::from(max_assoc);
+        if acct
+            .active_associations
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
             add(&acct.refused, 1);
             let _ = control
                 .write_all(&reply_bytes(reply::NOT_ALLOWED, unbound))
                 .await;
             return;
         }
+        let _slot = Active(&acct.active_associations);
         let Ok(local) = control.local_addr() else {
             return;
         };
@@ -810,7 +820,6 @@ impl Server {
             return;
         }
         add(&acct.associations, 1);
-        add(&acct.active_associations, 1);
         debug!("SOCKS5 {peer}: UDP association on {advertised}");
         // The request may name the client's port (0.0.0.0:0 when it does not know it yet).
         let client_port = match dest {
@@ -875,7 +884,6 @@ impl Server {
         }
         drop(socket);
         self.release(port);
-        acct.active_associations.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn bind_association(&self, local: IpAddr) -> Option<(UdpSocket, u16)> {
