@@ -504,16 +504,12 @@ impl NextHops {
         Ok(NextHops { requests })
     }
 
-    /// The next hops of a session between `ends.client` and `ends.upstream`; a direction
-    /// without one (no route, a route by an interface without XDP, the table full) gets
-    /// [`NEXTHOP_NONE`] and takes the slow path.
-    pub async fn for_session(&self, ends: &crate::datapath::Endpoints) -> Hops {
-        self.ask(ends).await
-    }
-
-    /// Sends the question of [`NextHops::for_session`] now and returns the answer to await:
-    /// a batch of new sessions asks all its questions before it waits for the first answer,
-    /// so the next-hop thread answers them back to back.
+    /// Asks for the next hops of a session between `ends.client` and `ends.upstream` and
+    /// returns the answer to await; a direction without one (no route, a route by an
+    /// interface without XDP, the table full) gets [`NEXTHOP_NONE`] and takes the slow path.
+    /// The question is sent at once, so a batch of new sessions asks all its questions
+    /// before it waits for the first answer and the next-hop thread answers them back to
+    /// back.
     pub fn ask(&self, ends: &crate::datapath::Endpoints) -> Answer {
         let (reply, answer) = oneshot::channel();
         let to = [

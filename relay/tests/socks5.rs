@@ -756,34 +756,35 @@ fn parallel_wrong_passwords_need_bounded_memory() {
     assert_eq!(user(&st, "alice")["auth_failures"], failed, "{st}");
 }
 
-/// max_connections holds for CONNECTs that arrive together.
-#[test]
-fn parallel_connects_respect_max_connections() {
-    let s = setup_with("", "max_connections = 2\n");
-    let _held = Holder::start(&s.t.upstream, "198.18.2.2:7002");
-    // Eight clients log in, then send their CONNECTs at the same moment (all within the
-    // 2 s handshake deadline).
+/// Eight clients of alice log in, then send `request` at the same moment (all within the 2 s
+/// handshake deadline); returns the reply codes, with the connections kept open until the
+/// caller has looked at the counters.
+fn requests_at_once(s: &Setup, request: &[u8]) -> (Vec<TcpStream>, Vec<u8>) {
     let barrier = std::sync::Barrier::new(8);
-    let results: Vec<(TcpStream, Vec<u8>)> = thread::scope(|scope| {
+    thread::scope(|scope| {
         let (client, barrier) = (&s.t.client, &barrier);
         (0..8)
             .map(|_| {
                 scope.spawn(move || {
                     let mut c = raw_login(client, "alice", PASSWORD).expect("alice logs in");
                     barrier.wait();
-                    let r = send_request(&mut c, &connect_request([198, 18, 2, 2], 7002));
-                    (c, r)
+                    let r = send_request(&mut c, request);
+                    (c, r.get(1).copied().unwrap_or(255))
                 })
             })
             .collect::<Vec<_>>()
             .into_iter()
             .map(|t| t.join().unwrap())
-            .collect()
-    });
-    let codes: Vec<u8> = results
-        .iter()
-        .map(|(_, r)| r.get(1).copied().unwrap_or(255))
-        .collect();
+            .unzip()
+    })
+}
+
+/// max_connections holds for CONNECTs that arrive together.
+#[test]
+fn parallel_connects_respect_max_connections() {
+    let s = setup_with("", "max_connections = 2\n");
+    let _held = Holder::start(&s.t.upstream, "198.18.2.2:7002");
+    let (_open, codes) = requests_at_once(&s, &connect_request([198, 18, 2, 2], 7002));
     assert_eq!(codes.iter().filter(|c| **c == 0).count(), 2, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| **c == 2).count(), 6, "{codes:?}");
     let st = published_stats(&s);
@@ -1217,34 +1218,13 @@ fn one_user_cannot_take_the_whole_fast_path_table() {
 }
 
 /// max_associations holds for UDP ASSOCIATEs that arrive together (the limit used to be
-/// checked before binding and counted after the reply, so requests together all passed).
+/// checked before binding and counted after the reply, so requests together could pass).
 #[test]
 fn parallel_associations_respect_max_associations() {
     let s = setup_with("", "max_associations = 2\n");
-    let barrier = std::sync::Barrier::new(8);
-    let results: Vec<(TcpStream, Vec<u8>)> = thread::scope(|scope| {
-        let (client, barrier) = (&s.t.client, &barrier);
-        (0..8)
-            .map(|_| {
-                scope.spawn(move || {
-                    let mut c = raw_login(client, "alice", PASSWORD).expect("alice logs in");
-                    barrier.wait();
-                    let r = send_request(&mut c, &[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]);
-                    (c, r)
-                })
-            })
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|t| t.join().unwrap())
-            .collect()
-    });
-    let codes: Vec<u8> = results
-        .iter()
-        .map(|(_, r)| r.get(1).copied().unwrap_or(255))
-        .collect();
+    let (_open, codes) = requests_at_once(&s, &[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]);
     assert_eq!(codes.iter().filter(|c| **c == 0).count(), 2, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| **c == 2).count(), 6, "{codes:?}");
     let st = published_stats(&s);
-    let alice = user(&st, "alice");
-    assert_eq!(alice["active_associations"], 2, "{alice}");
+    assert_eq!(user(&st, "alice")["active_associations"], 2, "{st}");
 }

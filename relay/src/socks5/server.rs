@@ -1053,7 +1053,7 @@ impl Server {
             add(&account.fast_path_refused, 1);
             return;
         }
-        let hops = nexthops.for_session(&ends).await;
+        let hops = nexthops.ask(&ends).await;
         if let Some(id) = self.datapath.socks_open(ends, assoc.account, hops.slots()) {
             add(&account.fast_flows, 1);
             assoc.fast.push(FastFlow { id, _hops: hops });
