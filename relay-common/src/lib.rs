@@ -29,4 +29,6 @@ pub mod maps {
     pub const RULES: &str = "RULES";
     pub const USERS: &str = "USERS";
     pub const PORTS: &str = "PORTS";
+    pub const NEXTHOP_KEYS: &str = "NEXTHOP_KEYS";
+    pub const META: &str = "META";
 }

@@ -102,6 +102,23 @@ pub struct Nexthop {
     pub _pad: [u8; 2],
 }
 
+/// Value of `NEXTHOP_KEYS` (indexed like `NEXTHOPS`): what a next-hop slot is for, so that a
+/// controller taking over from another rebuilds its slot table from the pinned maps and
+/// keeps every slot the records refer to. Written by the next-hop thread before the slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NexthopKey {
+    /// The address on the link (gateway, or the destination itself).
+    pub via: [u8; 16],
+    /// The route's interface.
+    pub oif: u32,
+    /// The route's MTU (0: the link's).
+    pub route_mtu: u32,
+    /// `FAMILY_V4` or `FAMILY_V6`; 0: the slot is free.
+    pub family: u8,
+    pub _pad: [u8; 7],
+}
+
 impl Session {
     /// Packets XDP relayed for the session, both directions: the controller's sign of life
     /// (the XDP program keeps no clock).
@@ -239,11 +256,85 @@ pub fn name32(name: &str) -> [u8; 32] {
 pub const RULE_SLOTS: u32 = 256;
 
 /// Entries of `PORTS`: one per UDP port. `PORTS[port]` is 1 + the index of the forward
-/// session whose relay-side (back) port it is, or 0.
+/// session whose relay-side (back) port it is, [`PORT_LISTEN`] for a forward rule's listen
+/// port, or 0.
 pub const PORT_SLOTS: u32 = 65536;
+
+/// `PORTS` value of a forward rule's listen port.
+pub const PORT_LISTEN: u32 = u32::MAX;
 
 /// Capacity of `NEXTHOPS`.
 pub const NEXTHOP_SLOTS: u32 = 1024;
+
+/// Value of `META` (one entry): what the pinned state is and who runs it. A controller reads
+/// it before it trusts any other pinned map: `magic` and `layout` must be its own, or it
+/// refuses to start (never misreads a record of another layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// [`META_MAGIC`] once a controller has stamped the maps.
+    pub magic: u64,
+    /// [`LAYOUT`] of the controller that created the maps.
+    pub layout: u64,
+    /// Version of the relay that last ran on these maps (NUL-padded).
+    pub version: [u8; 32],
+    /// Process id of the controller running on these maps; 0 when none is (it stopped
+    /// without a successor, or never started). Non-zero at a start without a handover: the
+    /// previous controller died (SIGKILL, crash).
+    pub pid: u32,
+    pub _pad: u32,
+    /// Controllers started on these maps.
+    pub starts: u64,
+    /// Starts that took over from a running controller (sockets and connections handed over).
+    pub handovers: u64,
+    /// Starts after a controller that died without stopping.
+    pub crash_recoveries: u64,
+    /// SOCKS5 CONNECTs and associations that ended with a controller that died (as it last
+    /// published them).
+    pub lost_connections: u64,
+    pub lost_associations: u64,
+    /// Live SOCKS5 CONNECTs and associations, published by the controller once a second.
+    pub connections: u64,
+    pub associations: u64,
+}
+
+/// `Meta::magic` of stamped maps: "relaymap".
+pub const META_MAGIC: u64 = u64::from_le_bytes(*b"relaymap");
+
+/// Bump when a map's meaning changes without its size changing.
+const LAYOUT_REVISION: u64 = 1;
+
+/// The layout of the pinned maps this build reads and writes: every shared type's size and
+/// the manual revision, mixed (FNV-1a). A controller refuses maps stamped with another.
+pub const LAYOUT: u64 = {
+    use core::mem::size_of;
+    let parts = [
+        LAYOUT_REVISION,
+        size_of::<FlowKey>() as u64,
+        size_of::<Flow>() as u64,
+        size_of::<Session>() as u64,
+        size_of::<Nexthop>() as u64,
+        size_of::<NexthopKey>() as u64,
+        size_of::<SlowPath>() as u64,
+        size_of::<RuleStats>() as u64,
+        size_of::<UserStats>() as u64,
+        size_of::<Meta>() as u64,
+        size_of::<crate::counters::Counter>() as u64,
+        PORT_SLOTS as u64,
+        NEXTHOP_SLOTS as u64,
+        USER_SLOTS as u64,
+        RULE_SLOTS as u64,
+        crate::counters::COUNTER_SLOTS as u64,
+    ];
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < parts.len() {
+        h ^= parts[i];
+        h = h.wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    h
+};
 
 #[cfg(feature = "user")]
 mod pod {
@@ -259,7 +350,11 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Nexthop {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::NexthopKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SlowPath {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Meta {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RuleStats {}
     // SAFETY: as above.
@@ -276,6 +371,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<Flow>(), 8);
         assert_eq!(size_of::<Nexthop>(), 4 + 2 + 6 + 6 + 2);
+        assert_eq!(size_of::<NexthopKey>(), 16 + 4 + 4 + 1 + 7);
+        assert_eq!(size_of::<Meta>(), 8 + 8 + 32 + 4 + 4 + 7 * 8);
         // 4 addresses, 4 ports, 2 next hops, rule, family, state, last_seen, traffic.
         assert_eq!(size_of::<Session>(), 64 + 8 + 4 + 2 + 1 + 1 + 8 + 32);
         assert_eq!(align_of::<Session>(), 8);

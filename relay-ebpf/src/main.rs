@@ -22,12 +22,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use relay_common::{
-    counters::{Counter, Reason, COUNTER_SLOTS},
+    counters::{Counter, Reason, Verdict, COUNTER_SLOTS},
     packet::{ipv4_header_ok, parse, Headers, Packet, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP},
     rewrite::{apply, plan, Head, SocksHeader},
     session::{
-        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, UserStats, FLOW_SOCKS, NEXTHOP_NONE,
-        NEXTHOP_SLOTS, PORT_SLOTS, RULE_SLOTS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
+        Flow, FlowKey, Meta, Nexthop, NexthopKey, RuleStats, Session, SlowPath, UserStats,
+        FLOW_SOCKS, NEXTHOP_NONE, NEXTHOP_SLOTS, PORT_LISTEN, PORT_SLOTS, RULE_SLOTS, STATE_ACTIVE,
+        TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
     },
 };
 
@@ -67,6 +68,14 @@ static USERS: Array<UserStats> = Array::pinned(USER_SLOTS, 0);
 /// controller with the session records.
 #[map]
 static PORTS: Array<u32> = Array::pinned(PORT_SLOTS, 0);
+
+/// What each `NEXTHOPS` slot is for (written by the controller; read back by the next one).
+#[map]
+static NEXTHOP_KEYS: Array<NexthopKey> = Array::pinned(NEXTHOP_SLOTS, 0);
+
+/// The pinned state's layout stamp and controller bookkeeping (the controller's alone).
+#[map]
+static META: Array<Meta> = Array::pinned(1, 0);
 
 /// Interfaces a frame may be redirected to (ifindex -> ifindex).
 #[map]
@@ -111,9 +120,97 @@ fn classify(ctx: &XdpContext, frame: &mut XdpFrame) -> Result<Reason, Reason> {
     }
 }
 
-/// The fast path: find the flow, then the session, plan, apply, account, send.
+/// A UDP frame: the fast path, and for a frame it leaves to the kernel that is addressed to
+/// one of the relay's ports, a look whether a socket still holds that port. None does while
+/// no controller runs (a restart, a crash): the kernel would answer "port unreachable", which
+/// makes clients give up, so such a frame is dropped and counted instead. Only frames the
+/// fast path declined pay for the lookup.
 #[inline(always)]
 fn relay_udp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reason, Reason> {
+    match relay_udp_session(ctx, frame, h) {
+        Err(reason)
+            if reason.verdict() == Verdict::Pass
+                && owned_port(h.dst_port)
+                && !socket_for(ctx, h) =>
+        {
+            Err(Reason::NoSocket)
+        }
+        r => r,
+    }
+}
+
+/// Whether `port` is one the relay's sockets hold: a session or association port, or a
+/// forward rule's listen port.
+#[inline(always)]
+fn owned_port(port: u16) -> bool {
+    let (first, last) = (SESSION_PORT_FIRST.load(), SESSION_PORT_LAST.load());
+    if first != 0 && port >= first && port <= last {
+        return true;
+    }
+    let (first, last) = (SOCKS_PORT_FIRST.load(), SOCKS_PORT_LAST.load());
+    if first != 0 && port >= first && port <= last {
+        return true;
+    }
+    PORTS
+        .get(u32::from(port))
+        .is_some_and(|v| *v == PORT_LISTEN)
+}
+
+/// Whether a UDP socket of this namespace would receive the packet.
+#[inline(always)]
+fn socket_for(ctx: &XdpContext, h: &Headers) -> bool {
+    use aya_ebpf::{
+        bindings::{bpf_sock_tuple, BPF_F_CURRENT_NETNS},
+        helpers::generated::{bpf_sk_lookup_udp, bpf_sk_release},
+    };
+    // SAFETY: an all-zero tuple is a valid value of this plain-data union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if h.family == FAMILY_V4 {
+        // SAFETY: writing plain-data fields of the union's IPv4 member.
+        unsafe {
+            let t = &mut tuple.__bindgen_anon_1.ipv4;
+            t.saddr = u32::from_ne_bytes([h.src[0], h.src[1], h.src[2], h.src[3]]);
+            t.daddr = u32::from_ne_bytes([h.dst[0], h.dst[1], h.dst[2], h.dst[3]]);
+            t.sport = h.src_port.to_be();
+            t.dport = h.dst_port.to_be();
+        }
+        12
+    } else {
+        // SAFETY: as above, the IPv6 member; the addresses are copied as network-order words.
+        unsafe {
+            let t = &mut tuple.__bindgen_anon_1.ipv6;
+            t.saddr = core::mem::transmute::<[u8; 16], [u32; 4]>(h.src);
+            t.daddr = core::mem::transmute::<[u8; 16], [u32; 4]>(h.dst);
+            t.sport = h.src_port.to_be();
+            t.dport = h.dst_port.to_be();
+        }
+        36
+    };
+    // SAFETY: the helper reads `size` bytes of `tuple` (on our stack) and returns a socket
+    // reference or null; a reference is released at once, as the verifier demands.
+    unsafe {
+        let sk = bpf_sk_lookup_udp(
+            ctx.ctx as *mut _,
+            &mut tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk as *mut _);
+    }
+    true
+}
+
+/// The fast path: find the flow, then the session, plan, apply, account, send.
+#[inline(always)]
+fn relay_udp_session(
+    ctx: &XdpContext,
+    frame: &mut XdpFrame,
+    h: &Headers,
+) -> Result<Reason, Reason> {
     let key = FlowKey {
         remote: h.src,
         remote_port: h.src_port,

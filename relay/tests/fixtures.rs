@@ -428,6 +428,11 @@ fn socks_table() -> Vec<Fixture> {
             Frame::udp(sa(SOCKS_CLIENT), sa(SOCKS_FRONT), &[0xff; 12]).build(),
             Reason::SocksSlowPath,
         ),
+        dropped(
+            "SOCKS5 datagram for the controller while no socket holds the port: no ICMP",
+            Frame::udp(sa(SOCKS_CLIENT), sa("198.18.1.1:30002"), &[0xff; 12]).build(),
+            Reason::NoSocket,
+        ),
     ]
 }
 
@@ -541,6 +546,26 @@ fn session_table() -> Vec<Fixture> {
         pass(
             "stranger to a session's port at another address of the host",
             Frame::udp(sa("203.0.113.9:53"), sa("198.18.2.77:20000"), payload).build(),
+            Reason::NoSession,
+        ),
+        dropped(
+            "to a session-range port no socket holds (no controller runs): no ICMP",
+            Frame::udp(sa("203.0.113.9:53"), sa("198.18.2.1:25001"), payload).build(),
+            Reason::NoSocket,
+        ),
+        pass(
+            "a new client of a rule: to the rule's listening socket",
+            Frame::udp(sa("198.18.1.9:40000"), sa(V4_FRONT), payload).build(),
+            Reason::NoSession,
+        ),
+        dropped(
+            "a new client of a rule whose listening socket is gone (a restart): no ICMP",
+            Frame::udp(sa("198.18.1.9:40000"), sa("198.18.1.1:5353"), payload).build(),
+            Reason::NoSocket,
+        ),
+        pass(
+            "to a port that is not the relay's, no socket: the kernel answers as it will",
+            Frame::udp(sa("203.0.113.9:53"), sa("198.18.1.1:9999"), payload).build(),
             Reason::NoSession,
         ),
         pass(
@@ -671,12 +696,42 @@ fn load(pin: &PinDir) -> aya::Ebpf {
     ebpf::load(&opts).expect("the verifier accepts the program")
 }
 
+/// The sockets a running controller (and another service) would hold in the namespace the
+/// fixtures run in: whether the program finds one decides between passing a declined frame
+/// to the kernel and dropping it (no ICMP while no controller runs).
+fn sockets() -> Vec<std::net::UdpSocket> {
+    [
+        // Association ports (both families: a dual-stack socket).
+        "[::]:30000",
+        // A rule's listening socket.
+        "[::]:51820",
+        // Another service on a session-range port, and on a session's port at another
+        // address of the host.
+        "0.0.0.0:25000",
+        "198.18.2.77:20000",
+    ]
+    .iter()
+    .map(|a| std::net::UdpSocket::bind(a).unwrap_or_else(|e| panic!("bind {a}: {e}")))
+    .collect()
+}
+
 #[test]
 fn fixtures_through_the_verified_program() {
+    // A namespace of its own: BPF_PROG_TEST_RUN looks sockets up in the caller's.
+    let ns = support::Netns::new("fx");
+    ns.ip(&["link", "set", "lo", "up"]);
+    ns.ip(&["addr", "add", "198.18.2.77/32", "dev", "lo"]);
+    let failures = ns.run(run_fixtures);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn run_fixtures() -> Vec<String> {
+    let _sockets = sockets();
     let pin = PinDir::new();
     let mut bpf = load(&pin);
     let mut dp = Datapath::take(&mut bpf).expect("maps");
     install(&mut dp);
+    dp.mark_listen_ports(&[51820, 5353]).expect("PORTS");
     let prog = ebpf::program(&mut bpf).expect("program");
     let mut failures = Vec::new();
     let mut expected_counts: BTreeMap<Reason, (u64, u64)> = BTreeMap::new();
@@ -764,13 +819,15 @@ fn fixtures_through_the_verified_program() {
             failures.push(format!("{} verdicts counted {got}, want {want}", v.name()));
         }
     }
-    assert!(
-        failures.is_empty(),
+    if failures.is_empty() {
+        return failures;
+    }
+    vec![format!(
         "{} of {} fixtures failed:\n{}",
         failures.len(),
         fixtures.len(),
         failures.join("\n")
-    );
+    )]
 }
 
 #[test]
@@ -814,8 +871,18 @@ fn the_relay_object_is_the_relays_only() {
     assert_eq!(
         maps,
         [
-            "AYA_LOGS", "COUNTERS", "EGRESS", "FLOWS", "NEXTHOPS", "PORTS", "RULES", "SESSIONS",
-            "SLOWPATH", "USERS"
+            "AYA_LOGS",
+            "COUNTERS",
+            "EGRESS",
+            "FLOWS",
+            "META",
+            "NEXTHOPS",
+            "NEXTHOP_KEYS",
+            "PORTS",
+            "RULES",
+            "SESSIONS",
+            "SLOWPATH",
+            "USERS"
         ]
     );
 }
