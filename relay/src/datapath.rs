@@ -40,8 +40,9 @@ use relay_common::{
     maps,
     packet::{FAMILY_V4, FAMILY_V6, PROTO_UDP},
     session::{
-        Flow, FlowKey, Nexthop, RuleStats, Session, SlowPath, Traffic, UserStats, FLOW_SOCKS,
-        RULE_SOCKS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
+        Flow, FlowKey, Meta, Nexthop, NexthopKey, RuleStats, Session, SlowPath, Traffic, UserStats,
+        FLOW_SOCKS, LAYOUT, META_MAGIC, PORT_LISTEN, RULE_SLOTS, RULE_SOCKS, STATE_ACTIVE,
+        TO_CLIENT, TO_UPSTREAM,
     },
 };
 
@@ -173,6 +174,15 @@ pub fn record(e: &Endpoints, rule: u16, nexthop: [u16; 2], now: u64) -> Session 
     }
 }
 
+/// The relay version a `META` record names.
+pub fn version_of(meta: &Meta) -> String {
+    let end = meta.version.iter().position(|b| *b == 0).unwrap_or(32);
+    match std::str::from_utf8(&meta.version[..end]) {
+        Ok("") | Err(_) => "(unknown)".into(),
+        Ok(v) => v.into(),
+    }
+}
+
 /// Owned handles on the maps.
 struct Maps {
     flows: HashMap<MapData, FlowKey, Flow>,
@@ -183,8 +193,12 @@ struct Maps {
     users: Array<MapData, UserStats>,
     egress: DevMapHash<MapData>,
     ports: Array<MapData, u32>,
+    nexthop_keys: Array<MapData, NexthopKey>,
+    meta: Array<MapData, Meta>,
     /// Free record ids for SOCKS5 fast-path flows.
     socks_free: Vec<u32>,
+    /// All record ids set aside for them.
+    socks_ids: Range<u32>,
 }
 
 /// The one writer of the kernel maps (see the module documentation).
@@ -217,14 +231,140 @@ impl Datapath {
                 users: take(ebpf, maps::USERS)?,
                 egress: take(ebpf, maps::EGRESS)?,
                 ports: take(ebpf, maps::PORTS)?,
+                nexthop_keys: take(ebpf, maps::NEXTHOP_KEYS)?,
+                meta: take(ebpf, maps::META)?,
                 socks_free: Vec::new(),
+                socks_ids: 0..0,
             }),
         })
     }
 
+    /// Checks the layout stamp of the pinned maps before anything else reads them: maps this
+    /// build did not make are refused, never misread. Fresh maps get this build's stamp;
+    /// `had_pins` says whether the maps existed before this process loaded them (pinned maps
+    /// without a stamp are from a relay older than the stamp).
+    pub fn check_layout(&self, had_pins: bool, dir: &std::path::Path) -> anyhow::Result<Meta> {
+        let mut m = self.lock();
+        let mut meta = m.meta.get(&0, 0).context("reading META")?;
+        let stop = "stop it with `relay stop` (this ends its sessions), then start this relay";
+        if meta.magic == 0 {
+            if had_pins {
+                anyhow::bail!(
+                    "the maps pinned in {} were made by an earlier relay without a layout \
+                     stamp, which this one cannot read safely; {stop}",
+                    dir.display()
+                );
+            }
+            meta = Meta {
+                magic: META_MAGIC,
+                layout: LAYOUT,
+                ..Meta::default()
+            };
+            m.meta.set(0, meta, 0).context("writing META")?;
+        } else if meta.magic != META_MAGIC || meta.layout != LAYOUT {
+            anyhow::bail!(
+                "the maps pinned in {} were made by relay {} with another map layout \
+                 ({:#x}; this one reads {LAYOUT:#x}); {stop}",
+                dir.display(),
+                version_of(&meta),
+                meta.layout
+            );
+        }
+        Ok(meta)
+    }
+
+    /// The controller bookkeeping in `META`.
+    pub fn meta(&self) -> anyhow::Result<Meta> {
+        self.lock().meta.get(&0, 0).context("reading META")
+    }
+
+    pub fn update_meta(&self, f: impl FnOnce(&mut Meta)) -> anyhow::Result<()> {
+        let mut m = self.lock();
+        let mut meta = m.meta.get(&0, 0).context("reading META")?;
+        f(&mut meta);
+        m.meta.set(0, meta, 0).context("writing META")
+    }
+
+    /// Marks the listen ports of this controller's rules in `PORTS` (after clearing those the
+    /// rules of an earlier controller left), so that the fast path knows them as the relay's.
+    pub fn mark_listen_ports(&self, ports: &[u16]) -> anyhow::Result<()> {
+        let mut m = self.lock();
+        for slot in 0..RULE_SLOTS {
+            let Ok(r) = m.rules.get(&slot, 0) else { break };
+            let port = u32::from(r.listen_port);
+            if port != 0 && m.ports.get(&port, 0).is_ok_and(|v| v == PORT_LISTEN) {
+                m.ports.set(port, 0, 0).context("writing PORTS")?;
+            }
+        }
+        for port in ports {
+            m.ports
+                .set(u32::from(*port), PORT_LISTEN, 0)
+                .context("writing PORTS")?;
+        }
+        Ok(())
+    }
+
+    /// Every account in `USERS` (what the previous controller published).
+    pub fn users(&self) -> Vec<UserStats> {
+        let m = self.lock();
+        (0..m.users.len())
+            .filter_map(|i| m.users.get(&i, 0).ok())
+            .filter(|u| u.name[0] != 0)
+            .collect()
+    }
+
+    /// Removes the SOCKS5 fast-path records no association holds (those of associations
+    /// that ended with a previous controller); returns how many.
+    pub fn socks_sweep(&self) -> usize {
+        let ids: Vec<u32> = {
+            let m = self.lock();
+            (0..m.sessions.len())
+                .filter(|id| {
+                    m.sessions
+                        .get(id, 0)
+                        .is_ok_and(|s| s.state == STATE_ACTIVE && is_socks(&s))
+                })
+                .filter(|id| m.socks_free.contains(id) || !m.socks_ids.contains(id))
+                .collect()
+        };
+        for id in &ids {
+            let _ = self.remove(*id);
+        }
+        ids.len()
+    }
+
+    /// Takes a SOCKS5 fast-path record a predecessor handed over back into use; its record.
+    pub fn socks_adopt(&self, id: u32) -> Option<Session> {
+        let mut m = self.lock();
+        let s = m.sessions.get(&id, 0).ok()?;
+        if s.state != STATE_ACTIVE || !is_socks(&s) {
+            return None;
+        }
+        let before = m.socks_free.len();
+        m.socks_free.retain(|i| *i != id);
+        (m.socks_free.len() < before).then_some(s)
+    }
+
+    pub fn set_nexthop_key(&self, slot: u16, key: &NexthopKey) -> anyhow::Result<()> {
+        self.lock()
+            .nexthop_keys
+            .set(u32::from(slot), key, 0)
+            .context("writing NEXTHOP_KEYS")
+    }
+
+    pub fn nexthop_key(&self, slot: u16) -> anyhow::Result<NexthopKey> {
+        self.lock()
+            .nexthop_keys
+            .get(&u32::from(slot), 0)
+            .context("reading NEXTHOP_KEYS")
+    }
+
     /// Sets the record ids `ids` aside for SOCKS5 fast-path flows (handed out lowest first).
     pub fn with_socks_ids(self, ids: Range<u32>) -> Datapath {
-        self.lock().socks_free = ids.rev().collect();
+        let mut m = self.lock();
+        m.socks_free = ids.clone().rev().collect();
+        m.socks_ids = ids;
+        drop(m);
         self
     }
 

@@ -1,11 +1,11 @@
 //! The embedded XDP program: loading (with pinned maps), attaching, and errors an operator can
 //! act on.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context as _};
 use aya::{
-    programs::{ProgramError, Xdp, XdpMode},
+    programs::{links::FdLink, xdp::XdpLink, xdp::XdpLinkId, ProgramError, Xdp, XdpMode},
     Ebpf, EbpfError, EbpfLoader,
 };
 use log::{info, warn};
@@ -187,12 +187,20 @@ fn attach_error(iface: &str, mode: XdpMode, e: ProgramError) -> anyhow::Error {
     }
 }
 
-/// Attaches the loaded program to `iface`.
+/// Attaches the loaded program to `iface`; the link stays in the program (detached with it).
 pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> anyhow::Result<XdpMode> {
+    attach_link(ebpf, iface, mode).map(|(_, m)| m)
+}
+
+fn attach_link(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: AttachMode,
+) -> anyhow::Result<(XdpLinkId, XdpMode)> {
     let prog = program(ebpf)?;
     let mut attach_in = |m: XdpMode| {
         prog.attach(iface, m)
-            .map(|_| m)
+            .map(|id| (id, m))
             .map_err(|e| attach_error(iface, m, e))
     };
     let attached = match mode {
@@ -200,47 +208,158 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> anyhow::Result<
         AttachMode::Generic => attach_in(XdpMode::Skb)?,
         AttachMode::Off => bail!("attach called with --xdp-mode off"),
         AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
-            Ok(_) => XdpMode::Driver,
+            Ok(id) => (id, XdpMode::Driver),
             Err(e) if already_attached(&e) => return Err(attach_error(iface, XdpMode::Driver, e)),
             Err(e) => {
                 warn!(
                     "attaching XDP to {iface} in driver mode: {e}; falling back to generic mode, which is slower"
                 );
-                prog.attach(iface, XdpMode::Skb)
+                let id = prog
+                    .attach(iface, XdpMode::Skb)
                     .map_err(|e| attach_error(iface, XdpMode::Skb, e))?;
-                XdpMode::Skb
+                (id, XdpMode::Skb)
             }
         },
     };
-    info!("attached to {iface} in {} mode", mode_name(attached));
     Ok(attached)
 }
 
-/// The loaded object while the relay runs: the one owner of its program, which it attaches
-/// to interfaces and detaches on the way out. (The maps were taken out of it before, by
-/// [`crate::datapath::Datapath::take`].)
+/// How the program got onto an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new attachment in this mode.
+    New(XdpMode),
+    /// The link a previous controller pinned now runs this program (replaced atomically).
+    TookOver,
+}
+
+/// Whether this kernel attaches XDP through bpf_link (5.9 and later), which can be pinned to
+/// outlive the controller and updated in place.
+fn has_bpf_link() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 9, 0))
+}
+
+/// The loaded object while the relay runs: the one owner of its program and of the XDP links.
+/// A link is pinned beside the maps (`link_IFACE`), so the program stays attached and keeps
+/// relaying when the controller exits, however it exits; the next controller replaces the
+/// program on the same link (`bpf_link_update`, atomic: no packet sees no program). (The maps
+/// were taken out of the object before, by [`crate::datapath::Datapath::take`].)
 pub struct Attachment {
     ebpf: Ebpf,
+    dir: PathBuf,
+    /// The links this process holds (their pins keep them attached after it exits).
+    links: Vec<FdLink>,
+    /// No bpf_link on this kernel: the program detaches when the controller exits.
+    legacy: bool,
 }
 
 impl Attachment {
-    pub fn new(ebpf: Ebpf) -> Attachment {
-        Attachment { ebpf }
+    pub fn new(ebpf: Ebpf, dir: &Path) -> Attachment {
+        Attachment {
+            ebpf,
+            dir: dir.to_path_buf(),
+            links: Vec::new(),
+            legacy: !has_bpf_link(),
+        }
     }
 
-    /// Attaches the program to `iface` (see [`attach`]).
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> anyhow::Result<XdpMode> {
-        attach(&mut self.ebpf, iface, mode)
+    /// Puts the program on `iface`: on the link a previous controller pinned if there is
+    /// one (atomically replacing its program), else on a new link, pinned.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> anyhow::Result<Attached> {
+        if self.legacy {
+            warn!(
+                "this kernel has no bpf_link for XDP: the program detaches when the relay \
+                 stops, and restarts are not hitless"
+            );
+            return attach(&mut self.ebpf, iface, mode).map(Attached::New);
+        }
+        let pin = crate::pin::link(&self.dir, iface);
+        if pin.exists() {
+            match self.take_over(iface, &pin) {
+                Ok(()) => {
+                    info!("{iface}: took over the pinned XDP link; program replaced atomically");
+                    return Ok(Attached::TookOver);
+                }
+                Err(e) => {
+                    warn!(
+                        "{iface}: the pinned XDP link cannot be taken over ({e:#}); attaching anew"
+                    );
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        let (id, m) = attach_link(&mut self.ebpf, iface, mode)?;
+        let link = program(&mut self.ebpf)?
+            .take_link(id)
+            .context("taking the XDP link")?;
+        let link = FdLink::try_from(link).context("the XDP attachment is not a bpf_link")?;
+        // The pin holds the link; this process keeps its own reference until it exits.
+        let pinned = link
+            .pin(&pin)
+            .with_context(|| format!("pinning the XDP link at {}", pin.display()))?;
+        let link = FdLink::from(pinned);
+        self.links.push(link);
+        info!("attached to {iface} in {} mode", mode_name(m));
+        Ok(Attached::New(m))
     }
 
-    /// Detaches the program from every interface; the pinned maps (and sessions) stay.
+    fn take_over(&mut self, iface: &str, pin: &Path) -> anyhow::Result<()> {
+        let pinned = aya::programs::links::PinnedLink::from_pin(pin).context("opening the pin")?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).context("not an XDP link")?;
+        let prog = program(&mut self.ebpf)?;
+        let id = prog
+            .attach_to_link(link)
+            .with_context(|| format!("replacing the program on {iface}'s link"))?;
+        let link = prog.take_link(id).context("taking the XDP link")?;
+        self.links
+            .push(FdLink::try_from(link).context("the XDP attachment is not a bpf_link")?);
+        Ok(())
+    }
+
+    /// Leaves the program attached for the next controller (pinned links); on a kernel
+    /// without bpf_link it detaches.
+    pub fn leave(mut self) {
+        if self.legacy {
+            self.unload();
+        }
+    }
+
+    /// Detaches the program from every interface (removes the link pins) and unloads it.
     pub fn detach(mut self) {
+        detach_pinned(&self.dir, None);
+        self.links.clear();
+        self.unload();
+    }
+
+    fn unload(&mut self) {
         for (_, p) in self.ebpf.programs_mut() {
             if let Ok(xdp) = <&mut Xdp>::try_from(p) {
                 let _ = xdp.unload();
             }
         }
     }
+}
+
+/// Removes the pinned XDP links in `dir` (which detaches them), except those of `keep`.
+/// Returns the interfaces detached.
+pub fn detach_pinned(dir: &Path, keep: Option<&[String]>) -> Vec<String> {
+    let mut gone = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return gone;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(iface) = name.strip_prefix("link_") else {
+            continue;
+        };
+        if keep.is_some_and(|k| k.iter().any(|i| i == iface)) {
+            continue;
+        }
+        if std::fs::remove_file(entry.path()).is_ok() {
+            gone.push(iface.to_owned());
+        }
+    }
+    gone
 }
 
 pub fn mode_name(m: XdpMode) -> &'static str {

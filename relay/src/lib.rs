@@ -5,6 +5,7 @@ pub mod config;
 pub mod datapath;
 pub mod ebpf;
 pub mod forward;
+pub mod handover;
 pub mod nexthop;
 pub mod pin;
 pub mod policy;

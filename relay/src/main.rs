@@ -10,6 +10,7 @@ use relay::{
     datapath::Datapath,
     ebpf,
     forward::Forward,
+    handover,
     nexthop::NextHops,
     pin,
     stats::{self, Snapshot},
@@ -55,8 +56,16 @@ enum Command {
     /// Print an Argon2id hash of a password read from standard input, for
     /// `[[socks5.users]] password_hash`.
     HashPassword,
-    /// Remove the pinned maps of an interface (its sessions and counters). The relay must be
-    /// stopped.
+    /// Stop the relay on an interface for good: detach XDP (which a plain SIGTERM leaves
+    /// attached, carrying the sessions for the next start) and remove the pinned state.
+    Stop {
+        #[arg(short, long)]
+        iface: String,
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+    /// Remove the pinned state of an interface (XDP links, sessions, counters) when no relay
+    /// runs on it; this detaches XDP.
     Unpin {
         #[arg(short, long)]
         iface: String,
@@ -175,6 +184,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 counters,
                 rules,
                 users,
+                controller: stats::controller(&dir),
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -212,6 +222,40 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Stop {
+            iface,
+            pin_dir: dir,
+        } => {
+            system::require_privileges()?;
+            let dir = pin_dir(&iface, dir)?;
+            if !dir.exists() {
+                println!("no relay state at {}: nothing to stop", dir.display());
+                return Ok(());
+            }
+            match pin::try_lock(&dir)? {
+                Some(_lock) => {
+                    pin::remove(&dir)?;
+                    println!(
+                        "no relay was running on {iface}; XDP detached and {} removed",
+                        dir.display()
+                    );
+                }
+                None => {
+                    let peer = handover::connect(&dir)?.with_context(|| {
+                        format!(
+                            "a relay holds {} but does not answer on its control socket",
+                            dir.display()
+                        )
+                    })?;
+                    handover::stop(&peer)?;
+                    println!(
+                        "stopped the relay on {iface}: XDP detached and {} removed",
+                        dir.display()
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Unpin {
             iface,
             pin_dir: dir,
@@ -228,6 +272,16 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// How a run ends.
+enum Exit {
+    /// SIGTERM or Ctrl-C: XDP stays attached and carries its sessions until the next start.
+    Signal,
+    /// Handed over to a successor, which runs on everything now.
+    HandedOver,
+    /// `relay stop`: XDP detached, pinned state removed.
+    Stop(handover::Peer),
+}
+
 async fn run(
     ifaces: Vec<(String, u32)>,
     config: Config,
@@ -237,12 +291,28 @@ async fn run(
 ) -> anyhow::Result<()> {
     use ebpf::AttachMode;
     pin::prepare(&dir)?;
-    // Before any pinned map is opened: a second relay on this interface stops here.
-    let _lock = pin::lock(&dir)?;
+    // Before any pinned map is opened: the directory's lock, or the running relay that holds
+    // it, to take over from.
+    let (lock, predecessor) = match pin::try_lock(&dir)? {
+        Some(lock) => (Some(lock), None),
+        None => match handover::connect(&dir)? {
+            Some(peer) => {
+                info!(
+                    "a relay is running on {}: taking over from it",
+                    dir.display()
+                );
+                (None, Some(peer))
+            }
+            None => anyhow::bail!(
+                "another relay holds {} but does not answer on its control socket (a version \
+                 without handover?); stop it first",
+                dir.display()
+            ),
+        },
+    };
     let ranges = config.reserved_ranges();
     system::check_not_ephemeral(&ranges)?;
-    let _reserved =
-        system::ReservedPorts::reserve(&ranges.iter().map(|(_, r)| *r).collect::<Vec<_>>())?;
+    let port_ranges: Vec<_> = ranges.iter().map(|(_, r)| *r).collect();
     let files = system::raise_fd_limit();
     if u64::from(config.session_capacity) + 64 > files {
         warn!(
@@ -260,6 +330,7 @@ async fn run(
             .as_ref()
             .map(|s| (s.udp_ports.first, s.udp_ports.last)),
     };
+    let had_pins = dir.join(relay_common::maps::SESSIONS).exists();
     let mut bpf = ebpf::load_maps(&opts)?;
     let mut fast_path = false;
     if mode != AttachMode::Off {
@@ -278,6 +349,73 @@ async fn run(
     let socks_ids = config.session_capacity
         ..config.session_capacity + config.socks5.as_ref().map_or(0, |s| s.fast_path_flows);
     let datapath = Arc::new(Datapath::take(&mut bpf)?.with_socks_ids(socks_ids));
+    datapath.check_layout(had_pins, &dir)?;
+    // Everything is loaded and verified: only now is the running relay asked to hand over
+    // (a new program the kernel refuses leaves it running as it was).
+    let mut received = match &predecessor {
+        Some(peer) => {
+            let started = std::time::Instant::now();
+            let r = tokio::task::block_in_place(|| handover::take_over(peer))?;
+            info!(
+                "handed over in {} ms: {} listeners, {} sessions, {} CONNECTs, {} associations",
+                started.elapsed().as_millis(),
+                r.forward.len() + usize::from(r.socks_listener.is_some()),
+                r.sessions.len(),
+                r.connects.len(),
+                r.associations.len()
+            );
+            if r.unfinished > 0 {
+                warn!(
+                    "{} connections were still in their SOCKS5 handshake and closed with the old process",
+                    r.unfinished
+                );
+            }
+            r
+        }
+        None => handover::Received::default(),
+    };
+    let _lock = match lock {
+        Some(l) => l,
+        None => pin::Lock::handed_over(
+            received
+                .lock
+                .take()
+                .context("the running relay did not hand over its lock")?,
+        ),
+    };
+    let _reserved = if predecessor.is_some() {
+        let previous: Vec<_> = received
+            .reserved
+            .iter()
+            .map(|(a, b)| relay::config::PortRange {
+                first: *a,
+                last: *b,
+            })
+            .collect();
+        system::ReservedPorts::take_over(&port_ranges, &previous)?
+    } else {
+        system::ReservedPorts::reserve(&port_ranges)?
+    };
+    let pid = std::process::id();
+    datapath.update_meta(|m| {
+        m.starts += 1;
+        m.version = relay_common::session::name32(env!("CARGO_PKG_VERSION"));
+        if predecessor.is_some() {
+            m.handovers += 1;
+        } else if m.pid != 0 {
+            m.crash_recoveries += 1;
+            m.lost_connections += m.connections;
+            m.lost_associations += m.associations;
+            warn!(
+                "the previous relay (pid {}) ended without stopping: its {} SOCKS5 CONNECTs and {} \
+                 associations were lost; taking over its sessions",
+                m.pid, m.connections, m.associations
+            );
+        }
+        m.pid = pid;
+        m.connections = 0;
+        m.associations = 0;
+    })?;
     let egress: Vec<u32> = ifaces.iter().map(|(_, i)| *i).collect();
     let nexthops = if fast_path {
         match aya_log::EbpfLogger::init(&mut bpf) {
@@ -293,24 +431,59 @@ async fn run(
     } else {
         None
     };
-    let forward = Forward::start(&config, Arc::clone(&datapath), nexthops.clone()).await?;
-    let mut program = ebpf::Attachment::new(bpf);
+    let forward = Forward::start(
+        &config,
+        Arc::clone(&datapath),
+        nexthops.clone(),
+        std::mem::take(&mut received.forward),
+        std::mem::take(&mut received.sessions),
+    )
+    .await?;
+    let socks5 = match config.socks5 {
+        Some(cfg) => {
+            let listener = match received.socks_listener.take() {
+                Some((addr, fd)) if addr == cfg.listen => tokio::net::TcpListener::from_std(
+                    handover::socket::<std::net::TcpListener>(fd)?,
+                )?,
+                _ => tokio::net::TcpListener::bind(cfg.listen)
+                    .await
+                    .with_context(|| {
+                        format!("SOCKS5: cannot listen on {} (in use?)", cfg.listen)
+                    })?,
+            };
+            let server = relay::socks5::server::Server::new(
+                cfg,
+                config.policy,
+                Arc::clone(&datapath),
+                nexthops.clone(),
+            )?;
+            server.adopt(
+                std::mem::take(&mut received.connects),
+                std::mem::take(&mut received.associations),
+            );
+            Some((server, listener))
+        }
+        None => {
+            datapath.socks_sweep();
+            None
+        }
+    };
+    let names: Vec<String> = ifaces.iter().map(|(n, _)| n.clone()).collect();
+    let mut program = ebpf::Attachment::new(bpf, &dir);
+    for gone in ebpf::detach_pinned(&dir, fast_path.then_some(&names[..])) {
+        info!("XDP detached from {gone} (no longer in this run)");
+    }
     if fast_path {
-        for (name, _) in &ifaces {
+        for name in &names {
             program.attach(name, mode)?;
         }
     }
-    let socks5 = match config.socks5 {
-        Some(cfg) => {
-            let listener = tokio::net::TcpListener::bind(cfg.listen)
-                .await
-                .with_context(|| format!("SOCKS5: cannot listen on {} (in use?)", cfg.listen))?;
-            let server =
-                relay::socks5::server::Server::new(cfg, config.policy, datapath, nexthops)?;
-            Some((server, listener))
-        }
-        None => None,
-    };
+    // The old process may exit now: everything it handed over runs here.
+    if let Some(peer) = &predecessor {
+        let _ = peer.send(&handover::Message::Done, &[]);
+    }
+    // Its control socket goes with it; this one answers the next successor.
+    let control = bind_control(&dir).await?;
     // Loaded, attached, listening: from here on only what running needs.
     relay::privileges::drop_to_runtime_set()?;
     forward.spawn();
@@ -319,22 +492,62 @@ async fn run(
         tokio::spawn(Arc::clone(&server).serve(listener));
         server
     });
-    let names: Vec<&str> = ifaces.iter().map(|(n, _)| n.as_str()).collect();
     info!(
-        "relay running on {}, maps pinned in {}; Ctrl-C or SIGTERM stops it",
+        "relay running on {}, maps pinned in {}; Ctrl-C or SIGTERM stops it (XDP stays attached \
+         for the next start), `relay stop` detaches",
         names.join(", "),
         dir.display()
     );
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    loop {
+    let exit = loop {
         tokio::select! {
             r = tokio::signal::ctrl_c() => {
                 r.context("waiting for Ctrl-C")?;
-                break;
+                break Exit::Signal;
             }
-            _ = term.recv() => break,
+            _ = term.recv() => break Exit::Signal,
+            peer = control.accept() => {
+                let peer = match peer {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!("control socket: {e:#}");
+                        continue;
+                    }
+                };
+                let (peer, hello) = tokio::task::spawn_blocking(move || {
+                    let m = peer.recv();
+                    (peer, m)
+                })
+                .await
+                .context("control socket")?;
+                match hello {
+                    Ok(Some((handover::Message::Hello { want: handover::Want::Stop, .. }, _))) => {
+                        let _ = peer.send(&handover::Message::Stopping, &[]);
+                        break Exit::Stop(peer);
+                    }
+                    Ok(Some((handover::Message::Hello { want: handover::Want::TakeOver, protocol, layout, version }, _))) => {
+                        if protocol != handover::PROTOCOL || layout != relay_common::session::LAYOUT {
+                            let why = format!(
+                                "relay {version} speaks handover {protocol} with map layout {layout:#x}; \
+                                 this one {} with {:#x}",
+                                handover::PROTOCOL,
+                                relay_common::session::LAYOUT
+                            );
+                            warn!("refused a takeover: {why}");
+                            let _ = peer.send(&handover::Message::Refused { why }, &[]);
+                            continue;
+                        }
+                        info!("relay {version} is taking over: handing everything over");
+                        drop(control);
+                        hand_over(peer, &forward, socks5.as_deref(), nexthops.as_deref(), &_lock, &port_ranges).await;
+                        break Exit::HandedOver;
+                    }
+                    Ok(other) => warn!("control socket: unexpected {:?}", other.map(|(m, _)| m)),
+                    Err(e) => warn!("control socket: {e:#}"),
+                }
+            }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
                 match reread() {
@@ -355,17 +568,119 @@ async fn run(
                 }
             }
         }
+    };
+    match exit {
+        Exit::HandedOver => {
+            // The successor owns the reserved ports, the links and the maps now.
+            std::mem::forget(_reserved);
+            program.leave();
+            info!("handed over; exiting");
+        }
+        Exit::Signal => {
+            forward.flush();
+            let sessions = forward.sessions();
+            let _ = datapath.update_meta(|m| {
+                if m.pid == pid {
+                    m.pid = 0;
+                }
+            });
+            program.leave();
+            info!(
+                "stopped; XDP stays attached to {} and carries its {sessions} sessions until the \
+                 next start takes them over (`relay stop` detaches)",
+                names.join(", ")
+            );
+        }
+        Exit::Stop(peer) => {
+            program.detach();
+            drop(datapath);
+            drop(forward);
+            pin::remove(&dir)?;
+            info!(
+                "stopped: XDP detached from {}, {} removed",
+                names.join(", "),
+                dir.display()
+            );
+            drop(peer);
+        }
     }
-    forward.flush();
-    let sessions = forward.sessions();
-    // The pinned maps (and sessions) stay.
-    program.detach();
-    info!(
-        "detached from {}; {sessions} sessions kept in {} for the next start",
-        names.join(", "),
-        dir.display()
-    );
     Ok(())
+}
+
+/// Binds the control socket, waiting a moment for a predecessor's to go away with it.
+async fn bind_control(dir: &std::path::Path) -> anyhow::Result<handover::Control> {
+    let mut tries = 0;
+    loop {
+        match handover::Control::bind(dir) {
+            Ok(c) => return Ok(c),
+            Err(e) if tries < 100 => {
+                tries += 1;
+                log::debug!("control socket: {e:#}; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The old process's side of a takeover: stops every service, sends what they hand over,
+/// and waits until the successor says it runs on it.
+async fn hand_over(
+    peer: handover::Peer,
+    forward: &Forward,
+    socks5: Option<&relay::socks5::server::Server>,
+    nexthops: Option<&NextHops>,
+    lock: &pin::Lock,
+    reserved: &[relay::config::PortRange],
+) {
+    use handover::{Item, Message};
+    let started = std::time::Instant::now();
+    if let Some(n) = nexthops {
+        n.stop();
+    }
+    let mut items: Vec<(Item, Vec<std::os::fd::OwnedFd>)> = Vec::new();
+    match handover::dup(lock.fd()) {
+        Ok(fd) => items.push((Item::Lock, vec![fd])),
+        Err(e) => warn!("handing over the lock: {e:#}"),
+    }
+    match forward.hand_over() {
+        Ok(v) => items.extend(v.into_iter().map(|(i, fd)| (i, vec![fd]))),
+        Err(e) => warn!("handing over the forward sockets: {e:#}"),
+    }
+    let mut unfinished = 0;
+    if let Some(s) = socks5 {
+        let (v, u) = s.hand_over(std::time::Duration::from_secs(5)).await;
+        items.extend(v);
+        unfinished = u;
+    }
+    let count = items.len();
+    let reserved: Vec<(u16, u16)> = reserved.iter().map(|r| (r.first, r.last)).collect();
+    let sent = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        for (item, fds) in items {
+            let borrowed: Vec<_> = fds.iter().map(|f| std::os::fd::AsFd::as_fd(f)).collect();
+            peer.send(&Message::Item(item), &borrowed)?;
+        }
+        peer.send(
+            &Message::End {
+                reserved,
+                unfinished,
+            },
+            &[],
+        )?;
+        match peer.recv()? {
+            Some((Message::Done, _)) => Ok(()),
+            other => anyhow::bail!("the successor did not confirm: {:?}", other.map(|(m, _)| m)),
+        }
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => info!(
+            "handed {count} items over in {} ms",
+            started.elapsed().as_millis()
+        ),
+        Ok(Err(e)) => warn!("handover: {e:#}; exiting anyway (this process no longer serves)"),
+        Err(e) => warn!("handover: {e}"),
+    }
 }
 
 /// Forwards the XDP program's aya-log records to `log`.

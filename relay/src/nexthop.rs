@@ -28,7 +28,7 @@ use anyhow::Context as _;
 use log::{debug, warn};
 use relay_common::{
     packet::{FAMILY_V4, FAMILY_V6},
-    session::{Nexthop, NEXTHOP_NONE, NEXTHOP_SLOTS},
+    session::{Nexthop, NexthopKey, NEXTHOP_NONE, NEXTHOP_SLOTS},
 };
 use tokio::sync::oneshot;
 
@@ -402,12 +402,45 @@ impl Table {
         true
     }
 
+    /// Takes a reference on `slot`, which a record left by a previous controller refers to,
+    /// for `key` (what that controller wrote down for it; `None` if unknown: the slot is then
+    /// held but never refreshed or shared). Call before any [`Table::acquire`].
+    pub fn adopt(&mut self, slot: u16, key: Option<Key>) {
+        let i = usize::from(slot);
+        if i >= SLOTS {
+            return;
+        }
+        while self.slots.len() <= i {
+            self.free.push(self.slots.len() as u16);
+            self.slots.push(None);
+        }
+        match (&mut self.slots[i], key) {
+            (Some((_, refs)), _) => *refs += 1,
+            (entry @ None, Some(key)) => {
+                *entry = Some((key, 1));
+                self.by_key.entry(key).or_insert(slot);
+                self.free.retain(|s| *s != slot);
+            }
+            (None, None) => {
+                // Held under a key nothing can match: an address no route has.
+                let key = (
+                    u32::MAX,
+                    IpAddr::V6(std::net::Ipv6Addr::from(u128::from(slot))),
+                    0,
+                );
+                self.slots[i] = Some((key, 1));
+                self.free.retain(|s| *s != slot);
+            }
+        }
+    }
+
     /// The slots in use, with what each is for.
     pub fn entries(&self) -> impl Iterator<Item = (u16, Key)> + '_ {
         self.slots
             .iter()
             .enumerate()
             .filter_map(|(i, e)| e.map(|(key, _)| (i as u16, key)))
+            .filter(|(_, (oif, _, _))| *oif != u32::MAX)
     }
 }
 
@@ -451,6 +484,10 @@ enum Request {
         reply: oneshot::Sender<Hops>,
     },
     Release(u16),
+    /// Slots a record left by a previous controller refers to, held from now on.
+    Adopt([u16; 2]),
+    /// Stop (the process hands over to a successor, which writes `NEXTHOPS` from now on).
+    Stop,
 }
 
 /// The next hops [`NextHops::ask`] was asked for.
@@ -496,12 +533,32 @@ impl NextHops {
             datapath,
             egress,
             requests: requests.clone(),
+            retries: 0,
         };
         std::thread::Builder::new()
             .name("nexthops".into())
             .spawn(move || resolver.run(&rx))
             .context("starting the next-hop thread")?;
         Ok(NextHops { requests })
+    }
+
+    /// Holds the slots `slots` of a record a previous controller left in the maps (with the
+    /// keys it wrote down in `NEXTHOP_KEYS`); the slots stay where they are, so the record is
+    /// not rewritten. Requests are answered in order: call before asking for new slots.
+    pub fn adopt(&self, slots: [u16; 2]) -> Hops {
+        if slots.iter().all(|s| *s == NEXTHOP_NONE) {
+            return Hops::none();
+        }
+        let _ = self.requests.send(Request::Adopt(slots));
+        Hops {
+            slots,
+            owner: Some(self.requests.clone()),
+        }
+    }
+
+    /// Stops the thread: from now on nothing here writes `NEXTHOPS`.
+    pub fn stop(&self) {
+        let _ = self.requests.send(Request::Stop);
     }
 
     /// Asks for the next hops of a session between `ends.client` and `ends.upstream` and
@@ -531,7 +588,14 @@ struct Resolver {
     egress: Vec<u32>,
     /// For the [`Hops`] it hands out, which release through it.
     requests: mpsc::Sender<Request>,
+    /// Quick looks left while a new slot's neighbour is being resolved.
+    retries: u32,
 }
+
+/// How often, and how many times, an unresolved new slot is looked at again before the
+/// once-a-second refresh takes over (half a second in all).
+const RETRY: Duration = Duration::from_millis(20);
+const RETRIES: u32 = 25;
 
 impl Resolver {
     /// Answers requests, and refreshes every slot once a second (requests or not).
@@ -551,16 +615,44 @@ impl Resolver {
                     // A freed slot is written again before it is handed out again.
                     self.table.release(slot);
                 }
+                Ok(Request::Adopt(slots)) => {
+                    for slot in slots.into_iter().filter(|s| *s != NEXTHOP_NONE) {
+                        let key = self
+                            .datapath
+                            .nexthop_key(slot)
+                            .ok()
+                            .and_then(|k| key_of(&k));
+                        self.table.adopt(slot, key);
+                    }
+                }
+                Ok(Request::Stop) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 // Not while this thread holds a sender itself, but that is no reason to spin.
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
+            if self.retries > 0 {
+                next = next.min(Instant::now() + RETRY);
+            }
             if Instant::now() >= next {
                 let slots: Vec<_> = self.table.entries().collect();
+                let mut unresolved = false;
                 for (slot, key) in slots {
-                    self.refresh(slot, key, false);
+                    unresolved |= !self.refresh(slot, key, false);
                 }
-                next = Instant::now() + Duration::from_secs(1);
+                // A neighbour being resolved is looked at again soon: until then its
+                // sessions take the slow path, where the kernel queues only a few packets
+                // while it resolves.
+                self.retries = if unresolved {
+                    self.retries.saturating_sub(1)
+                } else {
+                    0
+                };
+                next = Instant::now()
+                    + if self.retries > 0 {
+                        RETRY
+                    } else {
+                        Duration::from_secs(1)
+                    };
             }
         }
     }
@@ -599,7 +691,13 @@ impl Resolver {
             return NEXTHOP_NONE;
         };
         if new {
-            self.refresh(slot, key, true);
+            // What the slot is for first, so that a successor can take it over.
+            if let Err(e) = self.datapath.set_nexthop_key(slot, &pinned_key(key)) {
+                warn!("next hop {via}: {e:#}");
+            }
+            if !self.refresh(slot, key, true) {
+                self.retries = RETRIES;
+            }
         }
         slot
     }
@@ -607,13 +705,15 @@ impl Resolver {
     /// Asks the kernel about slot `slot` again and writes the answer. On an error a slot in
     /// use keeps its last answer; a `new` one (which may still hold the answer for another
     /// next hop, freed since) is written unresolved.
-    fn refresh(&mut self, slot: u16, (oif, via, mtu): Key, new: bool) {
+    ///
+    /// Returns whether the slot is resolved now.
+    fn refresh(&mut self, slot: u16, (oif, via, mtu): Key, new: bool) -> bool {
         let entry = match self.netlink.nexthop(oif, via, mtu) {
             Ok(entry) => entry,
             Err(e) => {
                 debug!("next hop {via}: {e}");
                 if !new {
-                    return;
+                    return true;
                 }
                 Nexthop::default()
             }
@@ -621,7 +721,24 @@ impl Resolver {
         if let Err(e) = self.datapath.set_nexthop(slot, &entry) {
             warn!("next hop {via}: {e:#}");
         }
+        entry.ifindex != 0
     }
+}
+
+/// The pinned form of a slot's key.
+fn pinned_key((oif, via, mtu): Key) -> NexthopKey {
+    NexthopKey {
+        via: crate::datapath::addr16(via),
+        oif,
+        route_mtu: mtu,
+        family: family_of(via),
+        _pad: [0; 7],
+    }
+}
+
+/// A slot's key from its pinned form (`None` for a slot never written).
+fn key_of(k: &NexthopKey) -> Option<Key> {
+    (k.family != 0).then(|| (k.oif, crate::datapath::ip_of(k.family, &k.via), k.route_mtu))
 }
 
 pub fn family_of(ip: IpAddr) -> u8 {

@@ -89,11 +89,35 @@ pub fn prepare(dir: &Path) -> anyhow::Result<()> {
 /// whole life and takes it before it opens any pinned map, so a second relay on the same
 /// interface stops before it touches the first one's state; `relay unpin` takes it too.
 pub struct Lock {
-    _dir: std::os::fd::OwnedFd,
+    dir: std::os::fd::OwnedFd,
+}
+
+impl Lock {
+    /// The lock a predecessor handed over: the same open directory, so the same lock.
+    pub fn handed_over(dir: std::os::fd::OwnedFd) -> Lock {
+        Lock { dir }
+    }
+
+    /// The locked descriptor, to hand over to a successor.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.dir.as_fd()
+    }
 }
 
 /// Takes the lock on `dir` (which must exist), or says that another relay holds it.
 pub fn lock(dir: &Path) -> anyhow::Result<Lock> {
+    try_lock(dir)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "another relay is running with the pinned state in {} (one relay per interface; \
+             stop it first)",
+            dir.display()
+        )
+    })
+}
+
+/// Takes the lock on `dir` (which must exist); `None` while another relay holds it.
+pub fn try_lock(dir: &Path) -> anyhow::Result<Option<Lock>> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     let c = CString::new(dir.as_os_str().as_encoded_bytes()).context("pin directory path")?;
     // SAFETY: `c` is a NUL-terminated path; the flags open a directory for reading only.
@@ -116,25 +140,62 @@ pub fn lock(dir: &Path) -> anyhow::Result<Lock> {
     if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            bail!(
-                "another relay is running with the pinned state in {} (one relay per interface; \
-                 stop it first)",
-                dir.display()
-            );
+            return Ok(None);
         }
         bail!("locking pin directory {}: {e}", dir.display());
     }
-    Ok(Lock { _dir: fd })
+    Ok(Some(Lock { dir: fd }))
 }
 
-/// Removes the pins in `dir` (and `dir` itself if it ends up empty).
+/// The pin of the XDP link on `iface` (removing it detaches the program).
+pub fn link(dir: &Path, iface: &str) -> PathBuf {
+    dir.join(format!("link_{iface}"))
+}
+
+/// Whether `name` is a pin the relay makes: one of its maps, or an XDP link.
+fn is_relay_pin(name: &str) -> bool {
+    use relay_common::maps;
+    name.starts_with("link_")
+        || [
+            maps::COUNTERS,
+            maps::FLOWS,
+            maps::SESSIONS,
+            maps::NEXTHOPS,
+            maps::EGRESS,
+            maps::SLOWPATH,
+            maps::RULES,
+            maps::USERS,
+            maps::PORTS,
+            maps::NEXTHOP_KEYS,
+            maps::META,
+        ]
+        .contains(&name)
+}
+
+/// Removes the relay's pins in `dir` (and `dir` itself if it ends up empty): the links first,
+/// so the program is off every interface before its maps go. Other files are left alone.
 pub fn remove(dir: &Path) -> anyhow::Result<()> {
     if !dir.exists() {
         return Ok(());
     }
+    let mut paths = Vec::new();
     for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
+        if path
+            .file_name()
+            .is_some_and(|n| is_relay_pin(&n.to_string_lossy()))
+        {
+            paths.push(path);
+        }
+    }
+    paths.sort_by_key(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+    });
+    for path in paths {
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }
-    fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+    // A directory with other files in it (a bpffs root's own) stays.
+    let _ = fs::remove_dir(dir);
+    Ok(())
 }

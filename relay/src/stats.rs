@@ -348,11 +348,63 @@ pub struct Report {
     pub counters: Snapshot,
     pub rules: Vec<RuleReport>,
     pub users: Vec<UserReport>,
+    /// Who runs on the pinned state, and what restarts did to it.
+    pub controller: Option<ControllerReport>,
+}
+
+/// The controller bookkeeping of `META`.
+#[derive(Serialize, Debug, Clone)]
+pub struct ControllerReport {
+    /// Version of the relay that last started on these maps.
+    pub version: String,
+    /// Process id of the running controller; `None` when none runs (XDP may still relay).
+    pub pid: Option<u32>,
+    pub starts: u64,
+    /// Starts that took over sockets and connections from a running controller.
+    pub handovers: u64,
+    /// Starts after a controller that died without stopping.
+    pub crash_recoveries: u64,
+    /// SOCKS5 CONNECTs and associations that ended with a controller that died.
+    pub lost_connections: u64,
+    pub lost_associations: u64,
+}
+
+/// The controller bookkeeping pinned in `pin_dir` (`None` for maps without it).
+pub fn controller(pin_dir: &Path) -> Option<ControllerReport> {
+    use relay_common::session::{Meta, META_MAGIC};
+    let data = MapData::from_pin(pin_dir.join(maps::META)).ok()?;
+    let map: aya::maps::Array<MapData, Meta> = aya::maps::Array::try_from(Map::Array(data)).ok()?;
+    let m = map.get(&0, 0).ok()?;
+    (m.magic == META_MAGIC).then(|| ControllerReport {
+        version: crate::datapath::version_of(&m),
+        pid: (m.pid != 0).then_some(m.pid),
+        starts: m.starts,
+        handovers: m.handovers,
+        crash_recoveries: m.crash_recoveries,
+        lost_connections: m.lost_connections,
+        lost_associations: m.lost_associations,
+    })
 }
 
 impl Report {
     pub fn table(&self) -> String {
-        let mut out = self.counters.table();
+        let mut out = String::new();
+        if let Some(c) = &self.controller {
+            let _ = writeln!(
+                out,
+                "controller: {} (relay {}); {} starts, {} handovers, {} after a crash \
+                 (lost {} CONNECTs, {} associations)\n",
+                c.pid
+                    .map_or_else(|| "none running".to_owned(), |p| format!("pid {p}")),
+                c.version,
+                c.starts,
+                c.handovers,
+                c.crash_recoveries,
+                c.lost_connections,
+                c.lost_associations
+            );
+        }
+        out.push_str(&self.counters.table());
         if !self.users.is_empty() {
             let _ = writeln!(out);
             let _ = writeln!(

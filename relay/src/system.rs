@@ -149,6 +149,33 @@ impl ReservedPorts {
         }
         Ok(ReservedPorts { ranges: ours })
     }
+
+    /// Takes over a predecessor's reservation: `ranges` are this process's from now on
+    /// (reserved if they were not), and the predecessor's `previous` ranges this one does not
+    /// use are given back.
+    pub fn take_over(
+        ranges: &[PortRange],
+        previous: &[PortRange],
+    ) -> anyhow::Result<ReservedPorts> {
+        let text = fs::read_to_string(RESERVED).with_context(|| format!("reading {RESERVED}"))?;
+        let all = parse_reserved(&text);
+        let mut kept: Vec<PortRange> = all
+            .iter()
+            .copied()
+            .filter(|r| !previous.contains(r) || ranges.contains(r))
+            .collect();
+        for r in ranges {
+            if !kept.contains(r) {
+                kept.push(*r);
+            }
+        }
+        if kept != all {
+            write_reserved(&kept)?;
+        }
+        Ok(ReservedPorts {
+            ranges: ranges.to_vec(),
+        })
+    }
 }
 
 impl Drop for ReservedPorts {

@@ -41,7 +41,7 @@ fn send_through(t: &Topology, n: usize) -> Vec<Vec<u8>> {
 }
 
 #[test]
-fn counters_move_with_traffic_and_nothing_stays_attached_after_ctrl_c() {
+fn counters_move_with_traffic_and_relay_stop_detaches() {
     let t = Topology::new();
     let pin = PinDir::new();
     let relay = Relay::start(&t.relay, &["--iface", "cli0", "--pin-dir", pin.arg()]);
@@ -74,19 +74,36 @@ fn counters_move_with_traffic_and_nothing_stays_attached_after_ctrl_c() {
 
     assert!(relay.stop(libc::SIGINT), "Ctrl-C exits cleanly");
     assert!(
+        t.relay.xdp_attached("cli0"),
+        "the program stays attached after Ctrl-C, for the next start"
+    );
+    let out = relay_cmd(
+        &t.relay,
+        &["stop", "--iface", "cli0", "--pin-dir", pin.arg()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
         !t.relay.xdp_attached("cli0"),
-        "the program is detached after Ctrl-C"
+        "`relay stop` detaches the program"
+    );
+    assert!(
+        !pin.path().join("COUNTERS").exists(),
+        "`relay stop` removes the pinned state"
     );
 }
 
 #[test]
-fn sigterm_detaches_and_a_restart_takes_over_pinned_counters() {
+fn sigterm_leaves_xdp_attached_and_a_restart_takes_over_pinned_counters() {
     let t = Topology::new();
     let pin = PinDir::new();
     let relay = Relay::start(&t.relay, &["--iface", "cli0", "--pin-dir", pin.arg()]);
     assert_eq!(send_through(&t, 20).len(), 20);
     assert!(relay.stop(libc::SIGTERM), "SIGTERM exits cleanly");
-    assert!(!t.relay.xdp_attached("cli0"));
+    assert!(t.relay.xdp_attached("cli0"), "XDP stays attached");
     let before = reason_packets(&stats(&t.relay, "cli0", &pin), "no_session");
     assert!(before >= 20);
 
@@ -96,6 +113,11 @@ fn sigterm_detaches_and_a_restart_takes_over_pinned_counters() {
     assert!(
         after >= before + 20,
         "the restarted relay counts on from the pinned state: {before} then {after}"
+    );
+    assert!(
+        relay.log().contains("took over the pinned XDP link"),
+        "{}",
+        relay.log()
     );
     drop(relay);
 }
@@ -120,8 +142,21 @@ fn generic_mode_on_request() {
     assert!(link.contains("xdpgeneric"), "{link}");
     assert_eq!(send_through(&t, 10).len(), 10);
     assert!(reason_packets(&stats(&t.relay, "cli0", &pin), "no_session") >= 10);
-    assert!(relay.stop(libc::SIGINT));
+    let out = relay_cmd(
+        &t.relay,
+        &["stop", "--iface", "cli0", "--pin-dir", pin.arg()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!t.relay.xdp_attached("cli0"));
+    let mut relay = relay;
+    assert!(
+        relay.child.wait().is_ok_and(|s| s.success()),
+        "the stopped relay exits cleanly"
+    );
 }
 
 /// The one line an operator sees on stderr, and the exit code.
@@ -199,43 +234,32 @@ fn a_second_relay_on_the_same_interface_is_refused() {
     );
 }
 
-/// A second `relay run` with the same pinned state stops before it touches it: the first
-/// relay's rules and counters stay as they were (without the lock the second rewrote the
-/// pinned rule records before it failed to attach). `relay unpin` is refused while it runs.
+/// A second `relay run` with the same pinned state takes over from the first: the first hands
+/// its sockets over and exits, and the pinned rules are the second's. `relay unpin` is
+/// refused while a relay runs.
 #[test]
-fn a_second_relay_on_the_same_pins_leaves_them_alone() {
+fn a_second_relay_on_the_same_pins_takes_over() {
     let t = Topology::new();
     let pin = PinDir::new();
-    let _first = Relay::forwarding(&t.relay, &pin, &["198.18.1.1:5000=198.18.2.2:6000"], &[]);
+    let mut first = Relay::forwarding(&t.relay, &pin, &["198.18.1.1:5000=198.18.2.2:6000"], &[]);
     let before = stats(&t.relay, "cli0", &pin);
     assert_eq!(before["rules"][0]["listen"], "198.18.1.1:5000", "{before}");
-    let out = relay_cmd(
-        &t.relay,
-        &[
-            "run",
-            "--iface",
-            "cli0",
-            "--iface",
-            "up0",
-            "--pin-dir",
-            pin.arg(),
-            "--forward",
-            "198.18.1.1:5005=198.18.2.2:6005",
-            "--allow-private-upstream",
-        ],
-    );
-    let (err, code) = refusal(&out);
-    assert_eq!(code, Some(1));
-    assert!(err.contains("another relay is running"), "{err}");
-    let after = stats(&t.relay, "cli0", &pin);
-    assert_eq!(
-        after["rules"], before["rules"],
-        "the pinned rules are untouched"
+    let second = Relay::forwarding(&t.relay, &pin, &["198.18.1.1:5005=198.18.2.2:6005"], &[]);
+    let status = first.child.wait().expect("the first relay exits");
+    assert!(status.success(), "{}", first.log());
+    assert!(
+        first.log().contains("handed over; exiting"),
+        "{}",
+        first.log()
     );
     assert!(
-        t.relay.xdp_attached("cli0"),
-        "the first relay stays attached"
+        second.log().contains("took over the pinned XDP link"),
+        "{}",
+        second.log()
     );
+    let after = stats(&t.relay, "cli0", &pin);
+    assert_eq!(after["rules"][0]["listen"], "198.18.1.1:5005", "{after}");
+    assert!(t.relay.xdp_attached("cli0") && t.relay.xdp_attached("up0"));
 
     let out = relay_cmd(
         &t.relay,
@@ -283,7 +307,7 @@ fn session_ports_are_reserved_while_the_relay_runs() {
 
 /// Once attached, every thread of the relay keeps only CAP_NET_ADMIN, CAP_BPF and
 /// CAP_NET_BIND_SERVICE, with the same bounding set and no_new_privs; it still relays and
-/// still detaches cleanly on SIGTERM.
+/// still exits cleanly on SIGTERM, leaving XDP attached for the next start.
 #[test]
 fn the_running_relay_keeps_only_the_capabilities_it_needs() {
     let t = Topology::new();
@@ -307,5 +331,7 @@ fn the_running_relay_keeps_only_the_capabilities_it_needs() {
     assert!(threads > 1, "the runtime's threads were checked too");
     assert_eq!(send_through(&t, 5).len(), 5, "the host still forwards");
     assert!(relay.stop(libc::SIGTERM), "a clean exit");
-    assert!(!t.relay.xdp_attached("cli0"), "detached with what it kept");
+    assert!(t.relay.xdp_attached("cli0"), "XDP stays for the next start");
+    let s = stats(&t.relay, "cli0", &pin);
+    assert!(s["controller"]["pid"].is_null(), "no controller runs: {s}");
 }

@@ -14,7 +14,13 @@ mod recovery;
 mod rules;
 mod sessions;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    os::fd::OwnedFd,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use log::{info, warn};
 
@@ -26,42 +32,69 @@ use self::{rules::Rules, sessions::Sessions};
 pub struct Forward {
     rules: Arc<Rules>,
     sessions: Arc<Sessions>,
+    /// The listeners and housekeeping, stopped when handing over.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Forward {
     /// Resolves upstreams, binds the listening sockets and takes over the sessions left in the
-    /// pinned maps. Must run inside the tokio runtime, before XDP is attached (rewriting
-    /// recovered records then cannot race with the fast path). `nexthops` is `None` when XDP
-    /// does not relay (`--xdp-mode off`, or the kernel refused the program).
+    /// pinned maps, with the sockets a predecessor handed over (`listeners` by address,
+    /// `sessions` by id; empty after a crash or a stop). Must run inside the tokio runtime.
+    /// `nexthops` is `None` when XDP does not relay (`--xdp-mode off`, or the kernel refused
+    /// the program).
     pub async fn start(
         config: &Config,
         datapath: Arc<Datapath>,
         nexthops: Option<Arc<NextHops>>,
+        listeners: HashMap<SocketAddr, OwnedFd>,
+        handed: HashMap<u32, OwnedFd>,
     ) -> anyhow::Result<Forward> {
-        let rules = Arc::new(Rules::bind(config, Arc::clone(&datapath))?);
+        let rules = Arc::new(Rules::bind(config, Arc::clone(&datapath), listeners)?);
         let sessions = Arc::new(Sessions::new(
             config,
             Arc::clone(&rules),
             datapath,
             nexthops,
         ));
-        sessions.recover().await;
-        Ok(Forward { rules, sessions })
+        sessions.recover(handed).await;
+        Ok(Forward {
+            rules,
+            sessions,
+            tasks: Mutex::new(Vec::new()),
+        })
     }
 
     /// Starts the listeners and, once a second, publishing and expiry.
     pub fn spawn(&self) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..self.rules.len() {
-            tokio::spawn(Arc::clone(&self.sessions).listen(i));
+            tasks.push(tokio::spawn(Arc::clone(&self.sessions).listen(i)).abort_handle());
         }
         let sessions = Arc::clone(&self.sessions);
-        tokio::spawn(async move {
+        let housekeeping = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 sessions.housekeeping();
             }
         });
+        tasks.push(housekeeping.abort_handle());
+    }
+
+    /// Stops every task (a successor takes over) and returns the listening and session
+    /// sockets to hand over, duplicated. Nothing here writes a map afterwards.
+    pub fn hand_over(&self) -> anyhow::Result<Vec<(crate::handover::Item, OwnedFd)>> {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        let mut out = self.rules.hand_over()?;
+        out.extend(self.sessions.hand_over()?);
+        Ok(out)
     }
 
     /// Applies a re-read configuration: new limits, allow lists and upstream addresses (names

@@ -1,53 +1,61 @@
 //! Taking over the sessions a previous controller left in the pinned maps: same relay ports,
-//! same counters, new next hops. Runs before XDP is attached, so rewriting records cannot race
-//! with the fast path.
+//! same records, same next-hop slots. The program that relays them may be running all along
+//! (its link outlives the controller), so a record it may be reading is never rewritten: the
+//! next-hop slots its records refer to are taken over as they are (see
+//! [`crate::nexthop::NextHops::adopt`]), and only sessions that no longer match a rule are
+//! removed. A session's socket comes from the predecessor when it handed over (datagrams
+//! queued on it included), or is bound again after a crash.
 
-use std::sync::Arc;
+use std::{collections::HashMap, os::fd::OwnedFd, sync::Arc};
 
 use log::{info, warn};
-use relay_common::session::{Session, TO_CLIENT};
+use relay_common::session::{Session, NEXTHOP_NONE, TO_CLIENT};
 
 use super::sessions::{Sessions, Start};
 use crate::{
     datapath::{self, Endpoints},
+    nexthop::Hops,
     sessions::Entry,
     system::monotonic_ns,
     udp,
 };
 
 impl Sessions {
-    /// Restores every pinned session that still matches a rule; removes the others (and every
-    /// SOCKS5 flow: associations end with their control connections, which a restart closes).
-    pub(super) async fn recover(self: &Arc<Self>) {
+    /// Takes over every pinned forward session that still matches a rule, with its socket
+    /// from `handed` if a predecessor handed it over; removes the others. SOCKS5 records are
+    /// left to the SOCKS5 server (associations a predecessor handed over keep theirs).
+    pub(super) async fn recover(self: &Arc<Self>, mut handed: HashMap<u32, OwnedFd>) {
         let now = monotonic_ns();
         let (mut kept, mut dropped) = (0, 0);
         for (id, record) in self.datapath.active() {
             if datapath::is_socks(&record) {
-                let _ = self.datapath.remove(id);
                 continue;
             }
             let ends = datapath::endpoints(&record);
-            let Some((rule, socket)) = self.reclaim(id, &record, &ends, now) else {
+            let Some((rule, socket)) = self.reclaim(id, &record, &ends, handed.remove(&id), now)
+            else {
                 let _ = self.datapath.remove(id);
                 dropped += 1;
                 continue;
             };
-            // Keep the counters; new next-hop slots replace the old controller's.
+            let (hops, in_maps) = self.hops_of(&record, &ends).await;
             let start = Start {
                 id,
                 rule,
                 ends,
                 socket,
-                hops: self.ask_hops(&ends).await,
+                hops,
                 slow: self.datapath.slow(id).unwrap_or_default(),
                 traffic: record.traffic,
                 now,
+                in_maps,
             };
             match self.restore(start) {
                 Ok(()) => kept += 1,
                 Err(e) => {
                     warn!("session {id}: not restored: {e:#}");
                     self.forget(id);
+                    let _ = self.datapath.remove(id);
                     dropped += 1;
                 }
             }
@@ -58,13 +66,28 @@ impl Sessions {
         }
     }
 
-    /// Takes pinned session `id` back into the table and re-binds its relay port; `None` if
-    /// no rule matches it any more or its port cannot be had.
+    /// The next hops of a pinned record, and whether the record stays as it is. Its slots are
+    /// taken over where they are. A record without any (written while XDP did not relay)
+    /// gets new ones and is written again: the program never writes such a record (it
+    /// declines its packets before counting them), so nothing it counts is lost.
+    async fn hops_of(&self, record: &Session, ends: &Endpoints) -> (Hops, bool) {
+        let Some(nexthops) = self.nexthops() else {
+            return (Hops::none(), true);
+        };
+        if record.nexthop == [NEXTHOP_NONE; 2] && ends.same_family() {
+            return (self.ask_hops(ends).await, false);
+        }
+        (nexthops.adopt(record.nexthop), true)
+    }
+
+    /// Takes pinned session `id` back into the table with its socket (`handed`, or bound
+    /// again); `None` if no rule matches it any more or its port cannot be had.
     fn reclaim(
         &self,
         id: u32,
         record: &Session,
         ends: &Endpoints,
+        handed: Option<OwnedFd>,
         now: u64,
     ) -> Option<(u16, std::net::UdpSocket)> {
         let rule = self
@@ -84,9 +107,13 @@ impl Sessions {
         if !self.reserve_recovered(entry) {
             return None;
         }
-        let socket = udp::bind(ends.back, false)
-            .and_then(|s| s.connect(ends.upstream).map(|()| s))
-            .map_err(|e| warn!("session {id}: cannot re-bind {}: {e}", ends.back));
+        let socket = match handed {
+            Some(fd) => crate::handover::socket::<std::net::UdpSocket>(fd)
+                .map_err(|e| warn!("session {id}: handed-over socket: {e:#}")),
+            None => udp::bind(ends.back, false)
+                .and_then(|s| s.connect(ends.upstream).map(|()| s))
+                .map_err(|e| warn!("session {id}: cannot re-bind {}: {e}", ends.back)),
+        };
         match socket {
             Ok(s) => Some((rule.index, s)),
             Err(()) => {

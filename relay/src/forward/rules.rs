@@ -3,7 +3,9 @@
 //! slots (name, addresses).
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
+    os::fd::OwnedFd,
     sync::{Arc, RwLock},
 };
 
@@ -111,18 +113,26 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// Resolves upstreams, binds the listening sockets and labels every `RULES` slot (the
-    /// unused ones as not configured).
-    pub fn bind(config: &Config, datapath: Arc<Datapath>) -> anyhow::Result<Rules> {
+    /// Resolves upstreams, binds the listening sockets (or takes those of `handed`, from a
+    /// predecessor, with datagrams still queued) and labels every `RULES` slot (the unused
+    /// ones as not configured). Handed-over sockets no rule listens on any more are closed.
+    pub fn bind(
+        config: &Config,
+        datapath: Arc<Datapath>,
+        mut handed: HashMap<SocketAddr, OwnedFd>,
+    ) -> anyhow::Result<Rules> {
         let mut rules = Vec::new();
         for (listen, current) in expand(config)? {
             let rule = &current.config;
-            let std = udp::bind(listen, false).with_context(|| {
-                format!(
-                    "rule {}: cannot listen on {listen} (in use by another program?)",
-                    rule.name
-                )
-            })?;
+            let std = match handed.remove(&listen) {
+                Some(fd) => crate::handover::socket::<std::net::UdpSocket>(fd)?,
+                None => udp::bind(listen, false).with_context(|| {
+                    format!(
+                        "rule {}: cannot listen on {listen} (in use by another program?)",
+                        rule.name
+                    )
+                })?,
+            };
             let index = u16::try_from(rules.len())
                 .ok()
                 .filter(|i| u32::from(*i) < RULE_SLOTS)
@@ -143,6 +153,12 @@ impl Rules {
                 current: RwLock::new(current),
             });
         }
+        for addr in handed.keys() {
+            info!("{addr}: no rule listens here any more; closed");
+        }
+        // Before the labels below replace the previous controller's listen ports.
+        let ports: Vec<u16> = rules.iter().map(|r: &Rule| r.listen.port()).collect();
+        datapath.mark_listen_ports(&ports)?;
         for index in 0..RULE_SLOTS as u16 {
             let rule = rules.get(usize::from(index));
             datapath.update_rule(index, |r| {
@@ -153,6 +169,20 @@ impl Rules {
             })?;
         }
         Ok(Rules { rules, datapath })
+    }
+
+    /// The listening sockets, duplicated for a successor.
+    pub fn hand_over(&self) -> anyhow::Result<Vec<(crate::handover::Item, OwnedFd)>> {
+        use std::os::fd::AsFd as _;
+        self.rules
+            .iter()
+            .map(|r| {
+                Ok((
+                    crate::handover::Item::ForwardListener { addr: r.listen },
+                    crate::handover::dup(r.socket.as_fd())?,
+                ))
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -112,7 +112,7 @@ struct State {
     last_refusal_log: HashMap<&'static str, Instant>,
 }
 
-/// What [`Sessions::start`] installs and starts relaying.
+/// What [`Sessions::start`] installs (or takes over) and starts relaying.
 pub(super) struct Start {
     pub id: u32,
     pub rule: u16,
@@ -124,6 +124,9 @@ pub(super) struct Start {
     /// What XDP relayed so far.
     pub traffic: [Traffic; 2],
     pub now: u64,
+    /// The record is in the maps already (a previous controller's, which the running
+    /// program may be reading): it is not written again.
+    pub in_maps: bool,
 }
 
 /// A session of a batch being opened: reserved, its next hops asked for.
@@ -193,6 +196,10 @@ impl Sessions {
     /// Frees the ids no recovered session holds; call once, after recovery.
     pub(super) fn finish_recovery(&self) {
         self.lock().table.finish_recovery();
+    }
+
+    pub(super) fn nexthops(&self) -> Option<&Arc<NextHops>> {
+        self.nexthops.as_ref()
     }
 
     /// Asks for the next hops of a session (to be awaited): none without XDP, or when the
@@ -380,6 +387,7 @@ impl Sessions {
             },
             traffic: [Traffic::default(); 2],
             now,
+            in_maps: false,
         };
         let io = match self.start(&mut st, start) {
             Ok(io) => io,
@@ -469,17 +477,20 @@ impl Sessions {
         Some((entry.id, ends, socket))
     }
 
-    /// Installs a session found in the pinned maps (see [`Sessions::start`]).
+    /// Takes over a session found in the pinned maps (see [`Sessions::start`]).
     pub(super) fn restore(self: &Arc<Self>, s: Start) -> anyhow::Result<()> {
         let mut st = self.lock();
         self.start(&mut st, s).map(drop)
     }
 
-    /// Installs a session in the maps and spawns its reply relay.
+    /// Installs a session in the maps (unless it is there already) and spawns its reply
+    /// relay.
     fn start(self: &Arc<Self>, st: &mut State, s: Start) -> anyhow::Result<Arc<SessionIo>> {
-        let mut record = datapath::record(&s.ends, s.rule, s.hops.slots(), s.now);
-        record.traffic = s.traffic;
-        self.datapath.install(s.id, &record, &s.slow)?;
+        if !s.in_maps {
+            let mut record = datapath::record(&s.ends, s.rule, s.hops.slots(), s.now);
+            record.traffic = s.traffic;
+            self.datapath.install(s.id, &record, &s.slow)?;
+        }
         let io = Arc::new(SessionIo {
             id: s.id,
             rule: s.rule,
@@ -650,6 +661,25 @@ impl Sessions {
     /// The session port range the table was made with.
     pub fn ports(&self) -> crate::config::PortRange {
         self.ports
+    }
+
+    /// Stops relaying (a successor takes over): every session task ends, the controller's
+    /// counters are published, and the session sockets are returned, duplicated, by id.
+    pub fn hand_over(&self) -> anyhow::Result<Vec<(crate::handover::Item, std::os::fd::OwnedFd)>> {
+        use std::os::fd::AsFd as _;
+        let st = self.lock();
+        let mut out = Vec::with_capacity(st.live.len());
+        for live in st.live.values() {
+            live.task.abort();
+            let _ = self
+                .datapath
+                .set_slow(live.io.id, &live.io.slow.snapshot(live.io.opened));
+            out.push((
+                crate::handover::Item::Session { id: live.io.id },
+                crate::handover::dup(live.io.socket.as_fd())?,
+            ));
+        }
+        Ok(out)
     }
 
     /// Publishes the slow-path counters one last time (on shutdown).

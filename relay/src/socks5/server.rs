@@ -15,9 +15,9 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    os::fd::AsRawFd as _,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, RwLock,
     },
     time::Duration,
@@ -41,6 +41,7 @@ use super::{
 use crate::{
     config::Socks5Config,
     datapath::{Datapath, Endpoints},
+    handover::{AssociateState, ConnectState, Item},
     nexthop::{Hops, NextHops},
     policy::Policy,
     sessions::PortPool,
@@ -226,6 +227,36 @@ pub struct Server {
     datapath: Arc<Datapath>,
     /// Next hops for fast-path flows; `None` when XDP does not relay.
     nexthops: Option<Arc<NextHops>>,
+    /// Set when handing over to a successor: every task packs up at its next step.
+    handing_over: watch::Sender<bool>,
+    /// Where the tasks put what they hand over, while handing over.
+    handed: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Handed>>>,
+    /// Tasks that hold sockets: the accept loop and every client's.
+    tasks: Arc<AtomicUsize>,
+}
+
+/// One thing handed over and its descriptors.
+pub type Handed = (Item, Vec<OwnedFd>);
+
+/// Counts a task in [`Server::tasks`] while it lives.
+struct TaskGuard(Arc<AtomicUsize>);
+
+impl TaskGuard {
+    fn new(tasks: &Arc<AtomicUsize>) -> TaskGuard {
+        tasks.fetch_add(1, Ordering::SeqCst);
+        TaskGuard(Arc::clone(tasks))
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Resolves once the server hands over (never, if it already did: the caller checks first).
+async fn handing_over(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|h| *h).await;
 }
 
 enum Outcome {
@@ -311,8 +342,14 @@ impl Server {
             ..Account::default()
         }));
         let (grants, anonymous, _) = grants(&cfg, None, &mut accounts)?;
+        // Totals go on from what the previous controller published.
+        let pinned = datapath.users();
         for a in &accounts.list {
             a.configured.store(true, Ordering::Relaxed);
+            let name = relay_common::session::name32(&a.name);
+            if let Some(p) = pinned.iter().find(|p| p.name == name) {
+                a.continue_from(p);
+            }
         }
         Ok(Arc::new(Server {
             handshakes: Arc::new(Semaphore::new(cfg.max_handshakes as usize)),
@@ -331,7 +368,220 @@ impl Server {
             datapath,
             nexthops,
             cfg,
+            handing_over: watch::channel(false).0,
+            handed: Mutex::new(None),
+            tasks: Arc::default(),
         }))
+    }
+
+    /// Puts something a task hands over where [`Server::hand_over`] collects it.
+    fn ship(&self, item: Item, fds: Vec<OwnedFd>) {
+        if let Some(tx) = self
+            .handed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send((item, fds));
+        }
+    }
+
+    /// Hands everything over to a successor: the listener stops accepting, every CONNECT and
+    /// association stops at its next step and gives its sockets (and splice pipes, with the
+    /// bytes in them) and state; handshakes under way finish first, for at most `wait`. The
+    /// accounts are published one last time; nothing here writes a map afterwards. Returns
+    /// the items and how many connections were still in their handshake at the deadline
+    /// (they close when this process exits).
+    pub async fn hand_over(&self, wait: Duration) -> (Vec<Handed>, u64) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.handed.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.handing_over.send_replace(true);
+        let deadline = Instant::now() + wait;
+        while self.tasks.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let unfinished = self.tasks.load(Ordering::SeqCst) as u64;
+        *self.handed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut items = Vec::new();
+        while let Ok(h) = rx.try_recv() {
+            items.push(h);
+        }
+        self.publish_once();
+        (items, unfinished)
+    }
+
+    /// Takes over the CONNECTs and associations a predecessor handed over (users the
+    /// configuration no longer has are closed), and removes the SOCKS5 fast-path records no
+    /// handed-over association holds.
+    pub fn adopt(
+        self: &Arc<Self>,
+        connects: Vec<(ConnectState, Vec<OwnedFd>)>,
+        associations: Vec<(AssociateState, Vec<OwnedFd>)>,
+    ) {
+        let (mut kept, mut closed) = (0, 0);
+        for (state, fds) in connects {
+            match self.adopt_connect(state, fds) {
+                Ok(()) => kept += 1,
+                Err(e) => {
+                    debug!("SOCKS5: a handed-over CONNECT closed: {e:#}");
+                    closed += 1;
+                }
+            }
+        }
+        let mut assocs = 0;
+        for (state, fds) in associations {
+            match self.adopt_association(state, fds) {
+                Ok(()) => assocs += 1,
+                Err(e) => {
+                    debug!("SOCKS5: a handed-over association closed: {e:#}");
+                    closed += 1;
+                }
+            }
+        }
+        let swept = self.datapath.socks_sweep();
+        if kept + assocs + closed > 0 {
+            info!(
+                "SOCKS5: took over {kept} CONNECTs and {assocs} associations ({closed} closed: \
+                 their users are gone)"
+            );
+        }
+        if swept > 0 {
+            debug!("SOCKS5: removed {swept} fast-path flows of associations that ended");
+        }
+    }
+
+    /// The grant of a handed-over session's user, as the configuration has it now.
+    fn grant_of(&self, user: &Option<String>) -> Option<Grant> {
+        let cur = self.current();
+        match user {
+            Some(name) => cur.grants.get(name).cloned(),
+            None => cur.anonymous.clone(),
+        }
+    }
+
+    fn user_of(&self, account: usize) -> Option<String> {
+        (account != 0).then(|| self.account(account).name.clone())
+    }
+
+    fn adopt_connect(
+        self: &Arc<Self>,
+        state: ConnectState,
+        fds: Vec<OwnedFd>,
+    ) -> anyhow::Result<()> {
+        let grant = self
+            .grant_of(&state.user)
+            .ok_or_else(|| anyhow::anyhow!("user {:?} is gone", state.user))?;
+        let mut fds = fds.into_iter();
+        let mut next = || {
+            fds.next()
+                .ok_or_else(|| anyhow::anyhow!("missing descriptor"))
+        };
+        let client: std::net::TcpStream = crate::handover::socket(next()?)?;
+        let upstream: std::net::TcpStream = crate::handover::socket(next()?)?;
+        let pipes = [
+            Pipe {
+                read: next()?,
+                write: next()?,
+            },
+            Pipe {
+                read: next()?,
+                write: next()?,
+            },
+        ];
+        let client = TcpStream::from_std(client)?;
+        let upstream = TcpStream::from_std(upstream)?;
+        let peer = client.peer_addr()?;
+        let mut source = self
+            .sources
+            .admit(peer.ip(), u32::MAX, u32::MAX)
+            .map_err(|_| {
+                anyhow::anyhow!("per-source bookkeeping refused a handed-over connection")
+            })?;
+        source.handshake_done();
+        let acct = self.account(grant.account);
+        acct.active_connections.fetch_add(1, Ordering::Relaxed);
+        let revoked = grant.revoke.subscribe();
+        let server = Arc::clone(self);
+        let guard = TaskGuard::new(&self.tasks);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let _slot = Active(&acct.active_connections);
+            server
+                .relay_connect(client, upstream, pipes, &acct, &grant, &state.dest, revoked)
+                .await;
+            drop(source);
+        });
+        Ok(())
+    }
+
+    fn adopt_association(
+        self: &Arc<Self>,
+        state: AssociateState,
+        fds: Vec<OwnedFd>,
+    ) -> anyhow::Result<()> {
+        let grant = self
+            .grant_of(&state.user)
+            .ok_or_else(|| anyhow::anyhow!("user {:?} is gone", state.user))?;
+        let mut fds = fds.into_iter();
+        let mut next = || {
+            fds.next()
+                .ok_or_else(|| anyhow::anyhow!("missing descriptor"))
+        };
+        let control: std::net::TcpStream = crate::handover::socket(next()?)?;
+        let socket: std::net::UdpSocket = crate::handover::socket(next()?)?;
+        let control = TcpStream::from_std(control)?;
+        let socket = UdpSocket::from_std(socket)?;
+        self.ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .claim(state.port);
+        let acct = self.account(grant.account);
+        let mut assoc = Association {
+            port: state.port,
+            account: grant.account as u16,
+            fast: Vec::new(),
+            client_ip: state.client_ip,
+            client: state.client,
+            local: state.local,
+            contacted: state.contacted.into_iter().collect(),
+            names: state
+                .names
+                .into_iter()
+                .map(|(n, p, a)| ((n, p), a))
+                .collect(),
+        };
+        for id in state.fast {
+            let Some(record) = self.datapath.socks_adopt(id) else {
+                continue;
+            };
+            let hops = match &self.nexthops {
+                Some(n) => n.adopt(record.nexthop),
+                None => Hops::none(),
+            };
+            acct.fast_flows.fetch_add(1, Ordering::Relaxed);
+            assoc.fast.push(FastFlow { id, _hops: hops });
+        }
+        let mut source = self
+            .sources
+            .admit(state.peer.ip(), u32::MAX, u32::MAX)
+            .map_err(|_| {
+                anyhow::anyhow!("per-source bookkeeping refused a handed-over association")
+            })?;
+        source.handshake_done();
+        acct.active_associations.fetch_add(1, Ordering::Relaxed);
+        let revoked = grant.revoke.subscribe();
+        let server = Arc::clone(self);
+        let guard = TaskGuard::new(&self.tasks);
+        let peer = state.peer;
+        tokio::spawn(async move {
+            let _guard = guard;
+            let _slot = Active(&acct.active_associations);
+            server
+                .run_association(control, socket, peer, &acct, assoc, revoked)
+                .await;
+            drop(source);
+        });
+        Ok(())
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -458,8 +708,21 @@ impl Server {
                 let _ = tokio::task::spawn_blocking(move || server.policy.refresh_own()).await;
             }
         });
+        let _guard = TaskGuard::new(&self.tasks);
+        let mut over = self.handing_over.subscribe();
         loop {
-            let (stream, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                biased;
+                () = handing_over(&mut over) => {
+                    match crate::handover::dup(listener.as_fd()) {
+                        Ok(fd) => self.ship(Item::SocksListener { addr: self.cfg.listen }, vec![fd]),
+                        Err(e) => warn!("SOCKS5: handing over the listener: {e:#}"),
+                    }
+                    return;
+                }
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     warn!("SOCKS5 accept: {e}");
@@ -485,7 +748,9 @@ impl Server {
             };
             let deadline = Instant::now() + cur.cfg.handshake_timeout;
             let server = Arc::clone(&self);
+            let guard = TaskGuard::new(&self.tasks);
             tokio::spawn(async move {
+                let _guard = guard;
                 let _ = stream.set_nodelay(true);
                 keepalive(&stream);
                 server.client(stream, peer, permit, source, deadline).await;
@@ -669,7 +934,7 @@ impl Server {
         grant: Grant,
         dest: Dest,
         early: Vec<u8>,
-        mut revoked_rx: watch::Receiver<bool>,
+        revoked_rx: watch::Receiver<bool>,
     ) {
         let acct = self.account(grant.account);
         let acct = &*acct;
@@ -736,36 +1001,96 @@ impl Server {
         if !early.is_empty() && upstream.write_all(&early).await.is_ok() {
             add(&acct.tcp_bytes[0], early.len() as u64);
         }
+        // Bytes move with splice(2) through a pipe each way, never through userspace. The
+        // pipes are handed over with the sockets, bytes in flight included.
+        let pipes = match (Pipe::new(), Pipe::new()) {
+            (Ok(p1), Ok(p2)) => [p1, p2],
+            (Err(e), _) | (_, Err(e)) => {
+                warn!("SOCKS5 CONNECT to {dest}: no pipe for splice ({e}); closing");
+                return;
+            }
+        };
+        let dest = dest.to_string();
+        self.relay_connect(client, upstream, pipes, acct, &grant, &dest, revoked_rx)
+            .await;
+    }
+
+    /// Relays an established CONNECT until either side is done, the connection idles out,
+    /// the user is revoked, or the server hands over (then the sockets and pipes go to the
+    /// successor as they are).
+    #[allow(clippy::too_many_arguments)]
+    async fn relay_connect(
+        &self,
+        client: TcpStream,
+        upstream: TcpStream,
+        pipes: [Pipe; 2],
+        acct: &Account,
+        grant: &Grant,
+        dest: &str,
+        mut revoked_rx: watch::Receiver<bool>,
+    ) {
         // Bytes moved either way on this connection (for the idle timeout).
         let moved = AtomicU64::new(0);
         let idle_timeout = self.current().cfg.connect_idle_timeout;
+        let mut over = self.handing_over.subscribe();
+        if *over.borrow() {
+            self.ship_connect(client, upstream, pipes, grant, dest);
+            return;
+        }
         // Each direction ends on EOF by shutting down the other side's writing half, so a
-        // half-closed connection keeps flowing the other way. Bytes move with splice(2)
-        // through a pipe, never through userspace, where the kernel allows it.
+        // half-closed connection keeps flowing the other way.
         let relay = async {
-            match (Pipe::new(), Pipe::new()) {
-                (Ok(p1), Ok(p2)) => {
-                    tokio::join!(
-                        splice_copy(&client, &upstream, p1, &acct.tcp_bytes[0], &moved),
-                        splice_copy(&upstream, &client, p2, &acct.tcp_bytes[1], &moved)
-                    );
-                }
-                _ => {
-                    let (cr, cw) = client.into_split();
-                    let (ur, uw) = upstream.into_split();
-                    tokio::join!(
-                        pipe(cr, uw, &acct.tcp_bytes[0], &moved),
-                        pipe(ur, cw, &acct.tcp_bytes[1], &moved)
-                    );
-                }
-            }
+            tokio::join!(
+                splice_copy(&client, &upstream, &pipes[0], &acct.tcp_bytes[0], &moved),
+                splice_copy(&upstream, &client, &pipes[1], &acct.tcp_bytes[1], &moved)
+            );
         };
-        tokio::select! {
-            () = relay => {}
-            () = idle(&moved, idle_timeout) => debug!("SOCKS5 CONNECT to {dest}: idle; closing"),
+        let handed = tokio::select! {
+            () = relay => false,
+            () = idle(&moved, idle_timeout) => {
+                debug!("SOCKS5 CONNECT to {dest}: idle; closing");
+                false
+            }
             () = revoked(&mut revoked_rx) => {
                 debug!("SOCKS5 CONNECT to {dest}: the user was removed or changed; closing");
+                false
             }
+            () = handing_over(&mut over) => true,
+        };
+        if handed {
+            self.ship_connect(client, upstream, pipes, grant, dest);
+        }
+    }
+
+    fn ship_connect(
+        &self,
+        client: TcpStream,
+        upstream: TcpStream,
+        pipes: [Pipe; 2],
+        grant: &Grant,
+        dest: &str,
+    ) {
+        let fds = (|| -> anyhow::Result<Vec<OwnedFd>> {
+            let [p1, p2] = pipes;
+            Ok(vec![
+                crate::handover::dup(client.as_fd())?,
+                crate::handover::dup(upstream.as_fd())?,
+                p1.read,
+                p1.write,
+                p2.read,
+                p2.write,
+            ])
+        })();
+        match fds {
+            Ok(fds) => self.ship(
+                Item::Connect(ConnectState {
+                    user: self.user_of(grant.account),
+                    dest: dest.to_owned(),
+                    pipes: true,
+                }),
+                fds,
+            ),
+            Err(e) => warn!("SOCKS5 CONNECT to {dest}: not handed over: {e:#}"),
         }
     }
 
@@ -775,7 +1100,7 @@ impl Server {
         peer: SocketAddr,
         account: usize,
         dest: Dest,
-        mut revoked_rx: watch::Receiver<bool>,
+        revoked_rx: watch::Receiver<bool>,
     ) {
         let acct = self.account(account);
         let acct = &*acct;
@@ -826,7 +1151,7 @@ impl Server {
             Dest::Ip(a) if a.port() != 0 => Some(a.port()),
             _ => None,
         };
-        let mut assoc = Association {
+        let assoc = Association {
             client_ip: crate::config::canonical(peer.ip()),
             client: client_port.map(|p| SocketAddr::new(crate::config::canonical(peer.ip()), p)),
             local: local_ip,
@@ -836,11 +1161,30 @@ impl Server {
             names: HashMap::new(),
             fast: Vec::new(),
         };
+        self.run_association(control, socket, peer, acct, assoc, revoked_rx)
+            .await;
+    }
+
+    /// Relays an association until its control connection closes, it idles out, the user is
+    /// revoked, or the server hands over (then its sockets and state go to the successor,
+    /// and its fast-path flows stay in the maps for it).
+    async fn run_association(
+        &self,
+        mut control: TcpStream,
+        socket: UdpSocket,
+        peer: SocketAddr,
+        acct: &Account,
+        mut assoc: Association,
+        mut revoked_rx: watch::Receiver<bool>,
+    ) {
+        let mut over = self.handing_over.subscribe();
         let mut probe = [0u8; 64];
         // XDP's packet count for the association when it was last idle-checked.
         let mut xdp_packets = 0;
-        loop {
+        let mut handed = *over.borrow();
+        while !handed {
             tokio::select! {
+                () = handing_over(&mut over) => handed = true,
                 // A reload removed the user or changed its password.
                 () = revoked(&mut revoked_rx) => {
                     debug!("SOCKS5 {peer}: the user was removed or changed; closing");
@@ -873,6 +1217,10 @@ impl Server {
                 }
             }
         }
+        if handed {
+            self.ship_association(control, socket, peer, assoc);
+            return;
+        }
         // Out of the fast path first, so that nothing more is relayed for it, then account
         // what XDP carried (and let the flow's next hops go).
         for flow in assoc.fast.drain(..) {
@@ -883,7 +1231,45 @@ impl Server {
             }
         }
         drop(socket);
-        self.release(port);
+        self.release(assoc.port);
+    }
+
+    fn ship_association(
+        &self,
+        control: TcpStream,
+        socket: UdpSocket,
+        peer: SocketAddr,
+        assoc: Association,
+    ) {
+        let fds = crate::handover::dup(control.as_fd())
+            .and_then(|c| Ok(vec![c, crate::handover::dup(socket.as_fd())?]));
+        let fds = match fds {
+            Ok(f) => f,
+            Err(e) => {
+                warn!("SOCKS5 {peer}: association not handed over: {e:#}");
+                return;
+            }
+        };
+        let state = AssociateState {
+            user: self.user_of(usize::from(assoc.account)),
+            peer,
+            port: assoc.port,
+            client_ip: assoc.client_ip,
+            client: assoc.client,
+            local: assoc.local,
+            contacted: assoc.contacted.iter().copied().collect(),
+            names: assoc
+                .names
+                .iter()
+                .map(|((n, p), a)| (n.clone(), *p, *a))
+                .collect(),
+            fast: assoc.fast.iter().map(|f| f.id).collect(),
+        };
+        // The flows' records stay for the successor; their next-hop slots are its now.
+        for flow in assoc.fast {
+            std::mem::forget(flow._hops);
+        }
+        self.ship(Item::Associate(state), fds);
     }
 
     fn bind_association(&self, local: IpAddr) -> Option<(UdpSocket, u16)> {
@@ -1111,30 +1497,26 @@ async fn idle(moved: &AtomicU64, timeout: Duration) {
     }
 }
 
-/// Copies until EOF, counting bytes (in `bytes` and `moved`), then shuts down the writer.
-async fn pipe(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    bytes: &AtomicU64,
-    moved: &AtomicU64,
-) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-                add(bytes, n as u64);
-                add(moved, n as u64);
-            }
-        }
-    }
-    let _ = to.shutdown().await;
-}
-
 impl Account {
+    /// Takes up the cumulative counters of a pinned record (not the live counts, which the
+    /// sessions taken over add themselves).
+    fn continue_from(&self, p: &relay_common::session::UserStats) {
+        let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        for d in 0..2 {
+            set(&self.tcp_bytes[d], p.tcp_bytes[d]);
+            set(&self.udp_packets[d], p.udp[d].packets);
+            set(&self.udp_bytes[d], p.udp[d].bytes);
+            set(&self.udp_xdp_packets[d], p.udp_xdp[d].packets);
+            set(&self.udp_xdp_bytes[d], p.udp_xdp[d].bytes);
+        }
+        set(&self.connections, p.connections);
+        set(&self.associations, p.associations);
+        set(&self.auth_failures, p.auth_failures);
+        set(&self.refused, p.refused);
+        set(&self.udp_dropped, p.udp_dropped);
+        set(&self.fast_path_refused, p.fast_path_refused);
+    }
+
     /// The pinned form of this account.
     pub fn snapshot(&self) -> relay_common::session::UserStats {
         use relay_common::session::{Traffic, UserStats};
@@ -1164,24 +1546,43 @@ impl Account {
 }
 
 impl Server {
-    /// Publishes the accounts to the pinned `USERS` map once a second, forever.
+    /// Publishes the accounts to the pinned `USERS` map once a second, until the server hands
+    /// over (which publishes them one last time).
     pub async fn publish(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let over = self.handing_over.subscribe();
         loop {
             tick.tick().await;
-            let accounts: Vec<Arc<Account>> = self
-                .accounts
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .list
-                .clone();
-            for (i, a) in accounts.iter().enumerate() {
-                if let Err(e) = self.datapath.set_user(i as u32, &a.snapshot()) {
-                    debug!("publishing SOCKS5 accounts: {e:#}");
-                    break;
-                }
+            if *over.borrow() {
+                return;
+            }
+            self.publish_once();
+        }
+    }
+
+    /// Writes every account to `USERS`, and the live CONNECTs and associations to `META` (what
+    /// a crash would lose, counted by the next controller).
+    fn publish_once(&self) {
+        let accounts: Vec<Arc<Account>> = self
+            .accounts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .list
+            .clone();
+        let (mut connections, mut associations) = (0, 0);
+        for (i, a) in accounts.iter().enumerate() {
+            let snap = a.snapshot();
+            connections += snap.active_connections;
+            associations += snap.active_associations;
+            if let Err(e) = self.datapath.set_user(i as u32, &snap) {
+                debug!("publishing SOCKS5 accounts: {e:#}");
+                break;
             }
         }
+        let _ = self.datapath.update_meta(|m| {
+            m.connections = connections;
+            m.associations = associations;
+        });
     }
 }
 
@@ -1209,6 +1610,18 @@ impl Pipe {
     }
 }
 
+/// Bytes waiting in a pipe.
+fn pipe_len(read: i32) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, on a pipe we hold.
+    let rc = unsafe { libc::ioctl(read, libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
 fn splice(from: i32, to: i32, len: usize) -> std::io::Result<usize> {
     // SAFETY: splice between two descriptors we hold; no offsets.
     let n = unsafe {
@@ -1233,23 +1646,28 @@ fn splice(from: i32, to: i32, len: usize) -> std::io::Result<usize> {
 async fn splice_copy(
     from: &TcpStream,
     to: &TcpStream,
-    pipe: Pipe,
+    pipe: &Pipe,
     bytes: &AtomicU64,
     moved: &AtomicU64,
 ) {
-    use std::os::fd::AsRawFd as _;
     const CHUNK: usize = 1 << 16;
     let (src, dst) = (from.as_raw_fd(), to.as_raw_fd());
     let (pr, pw) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
+    // Bytes a predecessor left in the pipe (it handed over mid-copy) go first.
+    let mut carried = pipe_len(pr);
     'outer: loop {
-        if from.readable().await.is_err() {
-            break;
-        }
-        let n = match from.try_io(Interest::READABLE, || splice(src, pw, CHUNK)) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => break,
+        let n = if carried > 0 {
+            std::mem::take(&mut carried)
+        } else {
+            if from.readable().await.is_err() {
+                break;
+            }
+            match from.try_io(Interest::READABLE, || splice(src, pw, CHUNK)) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break,
+            }
         };
         let mut left = n;
         while left > 0 {
