@@ -1,6 +1,6 @@
 //! `relay`: the controller's command line.
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{os::unix::ffi::OsStrExt as _, path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -56,6 +56,16 @@ enum Command {
     /// Print an Argon2id hash of a password read from standard input, for
     /// `[[socks5.users]] password_hash`.
     HashPassword,
+    /// Restart the relay running on an interface without losing a packet: start a new
+    /// `relay run` (this binary, so an upgraded one takes over) with the running one's
+    /// arguments; it takes everything over and the old one exits. For systemd's
+    /// `ExecReload`.
+    Restart {
+        #[arg(short, long)]
+        iface: String,
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
     /// Stop the relay on an interface for good: detach XDP (which a plain SIGTERM leaves
     /// attached, carrying the sessions for the next start) and remove the pinned state.
     Stop {
@@ -222,6 +232,14 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Restart {
+            iface,
+            pin_dir: dir,
+        } => {
+            system::require_privileges()?;
+            let dir = pin_dir(&iface, dir)?;
+            restart(&iface, &dir)
+        }
         Command::Stop {
             iface,
             pin_dir: dir,
@@ -269,6 +287,71 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("removed {}", dir.display());
             Ok(())
         }
+    }
+}
+
+/// `relay restart`: starts a successor with the running relay's arguments and waits until
+/// it has taken over (the old process gone) or failed (then the old one runs on).
+fn restart(iface: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let meta = relay::stats::controller(dir).with_context(|| {
+        format!(
+            "no relay state at {} (is a relay running on {iface}?)",
+            dir.display()
+        )
+    })?;
+    let old = meta
+        .pid
+        .with_context(|| format!("no relay is running on {iface} (start one with `relay run`)"))?;
+    let cmdline = std::fs::read(format!("/proc/{old}/cmdline"))
+        .with_context(|| format!("reading the arguments of the running relay (pid {old})"))?;
+    let args: Vec<std::ffi::OsString> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| std::ffi::OsStr::from_bytes(a).to_owned())
+        .collect();
+    if args.get(1).is_none_or(|a| a != "run") {
+        anyhow::bail!("pid {old} is not a `relay run` (its arguments: {args:?})");
+    }
+    let exe = std::env::current_exe().context("finding this relay binary")?;
+    let mut command = std::process::Command::new(&exe);
+    // systemd's socket for readiness and MAINPID, if the running relay has one and this
+    // command was not given it.
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        let environ = std::fs::read(format!("/proc/{old}/environ")).unwrap_or_default();
+        if let Some(v) = environ
+            .split(|b| *b == 0)
+            .find_map(|e| e.strip_prefix(b"NOTIFY_SOCKET="))
+        {
+            command.env("NOTIFY_SOCKET", std::ffi::OsStr::from_bytes(v));
+        }
+    }
+    // A process group of its own: it outlives this command (and systemd's ExecReload).
+    let mut child = command
+        .args(&args[1..])
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the new relay exited ({status}) before taking over; pid {old} runs on");
+        }
+        if !system::alive(old) {
+            println!(
+                "restarted the relay on {iface}: pid {old} handed over to pid {}",
+                child.id()
+            );
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "pid {old} still runs a minute after pid {} started; see their logs",
+                child.id()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
@@ -498,6 +581,14 @@ async fn run(
         names.join(", "),
         dir.display()
     );
+    // Under systemd (Type=notify): ready, and the unit's main process from now on (a
+    // successor started by `relay restart` replaces its predecessor there too).
+    if let Err(e) = sd_notify::notify(&[
+        sd_notify::NotifyState::MainPid(pid),
+        sd_notify::NotifyState::Ready,
+    ]) {
+        warn!("telling systemd the relay is ready: {e}");
+    }
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;

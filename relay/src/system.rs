@@ -68,6 +68,19 @@ pub fn raise_fd_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// Whether process `pid` still runs (a zombie, exited but not yet reaped by its parent, does
+/// not).
+pub fn alive(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may contain spaces.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
+}
+
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of the session records' `last_seen`.
 pub fn monotonic_ns() -> u64 {
     // SAFETY: all-zero is a valid timespec, which clock_gettime fills in.

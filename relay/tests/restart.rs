@@ -646,3 +646,103 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
     echo.store(true, Ordering::Relaxed);
     drop(relay);
 }
+
+/// Kills a process this test did not spawn itself (a successor `relay restart` started) when
+/// the test ends, however it ends.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of a pid this test learned from the relay it runs.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
+}
+
+/// One UDP round trip through the forward rule to the echo server.
+fn round_trip(ns: &Netns) -> bool {
+    ns.run(|| {
+        let s = UdpSocket::bind("198.18.1.2:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        (0..3).any(|_| {
+            s.send_to(b"ping through the relay", FORWARD).unwrap();
+            let mut buf = [0u8; 64];
+            matches!(s.recv_from(&mut buf), Ok((22, _)))
+        })
+    })
+}
+
+/// `relay restart` (systemd's ExecReload) starts a successor with the running relay's
+/// arguments, which takes over; a relay refuses pinned maps of another layout, with one line
+/// that says what to do, and leaves them alone.
+#[test]
+fn relay_restart_hands_over_and_other_layouts_are_refused() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let config = config();
+    let echo = udp_echo(&t.upstream);
+    let mut old = Relay::start(&t.relay, &args(&pin, &config));
+    assert!(round_trip(&t.client));
+    let log = std::env::temp_dir().join(support::unique("restart-log"));
+    let file = std::fs::File::create(&log).unwrap();
+    let status = t
+        .relay
+        .command(support::relay_bin())
+        .args(["restart", "--iface", "cli0", "--pin-dir", pin.arg()])
+        .env("RUST_LOG", "info")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .status()
+        .expect("relay restart");
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let s = stats(&t.relay, "cli0", &pin);
+    let new = s["controller"]["pid"].as_u64().unwrap_or(0) as u32;
+    let _guard = KillOnDrop(new);
+    assert!(status.success(), "relay restart: {out}");
+    assert!(out.contains(&format!("handed over to pid {new}")), "{out}");
+    assert!(old.child.wait().unwrap().success(), "{}", old.log());
+    assert_eq!(s["controller"]["handovers"], 1, "{s}");
+    assert!(round_trip(&t.client), "the successor relays");
+
+    let out = relay_cmd(
+        &t.relay,
+        &["stop", "--iface", "cli0", "--pin-dir", pin.arg()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = Instant::now();
+    while relay::system::alive(new) && start.elapsed() < Duration::from_secs(10) {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!relay::system::alive(new), "the stopped relay exited");
+
+    // Maps of another layout (an older or newer relay's, whose records this one would
+    // misread): refused before anything is read or written.
+    let relay = Relay::start(&t.relay, &args(&pin, &config));
+    assert!(relay.stop(libc::SIGTERM));
+    {
+        use relay_common::session::Meta;
+        let data = aya::maps::MapData::from_pin(pin.path().join("META")).unwrap();
+        let mut meta: aya::maps::Array<_, Meta> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        let mut m = meta.get(&0, 0).unwrap();
+        m.layout ^= 1;
+        meta.set(0, m, 0).unwrap();
+    }
+    let out = relay_cmd(&t.relay, &[&["run"][..], &args(&pin, &config)].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(!out.status.success());
+    assert!(
+        last.contains("with another map layout") && last.contains("relay stop"),
+        "{err}"
+    );
+    assert!(
+        t.relay.xdp_attached("cli0"),
+        "the running program is left alone"
+    );
+    echo.store(true, Ordering::Relaxed);
+}
