@@ -72,8 +72,32 @@ impl Drop for Proc {
     }
 }
 
+/// A `relay run` of the benchmark: stopped for good when dropped (SIGTERM, which leaves XDP
+/// attached for a successor, then its pins removed, which detaches it), so that the next
+/// peer finds the interfaces free.
+struct RelayProc {
+    proc: Option<Proc>,
+    pins: std::path::PathBuf,
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        drop(self.proc.take());
+        let _ = relay::pin::remove(&self.pins);
+    }
+}
+
 /// `relay run ARGS` in `ns`, once it says it is running.
-fn relay(bin: &Path, ns: &Netns, pins: &Path, args: &[&str]) -> anyhow::Result<Proc> {
+fn relay(bin: &Path, ns: &Netns, pins: &Path, args: &[&str]) -> anyhow::Result<RelayProc> {
+    Ok(RelayProc {
+        proc: Some(relay_process(bin, ns, pins, args)?),
+        pins: pins.to_path_buf(),
+    })
+}
+
+/// `relay run ARGS` in `ns`, once it says it is running (a successor included: it says so
+/// once it has taken over).
+fn relay_process(bin: &Path, ns: &Netns, pins: &Path, args: &[&str]) -> anyhow::Result<Proc> {
     let log = std::env::temp_dir().join(format!("{}.log", lab::unique(PREFIX, "log")));
     let child = ns
         .command(bin)
@@ -97,6 +121,71 @@ fn relay(bin: &Path, ns: &Netns, pins: &Path, args: &[&str]) -> anyhow::Result<P
     }
     let _ = std::fs::remove_file(&log);
     bail!("the relay did not start: {text}")
+}
+
+/// Packets lost across a graceful restart under load: the same blast through the relay's
+/// forward rule once without and once with a successor taking over in the middle.
+#[derive(Serialize, Default)]
+pub struct RestartLoss {
+    pub sent: u64,
+    pub delivered: u64,
+    pub baseline_sent: u64,
+    pub baseline_delivered: u64,
+    /// From starting the successor to the old process's exit.
+    pub handover_ms: f64,
+    /// What the restart cost: the run's losses beyond the baseline run's rate of loss.
+    pub lost_to_restart: f64,
+}
+
+/// Runs a blast with a handover from `old` to a successor (started with `args`) in the
+/// middle; returns the figures and the successor.
+fn restart_under_load(
+    t: &Topology,
+    bin: &Path,
+    pins: &Path,
+    args: &[&str],
+    flows: &[Flow],
+    per_flow: u32,
+    old: RelayProc,
+) -> anyhow::Result<(RestartLoss, RelayProc)> {
+    let baseline = t.blast(flows, per_flow, 60)?;
+    let mut old = old;
+    let mut old_proc = old.proc.take().context("the relay process")?;
+    std::mem::forget(old);
+    let (blast, successor, handover) = thread::scope(|scope| -> anyhow::Result<_> {
+        let blast = scope.spawn(|| t.blast(flows, per_flow, 60));
+        // Into the blast's middle (it runs about a second or more).
+        thread::sleep(Duration::from_millis(150));
+        let start = Instant::now();
+        let successor = relay_process(bin, &t.relay, pins, args)?;
+        while old_proc.0.try_wait()?.is_none() {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the old relay did not exit after handing over");
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let handover = start.elapsed();
+        let blast = blast
+            .join()
+            .map_err(|_| anyhow::anyhow!("the generator thread panicked"))??;
+        Ok((blast, successor, handover))
+    })?;
+    let baseline_loss = 1.0 - baseline.delivered as f64 / baseline.sent.max(1) as f64;
+    let lost = blast.sent.saturating_sub(blast.delivered) as f64;
+    Ok((
+        RestartLoss {
+            sent: blast.sent,
+            delivered: blast.delivered,
+            baseline_sent: baseline.sent,
+            baseline_delivered: baseline.delivered,
+            handover_ms: handover.as_secs_f64() * 1000.0,
+            lost_to_restart: (lost - baseline_loss * blast.sent as f64).max(0.0),
+        },
+        RelayProc {
+            proc: Some(successor),
+            pins: pins.to_path_buf(),
+        },
+    ))
 }
 
 /// How fast the controller opens sessions: `flows` new client flows sent at once.
@@ -568,7 +657,7 @@ pub fn run(
     relay_bin: &Path,
     pins: &BpfMount,
     smoke: bool,
-) -> anyhow::Result<(Vec<PeerResult>, SessionRate)> {
+) -> anyhow::Result<(Vec<PeerResult>, SessionRate, RestartLoss)> {
     let t = Topology::new()?;
     let n: u16 = 16;
     let mut r = Runner {
@@ -603,6 +692,17 @@ pub fn run(
     )?;
     r.measure(RELAY_XDP, FORWARD, &v4, 60)?;
     r.measure(RELAY_XDP, FORWARD, &v6, 60)?;
+    eprintln!("[bench] a graceful restart under load");
+    let relay_args = [&["--iface", "cli0", "--iface", "up0"][..], &forward].concat();
+    let (restart, relay_xdp) = restart_under_load(
+        &t,
+        relay_bin,
+        &xdp_pins,
+        &relay_args,
+        &v4,
+        if smoke { 16_384 } else { r.per_flow },
+        relay_xdp,
+    )?;
     if !smoke {
         for bytes in [508, 1396] {
             r.measure(RELAY_XDP, FORWARD, &v4, bytes)?;
@@ -708,7 +808,7 @@ pub fn run(
         )?;
         r.measure(peer, SOCKS, &flows, 60)?;
     }
-    Ok((r.results, rate))
+    Ok((r.results, rate, restart))
 }
 
 const SOCKS_PASSWORD: &str = "bench-password";
