@@ -411,3 +411,98 @@ pub fn socket<T: From<OwnedFd> + std::os::fd::AsFd>(fd: OwnedFd) -> anyhow::Resu
     }
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Peer, Peer) {
+        let (a, b) = socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        (Peer { fd: a }, Peer { fd: b })
+    }
+
+    #[test]
+    fn sockets_and_their_state_cross_with_the_items() {
+        use std::os::fd::AsFd as _;
+        let (old, new) = pair();
+        let session = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let lock = std::fs::File::open("/").unwrap();
+        old.send(&Message::Item(Item::Lock), &[lock.as_fd()])
+            .unwrap();
+        old.send(&Message::Item(Item::Session { id: 7 }), &[session.as_fd()])
+            .unwrap();
+        old.send(
+            &Message::End {
+                reserved: vec![(20000, 29999)],
+                unfinished: 2,
+            },
+            &[],
+        )
+        .unwrap();
+        let mut got = Received::default();
+        loop {
+            match new.recv().unwrap().unwrap() {
+                (Message::Item(item), fds) => got.file(item, fds).unwrap(),
+                (
+                    Message::End {
+                        reserved,
+                        unfinished,
+                    },
+                    fds,
+                ) => {
+                    assert!(fds.is_empty());
+                    assert_eq!((reserved, unfinished), (vec![(20000, 29999)], 2));
+                    break;
+                }
+                (other, _) => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(got.lock.is_some());
+        // The very socket: same address, and a datagram sent to it arrives on the copy.
+        let copy: std::net::UdpSocket = socket(got.sessions.remove(&7).unwrap()).unwrap();
+        assert_eq!(copy.local_addr().unwrap(), session.local_addr().unwrap());
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe
+            .send_to(b"still here", session.local_addr().unwrap())
+            .unwrap();
+        drop(session);
+        let mut buf = [0u8; 16];
+        std::thread::sleep(Duration::from_millis(20));
+        let (n, _) = copy.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"still here");
+        drop(old);
+        assert!(new.recv().unwrap().is_none(), "end of the conversation");
+    }
+
+    #[test]
+    fn items_with_the_wrong_descriptors_are_refused() {
+        let mut got = Received::default();
+        assert!(got.file(Item::Session { id: 1 }, Vec::new()).is_err());
+        let state = ConnectState {
+            user: None,
+            dest: "x".into(),
+            pipes: true,
+        };
+        let fd = std::fs::File::open("/").unwrap().into();
+        assert!(got.file(Item::Connect(state), vec![fd]).is_err());
+    }
+
+    #[test]
+    fn long_pin_directories_get_a_short_name() {
+        let short = address(Path::new("/sys/fs/bpf/relay/eth0")).unwrap();
+        let long = address(Path::new(&format!("/sys/fs/bpf/{}", "x".repeat(200)))).unwrap();
+        let other = address(Path::new(&format!("/sys/fs/bpf/{}", "y".repeat(200)))).unwrap();
+        assert!(short
+            .as_abstract()
+            .unwrap()
+            .ends_with(b"/sys/fs/bpf/relay/eth0"));
+        assert!(long.as_abstract().unwrap().len() < 108);
+        assert_ne!(long.as_abstract(), other.as_abstract());
+    }
+}

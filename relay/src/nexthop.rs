@@ -879,6 +879,46 @@ mod tests {
     }
 
     #[test]
+    fn slots_taken_over_stay_where_the_records_point() {
+        // A predecessor's records use slots 3 (twice) and 5; slot 5's key is unknown.
+        let mut t = Table::default();
+        let gw: IpAddr = "198.18.2.254".parse().unwrap();
+        t.adopt(3, Some((7, gw, 0)));
+        t.adopt(3, Some((7, gw, 0)));
+        t.adopt(5, None);
+        t.adopt(NEXTHOP_NONE, None);
+        assert_eq!(
+            t.acquire((7, gw, 0)),
+            Some((3, false)),
+            "the same next hop shares it"
+        );
+        let other: IpAddr = "198.18.2.253".parse().unwrap();
+        let (slot, new) = t.acquire((7, other, 0)).unwrap();
+        assert!(
+            new && slot != 3 && slot != 5,
+            "a free slot, not a taken-over one: {slot}"
+        );
+        assert!(
+            !t.release(3) && !t.release(3),
+            "two records still use slot 3"
+        );
+        assert!(t.release(3));
+        // The slot of unknown purpose is held, never refreshed, freed with its record.
+        assert!(t.entries().all(|(s, _)| s != 5));
+        assert!(t.release(5));
+        let mut seen = std::collections::HashSet::new();
+        while let Some((s, _)) = t.acquire((8, IpAddr::from((seen.len() as u32).to_be_bytes()), 0))
+        {
+            assert!(seen.insert(s), "slot {s} handed out twice");
+        }
+        assert_eq!(
+            seen.len() + 1,
+            SLOTS,
+            "every slot but the one in use is free again"
+        );
+    }
+
+    #[test]
     fn slots_are_freed_when_their_last_session_ends() {
         // More distinct on-link peers over time than there are slots, never more at once:
         // each gets a slot (a table that never frees would refuse the 1025th).

@@ -172,16 +172,7 @@ impl ReservedPorts {
     ) -> anyhow::Result<ReservedPorts> {
         let text = fs::read_to_string(RESERVED).with_context(|| format!("reading {RESERVED}"))?;
         let all = parse_reserved(&text);
-        let mut kept: Vec<PortRange> = all
-            .iter()
-            .copied()
-            .filter(|r| !previous.contains(r) || ranges.contains(r))
-            .collect();
-        for r in ranges {
-            if !kept.contains(r) {
-                kept.push(*r);
-            }
-        }
+        let kept = taken_over(&all, ranges, previous);
         if kept != all {
             write_reserved(&kept)?;
         }
@@ -189,6 +180,23 @@ impl ReservedPorts {
             ranges: ranges.to_vec(),
         })
     }
+}
+
+/// The reserved list after a successor with `ranges` takes over from a predecessor that
+/// reserved `previous`: the predecessor's ranges it does not use are given back, everyone
+/// else's stay, and its own are there.
+fn taken_over(all: &[PortRange], ranges: &[PortRange], previous: &[PortRange]) -> Vec<PortRange> {
+    let mut kept: Vec<PortRange> = all
+        .iter()
+        .copied()
+        .filter(|r| !previous.contains(r) || ranges.contains(r))
+        .collect();
+    for r in ranges {
+        if !kept.contains(r) {
+            kept.push(*r);
+        }
+    }
+    kept
 }
 
 impl Drop for ReservedPorts {
@@ -210,6 +218,29 @@ impl Drop for ReservedPorts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_successor_keeps_its_ranges_and_gives_back_the_rest() {
+        let r = |a, b| PortRange { first: a, last: b };
+        let all = [r(80, 80), r(20000, 29999), r(30000, 31999)];
+        // The predecessor reserved the two relay ranges; the successor moved the sessions.
+        let kept = taken_over(&all, &[r(20000, 29999), r(40000, 40999)], &all[1..]);
+        assert_eq!(kept, vec![r(80, 80), r(20000, 29999), r(40000, 40999)]);
+    }
+
+    #[test]
+    fn a_process_is_alive_until_it_is_a_zombie() {
+        assert!(alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let start = std::time::Instant::now();
+        while alive(pid) && start.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!alive(pid), "exited, not reaped yet: not alive");
+        child.wait().unwrap();
+        assert!(!alive(pid));
+    }
 
     #[test]
     fn reserved_port_lists_parse() {
