@@ -593,11 +593,36 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
         0,
         20_000,
     );
-    thread::sleep(Duration::from_millis(1000));
+    // An association the crash will take with it (published within a second).
+    let (lost_control, _) = t.client.run(|| socks_request(&request(3, "0.0.0.0:0")));
+    thread::sleep(Duration::from_millis(1200));
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(relay.child.id() as i32, libc::SIGKILL) };
     let _ = relay.child.wait();
-    thread::sleep(Duration::from_millis(1000));
+    // A new client while no controller runs: its datagram is dropped and counted, and no
+    // ICMP port-unreachable tells it to give up (a connected UDP socket would see it as a
+    // refused connection).
+    let refused = t.client.run(|| {
+        let s = UdpSocket::bind("198.18.1.2:0").unwrap();
+        s.connect(FORWARD).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        (0..3)
+            .map(|_| {
+                s.send(b"hello, anyone?").unwrap();
+                s.recv(&mut buf)
+                    .err()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+            })
+            .filter(|r| *r)
+            .count()
+    });
+    assert_eq!(
+        refused, 0,
+        "no ICMP port-unreachable while no controller ran"
+    );
+    thread::sleep(Duration::from_millis(500));
     let relay = Relay::start(&t.relay, &args(&pin, &config));
     assert!(
         relay.log().contains("ended without stopping") && relay.log().contains("took over "),
@@ -615,10 +640,21 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
         diagnose(&t, &pin)
     );
     let s = stats(&t.relay, "cli0", &pin);
-    relay_lost_nothing(&s);
+    assert_eq!(
+        support::reason_packets(&s, "no_socket"),
+        3,
+        "the new client's datagrams, dropped while no controller ran: {s}"
+    );
+    for reason in ["redirect_failed", "adjust_failed", "wrong_source"] {
+        assert_eq!(support::reason_packets(&s, reason), 0, "{reason}: {s}");
+    }
     assert_eq!(s["controller"]["crash_recoveries"], 1, "{s}");
     assert_eq!(s["controller"]["lost_connections"], 0, "{s}");
-    assert_eq!(s["controller"]["lost_associations"], 0, "{s}");
+    assert_eq!(
+        s["controller"]["lost_associations"], 1,
+        "the association the crash took, counted: {s}"
+    );
+    drop(lost_control);
 
     // `relay stop`: detached, state gone.
     let out = relay_cmd(
