@@ -135,6 +135,13 @@ pub struct RestartLoss {
     pub handover_ms: f64,
     /// What the restart cost: the run's losses beyond the baseline run's rate of loss.
     pub lost_to_restart: f64,
+    /// The same blast with the controller killed (SIGKILL) in the middle and a new one
+    /// started at once: frames sent and delivered, and how long the new one took from its
+    /// start to relaying (program loaded, sessions taken over).
+    pub crash_sent: u64,
+    pub crash_delivered: u64,
+    pub crash_takeover_ms: f64,
+    pub lost_to_crash: f64,
 }
 
 /// Runs a blast with a handover from `old` to a successor (started with `args`) in the
@@ -170,8 +177,25 @@ fn restart_under_load(
             .map_err(|_| anyhow::anyhow!("the generator thread panicked"))??;
         Ok((blast, successor, handover))
     })?;
+    // A crash: SIGKILL in the middle of a blast, and a new controller at once.
+    let mut victim = successor;
+    let (crash, next, takeover) = thread::scope(|scope| -> anyhow::Result<_> {
+        let blast = scope.spawn(|| t.blast(flows, per_flow, 60));
+        thread::sleep(Duration::from_millis(150));
+        let _ = victim.0.kill();
+        let _ = victim.0.wait();
+        let start = Instant::now();
+        let next = relay_process(bin, &t.relay, pins, args)?;
+        let takeover = start.elapsed();
+        let blast = blast
+            .join()
+            .map_err(|_| anyhow::anyhow!("the generator thread panicked"))??;
+        Ok((blast, next, takeover))
+    })?;
     let baseline_loss = 1.0 - baseline.delivered as f64 / baseline.sent.max(1) as f64;
-    let lost = blast.sent.saturating_sub(blast.delivered) as f64;
+    let beyond = |sent: u64, delivered: u64| {
+        (sent.saturating_sub(delivered) as f64 - baseline_loss * sent as f64).max(0.0)
+    };
     Ok((
         RestartLoss {
             sent: blast.sent,
@@ -179,10 +203,14 @@ fn restart_under_load(
             baseline_sent: baseline.sent,
             baseline_delivered: baseline.delivered,
             handover_ms: handover.as_secs_f64() * 1000.0,
-            lost_to_restart: (lost - baseline_loss * blast.sent as f64).max(0.0),
+            lost_to_restart: beyond(blast.sent, blast.delivered),
+            crash_sent: crash.sent,
+            crash_delivered: crash.delivered,
+            crash_takeover_ms: takeover.as_secs_f64() * 1000.0,
+            lost_to_crash: beyond(crash.sent, crash.delivered),
         },
         RelayProc {
-            proc: Some(successor),
+            proc: Some(next),
             pins: pins.to_path_buf(),
         },
     ))

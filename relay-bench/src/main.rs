@@ -412,6 +412,12 @@ fn targets(
         |v| v < 1.0,
         " packets",
     );
+    ratio(
+        "zero packets lost to a controller crash under load (XDP-carried flows)",
+        (restart.crash_sent > 0).then_some(restart.lost_to_crash),
+        |v| v < 1.0,
+        " packets",
+    );
     t
 }
 
@@ -608,13 +614,19 @@ fn markdown(r: &Results) -> String {
             "## A graceful restart under load\n\nA successor took over (sockets, XDP link) in \
              {:.0} ms in the middle of a blast through the forward rule: {} of {} frames \
              delivered; the same blast without a restart: {} of {}. Lost to the restart: {:.0} \
-             packets.\n",
+             packets.\n\nThe same blast with the controller killed (SIGKILL) in its middle and a \
+             new one started at once, which was relaying {:.0} ms after its start: {} of {} \
+             delivered. Lost to the crash: {:.0} packets.\n",
             x.handover_ms,
             x.delivered,
             x.sent,
             x.baseline_delivered,
             x.baseline_sent,
-            x.lost_to_restart
+            x.lost_to_restart,
+            x.crash_takeover_ms,
+            x.crash_delivered,
+            x.crash_sent,
+            x.lost_to_crash
         );
     }
     let _ = writeln!(m, "## In-kernel cost per packet (BPF_PROG_TEST_RUN)\n");
