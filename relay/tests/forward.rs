@@ -6,6 +6,7 @@ mod support;
 
 use std::{
     net::{SocketAddr, UdpSocket},
+    os::unix::process::CommandExt as _,
     thread,
     time::{Duration, Instant},
 };
@@ -413,24 +414,28 @@ fn clients_outside_the_allow_list_are_refused_and_counted() {
 fn iperf3_udp_through_the_relay() {
     let t = Topology::new();
     let pin = PinDir::new();
-    let mut server = t
-        .upstream
-        .command("iperf3")
-        .args(["-s", "-1", "-B", "198.18.2.2", "-p", "5201"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
+    let _server = support::Group(
+        t.upstream
+            .command("iperf3")
+            .args(["-s", "-1", "-B", "198.18.2.2", "-p", "5201"])
+            .stdout(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("iperf3 server"),
+    );
     // iperf3's control connection is TCP: a plain TCP forwarder carries it; the UDP test
     // traffic goes through the relay's forward rule on the same port.
-    let mut control = t
-        .relay
-        .command("socat")
-        .args([
-            "TCP-LISTEN:5201,bind=198.18.1.1,reuseaddr,fork",
-            "TCP:198.18.2.2:5201",
-        ])
-        .spawn()
-        .expect("socat");
+    let _control = support::Group(
+        t.relay
+            .command("socat")
+            .args([
+                "TCP-LISTEN:5201,bind=198.18.1.1,reuseaddr,fork",
+                "TCP:198.18.2.2:5201",
+            ])
+            .process_group(0)
+            .spawn()
+            .expect("socat"),
+    );
     let _relay = Relay::forwarding(&t.relay, &pin, &["198.18.1.1:5201=198.18.2.2:5201"], &[]);
     thread::sleep(Duration::from_millis(300));
     let out = t
@@ -452,10 +457,6 @@ fn iperf3_udp_through_the_relay() {
         ])
         .output()
         .expect("iperf3 client");
-    let _ = server.kill();
-    let _ = control.kill();
-    let _ = server.wait();
-    let _ = control.wait();
     assert!(
         out.status.success(),
         "iperf3: {}{}",

@@ -270,13 +270,6 @@ fn veth_ring_overflows(t: &Topology) -> u64 {
     xmit + sndbuf(&t.client) + sndbuf(&t.upstream)
 }
 
-/// Kills a process and its children (socat forks one per connection).
-fn kill_group(child: &mut std::process::Child) {
-    // SAFETY: kill(2) of the process group our own child leads.
-    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-    let _ = child.wait();
-}
-
 /// A TCP echo server in the upstream namespace.
 fn tcp_echo(ns: &Netns) {
     let listener = ns.run(|| TcpListener::bind(TCP_ECHO).expect("bind TCP echo"));
@@ -459,27 +452,30 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
     let config = config();
     let echo = udp_echo(&t.upstream);
     tcp_echo(&t.upstream);
-    let mut iperf_server = t
-        .upstream
-        .command("iperf3")
-        .args(["-s", "-1", "-B", "198.18.2.2", "-p", "5201"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
+    let _iperf_server = support::Group(
+        t.upstream
+            .command("iperf3")
+            .args(["-s", "-1", "-B", "198.18.2.2", "-p", "5201"])
+            .stdout(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("iperf3 server"),
+    );
     // iperf3's control connection is TCP: socat carries it; its UDP test traffic goes
     // through the relay's forward rule on the same port.
-    let mut socat = t
-        .relay
-        .command("socat")
-        .args([
-            "TCP-LISTEN:5201,bind=198.18.1.1,reuseaddr,fork",
-            "TCP:198.18.2.2:5201",
-        ])
-        .process_group(0)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("socat");
+    let _socat = support::Group(
+        t.relay
+            .command("socat")
+            .args([
+                "TCP-LISTEN:5201,bind=198.18.1.1,reuseaddr,fork",
+                "TCP:198.18.2.2:5201",
+            ])
+            .process_group(0)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("socat"),
+    );
     let mut relay = Relay::start(&t.relay, &args(&pin, &config));
     thread::sleep(Duration::from_millis(300));
     let iperf = t
@@ -676,9 +672,6 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
         })
         .unwrap_or_default();
     assert!(left.is_empty(), "pins left after `relay stop`: {left:?}");
-    let _ = iperf_server.kill();
-    let _ = iperf_server.wait();
-    kill_group(&mut socat);
     echo.store(true, Ordering::Relaxed);
     drop(relay);
 }

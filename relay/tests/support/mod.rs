@@ -418,3 +418,16 @@ pub fn ends(client: &str, front: &str, back: &str, upstream: &str) -> relay::dat
         upstream: lab::sa(upstream),
     }
 }
+
+/// A child started in a process group of its own (`Command::process_group(0)`), killed with
+/// everything it forked when dropped, also when the test panics (socat forks one process per
+/// connection, which would outlive a plain kill of its parent).
+pub struct Group(pub Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of the process group our own child leads.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
