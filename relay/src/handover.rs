@@ -244,7 +244,7 @@ impl Control {
                 continue;
             }
             set_timeouts(&fd);
-            return Ok(Peer { fd });
+            return Ok(Peer::new(fd));
         }
     }
 }
@@ -252,6 +252,18 @@ impl Control {
 /// One side of a control connection (blocking; use it off the async threads).
 pub struct Peer {
     fd: OwnedFd,
+    /// The receive buffer, reused for every message (a handover of ten thousand sessions is
+    /// ten thousand messages).
+    buf: std::sync::Mutex<Vec<u8>>,
+}
+
+impl Peer {
+    fn new(fd: OwnedFd) -> Peer {
+        Peer {
+            fd,
+            buf: std::sync::Mutex::new(vec![0u8; MAX_MESSAGE]),
+        }
+    }
 }
 
 /// Connects to the relay running on `dir`; `None` if none listens.
@@ -260,7 +272,7 @@ pub fn connect(dir: &Path) -> anyhow::Result<Option<Peer>> {
     match socket::connect(fd.as_raw_fd(), &address(dir)?) {
         Ok(()) => {
             set_timeouts(&fd);
-            Ok(Some(Peer { fd }))
+            Ok(Some(Peer::new(fd)))
         }
         Err(nix::errno::Errno::ECONNREFUSED) | Err(nix::errno::Errno::ENOENT) => Ok(None),
         Err(e) => Err(anyhow!(e).context("connecting to the running relay's control socket")),
@@ -286,10 +298,10 @@ impl Peer {
 
     /// The next message and its descriptors; `None` when the other side closed.
     pub fn recv(&self) -> anyhow::Result<Option<(Message, Vec<OwnedFd>)>> {
-        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
         let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
         let (len, fds, truncated) = {
-            let mut iov = [IoSliceMut::new(&mut buf)];
+            let mut iov = [IoSliceMut::new(&mut buf[..])];
             let msg = socket::recvmsg::<()>(
                 self.fd.as_raw_fd(),
                 &mut iov,
@@ -424,7 +436,7 @@ mod tests {
             SockFlag::SOCK_CLOEXEC,
         )
         .unwrap();
-        (Peer { fd: a }, Peer { fd: b })
+        (Peer::new(a), Peer::new(b))
     }
 
     #[test]

@@ -567,6 +567,31 @@ async fn run(
     }
     // Its control socket goes with it; this one answers the next successor.
     let control = bind_control(&dir).await?;
+    // Control requests are read on a task of their own: a peer that connects and says
+    // nothing holds up only the next peer (for the read timeout), never the signals.
+    let (request_tx, mut requests) = tokio::sync::mpsc::channel(1);
+    let control_task = tokio::spawn(async move {
+        loop {
+            let peer = match control.accept().await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!("control socket: {e:#}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let read = tokio::task::spawn_blocking(move || {
+                let m = peer.recv();
+                (peer, m)
+            })
+            .await;
+            if let Ok(request) = read {
+                if request_tx.send(request).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
     // Loaded, attached, listening: from here on only what running needs.
     relay::privileges::drop_to_runtime_set()?;
     forward.spawn();
@@ -599,20 +624,7 @@ async fn run(
                 break Exit::Signal;
             }
             _ = term.recv() => break Exit::Signal,
-            peer = control.accept() => {
-                let peer = match peer {
-                    Ok(p) => p,
-                    Err(e) => {
-                        warn!("control socket: {e:#}");
-                        continue;
-                    }
-                };
-                let (peer, hello) = tokio::task::spawn_blocking(move || {
-                    let m = peer.recv();
-                    (peer, m)
-                })
-                .await
-                .context("control socket")?;
+            Some((peer, hello)) = requests.recv() => {
                 match hello {
                     Ok(Some((handover::Message::Hello { want: handover::Want::Stop, .. }, _))) => {
                         let _ = peer.send(&handover::Message::Stopping, &[]);
@@ -631,7 +643,8 @@ async fn run(
                             continue;
                         }
                         info!("relay {version} is taking over: handing everything over");
-                        drop(control);
+                        // The control socket goes now: the successor binds its own.
+                        control_task.abort();
                         hand_over(peer, &forward, socks5.as_deref(), nexthops.as_deref(), &_lock, &port_ranges).await;
                         break Exit::HandedOver;
                     }
