@@ -254,6 +254,15 @@ impl Drop for TaskGuard {
     }
 }
 
+/// Hands out handed-over descriptors in order, or says one is missing.
+fn descriptors(fds: Vec<OwnedFd>) -> impl FnMut() -> anyhow::Result<OwnedFd> {
+    let mut fds = fds.into_iter();
+    move || {
+        fds.next()
+            .ok_or_else(|| anyhow::anyhow!("missing descriptor"))
+    }
+}
+
 /// Resolves once the server hands over (never, if it already did: the caller checks first).
 async fn handing_over(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|h| *h).await;
@@ -451,12 +460,22 @@ impl Server {
     }
 
     /// The grant of a handed-over session's user, as the configuration has it now.
-    fn grant_of(&self, user: &Option<String>) -> Option<Grant> {
+    fn grant_of(&self, user: &Option<String>) -> anyhow::Result<Grant> {
         let cur = self.current();
         match user {
             Some(name) => cur.grants.get(name).cloned(),
             None => cur.anonymous.clone(),
         }
+        .ok_or_else(|| anyhow::anyhow!("user {user:?} is gone"))
+    }
+
+    /// A handed-over connection of `ip`, counted against its source like any other.
+    fn adopted_source(&self, ip: IpAddr) -> anyhow::Result<SourceGuard> {
+        let mut source = self.sources.admit(ip, u32::MAX, u32::MAX).map_err(|_| {
+            anyhow::anyhow!("per-source bookkeeping refused a handed-over connection")
+        })?;
+        source.handshake_done();
+        Ok(source)
     }
 
     fn user_of(&self, account: usize) -> Option<String> {
@@ -468,14 +487,8 @@ impl Server {
         state: ConnectState,
         fds: Vec<OwnedFd>,
     ) -> anyhow::Result<()> {
-        let grant = self
-            .grant_of(&state.user)
-            .ok_or_else(|| anyhow::anyhow!("user {:?} is gone", state.user))?;
-        let mut fds = fds.into_iter();
-        let mut next = || {
-            fds.next()
-                .ok_or_else(|| anyhow::anyhow!("missing descriptor"))
-        };
+        let grant = self.grant_of(&state.user)?;
+        let mut next = descriptors(fds);
         let client: std::net::TcpStream = crate::handover::socket(next()?)?;
         let upstream: std::net::TcpStream = crate::handover::socket(next()?)?;
         let pipes = [
@@ -490,14 +503,7 @@ impl Server {
         ];
         let client = TcpStream::from_std(client)?;
         let upstream = TcpStream::from_std(upstream)?;
-        let peer = client.peer_addr()?;
-        let mut source = self
-            .sources
-            .admit(peer.ip(), u32::MAX, u32::MAX)
-            .map_err(|_| {
-                anyhow::anyhow!("per-source bookkeeping refused a handed-over connection")
-            })?;
-        source.handshake_done();
+        let source = self.adopted_source(client.peer_addr()?.ip())?;
         let acct = self.account(grant.account);
         acct.active_connections.fetch_add(1, Ordering::Relaxed);
         let revoked = grant.revoke.subscribe();
@@ -519,14 +525,8 @@ impl Server {
         state: AssociateState,
         fds: Vec<OwnedFd>,
     ) -> anyhow::Result<()> {
-        let grant = self
-            .grant_of(&state.user)
-            .ok_or_else(|| anyhow::anyhow!("user {:?} is gone", state.user))?;
-        let mut fds = fds.into_iter();
-        let mut next = || {
-            fds.next()
-                .ok_or_else(|| anyhow::anyhow!("missing descriptor"))
-        };
+        let grant = self.grant_of(&state.user)?;
+        let mut next = descriptors(fds);
         let control: std::net::TcpStream = crate::handover::socket(next()?)?;
         let socket: std::net::UdpSocket = crate::handover::socket(next()?)?;
         let control = TcpStream::from_std(control)?;
@@ -561,13 +561,7 @@ impl Server {
             acct.fast_flows.fetch_add(1, Ordering::Relaxed);
             assoc.fast.push(FastFlow { id, _hops: hops });
         }
-        let mut source = self
-            .sources
-            .admit(state.peer.ip(), u32::MAX, u32::MAX)
-            .map_err(|_| {
-                anyhow::anyhow!("per-source bookkeeping refused a handed-over association")
-            })?;
-        source.handshake_done();
+        let source = self.adopted_source(state.peer.ip())?;
         acct.active_associations.fetch_add(1, Ordering::Relaxed);
         let revoked = grant.revoke.subscribe();
         let server = Arc::clone(self);
