@@ -127,10 +127,10 @@ reasons! {
     /// A session packet with a VLAN tag whose egress is another link (where that tag would
     /// be wrong): left to the kernel, whose VLAN device delivers it to the controller.
     VlanOtherLink = 24, "vlan_other_link", Pass;
-    /// UDP to one of the relay's ports (a rule's listen port, a session's or association's
-    /// port) that the fast path left to the kernel while no socket holds the port: no
-    /// controller runs (a restart, a crash). Dropped, so that the client hears no ICMP
-    /// "port unreachable" and keeps its flow; the next controller takes over.
+    /// A live session's packet the fast path declines (it would go to the controller) while
+    /// no socket will take it: no controller runs (a restart, a crash). Dropped, so that the
+    /// peer hears no ICMP "port unreachable" and keeps its flow; the next controller takes
+    /// over.
     NoSocket = 25, "no_socket", Drop;
 }
 

@@ -256,12 +256,8 @@ pub fn name32(name: &str) -> [u8; 32] {
 pub const RULE_SLOTS: u32 = 256;
 
 /// Entries of `PORTS`: one per UDP port. `PORTS[port]` is 1 + the index of the forward
-/// session whose relay-side (back) port it is, [`PORT_LISTEN`] for a forward rule's listen
-/// port, or 0.
+/// session whose relay-side (back) port it is, or 0.
 pub const PORT_SLOTS: u32 = 65536;
-
-/// `PORTS` value of a forward rule's listen port.
-pub const PORT_LISTEN: u32 = u32::MAX;
 
 /// Capacity of `NEXTHOPS`.
 pub const NEXTHOP_SLOTS: u32 = 1024;

@@ -27,8 +27,8 @@ use relay_common::{
     rewrite::{apply, plan, Head, SocksHeader},
     session::{
         Flow, FlowKey, Meta, Nexthop, NexthopKey, RuleStats, Session, SlowPath, UserStats,
-        FLOW_SOCKS, NEXTHOP_NONE, NEXTHOP_SLOTS, PORT_LISTEN, PORT_SLOTS, RULE_SLOTS, STATE_ACTIVE,
-        TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
+        FLOW_SOCKS, NEXTHOP_NONE, NEXTHOP_SLOTS, PORT_SLOTS, RULE_SLOTS, STATE_ACTIVE, TO_CLIENT,
+        TO_UPSTREAM, USER_SLOTS,
     },
 };
 
@@ -120,42 +120,6 @@ fn classify(ctx: &XdpContext, frame: &mut XdpFrame) -> Result<Reason, Reason> {
     }
 }
 
-/// A UDP frame: the fast path, and for a frame it leaves to the kernel that is addressed to
-/// one of the relay's ports, a look whether a socket still holds that port. None does while
-/// no controller runs (a restart, a crash): the kernel would answer "port unreachable", which
-/// makes clients give up, so such a frame is dropped and counted instead. Only frames the
-/// fast path declined pay for the lookup.
-#[inline(always)]
-fn relay_udp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reason, Reason> {
-    match relay_udp_session(ctx, frame, h) {
-        Err(reason)
-            if reason.verdict() == Verdict::Pass
-                && owned_port(h.dst_port)
-                && !socket_for(ctx, h) =>
-        {
-            Err(Reason::NoSocket)
-        }
-        r => r,
-    }
-}
-
-/// Whether `port` is one the relay's sockets hold: a session or association port, or a
-/// forward rule's listen port.
-#[inline(always)]
-fn owned_port(port: u16) -> bool {
-    let (first, last) = (SESSION_PORT_FIRST.load(), SESSION_PORT_LAST.load());
-    if first != 0 && port >= first && port <= last {
-        return true;
-    }
-    let (first, last) = (SOCKS_PORT_FIRST.load(), SOCKS_PORT_LAST.load());
-    if first != 0 && port >= first && port <= last {
-        return true;
-    }
-    PORTS
-        .get(u32::from(port))
-        .is_some_and(|v| *v == PORT_LISTEN)
-}
-
 /// Whether a UDP socket of this namespace would receive the packet.
 #[inline(always)]
 fn socket_for(ctx: &XdpContext, h: &Headers) -> bool {
@@ -206,11 +170,7 @@ fn socket_for(ctx: &XdpContext, h: &Headers) -> bool {
 
 /// The fast path: find the flow, then the session, plan, apply, account, send.
 #[inline(always)]
-fn relay_udp_session(
-    ctx: &XdpContext,
-    frame: &mut XdpFrame,
-    h: &Headers,
-) -> Result<Reason, Reason> {
+fn relay_udp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reason, Reason> {
     let key = FlowKey {
         remote: h.src,
         remote_port: h.src_port,
@@ -255,15 +215,44 @@ fn relay_udp_session(
     if !same(remote, h.src) || remote_port != h.src_port {
         return Err(Reason::NoSession);
     }
-    let plan = plan(
-        h,
-        s.target(direction),
-        nexthop_of(s, direction)?,
-        Head::Keep,
-    )?;
-    same_link_if_tagged(ctx, h, plan.ifindex)?;
+    carry(ctx, frame, h, (session, s), direction, Head::Keep)
+}
+
+/// A packet of a session whose flow, record and addresses all matched: plan, apply,
+/// account, send. Such a packet is addressed to the relay itself, so one the fast path
+/// declines here goes to the controller's socket; if no socket will take it (no controller
+/// runs: a restart, a crash), it is dropped and counted as `no_socket` instead of the kernel
+/// answering "port unreachable", which makes clients give up. Only declined packets pay for
+/// the socket lookup.
+#[inline(always)]
+fn carry(
+    ctx: &XdpContext,
+    frame: &mut XdpFrame,
+    h: &Headers,
+    (session, s): (*mut Session, &Session),
+    direction: u32,
+    head: Head,
+) -> Result<Reason, Reason> {
+    let declined = |reason: Reason| {
+        if reason.verdict() == Verdict::Pass && !socket_for(ctx, h) {
+            Reason::NoSocket
+        } else {
+            reason
+        }
+    };
+    let plan = nexthop_of(s, direction)
+        .and_then(|nexthop| plan(h, s.target(direction), nexthop, head))
+        .map_err(declined)?;
+    same_link_if_tagged(ctx, h, plan.ifindex).map_err(declined)?;
     apply(frame, &plan)?;
-    account(session, direction, plan.ip_bytes());
+    // SOCKS5 accounting counts UDP payload bytes, as the controller does; forward rules count
+    // IP bytes.
+    let bytes = if head == Head::Keep {
+        plan.ip_bytes()
+    } else {
+        plan.payload_bytes()
+    };
+    account(session, direction, bytes);
     send(ctx, plan.ifindex)
 }
 
@@ -422,12 +411,7 @@ fn socks_to_destination(
     }
     // The header just read, FRAG 0: what the plan removes.
     let strip = Head::Strip(SocksHeader::new(family, &dest, port));
-    let plan = plan(h, s.target(TO_UPSTREAM), nexthop_of(s, TO_UPSTREAM)?, strip)?;
-    same_link_if_tagged(ctx, h, plan.ifindex)?;
-    apply(frame, &plan)?;
-    // SOCKS5 accounting counts UDP payload bytes, as the controller does.
-    account(session, TO_UPSTREAM, plan.payload_bytes());
-    send(ctx, plan.ifindex)
+    carry(ctx, frame, h, (session, s), TO_UPSTREAM, strip)
 }
 
 /// A destination's reply to an association: rewrite toward the client and prepend the SOCKS5
@@ -447,11 +431,7 @@ fn socks_to_client(
         return Err(Reason::NoSession);
     }
     let prepend = Head::Prepend(SocksHeader::new(s.family, &s.upstream, s.upstream_port));
-    let plan = plan(h, s.target(TO_CLIENT), nexthop_of(s, TO_CLIENT)?, prepend)?;
-    same_link_if_tagged(ctx, h, plan.ifindex)?;
-    apply(frame, &plan)?;
-    account(session, TO_CLIENT, plan.payload_bytes());
-    send(ctx, plan.ifindex)
+    carry(ctx, frame, h, (session, s), TO_CLIENT, prepend)
 }
 
 #[inline(always)]

@@ -41,8 +41,7 @@ use relay_common::{
     packet::{FAMILY_V4, FAMILY_V6, PROTO_UDP},
     session::{
         Flow, FlowKey, Meta, Nexthop, NexthopKey, RuleStats, Session, SlowPath, Traffic, UserStats,
-        FLOW_SOCKS, LAYOUT, META_MAGIC, PORT_LISTEN, RULE_SLOTS, RULE_SOCKS, STATE_ACTIVE,
-        TO_CLIENT, TO_UPSTREAM,
+        FLOW_SOCKS, LAYOUT, META_MAGIC, RULE_SOCKS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
     },
 };
 
@@ -283,25 +282,6 @@ impl Datapath {
         let mut meta = m.meta.get(&0, 0).context("reading META")?;
         f(&mut meta);
         m.meta.set(0, meta, 0).context("writing META")
-    }
-
-    /// Marks the listen ports of this controller's rules in `PORTS` (after clearing those the
-    /// rules of an earlier controller left), so that the fast path knows them as the relay's.
-    pub fn mark_listen_ports(&self, ports: &[u16]) -> anyhow::Result<()> {
-        let mut m = self.lock();
-        for slot in 0..RULE_SLOTS {
-            let Ok(r) = m.rules.get(&slot, 0) else { break };
-            let port = u32::from(r.listen_port);
-            if port != 0 && m.ports.get(&port, 0).is_ok_and(|v| v == PORT_LISTEN) {
-                m.ports.set(port, 0, 0).context("writing PORTS")?;
-            }
-        }
-        for port in ports {
-            m.ports
-                .set(u32::from(*port), PORT_LISTEN, 0)
-                .context("writing PORTS")?;
-        }
-        Ok(())
     }
 
     /// Every account in `USERS` (what the previous controller published).

@@ -589,31 +589,37 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
         0,
         20_000,
     );
-    // An association the crash will take with it (published within a second).
+    // An association the crash will take with it (published within a second), and a
+    // forward session whose client will send what the fast path leaves to the controller.
     let (lost_control, _) = t.client.run(|| socks_request(&request(3, "0.0.0.0:0")));
+    let probe = t.client.run(|| {
+        let s = UdpSocket::bind("198.18.1.2:0").unwrap();
+        s.connect(FORWARD).unwrap();
+        s
+    });
+    probe
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(round_trip_on(&probe), "the probe's session is open");
     thread::sleep(Duration::from_millis(1200));
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(relay.child.id() as i32, libc::SIGKILL) };
     let _ = relay.child.wait();
-    // A new client while no controller runs: its datagram is dropped and counted, and no
-    // ICMP port-unreachable tells it to give up (a connected UDP socket would see it as a
-    // refused connection).
-    let refused = t.client.run(|| {
-        let s = UdpSocket::bind("198.18.1.2:0").unwrap();
-        s.connect(FORWARD).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut buf = [0u8; 64];
-        (0..3)
-            .map(|_| {
-                s.send(b"hello, anyone?").unwrap();
-                s.recv(&mut buf)
-                    .err()
-                    .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
-            })
-            .filter(|r| *r)
-            .count()
-    });
+    // While no controller runs, datagrams of a live session that the fast path declines
+    // (TTL 1: the relay cannot forward them) are dropped and counted; no ICMP
+    // port-unreachable tells the client to give up (its connected socket would see a refused
+    // connection).
+    probe.set_ttl(1).unwrap();
+    let mut buf = [0u8; 64];
+    let refused = (0..3)
+        .filter(|_| {
+            probe.send(b"ttl 1").unwrap();
+            probe
+                .recv(&mut buf)
+                .err()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        })
+        .count();
     assert_eq!(
         refused, 0,
         "no ICMP port-unreachable while no controller ran"
@@ -639,7 +645,7 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
     assert_eq!(
         support::reason_packets(&s, "no_socket"),
         3,
-        "the new client's datagrams, dropped while no controller ran: {s}"
+        "the session's TTL-1 datagrams, dropped while no controller ran: {s}"
     );
     for reason in ["redirect_failed", "adjust_failed", "wrong_source"] {
         assert_eq!(support::reason_packets(&s, reason), 0, "{reason}: {s}");
@@ -687,16 +693,23 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// One UDP round trip through the forward rule to the echo server.
+/// One UDP round trip through the forward rule to the echo server, from a new client.
 fn round_trip(ns: &Netns) -> bool {
-    ns.run(|| {
+    let s = ns.run(|| {
         let s = UdpSocket::bind("198.18.1.2:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        (0..3).any(|_| {
-            s.send_to(b"ping through the relay", FORWARD).unwrap();
-            let mut buf = [0u8; 64];
-            matches!(s.recv_from(&mut buf), Ok((22, _)))
-        })
+        s.connect(FORWARD).unwrap();
+        s
+    });
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    round_trip_on(&s)
+}
+
+/// One round trip through the forward rule on a socket connected to it (three tries).
+fn round_trip_on(s: &UdpSocket) -> bool {
+    let mut buf = [0u8; 64];
+    (0..3).any(|_| {
+        s.send(b"ping through the relay").unwrap();
+        matches!(s.recv(&mut buf), Ok(22))
     })
 }
 

@@ -156,9 +156,6 @@ impl Rules {
         for addr in handed.keys() {
             info!("{addr}: no rule listens here any more; closed");
         }
-        // Before the labels below replace the previous controller's listen ports.
-        let ports: Vec<u16> = rules.iter().map(|r: &Rule| r.listen.port()).collect();
-        datapath.mark_listen_ports(&ports)?;
         for index in 0..RULE_SLOTS as u16 {
             let rule = rules.get(usize::from(index));
             datapath.update_rule(index, |r| {
