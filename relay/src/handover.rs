@@ -81,6 +81,9 @@ pub enum Message {
 pub enum Item {
     /// The pin directory's lock (its descriptor).
     Lock,
+    /// The listening control socket itself: its name is never free for another process to
+    /// take.
+    Control,
     /// A forward rule's listening socket.
     ForwardListener { addr: SocketAddr },
     /// A forward session's socket (its relay port, connected to the upstream).
@@ -121,6 +124,7 @@ pub struct AssociateState {
 #[derive(Default)]
 pub struct Received {
     pub lock: Option<OwnedFd>,
+    pub control: Option<OwnedFd>,
     pub forward: HashMap<SocketAddr, OwnedFd>,
     pub sessions: HashMap<u32, OwnedFd>,
     pub socks_listener: Option<(SocketAddr, OwnedFd)>,
@@ -142,6 +146,7 @@ impl Received {
         };
         match item {
             Item::Lock => self.lock = Some(one(&mut fds)?),
+            Item::Control => self.control = Some(one(&mut fds)?),
             Item::ForwardListener { addr } => {
                 self.forward.insert(addr, one(&mut fds)?);
             }
@@ -205,13 +210,34 @@ pub struct Control {
 }
 
 impl Control {
-    /// Listens on the control socket of `dir`. Call while holding the pin directory's lock.
+    /// Listens on the control socket of `dir`. Call right after taking the pin directory's
+    /// lock, so that the name is never free while a relay runs here.
     pub fn bind(dir: &Path) -> anyhow::Result<Control> {
         let fd = seqpacket(true)?;
-        socket::bind(fd.as_raw_fd(), &address(dir)?)
-            .context("binding the control socket (is another relay running here?)")?;
+        socket::bind(fd.as_raw_fd(), &address(dir)?).with_context(|| {
+            format!(
+                "binding the control socket of {} (another process holds its name)",
+                dir.display()
+            )
+        })?;
         socket::listen(&fd, socket::Backlog::new(4).context("backlog")?)
             .context("listening on the control socket")?;
+        Control::register(fd)
+    }
+
+    /// The listening control socket a predecessor handed over.
+    pub fn handed_over(fd: OwnedFd) -> anyhow::Result<Control> {
+        let fd: OwnedFd = socket::<std::os::unix::net::UnixListener>(fd)?.into();
+        Control::register(fd)
+    }
+
+    /// The listening descriptor, duplicated, to hand over.
+    pub fn dup(&self) -> anyhow::Result<OwnedFd> {
+        use std::os::fd::AsFd as _;
+        dup(self.fd.get_ref().as_fd())
+    }
+
+    fn register(fd: OwnedFd) -> anyhow::Result<Control> {
         // SAFETY: the AsyncFd owns the descriptor for its whole life and nothing else
         // closes or replaces it.
         let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
@@ -271,6 +297,19 @@ pub fn connect(dir: &Path) -> anyhow::Result<Option<Peer>> {
     let fd = seqpacket(false)?;
     match socket::connect(fd.as_raw_fd(), &address(dir)?) {
         Ok(()) => {
+            // Abstract names can be bound by anyone: only a listener with this process's
+            // user id is a relay to talk to.
+            let cred = socket::getsockopt(&fd, sockopt::PeerCredentials)
+                .context("reading the control socket's credentials")?;
+            if cred.uid() != nix::unistd::geteuid().as_raw() {
+                bail!(
+                    "the control socket of {} is held by pid {} of uid {}, not a relay of this \
+                     user; refusing to talk to it",
+                    dir.display(),
+                    cred.pid(),
+                    cred.uid()
+                );
+            }
             set_timeouts(&fd);
             Ok(Some(Peer::new(fd)))
         }

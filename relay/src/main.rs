@@ -377,7 +377,7 @@ async fn run(
     // Before any pinned map is opened: the directory's lock, or the running relay that holds
     // it, to take over from.
     let (lock, predecessor) = match pin::try_lock(&dir)? {
-        Some(lock) => (Some(lock), None),
+        Some(lock) => (Some((lock, handover::Control::bind(&dir)?)), None),
         None => match handover::connect(&dir)? {
             Some(peer) => {
                 info!(
@@ -419,7 +419,8 @@ async fn run(
     if mode != AttachMode::Off {
         match ebpf::load_programs(&mut bpf) {
             Ok(()) => fast_path = true,
-            Err(e) if mode == AttachMode::Auto => {
+            // A running relay's program keeps relaying rather than this one giving up XDP.
+            Err(e) if mode == AttachMode::Auto && predecessor.is_none() => {
                 warn!("{e:#}; relaying in userspace only (same rules and sessions, lower rate)");
             }
             Err(e) => return Err(e),
@@ -457,13 +458,21 @@ async fn run(
         }
         None => handover::Received::default(),
     };
-    let _lock = match lock {
-        Some(l) => l,
-        None => pin::Lock::handed_over(
-            received
-                .lock
-                .take()
-                .context("the running relay did not hand over its lock")?,
+    let (_lock, control) = match lock {
+        Some(held) => held,
+        None => (
+            pin::Lock::handed_over(
+                received
+                    .lock
+                    .take()
+                    .context("the running relay did not hand over its lock")?,
+            ),
+            handover::Control::handed_over(
+                received
+                    .control
+                    .take()
+                    .context("the running relay did not hand over its control socket")?,
+            )?,
         ),
     };
     let _reserved = if predecessor.is_some() {
@@ -514,6 +523,18 @@ async fn run(
     } else {
         None
     };
+    // Every next-hop slot a pinned record refers to is held before anyone asks for a new
+    // one, so that none is handed out again while a record not taken over yet (a forward
+    // session, a SOCKS5 flow of a handed-over association) still uses it; the hold ends once
+    // the services have taken over theirs.
+    let pinned_slots: Vec<_> = match &nexthops {
+        Some(n) => datapath
+            .active()
+            .iter()
+            .map(|(_, record)| n.adopt(record.nexthop))
+            .collect(),
+        None => Vec::new(),
+    };
     let forward = Forward::start(
         &config,
         Arc::clone(&datapath),
@@ -551,6 +572,7 @@ async fn run(
             None
         }
     };
+    drop(pinned_slots);
     let names: Vec<String> = ifaces.iter().map(|(n, _)| n.clone()).collect();
     let mut program = ebpf::Attachment::new(bpf, &dir);
     for gone in ebpf::detach_pinned(&dir, fast_path.then_some(&names[..])) {
@@ -565,8 +587,7 @@ async fn run(
     if let Some(peer) = &predecessor {
         let _ = peer.send(&handover::Message::Done, &[]);
     }
-    // Its control socket goes with it; this one answers the next successor.
-    let control = bind_control(&dir).await?;
+    let control_fd = control.dup()?;
     // Control requests are read on a task of their own: a peer that connects and says
     // nothing holds up only the next peer (for the read timeout), never the signals.
     let (request_tx, mut requests) = tokio::sync::mpsc::channel(1);
@@ -643,9 +664,9 @@ async fn run(
                             continue;
                         }
                         info!("relay {version} is taking over: handing everything over");
-                        // The control socket goes now: the successor binds its own.
+                        // The successor accepts on the control socket from now on.
                         control_task.abort();
-                        hand_over(peer, &forward, socks5.as_deref(), nexthops.as_deref(), &_lock, &port_ranges).await;
+                        hand_over(peer, &forward, socks5.as_deref(), nexthops.as_deref(), &_lock, control_fd, &port_ranges).await;
                         break Exit::HandedOver;
                     }
                     Ok(other) => warn!("control socket: unexpected {:?}", other.map(|(m, _)| m)),
@@ -711,22 +732,6 @@ async fn run(
     Ok(())
 }
 
-/// Binds the control socket, waiting a moment for a predecessor's to go away with it.
-async fn bind_control(dir: &std::path::Path) -> anyhow::Result<handover::Control> {
-    let mut tries = 0;
-    loop {
-        match handover::Control::bind(dir) {
-            Ok(c) => return Ok(c),
-            Err(e) if tries < 100 => {
-                tries += 1;
-                log::debug!("control socket: {e:#}; trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// The old process's side of a takeover: stops every service, sends what they hand over,
 /// and waits until the successor says it runs on it.
 async fn hand_over(
@@ -735,6 +740,7 @@ async fn hand_over(
     socks5: Option<&relay::socks5::server::Server>,
     nexthops: Option<&NextHops>,
     lock: &pin::Lock,
+    control: std::os::fd::OwnedFd,
     reserved: &[relay::config::PortRange],
 ) {
     use handover::{Item, Message};
@@ -747,6 +753,7 @@ async fn hand_over(
         Ok(fd) => items.push((Item::Lock, vec![fd])),
         Err(e) => warn!("handing over the lock: {e:#}"),
     }
+    items.push((Item::Control, vec![control]));
     match forward.hand_over() {
         Ok(v) => items.extend(v.into_iter().map(|(i, fd)| (i, vec![fd]))),
         Err(e) => warn!("handing over the forward sockets: {e:#}"),
