@@ -198,10 +198,18 @@ fn seqpacket(nonblocking: bool) -> anyhow::Result<OwnedFd> {
         .context("creating a Unix socket")
 }
 
+/// Timeouts both ways, and buffers that take the largest message (the default send buffer
+/// of about 200 KiB would refuse a big association's state with EMSGSIZE).
 fn set_timeouts(fd: &OwnedFd) {
     let t = nix::sys::time::TimeVal::new(WAIT.as_secs() as i64, 0);
     let _ = socket::setsockopt(fd, sockopt::ReceiveTimeout, &t);
     let _ = socket::setsockopt(fd, sockopt::SendTimeout, &t);
+    for size in [2 * MAX_MESSAGE, MAX_MESSAGE + 64 * 1024] {
+        if socket::setsockopt(fd, sockopt::SndBufForce, &size).is_ok() {
+            break;
+        }
+        let _ = socket::setsockopt(fd, sockopt::SndBuf, &size);
+    }
 }
 
 /// The running relay's end: listens for a successor (or `relay stop`).
@@ -529,6 +537,45 @@ mod tests {
         assert_eq!(&buf[..n], b"still here");
         drop(old);
         assert!(new.recv().unwrap().is_none(), "end of the conversation");
+    }
+
+    /// An association with as many resolved names as it may hold, each as long as DNS allows,
+    /// crosses in one message (it did not fit the default send buffer).
+    #[test]
+    fn the_largest_association_state_crosses() {
+        use std::os::fd::AsFd as _;
+        let (old, new) = pair();
+        set_timeouts(&old.fd);
+        set_timeouts(&new.fd);
+        let addr: SocketAddr = "198.18.2.2:53".parse().unwrap();
+        let state = AssociateState {
+            user: Some("alice".into()),
+            peer: addr,
+            port: 30000,
+            client_ip: addr.ip(),
+            client: Some(addr),
+            local: addr.ip(),
+            contacted: vec![addr; 1024],
+            names: (0..1024)
+                .map(|i| (format!("{i:0>253}"), 443, addr))
+                .collect(),
+            fast: (0..1024).collect(),
+        };
+        let (control, socket) = (
+            std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+            std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+        );
+        old.send(
+            &Message::Item(Item::Associate(state)),
+            &[control.as_fd(), socket.as_fd()],
+        )
+        .expect("sent in one message");
+        match new.recv().unwrap().unwrap() {
+            (Message::Item(Item::Associate(a)), fds) => {
+                assert_eq!((a.names.len(), fds.len()), (1024, 2));
+            }
+            (other, _) => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]

@@ -767,9 +767,20 @@ async fn hand_over(
     let count = items.len();
     let reserved: Vec<(u16, u16)> = reserved.iter().map(|r| (r.first, r.last)).collect();
     let sent = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        // One item that cannot be sent (its state too large, a descriptor refused) costs that
+        // connection, not the whole handover.
         for (item, fds) in items {
             let borrowed: Vec<_> = fds.iter().map(|f| std::os::fd::AsFd::as_fd(f)).collect();
-            peer.send(&Message::Item(item), &borrowed)?;
+            if let Err(e) = peer.send(&Message::Item(item), &borrowed) {
+                let gone = matches!(
+                    e.root_cause().downcast_ref::<nix::errno::Errno>(),
+                    Some(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET)
+                );
+                if gone {
+                    return Err(e);
+                }
+                warn!("handover: an item was not sent: {e:#}");
+            }
         }
         peer.send(
             &Message::End {
