@@ -77,15 +77,7 @@ fn counters_move_with_traffic_and_relay_stop_detaches() {
         t.relay.xdp_attached("cli0"),
         "the program stays attached after Ctrl-C, for the next start"
     );
-    let out = relay_cmd(
-        &t.relay,
-        &["stop", "--iface", "cli0", "--pin-dir", pin.arg()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::relay_stop(&t.relay, &pin);
     assert!(
         !t.relay.xdp_attached("cli0"),
         "`relay stop` detaches the program"
@@ -142,15 +134,7 @@ fn generic_mode_on_request() {
     assert!(link.contains("xdpgeneric"), "{link}");
     assert_eq!(send_through(&t, 10).len(), 10);
     assert!(reason_packets(&stats(&t.relay, "cli0", &pin), "no_session") >= 10);
-    let out = relay_cmd(
-        &t.relay,
-        &["stop", "--iface", "cli0", "--pin-dir", pin.arg()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::relay_stop(&t.relay, &pin);
     assert!(!t.relay.xdp_attached("cli0"));
     let mut relay = relay;
     assert!(

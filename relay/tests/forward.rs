@@ -6,7 +6,6 @@ mod support;
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    os::unix::process::CommandExt as _,
     thread,
     time::{Duration, Instant},
 };
@@ -414,59 +413,10 @@ fn clients_outside_the_allow_list_are_refused_and_counted() {
 fn iperf3_udp_through_the_relay() {
     let t = Topology::new();
     let pin = PinDir::new();
-    let _server = support::Group(
-        t.upstream
-            .command("iperf3")
-            .args(["-s", "-1", "-B", "198.18.2.2", "-p", "5201"])
-            .stdout(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("iperf3 server"),
-    );
-    // iperf3's control connection is TCP: a plain TCP forwarder carries it; the UDP test
-    // traffic goes through the relay's forward rule on the same port.
-    let _control = support::Group(
-        t.relay
-            .command("socat")
-            .args([
-                "TCP-LISTEN:5201,bind=198.18.1.1,reuseaddr,fork",
-                "TCP:198.18.2.2:5201",
-            ])
-            .process_group(0)
-            .spawn()
-            .expect("socat"),
-    );
+    let _iperf3 = support::Iperf3::serve(&t);
     let _relay = Relay::forwarding(&t.relay, &pin, &["198.18.1.1:5201=198.18.2.2:5201"], &[]);
     thread::sleep(Duration::from_millis(300));
-    let out = t
-        .client
-        .command("iperf3")
-        .args([
-            "-c",
-            "198.18.1.1",
-            "-p",
-            "5201",
-            "-u",
-            "-b",
-            "20M",
-            "-l",
-            "1000",
-            "-t",
-            "3",
-            "-J",
-        ])
-        .output()
-        .expect("iperf3 client");
-    assert!(
-        out.status.success(),
-        "iperf3: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    let sum = &report["end"]["sum"];
-    let sent = sum["packets"].as_u64().unwrap_or(0);
-    let lost = sum["lost_packets"].as_u64().unwrap_or(u64::MAX);
+    let (sent, lost, sum) = support::Iperf3::result(support::Iperf3::client(&t, "20M", 3));
     assert!(sent > 1000, "iperf3 sent {sent} datagrams: {sum}");
     assert!(lost * 100 <= sent, "iperf3 lost {lost} of {sent}: {sum}");
     let s = stats(&t.relay, "cli0", &pin);

@@ -10,7 +10,6 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
-    os::unix::process::CommandExt as _,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -168,6 +167,17 @@ impl Flow {
         }
         (sent, sent - received)
     }
+}
+
+/// 20,000 datagrams a second through the forward rule, echoed back.
+fn forward_flow(t: &Topology) -> Flow {
+    Flow::start(
+        t.client.run(|| UdpSocket::bind("198.18.1.2:0").unwrap()),
+        FORWARD.parse().unwrap(),
+        Vec::new(),
+        0,
+        20_000,
+    )
 }
 
 /// Logs in as alice and sends `request`; returns the control connection and the reply's
@@ -370,22 +380,9 @@ impl Stream {
     }
 }
 
-fn args<'a>(pin: &'a PinDir, config: &'a ConfigFile) -> Vec<&'a str> {
-    vec![
-        "--iface",
-        "cli0",
-        "--iface",
-        "up0",
-        "--pin-dir",
-        pin.arg(),
-        "--config",
-        config.arg(),
-    ]
-}
-
 /// Starts a successor while `old` runs; returns it once `old` has handed over and exited.
 fn take_over(ns: &Netns, pin: &PinDir, config: &ConfigFile, mut old: Relay) -> Relay {
-    let new = Relay::start(ns, &args(pin, config));
+    let new = Relay::start(ns, &support::config_args(pin, config));
     let start = Instant::now();
     loop {
         if let Ok(Some(status)) = old.child.try_wait() {
@@ -452,62 +449,13 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
     let config = config();
     let echo = udp_echo(&t.upstream);
     tcp_echo(&t.upstream);
-    let _iperf_server = support::Group(
-        t.upstream
-            .command("iperf3")
-            .args(["-s", "-1", "-B", "198.18.2.2", "-p", "5201"])
-            .stdout(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("iperf3 server"),
-    );
-    // iperf3's control connection is TCP: socat carries it; its UDP test traffic goes
-    // through the relay's forward rule on the same port.
-    let _socat = support::Group(
-        t.relay
-            .command("socat")
-            .args([
-                "TCP-LISTEN:5201,bind=198.18.1.1,reuseaddr,fork",
-                "TCP:198.18.2.2:5201",
-            ])
-            .process_group(0)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("socat"),
-    );
-    let mut relay = Relay::start(&t.relay, &args(&pin, &config));
+    let _iperf3 = support::Iperf3::serve(&t);
+    let mut relay = Relay::start(&t.relay, &support::config_args(&pin, &config));
     thread::sleep(Duration::from_millis(300));
-    let iperf = t
-        .client
-        .command("iperf3")
-        .args([
-            "-c",
-            "198.18.1.1",
-            "-p",
-            "5201",
-            "-u",
-            "-b",
-            "4M",
-            "-l",
-            "1000",
-            "-t",
-            "9",
-            "-J",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("iperf3 client");
+    let iperf = support::Iperf3::client(&t, "4M", 9);
 
     let ring = veth_ring_overflows(&t);
-    let forward = Flow::start(
-        t.client.run(|| UdpSocket::bind("198.18.1.2:0").unwrap()),
-        FORWARD.parse().unwrap(),
-        Vec::new(),
-        0,
-        20_000,
-    );
+    let forward = forward_flow(&t);
     let (control, bnd) = t.client.run(|| socks_request(&request(3, "0.0.0.0:0")));
     let association = Flow::start(
         t.client.run(|| UdpSocket::bind("198.18.1.2:0").unwrap()),
@@ -537,17 +485,7 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
     let (assoc_sent, assoc_lost) = association.finish();
     let (written, echoed) = stream.finish().expect("the CONNECT never broke");
     drop(control);
-    let out = iperf.wait_with_output().expect("iperf3 client");
-    assert!(
-        out.status.success(),
-        "iperf3: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    let sum = &report["end"]["sum"];
-    let iperf_sent = sum["packets"].as_u64().unwrap_or(0);
-    let iperf_lost = sum["lost_packets"].as_u64().unwrap_or(u64::MAX);
+    let (iperf_sent, iperf_lost, sum) = support::Iperf3::result(iperf);
     let ring = veth_ring_overflows(&t) - ring;
     eprintln!(
         "across 3 handovers: forward rule {forward_sent} sent, {forward_lost} lost; \
@@ -582,13 +520,7 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
 
     // A crash: the fast path carries on without a controller, the next one takes over.
     let ring = veth_ring_overflows(&t);
-    let forward = Flow::start(
-        t.client.run(|| UdpSocket::bind("198.18.1.2:0").unwrap()),
-        FORWARD.parse().unwrap(),
-        Vec::new(),
-        0,
-        20_000,
-    );
+    let forward = forward_flow(&t);
     // An association the crash will take with it (published within a second), and a
     // forward session whose client will send what the fast path leaves to the controller.
     let (lost_control, _) = t.client.run(|| socks_request(&request(3, "0.0.0.0:0")));
@@ -625,7 +557,7 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
         "no ICMP port-unreachable while no controller ran"
     );
     thread::sleep(Duration::from_millis(500));
-    let relay = Relay::start(&t.relay, &args(&pin, &config));
+    let relay = Relay::start(&t.relay, &support::config_args(&pin, &config));
     assert!(
         relay.log().contains("ended without stopping") && relay.log().contains("took over "),
         "the next controller takes over after a crash:\n{}",
@@ -659,15 +591,7 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
     drop(lost_control);
 
     // `relay stop`: detached, state gone.
-    let out = relay_cmd(
-        &t.relay,
-        &["stop", "--iface", "cli0", "--pin-dir", pin.arg()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::relay_stop(&t.relay, &pin);
     assert!(!t.relay.xdp_attached("cli0") && !t.relay.xdp_attached("up0"));
     let left: Vec<String> = std::fs::read_dir(pin.path())
         .map(|d| {
@@ -722,7 +646,7 @@ fn relay_restart_hands_over_and_other_layouts_are_refused() {
     let pin = PinDir::new();
     let config = config();
     let echo = udp_echo(&t.upstream);
-    let mut old = Relay::start(&t.relay, &args(&pin, &config));
+    let mut old = Relay::start(&t.relay, &support::config_args(&pin, &config));
     assert!(round_trip(&t.client));
     let log = std::env::temp_dir().join(support::unique("restart-log"));
     let file = std::fs::File::create(&log).unwrap();
@@ -746,15 +670,7 @@ fn relay_restart_hands_over_and_other_layouts_are_refused() {
     assert_eq!(s["controller"]["handovers"], 1, "{s}");
     assert!(round_trip(&t.client), "the successor relays");
 
-    let out = relay_cmd(
-        &t.relay,
-        &["stop", "--iface", "cli0", "--pin-dir", pin.arg()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::relay_stop(&t.relay, &pin);
     let start = Instant::now();
     while relay::system::alive(new) && start.elapsed() < Duration::from_secs(10) {
         thread::sleep(Duration::from_millis(20));
@@ -763,7 +679,7 @@ fn relay_restart_hands_over_and_other_layouts_are_refused() {
 
     // Maps of another layout (an older or newer relay's, whose records this one would
     // misread): refused before anything is read or written.
-    let relay = Relay::start(&t.relay, &args(&pin, &config));
+    let relay = Relay::start(&t.relay, &support::config_args(&pin, &config));
     assert!(relay.stop(libc::SIGTERM));
     {
         use relay_common::session::Meta;
@@ -774,7 +690,10 @@ fn relay_restart_hands_over_and_other_layouts_are_refused() {
         m.layout ^= 1;
         meta.set(0, m, 0).unwrap();
     }
-    let out = relay_cmd(&t.relay, &[&["run"][..], &args(&pin, &config)].concat());
+    let out = relay_cmd(
+        &t.relay,
+        &[&["run"][..], &support::config_args(&pin, &config)].concat(),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.lines().last().unwrap_or_default();
     assert!(!out.status.success());

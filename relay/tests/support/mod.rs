@@ -364,19 +364,7 @@ impl Relay {
 
     /// `relay run` on the relay of a [`Topology`] (both its interfaces) with `config`.
     pub fn with_config(ns: &Netns, pin: &PinDir, config: &ConfigFile) -> Relay {
-        Relay::start(
-            ns,
-            &[
-                "--iface",
-                "cli0",
-                "--iface",
-                "up0",
-                "--pin-dir",
-                pin.arg(),
-                "--config",
-                config.arg(),
-            ],
-        )
+        Relay::start(ns, &config_args(pin, config))
     }
 }
 
@@ -429,5 +417,106 @@ impl Drop for Group {
         // SAFETY: kill(2) of the process group our own child leads.
         unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
         let _ = self.0.wait();
+    }
+}
+
+/// The arguments of `relay run` on the relay of a [`Topology`] (both its interfaces) with
+/// `config`.
+pub fn config_args<'a>(pin: &'a PinDir, config: &'a ConfigFile) -> Vec<&'a str> {
+    vec![
+        "--iface",
+        "cli0",
+        "--iface",
+        "up0",
+        "--pin-dir",
+        pin.arg(),
+        "--config",
+        config.arg(),
+    ]
+}
+
+/// `relay stop` on the relay of a [`Topology`]; it must succeed.
+pub fn relay_stop(ns: &Netns, pin: &PinDir) {
+    let out = relay_cmd(ns, &["stop", "--iface", "cli0", "--pin-dir", pin.arg()]);
+    assert!(
+        out.status.success(),
+        "relay stop: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An iperf3 server on the upstream of a [`Topology`] (198.18.2.2:5201), reached at
+/// 198.18.1.1:5201: the UDP test traffic through the relay's forward rule on that port (the
+/// test's to configure), the TCP control connection through socat in the relay namespace.
+pub struct Iperf3 {
+    _server: Group,
+    _control: Group,
+}
+
+impl Iperf3 {
+    pub fn serve(t: &Topology) -> Iperf3 {
+        use std::os::unix::process::CommandExt as _;
+        let server = t
+            .upstream
+            .command("iperf3")
+            .args(["-s", "-1", "-B", "198.18.2.2", "-p", "5201"])
+            .stdout(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("iperf3 server");
+        let control = t
+            .relay
+            .command("socat")
+            .args([
+                "TCP-LISTEN:5201,bind=198.18.1.1,reuseaddr,fork",
+                "TCP:198.18.2.2:5201",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("socat");
+        Iperf3 {
+            _server: Group(server),
+            _control: Group(control),
+        }
+    }
+
+    /// Starts a UDP run of `seconds` at `rate` (iperf3's `-b`) from the client namespace.
+    pub fn client(t: &Topology, rate: &str, seconds: u32) -> Child {
+        t.client
+            .command("iperf3")
+            .args([
+                "-c",
+                "198.18.1.1",
+                "-p",
+                "5201",
+                "-u",
+                "-b",
+                rate,
+                "-l",
+                "1000",
+            ])
+            .args(["-t", &seconds.to_string(), "-J"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("iperf3 client")
+    }
+
+    /// A finished client run's datagrams sent and lost, with its summary for messages.
+    pub fn result(client: Child) -> (u64, u64, serde_json::Value) {
+        let out = client.wait_with_output().expect("iperf3 client");
+        assert!(
+            out.status.success(),
+            "iperf3: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+        let sum = report["end"]["sum"].clone();
+        let sent = sum["packets"].as_u64().unwrap_or(0);
+        let lost = sum["lost_packets"].as_u64().unwrap_or(u64::MAX);
+        (sent, lost, sum)
     }
 }
