@@ -31,4 +31,17 @@ pub mod maps {
     pub const PORTS: &str = "PORTS";
     pub const NEXTHOP_KEYS: &str = "NEXTHOP_KEYS";
     pub const META: &str = "META";
+    /// Every map the relay pins.
+    pub const PINNED: &[&str] = &[
+        COUNTERS,
+        FLOWS,
+        SESSIONS,
+        NEXTHOPS,
+        SLOWPATH,
+        RULES,
+        USERS,
+        PORTS,
+        NEXTHOP_KEYS,
+        META,
+    ];
 }

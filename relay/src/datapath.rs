@@ -175,10 +175,9 @@ pub fn record(e: &Endpoints, rule: u16, nexthop: [u16; 2], now: u64) -> Session 
 
 /// The relay version a `META` record names.
 pub fn version_of(meta: &Meta) -> String {
-    let end = meta.version.iter().position(|b| *b == 0).unwrap_or(32);
-    match std::str::from_utf8(&meta.version[..end]) {
-        Ok("") | Err(_) => "(unknown)".into(),
-        Ok(v) => v.into(),
+    match crate::stats::name_of(&meta.version) {
+        v if v.is_empty() => "(unknown)".into(),
+        v => v,
     }
 }
 
@@ -298,13 +297,14 @@ impl Datapath {
     pub fn socks_sweep(&self) -> usize {
         let ids: Vec<u32> = {
             let m = self.lock();
+            let free: std::collections::HashSet<u32> = m.socks_free.iter().copied().collect();
             (0..m.sessions.len())
                 .filter(|id| {
                     m.sessions
                         .get(id, 0)
                         .is_ok_and(|s| s.state == STATE_ACTIVE && is_socks(&s))
                 })
-                .filter(|id| m.socks_free.contains(id) || !m.socks_ids.contains(id))
+                .filter(|id| free.contains(id) || !m.socks_ids.contains(id))
                 .collect()
         };
         for id in &ids {

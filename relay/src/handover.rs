@@ -457,17 +457,9 @@ pub fn dup(fd: BorrowedFd<'_>) -> anyhow::Result<OwnedFd> {
 /// Makes a received descriptor a std socket of type `T` in non-blocking mode.
 pub fn socket<T: From<OwnedFd> + std::os::fd::AsFd>(fd: OwnedFd) -> anyhow::Result<T> {
     let s = T::from(fd);
-    // SAFETY: fcntl on a descriptor we own, setting only O_NONBLOCK.
-    unsafe {
-        let raw = s.as_fd().as_raw_fd();
-        let flags = libc::fcntl(raw, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            bail!(
-                "making a handed-over socket non-blocking: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
+    socket2::SockRef::from(&s)
+        .set_nonblocking(true)
+        .context("making a handed-over socket non-blocking")?;
     Ok(s)
 }
 

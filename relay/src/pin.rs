@@ -154,22 +154,7 @@ pub fn link(dir: &Path, iface: &str) -> PathBuf {
 
 /// Whether `name` is a pin the relay makes: one of its maps, or an XDP link.
 fn is_relay_pin(name: &str) -> bool {
-    use relay_common::maps;
-    name.starts_with("link_")
-        || [
-            maps::COUNTERS,
-            maps::FLOWS,
-            maps::SESSIONS,
-            maps::NEXTHOPS,
-            maps::EGRESS,
-            maps::SLOWPATH,
-            maps::RULES,
-            maps::USERS,
-            maps::PORTS,
-            maps::NEXTHOP_KEYS,
-            maps::META,
-        ]
-        .contains(&name)
+    name.starts_with("link_") || relay_common::maps::PINNED.contains(&name)
 }
 
 /// Removes the relay's pins in `dir` (and `dir` itself if it ends up empty): the links first,

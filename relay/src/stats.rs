@@ -121,7 +121,7 @@ impl Snapshot {
 }
 
 /// A NUL-padded name from a pinned map.
-fn name_of(field: &[u8; 32]) -> String {
+pub(crate) fn name_of(field: &[u8; 32]) -> String {
     let len = field.iter().position(|b| *b == 0).unwrap_or(field.len());
     String::from_utf8_lossy(&field[..len]).into_owned()
 }
