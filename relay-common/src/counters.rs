@@ -86,7 +86,7 @@ reasons! {
     Ipv4Options = 5, "ipv4_options", Pass;
     /// IPv6 with an extension header before the transport header.
     Ipv6Extension = 6, "ipv6_extension", Pass;
-    /// TCP: handled by the kernel and the controller's sockets.
+    /// TCP of no relay session and to no TCP rule's listen address: the host's own.
     Tcp = 7, "tcp", Pass;
     /// Any other transport protocol (ICMP, SCTP, ...).
     OtherL4 = 8, "other_l4", Pass;
@@ -132,7 +132,87 @@ reasons! {
     /// peer hears no ICMP "port unreachable" and keeps its flow; the next controller takes
     /// over.
     NoSocket = 25, "no_socket", Drop;
+    /// TCP header whose data offset is below 20 bytes or beyond the segment.
+    BadTcpHeader = 26, "bad_tcp_header", Pass;
+    /// A segment of a TCP session, or a SYN to a TCP rule, with flags no TCP sends (SYN with
+    /// FIN or RST, no flags at all, FIN without ACK) or a SYN carrying data: dropped, never
+    /// relayed into a session.
+    TcpBadFlags = 27, "tcp_bad_flags", Drop;
+    /// A TCP session's segment the fast path cannot carry (TTL expiring, larger than the
+    /// egress MTU, next hop unresolved, wrong IPv4 header checksum): dropped, because the
+    /// host's stack, which has no socket for it, would answer with a reset; the sender
+    /// retransmits.
+    TcpUncarried = 28, "tcp_uncarried", Drop;
+    /// A SYN to a TCP rule refused by its allow list, the client's share, the rule's limit or
+    /// its new-session rate (the cause is in `KERNEL_OPENS`): dropped.
+    TcpRefused = 29, "tcp_refused", Drop;
+    /// A SYN to a TCP rule the kernel could not open a session for (no free relay port in
+    /// the pool, the upstream's next hop or the route back unresolved, the event ring full):
+    /// passed to the controller's listening socket, which relays the connection itself.
+    TcpToController = 30, "tcp_to_controller", Pass;
 }
+
+/// What became of a first packet (a TCP SYN) that could open a session in the kernel: one
+/// slot each in the per-CPU `KERNEL_OPENS` array. `Opened` is a session opened and its first
+/// packet relayed; the refusals drop it (`tcp_refused`); the rest pass it to the controller
+/// (`tcp_to_controller`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Open {
+    Opened = 0,
+    /// Refused: not in the rule's allow list.
+    NotAllowed = 1,
+    /// Refused: the rule holds `max_sessions`, or the session table is full.
+    RuleFull = 2,
+    /// Refused: the client's address holds `max_sessions_per_source` on the rule.
+    SourceFull = 3,
+    /// Refused: over the rule's `new_sessions_per_second`.
+    Rate = 4,
+    /// To the controller: no free relay port in the pool.
+    PoolEmpty = 5,
+    /// To the controller: the upstream's next hop is not resolved.
+    NoNexthop = 6,
+    /// To the controller: no route back to the client, or not one XDP can send by.
+    NoRoute = 7,
+    /// To the controller: the event ring was full.
+    RingFull = 8,
+    /// Another CPU opened the same flow at the same moment (a retransmitted SYN): this copy
+    /// was dropped.
+    Raced = 9,
+}
+
+impl Open {
+    pub const ALL: [Open; 10] = [
+        Open::Opened,
+        Open::NotAllowed,
+        Open::RuleFull,
+        Open::SourceFull,
+        Open::Rate,
+        Open::PoolEmpty,
+        Open::NoNexthop,
+        Open::NoRoute,
+        Open::RingFull,
+        Open::Raced,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Open::Opened => "opened",
+            Open::NotAllowed => "not_allowed",
+            Open::RuleFull => "rule_full",
+            Open::SourceFull => "source_full",
+            Open::Rate => "rate_limited",
+            Open::PoolEmpty => "pool_empty",
+            Open::NoNexthop => "no_nexthop",
+            Open::NoRoute => "no_route",
+            Open::RingFull => "ring_full",
+            Open::Raced => "raced",
+        }
+    }
+}
+
+/// Slots of `KERNEL_OPENS` (room for more causes without a new layout).
+pub const OPEN_SLOTS: u32 = 16;
 
 /// Number of slots in the `COUNTERS` map. Larger than the number of reasons so that a newer
 /// program with more reasons can reuse a pinned map.

@@ -22,6 +22,11 @@ pub struct Frame {
     pub ipv4_frag: u16,
     /// Send an IPv4 UDP checksum of 0 ("none").
     pub no_udp_checksum: bool,
+    /// TCP flags (ACK by default) and options (a multiple of 4 bytes).
+    pub tcp_flags: u8,
+    pub tcp_options: Vec<u8>,
+    /// TCP sequence number.
+    pub tcp_seq: u32,
     pub payload: Vec<u8>,
 }
 
@@ -60,6 +65,9 @@ impl Frame {
             ipv4_options: Vec::new(),
             ipv4_frag: 0x4000,
             no_udp_checksum: false,
+            tcp_flags: 0x10,
+            tcp_options: Vec::new(),
+            tcp_seq: 1,
             payload: payload.to_vec(),
         }
     }
@@ -99,6 +107,24 @@ impl Frame {
         self
     }
 
+    /// A TCP segment from `src` to `dst` with `flags` carrying `payload`.
+    pub fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8]) -> Frame {
+        let mut f = Frame::udp(src, dst, payload);
+        f.proto = PROTO_TCP;
+        f.tcp_flags = flags;
+        f
+    }
+
+    pub fn tcp_options(mut self, options: &[u8]) -> Frame {
+        self.tcp_options = options.to_vec();
+        self
+    }
+
+    pub fn tcp_seq(mut self, seq: u32) -> Frame {
+        self.tcp_seq = seq;
+        self
+    }
+
     pub fn no_udp_checksum(mut self) -> Frame {
         self.no_udp_checksum = true;
         self
@@ -116,9 +142,13 @@ impl Frame {
                 Some(6)
             }
             PROTO_TCP => {
-                // seq, ack, data offset 5, flags ACK, window, checksum, urgent pointer.
-                seg.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff]);
+                // seq, ack, data offset, flags, window, checksum, urgent pointer, options.
+                seg.extend_from_slice(&self.tcp_seq.to_be_bytes());
                 seg.extend_from_slice(&[0, 0, 0, 0]);
+                let offset = (20 + self.tcp_options.len()) / 4;
+                seg.extend_from_slice(&[(offset as u8) << 4, self.tcp_flags, 0xff, 0xff]);
+                seg.extend_from_slice(&[0, 0, 0, 0]);
+                seg.extend_from_slice(&self.tcp_options);
                 Some(16)
             }
             _ => None,

@@ -31,6 +31,14 @@ pub mod maps {
     pub const PORTS: &str = "PORTS";
     pub const NEXTHOP_KEYS: &str = "NEXTHOP_KEYS";
     pub const META: &str = "META";
+    pub const LISTEN: &str = "LISTEN";
+    pub const POOL: &str = "POOL";
+    pub const SOURCE_FULL: &str = "SOURCE_FULL";
+    pub const ALLOW: &str = "ALLOW";
+    pub const RATE: &str = "RATE";
+    pub const EVENTS: &str = "EVENTS";
+    pub const HOPS: &str = "HOPS";
+    pub const KERNEL_OPENS: &str = "KERNEL_OPENS";
     /// Every map the relay pins.
     pub const PINNED: &[&str] = &[
         COUNTERS,
@@ -43,5 +51,13 @@ pub mod maps {
         PORTS,
         NEXTHOP_KEYS,
         META,
+        LISTEN,
+        POOL,
+        SOURCE_FULL,
+        ALLOW,
+        RATE,
+        EVENTS,
+        HOPS,
+        KERNEL_OPENS,
     ];
 }

@@ -68,6 +68,30 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// TCP flag bits.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Whether a TCP segment's flags are ones a TCP sends: not SYN with FIN or RST, not no flags
+/// at all, not FIN without ACK (port scans send these), and no SYN carrying data (relayed
+/// connections do not use TCP Fast Open; a SYN with data is a probe or a flood that would
+/// make the upstream do work).
+#[inline(always)]
+pub const fn tcp_flags_ok(h: &Headers) -> bool {
+    let f = h.tcp_flags;
+    let payload = h.l4_len - h.l4_header;
+    if f & TCP_SYN != 0 {
+        return f & (TCP_FIN | TCP_RST) == 0 && payload == 0;
+    }
+    if f & (TCP_ACK | TCP_RST) == 0 {
+        // No flags, or FIN/PSH/URG without ACK.
+        return false;
+    }
+    true
+}
+
 const ETH_P_8021Q: u16 = EtherType::Ieee8021q as u16;
 const ETH_P_8021AD: u16 = 0x88a8_u16.to_be();
 const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
@@ -95,13 +119,17 @@ pub struct Headers {
     pub proto: u8,
     /// TTL or hop limit.
     pub hop_limit: u8,
+    /// TCP flags (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10, ...); 0 for UDP.
+    pub tcp_flags: u8,
     /// Transport ports in host order (0 for protocols without ports).
     pub src_port: u16,
     pub dst_port: u16,
     /// IPv4 header checksum as on the wire (0 for IPv6).
     pub ip_check: u16,
-    /// UDP checksum as on the wire (0 for other protocols).
+    /// UDP or TCP checksum as on the wire (0 for other protocols).
     pub l4_check: u16,
+    /// Length of the transport header (8 for UDP, TCP's data offset; 0 for others).
+    pub l4_header: u16,
 }
 
 impl Headers {
@@ -180,12 +208,14 @@ pub fn parse<P: Packet + ?Sized>(pkt: &P) -> Result<Headers, Reason> {
         family: 0,
         proto: 0,
         hop_limit: 0,
+        tcp_flags: 0,
         src: [0; 16],
         dst: [0; 16],
         src_port: 0,
         dst_port: 0,
         ip_check: 0,
         l4_check: 0,
+        l4_header: 0,
     };
 
     if ether_type == ETH_P_IPV4 {
@@ -245,11 +275,19 @@ pub fn parse<P: Packet + ?Sized>(pkt: &P) -> Result<Headers, Reason> {
         h.src_port = u16::from_be_bytes(udp.src);
         h.dst_port = u16::from_be_bytes(udp.dst);
         h.l4_check = u16::from_be_bytes(udp.check);
+        h.l4_header = UdpHdr::LEN as u16;
     } else if h.proto == IpProto::Tcp as u8 {
-        // The ports are the first four bytes of the TCP header.
-        let ports: [u8; 4] = pkt.read(h.l4 as usize).ok_or(Reason::Truncated)?;
-        h.src_port = u16::from_be_bytes([ports[0], ports[1]]);
-        h.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+        // Ports, seq, ack, data offset, flags, window, checksum, urgent pointer.
+        let tcp: [u8; 20] = pkt.read(h.l4 as usize).ok_or(Reason::Truncated)?;
+        let header = (tcp[12] >> 4) as u16 * 4;
+        if header < 20 || header > h.l4_len {
+            return Err(Reason::BadTcpHeader);
+        }
+        h.src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+        h.dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+        h.tcp_flags = tcp[13];
+        h.l4_check = u16::from_be_bytes([tcp[16], tcp[17]]);
+        h.l4_header = header;
     }
     Ok(h)
 }

@@ -129,13 +129,13 @@ impl Head {
 }
 
 /// The transport protocol's part of a rewrite: where its header's fields are and how its
-/// checksum covers a change. UDP today. Another protocol plugs in here, as a variant: TCP's
-/// checksum is at 16, it has no length field (its length counts once, in the pseudo header),
-/// its header length comes from its data offset (which [`Headers`] would then carry), and a
-/// checksum of 0 is an ordinary value there.
+/// checksum covers a change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     Udp,
+    /// Relayed as it is: sequence numbers, options (MSS), window and payload untouched; only
+    /// addresses and ports change, and the checksum with them.
+    Tcp,
 }
 
 impl Transport {
@@ -144,16 +144,17 @@ impl Transport {
     pub const fn of(h: &Headers) -> Result<Transport, Reason> {
         match h.proto {
             PROTO_UDP => Ok(Transport::Udp),
-            PROTO_TCP => Err(Reason::Tcp),
+            PROTO_TCP => Ok(Transport::Tcp),
             _ => Err(Reason::OtherL4),
         }
     }
 
-    /// Length of the transport header: where the payload starts, from the transport header.
+    /// Length of the UDP header: where a SOCKS5 header starts (only UDP changes heads).
     #[inline(always)]
     pub const fn header_len(self) -> usize {
         match self {
             Transport::Udp => 8,
+            Transport::Tcp => 20,
         }
     }
 
@@ -162,6 +163,7 @@ impl Transport {
     pub const fn check_at(self) -> usize {
         match self {
             Transport::Udp => 6,
+            Transport::Tcp => 16,
         }
     }
 
@@ -170,18 +172,22 @@ impl Transport {
     pub const fn len_at(self) -> Option<usize> {
         match self {
             Transport::Udp => Some(4),
+            Transport::Tcp => None,
         }
     }
 
     /// Why a packet must be left to the kernel whatever its session says, if it must.
     #[inline(always)]
-    const fn decline(self, h: &Headers) -> Option<Reason> {
+    const fn decline(self, h: &Headers, head: &Head) -> Option<Reason> {
         match self {
             // The UDP checksum is mandatory over IPv6: 0 is a broken packet.
             Transport::Udp if h.family == FAMILY_V6 && h.l4_check == 0 => {
                 Some(Reason::BadUdpChecksum)
             }
             Transport::Udp => None,
+            // TCP is relayed byte for byte.
+            Transport::Tcp if !matches!(head, Head::Keep) => Some(Reason::OtherL4),
+            Transport::Tcp => None,
         }
     }
 
@@ -196,6 +202,8 @@ impl Transport {
                 .replace(old_len, new_len)
                 .replace(old_len, new_len)
                 .apply_udp(check),
+            // In the pseudo header only; 0 is an ordinary value.
+            Transport::Tcp => delta.replace(old_len, new_len).apply(check),
         }
     }
 }
@@ -258,7 +266,7 @@ pub fn plan<'a>(
     head: Head,
 ) -> Result<Plan<'a>, Reason> {
     let transport = Transport::of(h)?;
-    if let Some(reason) = transport.decline(h) {
+    if let Some(reason) = transport.decline(h, &head) {
         return Err(reason);
     }
     if h.hop_limit <= 1 {
@@ -585,6 +593,65 @@ mod tests {
     }
 
     #[test]
+    fn tcp_rewrite_matches_a_segment_built_from_scratch() {
+        // SYN with MSS, window scale and SACK-permitted; data; FIN; RST; both families.
+        let options = [2, 4, 0x05, 0xb4, 3, 3, 7, 4, 2, 0, 0, 0];
+        let cases = [
+            ("198.18.1.2:40000", "198.18.1.1:443", "198.18.2.1:61000", "198.18.2.2:443"),
+            (
+                "[fd00:5a:1::2]:40000",
+                "[fd00:5a:1::1]:443",
+                "[fd00:5a:2::1]:61001",
+                "[2001:db8::77]:8443",
+            ),
+        ];
+        for (src, dst, new_src, new_dst) in cases {
+            for (flags, payload) in [
+                (0x02, &b""[..]),
+                (0x12, b""),
+                (0x18, b"odd length!"),
+                (0x10, &[0xa5; 1400][..]),
+                (0x11, b""),
+                (0x04, b""),
+            ] {
+                check(
+                    Frame::tcp(sa(src), sa(dst), flags, payload).tcp_options(&options),
+                    new_src,
+                    new_dst,
+                );
+                check(Frame::tcp(sa(src), sa(dst), flags, payload), new_src, new_dst);
+            }
+        }
+    }
+
+    #[test]
+    fn tcp_checksums_of_zero_and_all_ones_come_out_as_a_fresh_computation_does() {
+        // Sequence numbers are searched for segments whose checksum after the rewrite is
+        // 0x0000 and 0xffff-adjacent values: one's-complement arithmetic has two zeros, and
+        // an incremental update must pick the one a sender computing from scratch would.
+        let mut seen_zero = false;
+        for seq in 0..200_000u32 {
+            let input = Frame::tcp(sa("198.18.1.2:1000"), sa("198.18.1.1:443"), 0x10, b"q")
+                .tcp_seq(seq);
+            let mut want = input.clone();
+            want.src = sa("198.18.2.1:2000");
+            want.dst = sa("198.18.2.2:443");
+            want.hop_limit -= 1;
+            want.src_mac = NH.src_mac;
+            want.dst_mac = NH.dst_mac;
+            let built = want.build();
+            let check = u16::from_be_bytes([built[50], built[51]]);
+            if check != 0 && check != 0xffff && check != 1 {
+                continue;
+            }
+            seen_zero |= check == 0;
+            let bytes = rewrite(&input.build(), "198.18.2.1:2000", "198.18.2.2:443", Head::Keep);
+            assert_eq!(bytes, built, "seq {seq}: checksum {check:#06x}");
+        }
+        assert!(seen_zero, "the search found no segment whose checksum is 0");
+    }
+
+    #[test]
     fn vlan_tagged_frames_keep_their_tag() {
         check(
             Frame::udp(sa("198.18.1.2:1"), sa("198.18.1.1:2"), b"tagged").vlan(12),
@@ -865,7 +932,13 @@ mod tests {
             plan(&tiny, t, &NH, Head::Strip(header)),
             Err(Reason::BadUdpLength)
         );
-        assert_eq!(p(h(base.clone().proto(PROTO_TCP)), &NH), Err(Reason::Tcp));
+        // TCP is relayed as it is: no head change.
+        let tcp = h(Frame::tcp(sa("198.18.1.2:1"), sa("198.18.1.1:2"), 0x18, b"abc"));
+        assert!(p(tcp, &NH).is_ok());
+        assert_eq!(
+            plan(&tcp, t, &NH, Head::Strip(header)).map(|p| p.ifindex),
+            Err(Reason::OtherL4)
+        );
         assert_eq!(p(h(base.clone().proto(1)), &NH), Err(Reason::OtherL4));
         let mut v6 = Frame::udp(sa("[fd00::1]:1"), sa("[fd00::2]:2"), b"z").build();
         v6[60..62].copy_from_slice(&[0, 0]);

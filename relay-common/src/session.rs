@@ -27,6 +27,110 @@ pub const STATE_ACTIVE: u8 = 1;
 
 /// No next hop: packets of this direction take the slow path.
 pub const NEXTHOP_NONE: u16 = u16::MAX;
+/// The next hop is the session's own, in `HOPS[session]` (written by XDP when it opened
+/// the session: the route back to its client).
+pub const NEXTHOP_OWN: u16 = u16::MAX - 1;
+
+/// `Session::origin` values.
+pub const ORIGIN_CONTROLLER: u8 = 0;
+pub const ORIGIN_KERNEL: u8 = 1;
+
+
+/// Key of `LISTEN`: an address and port a rule opens sessions on in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenKey {
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 4],
+}
+
+/// `Listen::flags`: the rule holds `max_sessions` (or the table is full): refuse.
+pub const LISTEN_FULL: u16 = 1;
+/// `Listen::flags`: the rule has an allow list (in `ALLOW`).
+pub const LISTEN_ALLOW_LIST: u16 = 2;
+
+/// Value of `LISTEN`: what a session opened in the kernel on this address becomes.
+/// Written by the controller (rules, and the full flag as sessions come and go).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Listen {
+    pub upstream: [u8; 16],
+    /// The relay's address toward the upstream.
+    pub back: [u8; 16],
+    pub upstream_port: u16,
+    pub rule: u16,
+    /// `NEXTHOPS` slot toward the upstream.
+    pub nexthop: u16,
+    /// `LISTEN_*` bits.
+    pub flags: u16,
+    /// New sessions per second, per CPU, as the nanoseconds each one costs (0: unlimited).
+    pub cost_ns: u64,
+    /// The most credit a CPU's bucket holds (the burst), in nanoseconds.
+    pub burst_ns: u64,
+}
+
+/// Value of the `POOL` queue: a free session id with the relay port it uses. The controller
+/// pushes them; XDP pops one per session it opens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolSlot {
+    pub id: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `SOURCE_FULL`: a client address that holds `max_sessions_per_source` sessions on a
+/// rule (the controller adds and removes them as it counts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    pub addr: [u8; 16],
+    pub rule: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// Data of an `ALLOW` (longest-prefix-match) key: the rule first, so that the prefix length
+/// is 32 + the network's bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowKey {
+    /// Network order.
+    pub rule: [u8; 2],
+    pub family: u8,
+    pub _pad: u8,
+    pub addr: [u8; 16],
+}
+
+/// A per-CPU token bucket of `RATE` (indexed by rule), kept by XDP alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    /// Credit in nanoseconds; a session costs `Listen::cost_ns`.
+    pub credit: u64,
+    pub last: u64,
+}
+
+/// An `EVENTS` ring entry: something XDP did to session `id` (the record has the rest).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub id: u32,
+    /// [`EVENT_OPENED`] or [`EVENT_CLOSING`].
+    pub kind: u32,
+}
+
+/// XDP opened the session.
+pub const EVENT_OPENED: u32 = 0;
+/// XDP relayed the session's first FIN of one side, or its first RST.
+pub const EVENT_CLOSING: u32 = 1;
+
+/// Size of the `EVENTS` ring in bytes (a power of two; 16 bytes per event with its header).
+pub const EVENT_RING_BYTES: u32 = 1 << 22;
 
 /// Lookup key of `FLOWS`: the packet's source (the remote end) and destination port.
 #[repr(C)]
@@ -82,6 +186,18 @@ pub struct Session {
     pub family: u8,
     /// [`STATE_FREE`] or [`STATE_ACTIVE`].
     pub state: u8,
+    /// `PROTO_UDP` or `PROTO_TCP`.
+    pub proto: u8,
+    /// [`ORIGIN_CONTROLLER`] or [`ORIGIN_KERNEL`]: who opened the session (a kernel-opened
+    /// one has no socket; its next hop back to the client is in `HOPS`).
+    pub origin: u8,
+    /// TCP: 1 once XDP relayed a FIN from the client (`[TO_UPSTREAM]`) or the upstream
+    /// (`[TO_CLIENT]`); plain stores of 1, one byte each, so that two CPUs never race on a
+    /// shared word. The controller lingers and closes from them.
+    pub fin: [u8; 2],
+    /// TCP: 1 once XDP relayed a RST either way.
+    pub rst: u8,
+    pub _pad: [u8; 3],
     /// CLOCK_MONOTONIC (coarse) nanoseconds of when the controller wrote the record. The XDP
     /// program keeps no clock: the controller learns that a session is alive from `traffic`.
     pub last_seen: u64,
@@ -120,6 +236,12 @@ pub struct NexthopKey {
 }
 
 impl Session {
+    /// TCP: both sides have sent FIN, or one RST: the connection is over once its last
+    /// segments (the final ACK, a retransmission) have passed.
+    pub fn tcp_closing(&self) -> bool {
+        self.rst != 0 || (self.fin[0] != 0 && self.fin[1] != 0)
+    }
+
     /// Packets XDP relayed for the session, both directions: the controller's sign of life
     /// (the XDP program keeps no clock).
     pub fn packets(&self) -> u64 {
@@ -210,7 +332,9 @@ pub struct RuleStats {
     pub family: u8,
     /// 1 while a controller runs with this rule.
     pub configured: u8,
-    pub _pad: [u8; 2],
+    /// `PROTO_UDP` or `PROTO_TCP` (0 from maps older than TCP rules: UDP).
+    pub proto: u8,
+    pub _pad: u8,
 }
 
 /// Value of `USERS` (indexed by SOCKS5 user; 0 is unauthenticated): the controller's
@@ -298,7 +422,7 @@ pub struct Meta {
 pub const META_MAGIC: u64 = u64::from_le_bytes(*b"relaymap");
 
 /// Bump when a map's meaning changes without its size changing.
-const LAYOUT_REVISION: u64 = 1;
+const LAYOUT_REVISION: u64 = 2;
 
 /// The layout of the pinned maps this build reads and writes: every shared type's size and
 /// the manual revision, mixed (FNV-1a). A controller refuses maps stamped with another.
@@ -316,6 +440,15 @@ pub const LAYOUT: u64 = {
         size_of::<UserStats>() as u64,
         size_of::<Meta>() as u64,
         size_of::<crate::counters::Counter>() as u64,
+        size_of::<ListenKey>() as u64,
+        size_of::<Listen>() as u64,
+        size_of::<PoolSlot>() as u64,
+        size_of::<SourceKey>() as u64,
+        size_of::<AllowKey>() as u64,
+        size_of::<Bucket>() as u64,
+        size_of::<Event>() as u64,
+        crate::counters::OPEN_SLOTS as u64,
+        EVENT_RING_BYTES as u64,
         PORT_SLOTS as u64,
         NEXTHOP_SLOTS as u64,
         USER_SLOTS as u64,
@@ -355,6 +488,20 @@ mod pod {
     unsafe impl aya::Pod for super::RuleStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::UserStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ListenKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Listen {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PoolSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SourceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AllowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Bucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Event {}
 }
 
 #[cfg(test)]
@@ -369,8 +516,15 @@ mod tests {
         assert_eq!(size_of::<Nexthop>(), 4 + 2 + 6 + 6 + 2);
         assert_eq!(size_of::<NexthopKey>(), 16 + 4 + 4 + 1 + 7);
         assert_eq!(size_of::<Meta>(), 8 + 8 + 32 + 4 + 4 + 7 * 8);
-        // 4 addresses, 4 ports, 2 next hops, rule, family, state, last_seen, traffic.
-        assert_eq!(size_of::<Session>(), 64 + 8 + 4 + 2 + 1 + 1 + 8 + 32);
+        // 4 addresses, 4 ports, 2 next hops, rule, family, state, proto, origin, fin, rst,
+        // pad, last_seen, traffic.
+        assert_eq!(size_of::<Session>(), 64 + 8 + 4 + 2 + 1 + 1 + 1 + 1 + 2 + 1 + 3 + 8 + 32);
+        assert_eq!(size_of::<ListenKey>(), 16 + 2 + 1 + 1 + 4);
+        assert_eq!(size_of::<Listen>(), 32 + 8 + 8 + 8);
+        assert_eq!(size_of::<PoolSlot>(), 8);
+        assert_eq!(size_of::<SourceKey>(), 16 + 4);
+        assert_eq!(size_of::<AllowKey>(), 4 + 16);
+        assert_eq!(size_of::<Bucket>(), 16);
         assert_eq!(align_of::<Session>(), 8);
     }
 }

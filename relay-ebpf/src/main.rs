@@ -16,19 +16,26 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    maps::{
+        lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, Queue, RingBuf,
+    },
     programs::XdpContext,
     Global,
 };
 use aya_log_ebpf::debug;
 use relay_common::{
-    counters::{Counter, Reason, Verdict, COUNTER_SLOTS},
-    packet::{ipv4_header_ok, parse, Headers, Packet, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP},
+    counters::{Counter, Open, Reason, Verdict, COUNTER_SLOTS, OPEN_SLOTS},
+    packet::{
+        ipv4_header_ok, parse, tcp_flags_ok, Headers, Packet, FAMILY_V4, FAMILY_V6, PROTO_TCP,
+        PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    },
     rewrite::{apply, plan, Head, SocksHeader},
     session::{
-        Flow, FlowKey, Meta, Nexthop, NexthopKey, RuleStats, Session, SlowPath, UserStats,
-        FLOW_SOCKS, NEXTHOP_NONE, NEXTHOP_SLOTS, PORT_SLOTS, RULE_SLOTS, STATE_ACTIVE, TO_CLIENT,
-        TO_UPSTREAM, USER_SLOTS,
+        AllowKey, Bucket, Flow, FlowKey, Listen, ListenKey, Meta, Nexthop, NexthopKey, Event, EVENT_CLOSING, EVENT_OPENED,
+        PoolSlot, RuleStats, Session, SlowPath, SourceKey, UserStats, EVENT_RING_BYTES,
+        FLOW_SOCKS, LISTEN_ALLOW_LIST, LISTEN_FULL, NEXTHOP_NONE, NEXTHOP_OWN, NEXTHOP_SLOTS,
+        ORIGIN_KERNEL, PORT_SLOTS, RULE_SLOTS, STATE_ACTIVE, STATE_FREE,
+        TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
     },
 };
 
@@ -77,6 +84,40 @@ static NEXTHOP_KEYS: Array<NexthopKey> = Array::pinned(NEXTHOP_SLOTS, 0);
 #[map]
 static META: Array<Meta> = Array::pinned(1, 0);
 
+/// Addresses and ports on which a rule opens sessions in the kernel (TCP rules). Written by
+/// the controller.
+#[map]
+static LISTEN: HashMap<ListenKey, Listen> = HashMap::pinned(RULE_SLOTS, 0);
+
+/// Free session ids with their relay ports, pushed by the controller, popped by XDP when it
+/// opens a session. Sized by the controller.
+#[map]
+static POOL: Queue<PoolSlot> = Queue::pinned(1, 0);
+
+/// Client addresses that hold their rule's `max_sessions_per_source` (the controller's).
+#[map]
+static SOURCE_FULL: HashMap<SourceKey, u8> = HashMap::pinned(65536, 0);
+
+/// The allow lists of rules with one (the controller's).
+#[map]
+static ALLOW: LpmTrie<AllowKey, u8> = LpmTrie::pinned(16384, 1);
+
+/// New-session token buckets per rule and CPU (XDP's alone).
+#[map]
+static RATE: PerCpuArray<Bucket> = PerCpuArray::pinned(RULE_SLOTS, 0);
+
+/// Sessions XDP opened, for the controller (accounting, expiry, logging).
+#[map]
+static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
+
+/// The next hop back to the client of a session XDP opened (indexed like `SESSIONS`; XDP's).
+#[map]
+static HOPS: Array<Nexthop> = Array::pinned(1, 0);
+
+/// What became of SYNs that could open a session in the kernel, per `Open` cause and CPU.
+#[map]
+static KERNEL_OPENS: PerCpuArray<u64> = PerCpuArray::pinned(OPEN_SLOTS, 0);
+
 /// Interfaces a frame may be redirected to (ifindex -> ifindex).
 #[map]
 static EGRESS: DevMapHash = DevMapHash::with_max_entries(64, 0);
@@ -115,8 +156,333 @@ fn classify(ctx: &XdpContext, frame: &mut XdpFrame) -> Result<Reason, Reason> {
     })?;
     match headers.proto {
         PROTO_UDP => relay_udp(ctx, frame, &headers),
-        PROTO_TCP => Ok(Reason::Tcp),
+        PROTO_TCP => relay_tcp(ctx, frame, &headers),
         _ => Ok(Reason::OtherL4),
+    }
+}
+
+/// A session found through its flow: id, record, and the direction the packet goes.
+struct Found {
+    id: u32,
+    ptr: *mut Session,
+    s: &'static Session,
+    direction: u32,
+}
+
+/// The session a flow leads to, if the packet is that session's: active, of the packet's
+/// family and protocol, addressed to the session's relay address, from the session's own
+/// remote end (a record reused since the flow was written belongs to someone else).
+#[inline(always)]
+fn session_of(frame: &XdpFrame, flow: Flow, h: &Headers) -> Result<Found, Reason> {
+    let direction = flow.direction & TO_CLIENT;
+    let (ptr, s) = active_session(frame, flow.session, h)?;
+    if s.proto != h.proto {
+        return Err(Reason::NoSession);
+    }
+    if !same(*s.local(direction), h.dst) {
+        return Err(Reason::WrongDestination);
+    }
+    let (remote, remote_port) = if direction == TO_UPSTREAM {
+        (s.client, s.client_port)
+    } else {
+        (s.upstream, s.upstream_port)
+    };
+    if !same(remote, h.src) || remote_port != h.src_port {
+        return Err(Reason::NoSession);
+    }
+    Ok(Found {
+        id: flow.session,
+        ptr,
+        s,
+        direction,
+    })
+}
+
+/// TCP: a segment of a session is relayed as it is (addresses, ports, TTL and checksums
+/// change; sequence numbers, options and window do not); a SYN to a TCP rule opens a session.
+/// Everything else is the host's own TCP and passes.
+#[inline(always)]
+fn relay_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reason, Reason> {
+    let key = FlowKey {
+        remote: h.src,
+        remote_port: h.src_port,
+        local_port: h.dst_port,
+        family: h.family,
+        proto: PROTO_TCP,
+        _pad: [0; 2],
+    };
+    let Some(flow) = FLOWS.get_ptr(key) else {
+        return open_tcp(ctx, frame, h);
+    };
+    // SAFETY: a pointer the map lookup returned, valid for this program run.
+    let flow = unsafe { *flow };
+    let found = session_of(frame, flow, h).map_err(|r| match r {
+        // A live session's segment: the host's stack has no socket for it and would reset
+        // the connection.
+        Reason::BadIpChecksum => Reason::TcpUncarried,
+        other => other,
+    })?;
+    if !tcp_flags_ok(h) {
+        return Err(Reason::TcpBadFlags);
+    }
+    if h.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        // SAFETY: `found.ptr` points into the SESSIONS array value; one-byte stores of 1,
+        // which no other writer undoes while the session lives.
+        let first = unsafe {
+            let flag = if h.tcp_flags & TCP_RST != 0 {
+                &mut (*found.ptr).rst
+            } else {
+                &mut (*found.ptr).fin[(found.direction & 1) as usize]
+            };
+            let first = *flag == 0;
+            *flag = 1;
+            first
+        };
+        if first {
+            // The controller lingers and closes; a full ring leaves it to the idle timeout.
+            let event = Event {
+                id: found.id,
+                kind: EVENT_CLOSING,
+            };
+            let _ = EVENTS.output::<Event>(&event, 0);
+        }
+    }
+    carry(ctx, frame, h, &found, Head::Keep)
+}
+
+/// A SYN with no session: if it is addressed to a TCP rule, and the rule's allow list, its
+/// limits and the client's share admit it, open a session here: take an id and relay port
+/// from `POOL`, write the record and both flows, tell the controller through `EVENTS`, and
+/// relay the SYN. What the kernel cannot open (no free port, next hop unresolved, the ring
+/// full) passes to the controller's listening socket, which relays the connection itself.
+#[inline(always)]
+fn open_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reason, Reason> {
+    if h.tcp_flags & TCP_SYN == 0 {
+        // Not an opening SYN: the host's own TCP, or a connection the controller relays.
+        return Err(Reason::Tcp);
+    }
+    let lk = ListenKey {
+        addr: h.dst,
+        port: h.dst_port,
+        family: h.family,
+        proto: PROTO_TCP,
+        _pad: [0; 4],
+    };
+    // A rule on the unspecified address listens on all of them.
+    let any = ListenKey {
+        addr: [0; 16],
+        ..lk
+    };
+    // SAFETY: references into the map's values, valid for this program run.
+    let Some(l) = (unsafe { LISTEN.get(&lk).or_else(|| LISTEN.get(&any)) }) else {
+        return Err(Reason::Tcp);
+    };
+    // SYN with FIN or RST, or with data, to a rule: a scan or a flood.
+    if !tcp_flags_ok(h) {
+        return Err(Reason::TcpBadFlags);
+    }
+    if h.tcp_flags & TCP_ACK != 0 {
+        // A SYN-ACK to a listen port answers the host's own connection.
+        return Err(Reason::Tcp);
+    }
+    if !ipv4_header_ok(frame, h) {
+        return Err(Reason::BadIpChecksum);
+    }
+    admit(h, l).map_err(|cause| {
+        open_count(cause);
+        Reason::TcpRefused
+    })?;
+    let to_controller = |cause: Open| {
+        open_count(cause);
+        Reason::TcpToController
+    };
+    NEXTHOPS
+        .get(u32::from(l.nexthop))
+        .filter(|n| n.ifindex != 0)
+        .ok_or_else(|| to_controller(Open::NoNexthop))?;
+    let back_hop = route_back(ctx).ok_or_else(|| to_controller(Open::NoRoute))?;
+    // Reserved first: everything after it can be undone.
+    let mut event = EVENTS
+        .reserve::<Event>(0)
+        .ok_or_else(|| to_controller(Open::RingFull))?;
+    let Ok(Some(slot)) = POOL.pop() else {
+        event.discard(0);
+        return Err(to_controller(Open::PoolEmpty));
+    };
+    let (Some(record), Some(hop)) = (SESSIONS.get_ptr_mut(slot.id), HOPS.get_ptr_mut(slot.id))
+    else {
+        event.discard(0);
+        let _ = POOL.push(slot, 0);
+        return Err(to_controller(Open::PoolEmpty));
+    };
+    // SAFETY: pointers into the SESSIONS and HOPS array values of an id this program took
+    // from the pool: free, so nobody else writes them; no flow leads to it until the flows
+    // below are inserted.
+    unsafe {
+        *hop = back_hop;
+        let r = &mut *record;
+        r.client = h.src;
+        r.front = h.dst;
+        r.back = l.back;
+        r.upstream = l.upstream;
+        r.client_port = h.src_port;
+        r.front_port = h.dst_port;
+        r.back_port = slot.port;
+        r.upstream_port = l.upstream_port;
+        r.nexthop = [l.nexthop, NEXTHOP_OWN];
+        r.rule = l.rule;
+        r.family = h.family;
+        r.proto = PROTO_TCP;
+        r.origin = ORIGIN_KERNEL;
+        r.fin = [0; 2];
+        r.rst = 0;
+        r.last_seen = 0;
+        r.traffic = Default::default();
+        r.state = STATE_ACTIVE;
+    }
+    let client = FlowKey {
+        remote: h.src,
+        remote_port: h.src_port,
+        local_port: h.dst_port,
+        family: h.family,
+        proto: PROTO_TCP,
+        _pad: [0; 2],
+    };
+    let upstream = FlowKey {
+        remote: l.upstream,
+        remote_port: l.upstream_port,
+        local_port: slot.port,
+        family: h.family,
+        proto: PROTO_TCP,
+        _pad: [0; 2],
+    };
+    const BPF_NOEXIST: u64 = 1;
+    let to_upstream = Flow {
+        session: slot.id,
+        direction: TO_UPSTREAM,
+    };
+    let to_client = Flow {
+        session: slot.id,
+        direction: TO_CLIENT,
+    };
+    let undo = |slot: PoolSlot| {
+        // SAFETY: as above; the record is this program's until it is back in the pool.
+        unsafe { (*record).state = STATE_FREE };
+        let _ = POOL.push(slot, 0);
+    };
+    if FLOWS.insert(&client, &to_upstream, BPF_NOEXIST).is_err() {
+        // Another CPU opened this flow a moment ago (a retransmitted SYN): it relays it.
+        event.discard(0);
+        undo(slot);
+        open_count(Open::Raced);
+        return Err(Reason::TcpRefused);
+    }
+    if FLOWS.insert(&upstream, &to_client, BPF_NOEXIST).is_err() {
+        let _ = FLOWS.remove(&client);
+        event.discard(0);
+        undo(slot);
+        return Err(to_controller(Open::Raced));
+    }
+    event.write(Event {
+        id: slot.id,
+        kind: EVENT_OPENED,
+    });
+    event.submit(0);
+    open_count(Open::Opened);
+    // SAFETY: as above; from here on the session is live.
+    let s = unsafe { &*record };
+    let found = Found {
+        id: slot.id,
+        ptr: record,
+        s,
+        direction: TO_UPSTREAM,
+    };
+    carry(ctx, frame, h, &found, Head::Keep)
+}
+
+/// Whether rule `l` admits a new session of this client: its allow list, its limit (the
+/// controller sets `LISTEN_FULL`), the client's share (`SOURCE_FULL`), its rate.
+#[inline(always)]
+fn admit(h: &Headers, l: &Listen) -> Result<(), Open> {
+    if l.flags & LISTEN_FULL != 0 {
+        return Err(Open::RuleFull);
+    }
+    if l.flags & LISTEN_ALLOW_LIST != 0 {
+        let data = AllowKey {
+            rule: l.rule.to_be_bytes(),
+            family: h.family,
+            _pad: 0,
+            addr: h.src,
+        };
+        let bits = if h.family == FAMILY_V4 { 32 } else { 128 };
+        if ALLOW.get(Key::new(32 + bits, data)).is_none() {
+            return Err(Open::NotAllowed);
+        }
+    }
+    let source = SourceKey {
+        addr: h.src,
+        rule: l.rule,
+        family: h.family,
+        _pad: 0,
+    };
+    // SAFETY: a lookup whose value is not used past this statement.
+    if unsafe { SOURCE_FULL.get(&source) }.is_some() {
+        return Err(Open::SourceFull);
+    }
+    if l.cost_ns != 0 {
+        let bucket = RATE
+            .get_ptr_mut(u32::from(l.rule))
+            .ok_or(Open::Rate)?;
+        // SAFETY: this CPU's slot of a per-CPU array; XDP is not preempted on its CPU. A
+        // clock read only when a session would open, never per relayed packet.
+        unsafe {
+            let now = aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns();
+            let b = &mut *bucket;
+            let credit = (b.credit + now.saturating_sub(b.last)).min(l.burst_ns);
+            b.last = now;
+            if credit < l.cost_ns {
+                b.credit = credit;
+                return Err(Open::Rate);
+            }
+            b.credit = credit - l.cost_ns;
+        }
+    }
+    Ok(())
+}
+
+/// The next hop back to a client whose SYN just arrived: the way it came (the link it came
+/// in by, the neighbour that delivered it), as a host with symmetric routes answers; the
+/// link's MTU from the kernel. None when the link's MTU cannot be read.
+#[inline(always)]
+fn route_back(ctx: &XdpContext) -> Option<Nexthop> {
+    let macs: [u8; 12] = XdpFrame::new(ctx).read(0)?;
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let mut mtu: u32 = 0;
+    // SAFETY: the helper reads and writes `mtu` on our stack; with a length of 0 it checks
+    // the packet itself and reports the device's MTU.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_check_mtu(ctx.ctx as *mut _, ifindex, &mut mtu, 0, 0)
+    };
+    if rc != 0 || mtu == 0 {
+        return None;
+    }
+    let mut hop = Nexthop {
+        ifindex,
+        mtu: mtu.min(0xffff) as u16,
+        src_mac: [0; 6],
+        dst_mac: [0; 6],
+        _pad: [0; 2],
+    };
+    hop.dst_mac.copy_from_slice(&macs[6..12]);
+    hop.src_mac.copy_from_slice(&macs[..6]);
+    Some(hop)
+}
+
+#[inline(always)]
+fn open_count(cause: Open) {
+    if let Some(c) = KERNEL_OPENS.get_ptr_mut(cause as u32) {
+        // SAFETY: this CPU's slot of a per-CPU array; XDP is not preempted on its CPU.
+        unsafe { *c += 1 };
     }
 }
 
@@ -195,27 +561,8 @@ fn relay_udp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
     if flow.direction == FLOW_SOCKS {
         return socks_to_client(ctx, frame, h, flow.session);
     }
-    let direction = flow.direction & TO_CLIENT;
-    let (session, s) = active_session(frame, flow.session, h)?;
-    let local = if direction == TO_UPSTREAM {
-        s.front
-    } else {
-        s.back
-    };
-    if !same(local, h.dst) {
-        return Err(Reason::WrongDestination);
-    }
-    // The flow led to this record; it must also be the packet's own session (a record
-    // reused since the flow was written belongs to someone else).
-    let (remote, remote_port) = if direction == TO_UPSTREAM {
-        (s.client, s.client_port)
-    } else {
-        (s.upstream, s.upstream_port)
-    };
-    if !same(remote, h.src) || remote_port != h.src_port {
-        return Err(Reason::NoSession);
-    }
-    carry(ctx, frame, h, (session, s), direction, Head::Keep)
+    let found = session_of(frame, flow, h)?;
+    carry(ctx, frame, h, &found, Head::Keep)
 }
 
 /// A packet of a session whose flow, record and addresses all matched: plan, apply,
@@ -229,18 +576,23 @@ fn carry(
     ctx: &XdpContext,
     frame: &mut XdpFrame,
     h: &Headers,
-    (session, s): (*mut Session, &Session),
-    direction: u32,
+    found: &Found,
     head: Head,
 ) -> Result<Reason, Reason> {
+    let (session, s, direction) = (found.ptr, found.s, found.direction);
     let declined = |reason: Reason| {
-        if reason.verdict() == Verdict::Pass && !socket_for(ctx, h) {
+        if reason.verdict() != Verdict::Pass {
+            reason
+        } else if h.proto == PROTO_TCP {
+            // No socket would take it: the host's stack would reset the connection.
+            Reason::TcpUncarried
+        } else if !socket_for(ctx, h) {
             Reason::NoSocket
         } else {
             reason
         }
     };
-    let plan = nexthop_of(s, direction)
+    let plan = nexthop_of(found.id, s, direction)
         .and_then(|nexthop| plan(h, s.target(direction), nexthop, head))
         .map_err(declined)?;
     same_link_if_tagged(ctx, h, plan.ifindex).map_err(declined)?;
@@ -287,10 +639,13 @@ fn same(a: [u8; 16], b: [u8; 16]) -> bool {
 }
 
 #[inline(always)]
-fn nexthop_of(s: &Session, direction: u32) -> Result<&'static Nexthop, Reason> {
+fn nexthop_of(id: u32, s: &Session, direction: u32) -> Result<&'static Nexthop, Reason> {
     let hop = s.nexthop[(direction & 1) as usize];
     if hop == NEXTHOP_NONE {
         return Err(Reason::NoNexthop);
+    }
+    if hop == NEXTHOP_OWN {
+        return HOPS.get(id).ok_or(Reason::NoNexthop);
     }
     NEXTHOPS.get(hop as u32).ok_or(Reason::NoNexthop)
 }
@@ -411,7 +766,13 @@ fn socks_to_destination(
     }
     // The header just read, FRAG 0: what the plan removes.
     let strip = Head::Strip(SocksHeader::new(family, &dest, port));
-    carry(ctx, frame, h, (session, s), TO_UPSTREAM, strip)
+    let found = Found {
+        id: flow.session,
+        ptr: session,
+        s,
+        direction: TO_UPSTREAM,
+    };
+    carry(ctx, frame, h, &found, strip)
 }
 
 /// A destination's reply to an association: rewrite toward the client and prepend the SOCKS5
@@ -431,7 +792,13 @@ fn socks_to_client(
         return Err(Reason::NoSession);
     }
     let prepend = Head::Prepend(SocksHeader::new(s.family, &s.upstream, s.upstream_port));
-    carry(ctx, frame, h, (session, s), TO_CLIENT, prepend)
+    let found = Found {
+        id,
+        ptr: session,
+        s,
+        direction: TO_CLIENT,
+    };
+    carry(ctx, frame, h, &found, prepend)
 }
 
 #[inline(always)]

@@ -237,6 +237,44 @@ struct RawForward {
     unanswered_timeout: Option<String>,
     #[serde(default)]
     allow_private_upstream: bool,
+    /// "udp" (the default), "tcp" or "both".
+    protocol: Option<String>,
+}
+
+/// Idle timeout of an established TCP session when the rule sets none: RFC 5382 (REQ-5)
+/// asks a NAT for at least 2 hours 4 minutes, the time TCP keepalives take to show.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(2 * 3600 + 4 * 60);
+
+/// How long a TCP session stays after both FINs or a RST: its last segments (the final ACK,
+/// a retransmitted FIN) still pass.
+pub const TCP_LINGER: Duration = Duration::from_secs(10);
+
+/// The transport protocols a forward rule relays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Protocols {
+    pub udp: bool,
+    pub tcp: bool,
+}
+
+impl FromStr for Protocols {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Protocols> {
+        Ok(match s {
+            "udp" => Protocols {
+                udp: true,
+                tcp: false,
+            },
+            "tcp" => Protocols {
+                udp: false,
+                tcp: true,
+            },
+            "both" => Protocols {
+                udp: true,
+                tcp: true,
+            },
+            other => bail!("{other:?} is not one of \"udp\", \"tcp\", \"both\""),
+        })
+    }
 }
 
 /// An inclusive port range.
@@ -399,6 +437,10 @@ pub struct ForwardRule {
     /// A session whose upstream has not answered ends this long after it opened.
     pub unanswered_timeout: Duration,
     pub allow_private_upstream: bool,
+    pub protocols: Protocols,
+    /// TCP sessions' idle timeout (the rule's `idle_timeout` if set, else
+    /// [`DEFAULT_TCP_IDLE_TIMEOUT`]).
+    pub tcp_idle_timeout: Duration,
 }
 
 impl ForwardRule {
@@ -561,11 +603,22 @@ impl RawForward {
             .map(|c| c.parse())
             .collect::<anyhow::Result<Vec<Cidr>>>()
             .context("allow")?;
+        let protocols: Protocols = match &self.protocol {
+            Some(p) => p.parse().context("protocol")?,
+            None => Protocols {
+                udp: true,
+                tcp: false,
+            },
+        };
         let idle_timeout = match &self.idle_timeout {
             Some(s) => parse_duration(s).context("idle_timeout")?,
             None => DEFAULT_IDLE_TIMEOUT,
         };
         check_idle_timeout(idle_timeout)?;
+        let tcp_idle_timeout = match self.idle_timeout {
+            Some(_) => idle_timeout,
+            None => DEFAULT_TCP_IDLE_TIMEOUT,
+        };
         let unanswered_timeout = match &self.unanswered_timeout {
             Some(s) => parse_duration(s).context("unanswered_timeout")?,
             None => DEFAULT_UNANSWERED_TIMEOUT.min(idle_timeout),
@@ -614,6 +667,8 @@ impl RawForward {
             new_sessions_burst,
             unanswered_timeout,
             allow_private_upstream: self.allow_private_upstream,
+            protocols,
+            tcp_idle_timeout,
         })
     }
 }
@@ -742,9 +797,13 @@ impl Config {
         self.check_overlaps().context("--session-ports")
     }
 
-    /// Adds a rule given on the command line as `LISTEN=UPSTREAM`.
+    /// Adds a rule given on the command line as `[udp:|tcp:|both:]LISTEN=UPSTREAM`.
     pub fn add_flag_rule(&mut self, spec: &str) -> anyhow::Result<()> {
-        let (listen, upstream) = spec
+        let (protocol, rest) = match spec.split_once(':') {
+            Some((p @ ("udp" | "tcp" | "both"), rest)) => (Some(p.to_owned()), rest),
+            _ => (None, spec),
+        };
+        let (listen, upstream) = rest
             .split_once('=')
             .ok_or_else(|| anyhow!("--forward {spec:?}: want LISTEN=UPSTREAM, e.g. 0.0.0.0:51820=vpn.example.net:51820"))?;
         let index = self.forward.len();
@@ -760,6 +819,7 @@ impl Config {
             new_sessions_burst: None,
             unanswered_timeout: None,
             allow_private_upstream: false,
+            protocol,
         }
         .check(index, self.session_capacity)
         .with_context(|| format!("--forward {spec:?}"))?;
@@ -798,7 +858,13 @@ impl Config {
                     || b.listen_ip.is_unspecified();
                 let overlap = a.listen_ports.first <= b.listen_ports.last
                     && b.listen_ports.first <= a.listen_ports.last;
-                if same_ip && overlap && a.listen_ip.is_ipv4() == b.listen_ip.is_ipv4() {
+                let shared = (a.protocols.udp && b.protocols.udp)
+                    || (a.protocols.tcp && b.protocols.tcp);
+                if same_ip
+                    && overlap
+                    && shared
+                    && a.listen_ip.is_ipv4() == b.listen_ip.is_ipv4()
+                {
                     bail!(
                         "rules {} and {} listen on overlapping ports",
                         a.name,

@@ -16,6 +16,16 @@
 //! - `EGRESS`: [`Datapath::add_egress`]: the interfaces XDP is attached to, at start.
 //! - `PORTS`: with the forward sessions' records, by [`Datapath::install`] and
 //!   [`Datapath::remove`]: which session holds a relay port.
+//! - `LISTEN`, `ALLOW`: [`Datapath::set_listen`], [`Datapath::set_allow`] by `forward::rules`
+//!   (start, reload); `LISTEN`'s full flag by [`Datapath::set_listen_full`] from
+//!   `forward::sessions` as sessions come and go.
+//! - `SOURCE_FULL`: [`Datapath::set_source_full`] by `forward::sessions`.
+//! - `POOL`: [`Datapath::pool_push`] (free ids and ports lent to the kernel) and
+//!   [`Datapath::pool_drain`] by `forward::sessions`; XDP pops.
+//!
+//! XDP itself writes the records, `HOPS` entries and flows of the sessions it opens (ids it
+//! popped from `POOL`, which nobody else writes until the controller closes them), `RATE`,
+//! `KERNEL_OPENS` and `EVENTS` (read by `forward::sessions`).
 //!
 //! `COUNTERS` is written by the XDP program alone, which also adds to the traffic counters of
 //! the `SESSIONS` records it relays for. The record ids of SOCKS5 fast-path flows
@@ -32,7 +42,7 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData},
+    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, MapData, Queue},
     Ebpf,
 };
 use log::debug;
@@ -40,8 +50,9 @@ use relay_common::{
     maps,
     packet::{FAMILY_V4, FAMILY_V6, PROTO_UDP},
     session::{
-        Flow, FlowKey, Meta, Nexthop, NexthopKey, RuleStats, Session, SlowPath, Traffic, UserStats,
-        FLOW_SOCKS, LAYOUT, META_MAGIC, RULE_SOCKS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
+        AllowKey, Flow, FlowKey, Listen, ListenKey, Meta, Nexthop, NexthopKey, PoolSlot,
+        RuleStats, Session, SlowPath, SourceKey, Traffic, UserStats, FLOW_SOCKS, LAYOUT,
+        LISTEN_FULL, META_MAGIC, RULE_SOCKS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
     },
 };
 
@@ -104,14 +115,14 @@ pub fn endpoints(s: &Session) -> Endpoints {
     }
 }
 
-/// The two flow keys of a session: client side and upstream side.
-pub fn flow_keys(e: &Endpoints) -> [FlowKey; 2] {
+/// The two flow keys of a session of protocol `proto`: client side and upstream side.
+pub fn flow_keys(e: &Endpoints, proto: u8) -> [FlowKey; 2] {
     let key = |remote: SocketAddr, local_port: u16| FlowKey {
         remote: addr16(remote.ip()),
         remote_port: remote.port(),
         local_port,
         family: family(remote.ip()),
-        proto: PROTO_UDP,
+        proto,
         _pad: [0; 2],
     };
     [
@@ -168,8 +179,9 @@ pub fn record(e: &Endpoints, rule: u16, nexthop: [u16; 2], now: u64) -> Session 
             FAMILY_V6
         },
         state: STATE_ACTIVE,
+        proto: PROTO_UDP,
         last_seen: now,
-        traffic: [Traffic::default(); 2],
+        ..Session::default()
     }
 }
 
@@ -193,6 +205,11 @@ struct Maps {
     ports: Array<MapData, u32>,
     nexthop_keys: Array<MapData, NexthopKey>,
     meta: Array<MapData, Meta>,
+    listen: HashMap<MapData, ListenKey, Listen>,
+    pool: Queue<MapData, PoolSlot>,
+    source_full: HashMap<MapData, SourceKey, u8>,
+    allow: LpmTrie<MapData, AllowKey, u8>,
+    hops: Array<MapData, Nexthop>,
     /// Free record ids for SOCKS5 fast-path flows.
     socks_free: Vec<u32>,
     /// All record ids set aside for them.
@@ -231,6 +248,11 @@ impl Datapath {
                 ports: take(ebpf, maps::PORTS)?,
                 nexthop_keys: take(ebpf, maps::NEXTHOP_KEYS)?,
                 meta: take(ebpf, maps::META)?,
+                listen: take(ebpf, maps::LISTEN)?,
+                pool: take(ebpf, maps::POOL)?,
+                source_full: take(ebpf, maps::SOURCE_FULL)?,
+                allow: take(ebpf, maps::ALLOW)?,
+                hops: take(ebpf, maps::HOPS)?,
                 socks_free: Vec::new(),
                 socks_ids: 0..0,
             }),
@@ -382,6 +404,7 @@ impl Datapath {
                 m.flows.map().fd().as_fd().as_raw_fd(),
                 m.sessions.map().fd().as_fd().as_raw_fd(),
                 m.slow.map().fd().as_fd().as_raw_fd(),
+                m.hops.map().fd().as_fd().as_raw_fd(),
             ]
         };
         fds.iter()
@@ -392,6 +415,120 @@ impl Datapath {
                     .and_then(|v| v.trim().parse::<u64>().ok())
             })
             .sum()
+    }
+
+    /// Where a rule opens TCP sessions in the kernel (`None`: no longer).
+    pub fn set_listen(&self, key: ListenKey, value: Option<&Listen>) -> anyhow::Result<()> {
+        let mut m = self.lock();
+        match value {
+            Some(v) => m.listen.insert(key, v, 0).context("writing LISTEN"),
+            None => {
+                let _ = m.listen.remove(&key);
+                Ok(())
+            }
+        }
+    }
+
+    /// Clears what a predecessor left in `LISTEN`, `ALLOW` and `SOURCE_FULL`: the rules are
+    /// armed again from this configuration, and the shares counted again.
+    pub fn clear_kernel_rules(&self) {
+        let mut m = self.lock();
+        let keys: Vec<ListenKey> = m.listen.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = m.listen.remove(&k);
+        }
+        let keys: Vec<_> = m.allow.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = m.allow.remove(&k);
+        }
+        let keys: Vec<SourceKey> = m.source_full.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = m.source_full.remove(&k);
+        }
+    }
+
+    /// Sets or clears a kernel rule's full flag (it holds `max_sessions`).
+    pub fn set_listen_full(&self, key: ListenKey, full: bool) -> anyhow::Result<()> {
+        let mut m = self.lock();
+        let Ok(mut v) = m.listen.get(&key, 0) else {
+            return Ok(());
+        };
+        let flags = if full {
+            v.flags | LISTEN_FULL
+        } else {
+            v.flags & !LISTEN_FULL
+        };
+        if flags == v.flags {
+            return Ok(());
+        }
+        v.flags = flags;
+        m.listen.insert(key, v, 0).context("writing LISTEN")
+    }
+
+    /// Replaces rule `rule`'s allow list in `ALLOW` (`old` are the networks it had).
+    pub fn set_allow(
+        &self,
+        rule: u16,
+        old: &[crate::config::Cidr],
+        new: &[crate::config::Cidr],
+    ) -> anyhow::Result<()> {
+        let key = |c: &crate::config::Cidr| {
+            let data = AllowKey {
+                rule: rule.to_be_bytes(),
+                family: family(c.addr),
+                _pad: 0,
+                addr: addr16(c.addr),
+            };
+            Key::new(32 + u32::from(c.len), data)
+        };
+        let mut m = self.lock();
+        for c in old {
+            let _ = m.allow.remove(&key(c));
+        }
+        for c in new {
+            m.allow.insert(&key(c), 1, 0).context("writing ALLOW")?;
+        }
+        Ok(())
+    }
+
+    /// Marks (or unmarks) a client address as holding its share of a kernel rule.
+    pub fn set_source_full(&self, rule: u16, ip: IpAddr, full: bool) -> anyhow::Result<()> {
+        let key = SourceKey {
+            addr: addr16(ip),
+            rule,
+            family: family(ip),
+            _pad: 0,
+        };
+        let mut m = self.lock();
+        if full {
+            m.source_full.insert(key, 1, 0).context("writing SOURCE_FULL")
+        } else {
+            let _ = m.source_full.remove(&key);
+            Ok(())
+        }
+    }
+
+    /// Lends free session ids and ports to the kernel; returns how many it took (the pool
+    /// may be full).
+    pub fn pool_push(&self, slots: &[(u32, u16)]) -> usize {
+        let mut m = self.lock();
+        slots
+            .iter()
+            .take_while(|(id, port)| {
+                let slot = PoolSlot {
+                    id: *id,
+                    port: *port,
+                    _pad: 0,
+                };
+                m.pool.push(slot, 0).is_ok()
+            })
+            .count()
+    }
+
+    /// Takes every id and port back from the kernel's pool.
+    pub fn pool_drain(&self) -> Vec<PoolSlot> {
+        let mut m = self.lock();
+        std::iter::from_fn(|| m.pool.pop(0).ok()).collect()
     }
 
     /// Makes `ifindex` a possible redirect target.
@@ -521,7 +658,7 @@ impl Maps {
         // Mixed-family sessions get flows too: without them the fast path would take the
         // upstream's replies to the session port for a stranger's. Their record (IPv6 family,
         // no next hops) makes the fast path hand every packet to the controller.
-        let keys = flow_keys(&endpoints(s));
+        let keys = flow_keys(&endpoints(s), s.proto);
         for (direction, key) in [TO_UPSTREAM, TO_CLIENT].into_iter().zip(keys) {
             let flow = Flow {
                 session: id,
@@ -544,12 +681,12 @@ impl Maps {
         if s.state == STATE_ACTIVE && is_socks(&s) {
             let _ = self.flows.remove(&socks_key(&endpoints(&s)));
         } else if s.state == STATE_ACTIVE {
-            for key in flow_keys(&endpoints(&s)) {
+            for key in flow_keys(&endpoints(&s), s.proto) {
                 // Missing keys are fine: a failed install or an earlier partial removal.
                 let _ = self.flows.remove(&key);
             }
             let port = u32::from(s.back_port);
-            if self.ports.get(&port, 0).is_ok_and(|v| v == id + 1) {
+            if s.proto == PROTO_UDP && self.ports.get(&port, 0).is_ok_and(|v| v == id + 1) {
                 let _ = self.ports.set(port, 0, 0);
             }
         }
@@ -624,7 +761,7 @@ mod tests {
             "192.0.2.1:20000",
             "203.0.113.7:51820",
         );
-        let [c, u] = flow_keys(&ends);
+        let [c, u] = flow_keys(&ends, PROTO_UDP);
         assert_eq!(
             (c.remote_port, c.local_port, c.family),
             (4000, 51820, FAMILY_V4)

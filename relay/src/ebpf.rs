@@ -83,6 +83,8 @@ pub fn load_maps(opts: &LoadOptions) -> anyhow::Result<Ebpf> {
         .map_max_entries(maps::FLOWS, flows)
         .map_max_entries(maps::SESSIONS, opts.capacity)
         .map_max_entries(maps::SLOWPATH, opts.capacity)
+        .map_max_entries(maps::HOPS, opts.capacity)
+        .map_max_entries(maps::POOL, opts.capacity)
         .load(OBJECT)
         .map_err(|e| match e {
             EbpfError::MapError(e) => anyhow!(e).context(format!(

@@ -86,6 +86,8 @@ pub enum Item {
     Control,
     /// A forward rule's listening socket.
     ForwardListener { addr: SocketAddr },
+    /// A TCP forward rule's listening socket.
+    TcpListener { addr: SocketAddr },
     /// A forward session's socket (its relay port, connected to the upstream).
     Session { id: u32 },
     /// The SOCKS5 listening socket.
@@ -125,7 +127,8 @@ pub struct AssociateState {
 pub struct Received {
     pub lock: Option<OwnedFd>,
     pub control: Option<OwnedFd>,
-    pub forward: HashMap<SocketAddr, OwnedFd>,
+    /// Forward rules' listening sockets by protocol and address.
+    pub forward: HashMap<(u8, SocketAddr), OwnedFd>,
     pub sessions: HashMap<u32, OwnedFd>,
     pub socks_listener: Option<(SocketAddr, OwnedFd)>,
     pub connects: Vec<(ConnectState, Vec<OwnedFd>)>,
@@ -148,7 +151,12 @@ impl Received {
             Item::Lock => self.lock = Some(one(&mut fds)?),
             Item::Control => self.control = Some(one(&mut fds)?),
             Item::ForwardListener { addr } => {
-                self.forward.insert(addr, one(&mut fds)?);
+                let proto = relay_common::packet::PROTO_UDP;
+                self.forward.insert((proto, addr), one(&mut fds)?);
+            }
+            Item::TcpListener { addr } => {
+                let proto = relay_common::packet::PROTO_TCP;
+                self.forward.insert((proto, addr), one(&mut fds)?);
             }
             Item::Session { id } => {
                 self.sessions.insert(id, one(&mut fds)?);

@@ -535,12 +535,21 @@ async fn run(
             .collect(),
         None => Vec::new(),
     };
+    let events = if fast_path {
+        let map = bpf
+            .take_map(relay_common::maps::EVENTS)
+            .context("the XDP object has no EVENTS map")?;
+        Some(aya::maps::RingBuf::try_from(map).context("map EVENTS has an unexpected type")?)
+    } else {
+        None
+    };
     let forward = Forward::start(
         &config,
         Arc::clone(&datapath),
         nexthops.clone(),
         std::mem::take(&mut received.forward),
         std::mem::take(&mut received.sessions),
+        events,
     )
     .await?;
     let socks5 = match config.socks5 {

@@ -546,6 +546,14 @@ impl NextHops {
     /// keys it wrote down in `NEXTHOP_KEYS`); the slots stay where they are, so the record is
     /// not rewritten. Requests are answered in order: call before asking for new slots.
     pub fn adopt(&self, slots: [u16; 2]) -> Hops {
+        // A session's own next hop (`NEXTHOP_OWN`, in `HOPS`) is no slot of this table.
+        let slots = slots.map(|s| {
+            if u32::from(s) < relay_common::session::NEXTHOP_SLOTS {
+                s
+            } else {
+                NEXTHOP_NONE
+            }
+        });
         if slots.iter().all(|s| *s == NEXTHOP_NONE) {
             return Hops::none();
         }

@@ -62,6 +62,8 @@ pub struct Entry {
     /// Whether the upstream has sent anything back. Unanswered sessions end after the rule's
     /// short `unanswered_timeout` and are the only ones a full table evicts.
     pub answered: bool,
+    /// TCP: when both FINs or a RST were seen (0: not yet); closed [`Table::linger`] later.
+    pub closing: u64,
 }
 
 impl Entry {
@@ -76,6 +78,7 @@ impl Entry {
             kernel_packets: 0,
             opened: now,
             answered: false,
+            closing: 0,
         }
     }
 }
@@ -108,6 +111,8 @@ pub struct Observed {
     pub kernel_packets: u64,
     pub slow_seen: u64,
     pub answered: bool,
+    /// TCP: both FINs or a RST went by.
+    pub closing: bool,
 }
 
 /// Session ports, handed out oldest-freed first so that a port is reused as late as possible
@@ -175,6 +180,12 @@ pub struct Table {
     buckets: HashMap<u16, Bucket>,
     /// Unanswered sessions by age: (opened, id), oldest first. The eviction candidates.
     unanswered: BTreeSet<(u64, u32)>,
+    /// Closing TCP sessions by when they started to close.
+    closing: BTreeSet<(u64, u32)>,
+    /// Ids with their ports lent to the kernel's pool (it opens sessions with them).
+    lent: HashMap<u32, u16>,
+    /// How long a closing session stays.
+    linger: u64,
     pub ports: PortPool,
 }
 
@@ -248,7 +259,88 @@ impl Table {
             per_source: HashMap::new(),
             buckets: HashMap::new(),
             unanswered: BTreeSet::new(),
+            closing: BTreeSet::new(),
+            lent: HashMap::new(),
+            linger: crate::config::TCP_LINGER.as_nanos() as u64,
             ports: PortPool::new(ports),
+        }
+    }
+
+    /// Lends up to `n` free ids, each with a free port, to the kernel's pool. They count as
+    /// used until the kernel opens a session with one ([`Table::adopt`]) or they come back
+    /// ([`Table::unlend`]).
+    pub fn lend(&mut self, n: usize) -> Vec<(u32, u16)> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n && (self.entries.len() + self.lent.len()) < self.capacity as usize {
+            let Some(port) = self.ports.take() else {
+                break;
+            };
+            let Some(id) = self.alloc_id() else {
+                self.ports.put(port);
+                break;
+            };
+            self.lent.insert(id, port);
+            out.push((id, port));
+        }
+        out
+    }
+
+    /// Ids and ports lent to the kernel and not used by it.
+    pub fn lent(&self) -> usize {
+        self.lent.len()
+    }
+
+    /// Takes lent ids back (the pool was drained, or refused them).
+    pub fn unlend(&mut self, ids: impl IntoIterator<Item = u32>) {
+        for id in ids {
+            if let Some(port) = self.lent.remove(&id) {
+                self.free_ids.push(id);
+                self.ports.put(port);
+            }
+        }
+    }
+
+    /// Takes every lent id back.
+    pub fn unlend_all(&mut self) {
+        let ids: Vec<u32> = self.lent.keys().copied().collect();
+        self.unlend(ids);
+    }
+
+    /// A session the kernel opened (its allow list and limits were checked there), with an
+    /// id lent to it, or one a predecessor lent (opened while this controller took over).
+    /// False if the id or the port is in use.
+    pub fn adopt(&mut self, entry: Entry) -> bool {
+        if entry.id >= self.capacity || self.entries.contains_key(&entry.id) {
+            return false;
+        }
+        match self.lent.get(&entry.id) {
+            Some(port) if *port == entry.port => {
+                self.lent.remove(&entry.id);
+            }
+            Some(_) => return false,
+            None => {
+                if !self.ports.claim(entry.port) {
+                    return false;
+                }
+                self.free_ids.retain(|id| *id != entry.id);
+                self.next_id = self.next_id.max(entry.id + 1);
+            }
+        }
+        if let Some(old) = self.find(entry.rule, entry.client) {
+            // A client reusing its address and port while its old session lingers.
+            self.close(old);
+        }
+        self.insert(entry);
+        true
+    }
+
+    /// TCP session `id` has seen both FINs or a RST: it closes after the linger.
+    pub fn set_closing(&mut self, id: u32, now: u64) {
+        if let Some(e) = self.entries.get_mut(&id) {
+            if e.closing == 0 {
+                e.closing = now.max(1);
+                self.closing.insert((e.closing, id));
+            }
         }
     }
 
@@ -284,6 +376,11 @@ impl Table {
             self.next_id += 1;
             self.next_id - 1
         })
+    }
+
+    /// The (rule, client address) pairs that hold sessions.
+    pub fn sources(&self) -> Vec<(u16, IpAddr)> {
+        self.per_source.keys().copied().collect()
     }
 
     /// Sessions `client`'s address holds on `rule`.
@@ -330,14 +427,15 @@ impl Table {
         }
         let mut evicted = None;
         let rule_full = self.sessions_of(rule) >= limits.max_sessions;
-        let table_full = self.entries.len() as u32 >= self.capacity || self.ports.is_empty();
+        let table_full = (self.entries.len() + self.lent.len()) as u32 >= self.capacity
+            || self.ports.is_empty();
         if rule_full || table_full {
             let only = rule_full.then_some(rule);
             evicted = self.evict_unanswered(only, &mut observe);
             if evicted.is_none() {
                 return Err(if rule_full {
                     Refusal::RuleLimit
-                } else if self.entries.len() as u32 >= self.capacity {
+                } else if (self.entries.len() + self.lent.len()) as u32 >= self.capacity {
                     Refusal::Full
                 } else {
                     Refusal::NoPort
@@ -468,6 +566,9 @@ impl Table {
             }
         }
         self.unanswered.remove(&(entry.opened, id));
+        if entry.closing != 0 {
+            self.closing.remove(&(entry.closing, id));
+        }
         self.free_ids.push(id);
         self.ports.put(entry.port);
         Some(entry)
@@ -488,7 +589,18 @@ impl Table {
     ) -> Expiry {
         let mut out = Expiry::default();
         let mut answered = Vec::new();
+        let mut closing = Vec::new();
+        // Closing TCP sessions whose linger is over.
+        for &(since, id) in &self.closing {
+            if now.saturating_sub(since) <= self.linger {
+                break;
+            }
+            out.closed.push(id);
+        }
         for e in self.entries.values_mut() {
+            if e.closing != 0 {
+                continue;
+            }
             // The rule is gone (configuration changed): close.
             let Some(l) = limits(e.rule) else {
                 out.closed.push(e.id);
@@ -504,6 +616,10 @@ impl Table {
             }
             let o = observe(e.id);
             e.checked = now;
+            if o.closing {
+                closing.push(e.id);
+                continue;
+            }
             if o.kernel_packets != e.kernel_packets {
                 e.kernel_packets = o.kernel_packets;
                 e.last_seen = now;
@@ -523,6 +639,9 @@ impl Table {
         }
         for id in answered {
             self.mark_answered(id);
+        }
+        for id in closing {
+            self.set_closing(id, now);
         }
         out.closed.sort_unstable();
         out.unanswered.sort_unstable();

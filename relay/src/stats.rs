@@ -6,7 +6,7 @@ use std::{borrow::Borrow, collections::BTreeMap, fmt::Write as _, path::Path};
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, PerCpuArray};
 use relay_common::{
-    counters::{Counter, Reason, Verdict},
+    counters::{Counter, Open, Reason, Verdict},
     maps,
 };
 use serde::Serialize;
@@ -18,6 +18,8 @@ pub struct Snapshot {
     pub verdicts: BTreeMap<&'static str, Totals>,
     /// Packets and bytes per reason (every reason, zero or not).
     pub reasons: BTreeMap<&'static str, Totals>,
+    /// What became of SYNs that could open a session in the kernel, per cause.
+    pub kernel_opens: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -66,7 +68,13 @@ impl Snapshot {
             .context("the XDP object has no COUNTERS map")?;
         let counters: PerCpuArray<&MapData, Counter> =
             PerCpuArray::try_from(map).context("COUNTERS is not a per-CPU array")?;
-        Snapshot::read(&counters)
+        let mut s = Snapshot::read(&counters)?;
+        if let Some(map) = ebpf.map(maps::KERNEL_OPENS) {
+            let opens: PerCpuArray<&MapData, u64> =
+                PerCpuArray::try_from(map).context("KERNEL_OPENS is not a per-CPU array")?;
+            s.kernel_opens = read_opens(&opens)?;
+        }
+        Ok(s)
     }
 
     /// Reads the counters pinned in `pin_dir` by a running (or stopped) relay.
@@ -80,7 +88,19 @@ impl Snapshot {
         })?;
         let counters = PerCpuArray::try_from(Map::PerCpuArray(data))
             .context("COUNTERS is not a per-CPU array")?;
-        Snapshot::read(&counters)
+        let mut s = Snapshot::read(&counters)?;
+        if let Ok(data) = MapData::from_pin(pin_dir.join(maps::KERNEL_OPENS)) {
+            let opens: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))
+                .context("KERNEL_OPENS is not a per-CPU array")?;
+            s.kernel_opens = read_opens(&opens)?;
+        }
+        Ok(s)
+    }
+
+    /// SYNs that opened a session in the kernel, or were refused or left to the controller
+    /// there, for `cause`.
+    pub fn opens(&self, cause: Open) -> u64 {
+        self.kernel_opens.get(cause.name()).copied().unwrap_or(0)
     }
 
     pub fn reason(&self, r: Reason) -> Totals {
@@ -120,6 +140,20 @@ impl Snapshot {
     }
 }
 
+/// Sums the per-CPU `KERNEL_OPENS` map.
+fn read_opens<M: Borrow<MapData>>(
+    map: &PerCpuArray<M, u64>,
+) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+    let mut out = BTreeMap::new();
+    for cause in Open::ALL {
+        let per_cpu = map
+            .get(&(cause as u32), 0)
+            .with_context(|| format!("reading kernel opens {}", cause.name()))?;
+        out.insert(cause.name(), per_cpu.iter().sum());
+    }
+    Ok(out)
+}
+
 /// A NUL-padded name from a pinned map.
 pub(crate) fn name_of(field: &[u8; 32]) -> String {
     let len = field.iter().position(|b| *b == 0).unwrap_or(field.len());
@@ -131,6 +165,8 @@ pub(crate) fn name_of(field: &[u8; 32]) -> String {
 pub struct RuleReport {
     pub index: u16,
     pub name: String,
+    /// "udp" or "tcp".
+    pub protocol: &'static str,
     pub listen: String,
     pub upstream: String,
     pub sessions: u64,
@@ -180,6 +216,12 @@ impl Directions {
 pub struct SessionReport {
     pub id: u32,
     pub rule: u16,
+    /// "udp" or "tcp".
+    pub protocol: &'static str,
+    /// TCP: "open", or "closing" once both sides sent FIN or one reset; UDP: "open".
+    pub state: &'static str,
+    /// "kernel" (opened by XDP) or "controller".
+    pub opened_by: &'static str,
     pub client: String,
     pub front: String,
     pub back: String,
@@ -204,6 +246,7 @@ pub fn sessions_and_rules(pin_dir: &Path) -> anyhow::Result<(Vec<SessionReport>,
         let mut report = RuleReport {
             index,
             name: name_of(&r.name),
+            protocol: crate::forward::proto_name(r.proto),
             listen: std::net::SocketAddr::new(
                 crate::datapath::ip_of(r.family, &r.listen),
                 r.listen_port,
@@ -247,6 +290,17 @@ pub fn sessions_and_rules(pin_dir: &Path) -> anyhow::Result<(Vec<SessionReport>,
         let report = SessionReport {
             id,
             rule: s.rule,
+            protocol: crate::forward::proto_name(s.proto),
+            state: if s.proto == relay_common::packet::PROTO_TCP && s.tcp_closing() {
+                "closing"
+            } else {
+                "open"
+            },
+            opened_by: if s.origin == relay_common::session::ORIGIN_KERNEL {
+                "kernel"
+            } else {
+                "controller"
+            },
             client: e.client.to_string(),
             front: e.front.to_string(),
             back: e.back.to_string(),
@@ -442,8 +496,9 @@ impl Report {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<12} {:<24} {:<24} {:>8} {:>8} {:>8} {:>10} {:>12} {:>12} {:>12} {:>12}",
+            "{:<12} {:<5} {:<24} {:<24} {:>8} {:>8} {:>8} {:>10} {:>12} {:>12} {:>12} {:>12}",
             "rule",
+            "proto",
             "listen",
             "upstream",
             "sessions",
@@ -458,8 +513,9 @@ impl Report {
         for r in &self.rules {
             let _ = writeln!(
                 out,
-                "{:<12} {:<24} {:<24} {:>8} {:>8} {:>8} {:>10} {:>12} {:>12} {:>12} {:>12}",
+                "{:<12} {:<5} {:<24} {:<24} {:>8} {:>8} {:>8} {:>10} {:>12} {:>12} {:>12} {:>12}",
                 r.name,
+                r.protocol,
                 r.listen,
                 r.upstream,
                 r.sessions,
@@ -480,9 +536,10 @@ pub fn sessions_table(sessions: &[SessionReport]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>6} {:>4} {:<40} {:<40} {:>6} {:>10} {:>10} {:>10} {:>10}",
+        "{:>6} {:>4} {:<5} {:<40} {:<40} {:>6} {:>10} {:>10} {:>10} {:>10}",
         "id",
         "rule",
+        "proto",
         "client -> front",
         "back -> upstream",
         "idle",
@@ -494,9 +551,10 @@ pub fn sessions_table(sessions: &[SessionReport]) -> String {
     for s in sessions {
         let _ = writeln!(
             out,
-            "{:>6} {:>4} {:<40} {:<40} {:>5}s {:>10} {:>10} {:>10} {:>10}",
+            "{:>6} {:>4} {:<5} {:<40} {:<40} {:>5}s {:>10} {:>10} {:>10} {:>10}",
             s.id,
             s.rule,
+            s.protocol,
             format!("{} -> {}", s.client, s.front),
             format!("{} -> {}", s.back, s.upstream),
             s.idle_seconds,

@@ -36,6 +36,15 @@ struct Fixture {
     /// `None`: the frame must leave untouched.
     output: Option<Vec<u8>>,
     reason: Reason,
+    /// A TCP session's packet: (session id, direction) whose counters it adds to.
+    session: Option<(u32, u32)>,
+}
+
+impl Fixture {
+    fn of(mut self, id: u32, direction: u32) -> Fixture {
+        self.session = Some((id, direction));
+        self
+    }
 }
 
 /// A frame the relay does not own: passed to the kernel byte for byte.
@@ -46,6 +55,7 @@ fn pass(what: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
         verdict: Verdict::Pass,
         output: None,
         reason,
+        session: None,
     }
 }
 
@@ -81,6 +91,7 @@ fn tx(what: &'static str, input: Frame, output: Frame, nh: &Nexthop) -> Fixture 
                 .build(),
         ),
         reason: Reason::RelayedTx,
+        session: None,
     }
 }
 
@@ -99,6 +110,7 @@ fn dropped(what: &'static str, input: Vec<u8>, reason: Reason) -> Fixture {
         verdict: Verdict::Drop,
         output: None,
         reason,
+        session: None,
     }
 }
 
@@ -205,6 +217,253 @@ fn install(dp: &mut Datapath) {
         dp.install(8 + i as u32, &record, &SlowPath::default())
             .unwrap();
     }
+}
+
+// TCP rules the kernel opens sessions for (see `install_tcp`).
+const TCP_CLIENT: &str = "198.18.1.2:50000";
+const TCP_FRONT: &str = "198.18.1.1:443";
+const TCP_BACK_IP: &str = "198.18.2.1";
+const TCP_UPSTREAM: &str = "198.18.2.2:8443";
+const TCP6_CLIENT: &str = "[fd00:5a:1::2]:50000";
+const TCP6_FRONT: &str = "[fd00:5a:1::1]:443";
+const TCP6_BACK_IP: &str = "fd00:5a:2::1";
+const TCP6_UPSTREAM: &str = "[fd00:5a:2::2]:8443";
+/// Rules on other ports: a new-session rate of one, full, with an allow list.
+const TCP_RATE_FRONT: &str = "198.18.1.1:444";
+const TCP_FULL_FRONT: &str = "198.18.1.1:445";
+const TCP_ALLOW_FRONT: &str = "198.18.1.1:446";
+/// A client address holding its share of the rules.
+const TCP_GREEDY: &str = "198.18.1.7:50000";
+/// The ids and relay ports the pool lends, in order.
+const POOL: [(u32, u16); 4] = [(12, 21000), (13, 21001), (14, 21002), (15, 21003)];
+/// The way back to a client XDP takes: whence its SYN came (the frame's MACs swapped).
+const BACK_HOP: Nexthop = Nexthop {
+    ifindex: 1,
+    mtu: 1500,
+    src_mac: relay_common::frame::RELAY_MAC,
+    dst_mac: relay_common::frame::CLIENT_MAC,
+    _pad: [0; 2],
+};
+
+fn install_tcp(dp: &Datapath) {
+    use relay_common::session::{Listen, ListenKey, LISTEN_ALLOW_LIST, LISTEN_FULL};
+    let listen = |front: &str, upstream: &str, back: &str, rule: u16, flags: u16, cost: u64| {
+        let f = sa(front);
+        let u = sa(upstream);
+        let key = ListenKey {
+            addr: datapath::addr16(f.ip()),
+            port: f.port(),
+            family: if f.is_ipv4() { 4 } else { 6 },
+            proto: PROTO_TCP,
+            _pad: [0; 4],
+        };
+        let value = Listen {
+            upstream: datapath::addr16(u.ip()),
+            back: datapath::addr16(back.parse().unwrap()),
+            upstream_port: u.port(),
+            rule,
+            nexthop: 0,
+            flags,
+            cost_ns: cost,
+            burst_ns: cost,
+        };
+        dp.set_listen(key, Some(&value)).unwrap();
+    };
+    listen(TCP_FRONT, TCP_UPSTREAM, TCP_BACK_IP, 1, 0, 0);
+    listen(TCP6_FRONT, TCP6_UPSTREAM, TCP6_BACK_IP, 2, 0, 0);
+    // One session an hour.
+    listen(TCP_RATE_FRONT, TCP_UPSTREAM, TCP_BACK_IP, 3, 0, 3600_000_000_000);
+    listen(TCP_FULL_FRONT, TCP_UPSTREAM, TCP_BACK_IP, 4, LISTEN_FULL, 0);
+    listen(
+        TCP_ALLOW_FRONT,
+        TCP_UPSTREAM,
+        TCP_BACK_IP,
+        5,
+        LISTEN_ALLOW_LIST,
+        0,
+    );
+    let allowed: relay::config::Cidr = "198.18.1.0/30".parse().unwrap();
+    dp.set_allow(5, &[], &[allowed]).unwrap();
+    dp.set_source_full(1, sa(TCP_GREEDY).ip(), true).unwrap();
+    assert_eq!(dp.pool_push(&POOL), POOL.len());
+}
+
+/// A TCP segment from `src` to `dst`.
+fn seg(src: &str, dst: &str, flags: u8, data: &[u8]) -> Frame {
+    Frame::tcp(sa(src), sa(dst), flags, data)
+}
+
+fn with_port(ip: &str, port: u16) -> String {
+    std::net::SocketAddr::new(ip.parse().unwrap(), port).to_string()
+}
+
+/// TCP: sessions opened by the kernel on a SYN, both directions, closing, strangers, bad
+/// flags, refusals. In order: the first rows open the sessions the later ones use.
+fn tcp_table() -> Vec<Fixture> {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const PSH: u8 = 0x08;
+    const FIN: u8 = 0x01;
+    const RST: u8 = 0x04;
+    let mss = [2, 4, 0x05, 0xb4, 1, 3, 3, 7];
+    let back = with_port(TCP_BACK_IP, POOL[0].1);
+    let back6 = with_port(TCP6_BACK_IP, POOL[1].1);
+    let up = |what, input: Frame, src: &str, dst: &str| relayed(what, input, src, dst, &TO_UPSTREAM_HOP);
+    let down = |what, input: Frame, src: &str, dst: &str| relayed(what, input, src, dst, &BACK_HOP);
+    let syn = seg(TCP_CLIENT, TCP_FRONT, SYN, b"").tcp_options(&mss);
+    vec![
+        up("TCP SYN opens a session (IPv4)", syn.clone(), &back, TCP_UPSTREAM).of(12, 0),
+        up("TCP SYN retransmitted: the same session", syn.clone(), &back, TCP_UPSTREAM)
+            .of(12, 0),
+        down(
+            "TCP SYN-ACK from the upstream",
+            seg(TCP_UPSTREAM, &back, SYN | ACK, b"").tcp_options(&mss),
+            TCP_FRONT,
+            TCP_CLIENT,
+        )
+        .of(12, 1),
+        up(
+            "TCP data from the client",
+            seg(TCP_CLIENT, TCP_FRONT, ACK | PSH, b"GET / HTTP/1.1\r\n\r\n"),
+            &back,
+            TCP_UPSTREAM,
+        )
+        .of(12, 0),
+        down(
+            "TCP data from the upstream (odd length)",
+            seg(TCP_UPSTREAM, &back, ACK | PSH, &[0x5a; 1001]),
+            TCP_FRONT,
+            TCP_CLIENT,
+        )
+        .of(12, 1),
+        pass(
+            "TCP a stranger's segment to a session's relay port",
+            seg("198.18.2.3:8443", &back, ACK, b"x").build(),
+            Reason::Tcp,
+        ),
+        pass(
+            "TCP a stranger's SYN to a session's relay port",
+            seg("198.18.2.3:8443", &back, SYN, b"").build(),
+            Reason::Tcp,
+        ),
+        pass(
+            "TCP the upstream's segment to another relay port",
+            seg(TCP_UPSTREAM, &with_port(TCP_BACK_IP, 21999), ACK, b"x").build(),
+            Reason::Tcp,
+        ),
+        dropped(
+            "TCP a session segment without flags",
+            seg(TCP_CLIENT, TCP_FRONT, 0, b"").build(),
+            Reason::TcpBadFlags,
+        ),
+        dropped(
+            "TCP a session segment with FIN but no ACK",
+            seg(TCP_CLIENT, TCP_FRONT, FIN | PSH | 0x20, b"").build(),
+            Reason::TcpBadFlags,
+        ),
+        dropped(
+            "TCP a session segment with TTL 1",
+            seg(TCP_CLIENT, TCP_FRONT, ACK, b"late").hop_limit(1).build(),
+            Reason::TcpUncarried,
+        ),
+        up(
+            "TCP FIN from the client",
+            seg(TCP_CLIENT, TCP_FRONT, FIN | ACK, b""),
+            &back,
+            TCP_UPSTREAM,
+        )
+        .of(12, 0),
+        down(
+            "TCP RST from the upstream",
+            seg(TCP_UPSTREAM, &back, RST | ACK, b""),
+            TCP_FRONT,
+            TCP_CLIENT,
+        )
+        .of(12, 1),
+        up(
+            "TCP SYN opens a session (IPv6)",
+            seg(TCP6_CLIENT, TCP6_FRONT, SYN, b"").tcp_options(&mss),
+            &back6,
+            TCP6_UPSTREAM,
+        )
+        .of(13, 0),
+        down(
+            "TCP SYN-ACK from the upstream (IPv6)",
+            seg(TCP6_UPSTREAM, &back6, SYN | ACK, b""),
+            TCP6_FRONT,
+            TCP6_CLIENT,
+        )
+        .of(13, 1),
+        up(
+            "TCP data both ways (IPv6)",
+            seg(TCP6_CLIENT, TCP6_FRONT, ACK, &[0xa5; 1200]),
+            &back6,
+            TCP6_UPSTREAM,
+        )
+        .of(13, 0),
+        dropped(
+            "TCP SYN with data to a rule",
+            seg("198.18.1.2:50001", TCP_FRONT, SYN, b"fast open").build(),
+            Reason::TcpBadFlags,
+        ),
+        dropped(
+            "TCP SYN+FIN to a rule",
+            seg("198.18.1.2:50002", TCP_FRONT, SYN | FIN, b"").build(),
+            Reason::TcpBadFlags,
+        ),
+        dropped(
+            "TCP SYN+RST to a rule",
+            seg("198.18.1.2:50003", TCP_FRONT, SYN | RST, b"").build(),
+            Reason::TcpBadFlags,
+        ),
+        pass(
+            "TCP SYN-ACK to a rule's port (the host's own)",
+            seg("198.18.1.2:50004", TCP_FRONT, SYN | ACK, b"").build(),
+            Reason::Tcp,
+        ),
+        pass(
+            "TCP SYN to a port without a rule",
+            seg("198.18.1.2:50005", "198.18.1.1:22", SYN, b"").build(),
+            Reason::Tcp,
+        ),
+        dropped(
+            "TCP SYN from an address holding its share",
+            seg(TCP_GREEDY, TCP_FRONT, SYN, b"").build(),
+            Reason::TcpRefused,
+        ),
+        up(
+            "TCP SYN within the rule's rate",
+            seg("198.18.1.2:50006", TCP_RATE_FRONT, SYN, b""),
+            &with_port(TCP_BACK_IP, POOL[2].1),
+            TCP_UPSTREAM,
+        ),
+        dropped(
+            "TCP SYN over the rule's rate",
+            seg("198.18.1.2:50007", TCP_RATE_FRONT, SYN, b"").build(),
+            Reason::TcpRefused,
+        ),
+        dropped(
+            "TCP SYN to a full rule",
+            seg("198.18.1.2:50008", TCP_FULL_FRONT, SYN, b"").build(),
+            Reason::TcpRefused,
+        ),
+        dropped(
+            "TCP SYN from outside the rule's allow list",
+            seg("198.18.1.9:50009", TCP_ALLOW_FRONT, SYN, b"").build(),
+            Reason::TcpRefused,
+        ),
+        up(
+            "TCP SYN from inside the rule's allow list",
+            seg("198.18.1.3:50010", TCP_ALLOW_FRONT, SYN, b""),
+            &with_port(TCP_BACK_IP, POOL[3].1),
+            TCP_UPSTREAM,
+        ),
+        pass(
+            "TCP SYN with the pool empty: to the controller's listener",
+            seg("198.18.1.2:50011", TCP_FRONT, SYN, b"").build(),
+            Reason::TcpToController,
+        ),
+    ]
 }
 
 const SOCKS_CLIENT: &str = "198.18.1.2:45000";
@@ -733,12 +992,14 @@ fn run_fixtures() -> Vec<String> {
     let mut bpf = load(&pin);
     let mut dp = Datapath::take(&mut bpf).expect("maps");
     install(&mut dp);
+    install_tcp(&dp);
     let prog = ebpf::program(&mut bpf).expect("program");
     let mut failures = Vec::new();
     let mut expected_counts: BTreeMap<Reason, (u64, u64)> = BTreeMap::new();
     let mut fixtures = table();
     fixtures.extend(session_table());
     fixtures.extend(socks_table());
+    fixtures.extend(tcp_table());
     for f in &fixtures {
         let mut out = vec![0u8; f.input.len() + 256];
         let r = prog
@@ -776,7 +1037,9 @@ fn run_fixtures() -> Vec<String> {
     let mut want_traffic = [[(0u64, 0u64); 2]; 2];
     for f in fixtures
         .iter()
-        .filter(|f| f.verdict == Verdict::Tx && !f.what.starts_with("SOCKS5"))
+        .filter(|f| {
+            f.verdict == Verdict::Tx && !f.what.starts_with("SOCKS5") && !f.what.starts_with("TCP")
+        })
     {
         let h = relay_common::packet::parse(&f.input[..]).expect("parses");
         let session = usize::from(h.family == relay_common::packet::FAMILY_V6);
@@ -800,7 +1063,62 @@ fn run_fixtures() -> Vec<String> {
         }
     }
 
+    // TCP sessions the kernel opened: their counters, records and what the kernel reported.
+    let mut tcp_traffic: BTreeMap<(u32, u32), (u64, u64)> = BTreeMap::new();
+    for f in &fixtures {
+        if let Some(key) = f.session {
+            let e = tcp_traffic.entry(key).or_default();
+            e.0 += 1;
+            e.1 += ip_len(f);
+        }
+    }
+    for ((id, d), want) in &tcp_traffic {
+        let s = dp.session(*id).expect("session");
+        let t = s.traffic[*d as usize];
+        if (t.packets, t.bytes) != *want {
+            failures.push(format!(
+                "TCP session {id} direction {d}: counted {:?}, want {want:?}",
+                (t.packets, t.bytes)
+            ));
+        }
+    }
+    let s = dp.session(12).expect("session");
+    if (s.proto, s.origin, s.fin, s.rst, s.rule) != (PROTO_TCP, 1, [1, 0], 1, 1) {
+        failures.push(format!(
+            "TCP session 12: proto {} origin {} fin {:?} rst {} rule {}, want a kernel-opened TCP \
+             session of rule 1 whose client sent FIN and whose upstream reset",
+            s.proto, s.origin, s.fin, s.rst, s.rule
+        ));
+    }
+    let s13 = dp.session(13).expect("session");
+    let e = datapath::endpoints(&s13);
+    if e != ends(TCP6_CLIENT, TCP6_FRONT, &with_port(TCP6_BACK_IP, 21001), TCP6_UPSTREAM) {
+        failures.push(format!("TCP session 13: endpoints {e:?}"));
+    }
+
     let snapshot = Snapshot::from_ebpf(&bpf).expect("counters");
+    {
+        use relay_common::counters::Open;
+        let want = [
+            (Open::Opened, 4),
+            (Open::SourceFull, 1),
+            (Open::Rate, 1),
+            (Open::RuleFull, 1),
+            (Open::NotAllowed, 1),
+            (Open::PoolEmpty, 1),
+            (Open::Raced, 0),
+            (Open::RingFull, 0),
+        ];
+        for (cause, n) in want {
+            if snapshot.opens(cause) != n {
+                failures.push(format!(
+                    "kernel opens {}: {}, want {n}",
+                    cause.name(),
+                    snapshot.opens(cause)
+                ));
+            }
+        }
+    }
     for &reason in Reason::ALL {
         let got = snapshot.reason(reason);
         let (packets, bytes) = expected_counts.get(&reason).copied().unwrap_or_default();
@@ -872,18 +1190,26 @@ fn the_relay_object_is_the_relays_only() {
     assert_eq!(
         maps,
         [
+            "ALLOW",
             "AYA_LOGS",
             "COUNTERS",
             "EGRESS",
+            "EVENTS",
             "FLOWS",
+            "HOPS",
+            "KERNEL_OPENS",
+            "LISTEN",
             "META",
             "NEXTHOPS",
             "NEXTHOP_KEYS",
+            "POOL",
             "PORTS",
+            "RATE",
             "RULES",
             "SESSIONS",
             "SLOWPATH",
-            "USERS"
+            "SOURCE_FULL",
+            "USERS",
         ]
     );
 }

@@ -13,6 +13,7 @@
 mod recovery;
 mod rules;
 mod sessions;
+pub mod tcp;
 
 use std::{
     collections::HashMap,
@@ -28,12 +29,16 @@ use crate::{config::Config, datapath::Datapath, nexthop::NextHops};
 
 use self::{rules::Rules, sessions::Sessions};
 
+pub use self::rules::proto_name;
+
 /// The forward rules and their sessions.
 pub struct Forward {
     rules: Arc<Rules>,
     sessions: Arc<Sessions>,
     /// The listeners and housekeeping, stopped when handing over.
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// The kernel's event ring, until [`Forward::spawn`] starts reading it.
+    events: Mutex<Option<aya::maps::RingBuf<aya::maps::MapData>>>,
 }
 
 impl Forward {
@@ -42,25 +47,38 @@ impl Forward {
     /// `sessions` by id; empty after a crash or a stop). Must run inside the tokio runtime.
     /// `nexthops` is `None` when XDP does not relay (`--xdp-mode off`, or the kernel refused
     /// the program).
+    ///
+    /// TCP rules open their sessions in the kernel when XDP relays (`events` is its ring):
+    /// the pool a predecessor filled is taken back, the pinned sessions recovered, the rules
+    /// armed and the pool filled again.
     pub async fn start(
         config: &Config,
         datapath: Arc<Datapath>,
         nexthops: Option<Arc<NextHops>>,
-        listeners: HashMap<SocketAddr, OwnedFd>,
+        listeners: HashMap<(u8, SocketAddr), OwnedFd>,
         handed: HashMap<u32, OwnedFd>,
+        events: Option<aya::maps::RingBuf<aya::maps::MapData>>,
     ) -> anyhow::Result<Forward> {
+        datapath.clear_kernel_rules();
         let rules = Arc::new(Rules::bind(config, Arc::clone(&datapath), listeners)?);
         let sessions = Arc::new(Sessions::new(
             config,
             Arc::clone(&rules),
             datapath,
-            nexthops,
+            nexthops.clone(),
         ));
+        sessions.drain_pool().await;
         sessions.recover(handed).await;
+        if let Some(n) = &nexthops {
+            rules.arm(n).await;
+        }
+        sessions.recount();
+        sessions.refill();
         Ok(Forward {
             rules,
             sessions,
             tasks: Mutex::new(Vec::new()),
+            events: Mutex::new(events.filter(|_| nexthops.is_some())),
         })
     }
 
@@ -69,6 +87,9 @@ impl Forward {
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..self.rules.len() {
             tasks.push(tokio::spawn(Arc::clone(&self.sessions).listen(i)).abort_handle());
+        }
+        if let Some(ring) = self.events.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            tasks.push(tokio::spawn(Arc::clone(&self.sessions).events(ring)).abort_handle());
         }
         let sessions = Arc::clone(&self.sessions);
         let housekeeping = tokio::spawn(async move {
@@ -102,7 +123,24 @@ impl Forward {
     /// clients an allow list no longer admits are closed now. Settings that need a restart
     /// (listen addresses, session ports, capacity) are named in a warning.
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
-        self.rules.reload(config)?;
+        let rearm = self.rules.reload(config)?;
+        if !rearm.is_empty() {
+            if let Some(nexthops) = self.sessions.nexthops().cloned() {
+                let rules = Arc::clone(&self.rules);
+                let sessions = Arc::clone(&self.sessions);
+                tokio::spawn(async move {
+                    for index in rearm {
+                        if let Some(rule) = rules.get(index) {
+                            if let Err(e) = rule.arm(&sessions.datapath, &nexthops).await {
+                                warn!("{e:#}; the controller relays the rule's new connections");
+                                rule.disarm(&sessions.datapath);
+                            }
+                        }
+                    }
+                    sessions.recount();
+                });
+            }
+        }
         let revoked = self
             .sessions
             .revoke(|rule, client| self.rules.admits(rule, client));

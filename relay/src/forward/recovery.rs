@@ -32,6 +32,15 @@ impl Sessions {
                 continue;
             }
             let ends = datapath::endpoints(&record);
+            if super::sessions::kernel_opened(&record) {
+                if self.recover_kernel(id, &record, &ends, now) {
+                    kept += 1;
+                } else {
+                    let _ = self.datapath.remove(id);
+                    dropped += 1;
+                }
+                continue;
+            }
             let Some((rule, socket)) = self.reclaim(id, &record, &ends, handed.remove(&id), now)
             else {
                 let _ = self.datapath.remove(id);
@@ -92,7 +101,7 @@ impl Sessions {
     ) -> Option<(u16, std::net::UdpSocket)> {
         let rule = self
             .rules
-            .matching(record.rule, ends.front.port(), ends.upstream)?;
+            .matching(record.rule, record.proto, ends.front.port(), ends.upstream)?;
         // A client the rule no longer admits (its allow list changed while no controller
         // ran) does not get its session back.
         if !rule.current().config.client_allowed(ends.client.ip()) {

@@ -20,10 +20,19 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use log::{debug, warn};
-use relay_common::session::{SlowPath, Traffic, TO_CLIENT, TO_UPSTREAM};
+use relay_common::{
+    packet::PROTO_TCP,
+    session::{
+        Event, Session, SlowPath, Traffic, EVENT_CLOSING, EVENT_OPENED, ORIGIN_KERNEL,
+        STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
+    },
+};
 use tokio::{io::Interest, net::UdpSocket, task::AbortHandle};
 
-use super::rules::{Rule, Rules};
+use super::{
+    rules::{Listener, Rule, Rules},
+    tcp,
+};
 use crate::{
     config::Config,
     datapath::{self, Datapath, Endpoints},
@@ -156,6 +165,10 @@ pub struct Sessions {
     /// The session port range (a reload cannot change it).
     ports: crate::config::PortRange,
     state: Mutex<State>,
+    /// TCP connections the controller relays itself.
+    proxied: Arc<tcp::Proxied>,
+    /// Ids and ports kept lent to the kernel's pool while a rule opens sessions there.
+    pool_target: usize,
 }
 
 impl Sessions {
@@ -175,7 +188,161 @@ impl Sessions {
                 live: HashMap::new(),
                 last_refusal_log: HashMap::new(),
             }),
+            proxied: Arc::default(),
+            pool_target: pool_target(config),
         }
+    }
+
+    /// Takes back every id a predecessor lent to the kernel's pool (they are free unless a
+    /// session holds them, which recovery finds). Call before recovery.
+    pub(super) async fn drain_pool(&self) {
+        let drained = self.datapath.pool_drain().len();
+        if drained > 0 {
+            debug!("took {drained} ids back from the kernel's pool");
+            // A SYN that popped an id just before writes its record within microseconds;
+            // recovery must see it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Keeps the kernel's pool of free ids and ports filled while TCP rules open sessions
+    /// there.
+    pub(super) fn refill(&self) {
+        if self.pool_target == 0 || !self.rules.iter().any(Rule::in_kernel) {
+            return;
+        }
+        let mut st = self.lock();
+        let have = st.table.lent();
+        if have >= self.pool_target / 2 {
+            return;
+        }
+        let slots = st.table.lend(self.pool_target - have);
+        let pushed = self.datapath.pool_push(&slots);
+        if pushed < slots.len() {
+            st.table.unlend(slots[pushed..].iter().map(|(id, _)| *id));
+        }
+    }
+
+    /// Reads what XDP reports through `EVENTS`, forever: sessions it opened (taken into the
+    /// table for accounting, limits and expiry) and sessions that started closing.
+    pub(super) async fn events(self: Arc<Self>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
+        // SAFETY: the ring's descriptor belongs to the map it wraps, which the AsyncFd owns
+        // for its whole life; it is never closed or replaced meanwhile.
+        let mut ring = match unsafe { tokio::io::unix::AsyncFd::register(ring) } {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("watching the kernel's event ring: {e}; kernel-opened sessions are not accounted");
+                return;
+            }
+        };
+        loop {
+            let mut guard = match ring.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    warn!("kernel event ring: {e}");
+                    return;
+                }
+            };
+            let mut events = Vec::new();
+            while let Some(item) = guard.get_inner_mut().next() {
+                if item.len() >= std::mem::size_of::<Event>() {
+                    // SAFETY: the ring holds `Event`s written by the XDP program; the length
+                    // was checked and the read is unaligned-safe.
+                    events.push(unsafe { item.as_ptr().cast::<Event>().read_unaligned() });
+                }
+            }
+            guard.clear_ready();
+            let now = monotonic_ns();
+            for e in events {
+                match e.kind {
+                    EVENT_OPENED => self.kernel_opened(e.id, now),
+                    EVENT_CLOSING => self.kernel_closing(e.id, now),
+                    _ => {}
+                }
+            }
+            self.refill();
+        }
+    }
+
+    /// XDP opened session `id`: take it into the table and count it against the limits.
+    fn kernel_opened(&self, id: u32, now: u64) {
+        let Ok(record) = self.datapath.session(id) else {
+            return;
+        };
+        if record.state != STATE_ACTIVE || record.origin != ORIGIN_KERNEL {
+            return;
+        }
+        let ends = datapath::endpoints(&record);
+        let Some(rule) = self.rules.get(record.rule) else {
+            return;
+        };
+        let mut st = self.lock();
+        let entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
+        if !st.table.adopt(entry) {
+            // Recovered already (an event from before a restart).
+            return;
+        }
+        let _ = self.datapath.update_rule(rule.index, |r| r.opened += 1);
+        // Its idle time and age, for `relay sessions` (XDP keeps no clock).
+        let _ = self.datapath.set_slow(
+            id,
+            &SlowPath {
+                last_seen: now,
+                opened: unix_seconds(),
+                ..SlowPath::default()
+            },
+        );
+        self.kernel_limits(&st, rule, ends.client.ip());
+        debug!(
+            "session {id} opened in the kernel: {} -> {} | {} -> {}",
+            ends.client, ends.front, ends.back, ends.upstream
+        );
+    }
+
+    /// XDP relayed a FIN or RST of session `id`: once both sides have closed (or either
+    /// reset) it lingers briefly and closes.
+    fn kernel_closing(&self, id: u32, now: u64) {
+        if self
+            .datapath
+            .session(id)
+            .is_ok_and(|s| s.state == STATE_ACTIVE && s.tcp_closing())
+        {
+            self.lock().table.set_closing(id, now);
+        }
+    }
+
+    /// Tells the kernel which rules and client addresses hold their limits, from the table
+    /// (after recovery, a reload).
+    pub(super) fn recount(&self) {
+        let st = self.lock();
+        let mut seen = std::collections::HashSet::new();
+        for rule in self.rules.iter().filter(|r| r.proto == PROTO_TCP) {
+            self.kernel_limits(&st, rule, IpAddr::from([0u8; 4]));
+        }
+        for (rule, ip) in st.table.sources() {
+            if seen.insert((rule, ip)) {
+                if let Some(rule) = self.rules.get(rule) {
+                    self.kernel_limits(&st, rule, ip);
+                }
+            }
+        }
+    }
+
+    /// Tells the kernel whether rule `rule` and the client address `ip` hold their limits.
+    fn kernel_limits(&self, st: &State, rule: &Rule, ip: IpAddr) {
+        if rule.proto != PROTO_TCP || !rule.in_kernel() {
+            return;
+        }
+        let limits = rule.limits();
+        let proxied = self.proxied.of_rule(rule.index);
+        let full = st.table.sessions_of(rule.index) + proxied >= limits.max_sessions;
+        let _ = self.datapath.set_listen_full(rule.listen_key(), full);
+        let source = st.table.sessions_of_source(rule.index, ip);
+        let _ = self.datapath.set_source_full(
+            rule.index,
+            ip,
+            source >= limits.max_sessions_per_source,
+        );
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -186,6 +353,36 @@ impl Sessions {
     /// Takes session `entry` (found in the pinned maps) into the table; false if it cannot be.
     pub(super) fn reserve_recovered(&self, entry: Entry) -> bool {
         self.lock().table.recover(entry)
+    }
+
+    /// Takes over a session the kernel opened (no socket: its bytes never reach the
+    /// controller); false if no rule matches it any more.
+    pub(super) fn recover_kernel(
+        &self,
+        id: u32,
+        record: &Session,
+        ends: &datapath::Endpoints,
+        now: u64,
+    ) -> bool {
+        let Some(rule) =
+            self.rules
+                .matching(record.rule, record.proto, ends.front.port(), ends.upstream)
+        else {
+            return false;
+        };
+        if !rule.current().config.client_allowed(ends.client.ip()) {
+            return false;
+        }
+        let mut entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
+        entry.answered = record.traffic[TO_CLIENT as usize].packets > 0;
+        let mut st = self.lock();
+        if !st.table.recover(entry) {
+            return false;
+        }
+        if record.tcp_closing() {
+            st.table.set_closing(id, now);
+        }
+        true
     }
 
     /// Gives a session back (it could not be restored or installed).
@@ -217,14 +414,21 @@ impl Sessions {
         let Some(rule) = u16::try_from(i).ok().and_then(|i| self.rules.get(i)) else {
             return;
         };
-        let fd = rule.socket.as_raw_fd();
+        let socket = match &rule.socket {
+            Listener::Udp(s) => s,
+            Listener::Tcp(l) => {
+                let proxied = Arc::clone(&self.proxied);
+                return tcp::serve(rule, l, proxied, Arc::clone(&self.datapath)).await;
+            }
+        };
+        let fd = socket.as_raw_fd();
         loop {
-            if let Err(e) = rule.socket.readable().await {
+            if let Err(e) = socket.readable().await {
                 warn!("rule {}: listening socket failed: {e}", rule.name());
                 return;
             }
             let mut firsts = Vec::new();
-            let r = rule.socket.try_io(Interest::READABLE, || {
+            let r = socket.try_io(Interest::READABLE, || {
                 udp::recv_batch(fd, |batch| {
                     let now = monotonic_ns();
                     firsts.extend(
@@ -514,10 +718,14 @@ impl Sessions {
     /// Relays what reaches a session's socket (replies the fast path declined, or all of them
     /// without XDP) to the client, from exactly the address the client sent to.
     async fn replies(self: Arc<Self>, io: Arc<SessionIo>) {
-        let Some(rule) = self.rules.get(io.rule) else {
+        let Some(listener) = self
+            .rules
+            .get(io.rule)
+            .and_then(|r| r.socket.udp())
+            .map(|s| s.as_raw_fd())
+        else {
             return;
         };
-        let listener = rule.socket.as_raw_fd();
         let fd = io.socket.as_raw_fd();
         loop {
             if io.socket.readable().await.is_err() {
@@ -555,6 +763,12 @@ impl Sessions {
 
     /// Once a second: publish slow-path counters, expire idle sessions.
     pub fn housekeeping(&self) {
+        self.expire();
+        self.refill();
+    }
+
+    /// Publishes slow-path counters, closes expired sessions.
+    fn expire(&self) {
         let now = monotonic_ns();
         let mut st = self.lock();
         let st = &mut *st;
@@ -581,6 +795,10 @@ impl Sessions {
             if let Some(l) = st.live.get(id) {
                 l.io.slow.last_seen.fetch_max(now, Ordering::Relaxed);
                 l.io.slow.dirty.store(true, Ordering::Relaxed);
+            } else if let Ok(mut slow) = self.datapath.slow(*id) {
+                // A session the kernel opened: no socket, no live counters.
+                slow.last_seen = now;
+                let _ = self.datapath.set_slow(*id, &slow);
             }
         }
         for id in &expired.unanswered {
@@ -591,7 +809,7 @@ impl Sessions {
             }
         }
         for id in expired.closed {
-            self.close(st, id, "idle");
+            self.close(st, id, "idle or closed");
         }
     }
 
@@ -647,6 +865,9 @@ impl Sessions {
                 total.bytes += t.bytes;
             }
         });
+        if let Some(rule) = self.rules.get(entry.rule) {
+            self.kernel_limits(&*st, rule, entry.client.ip());
+        }
         debug!("session {id} of {} closed ({why})", entry.client);
     }
 
@@ -700,11 +921,29 @@ fn observe(datapath: &Datapath, live: &HashMap<u32, Live>, id: u32) -> Observed 
     let slow = live.get(&id).map(|l| &l.io.slow);
     let slow_replies = slow.map_or(0, |s| s.packets[TO_CLIENT as usize].load(Ordering::Relaxed));
     Observed {
+        closing: kernel.is_some_and(|s| s.proto == PROTO_TCP && s.tcp_closing()),
         kernel_packets: kernel.map_or(0, |s| s.packets()),
         slow_seen: slow.map_or(0, |s| s.last_seen.load(Ordering::Relaxed)),
         answered: kernel.is_some_and(|s| s.traffic[TO_CLIENT as usize].packets > 0)
             || slow_replies > 0,
     }
+}
+
+/// How many free ids and ports the controller keeps lent to the kernel when TCP rules open
+/// sessions there: enough for a burst of new connections between two refills (the controller
+/// refills after every batch of events and once a second), and never more than half the
+/// table, so that UDP sessions find room too.
+fn pool_target(config: &Config) -> usize {
+    let tcp = config.forward.iter().any(|r| r.protocols.tcp);
+    if !tcp {
+        return 0;
+    }
+    (config.session_capacity as usize / 2).clamp(1, 1 << 20)
+}
+
+/// Whether a pinned record is one the kernel opened (no socket of its own).
+pub(super) fn kernel_opened(record: &Session) -> bool {
+    record.origin == ORIGIN_KERNEL
 }
 
 /// Relays a client's datagram to the upstream through the session's socket. A plain
