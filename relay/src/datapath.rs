@@ -562,6 +562,13 @@ impl Datapath {
         self.lock().slow.set(id, v, 0).context("writing SLOWPATH")
     }
 
+    pub fn nexthop(&self, slot: u16) -> anyhow::Result<Nexthop> {
+        self.lock()
+            .nexthops
+            .get(&u32::from(slot), 0)
+            .context("reading NEXTHOPS")
+    }
+
     pub fn set_nexthop(&self, slot: u16, nh: &Nexthop) -> anyhow::Result<()> {
         self.lock()
             .nexthops

@@ -76,6 +76,11 @@ const RTM_NEWNEIGH: u16 = 28;
 const RTM_GETNEIGH: u16 = 30;
 const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_CREATE: u16 = 0x400;
+/// `ndm_flags`: "use" the entry (resolve or confirm it).
+const NTF_USE: u8 = 0x01;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
@@ -139,12 +144,22 @@ impl Netlink {
     /// Sends one request and returns the body of the answer of type `answer` (`None` when the
     /// kernel answers with an error that means "no such thing").
     fn request(&mut self, kind: u16, body: &[u8], answer: u16) -> io::Result<Option<Vec<u8>>> {
+        self.send_request(kind, NLM_F_REQUEST, body, answer)
+    }
+
+    fn send_request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        body: &[u8],
+        answer: u16,
+    ) -> io::Result<Option<Vec<u8>>> {
         self.seq = self.seq.wrapping_add(1);
         let len = 16 + body.len();
         let mut msg = Vec::with_capacity(len);
         msg.extend_from_slice(&(len as u32).to_ne_bytes());
         msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+        msg.extend_from_slice(&flags.to_ne_bytes());
         msg.extend_from_slice(&self.seq.to_ne_bytes());
         msg.extend_from_slice(&0u32.to_ne_bytes());
         msg.extend_from_slice(body);
@@ -206,6 +221,27 @@ impl Netlink {
             .find(|(k, _)| *k == NDA_LLADDR)
             .and_then(|(_, d)| <[u8; 6]>::try_from(d).ok());
         Ok(mac)
+    }
+
+    /// `ip neigh replace ADDR dev OIF use`: makes the kernel resolve the neighbour (or
+    /// confirm a stale entry) as if a packet were on its way to it. Packets XDP sends never
+    /// pass the neighbour table, so without this an entry only the fast path uses would age
+    /// out, and one nobody has sent to yet would never be resolved.
+    pub fn neigh_use(&mut self, addr: IpAddr, oif: u32) -> io::Result<()> {
+        let (family, bytes) = family_and_bytes(addr);
+        let mut body = vec![family, 0, 0, 0];
+        body.extend_from_slice(&(oif as i32).to_ne_bytes());
+        // ndm_state 0, ndm_flags NTF_USE, ndm_type 0.
+        body.extend_from_slice(&0u16.to_ne_bytes());
+        body.extend_from_slice(&[NTF_USE, 0]);
+        push_attr(&mut body, NDA_DST, &bytes);
+        self.send_request(
+            RTM_NEWNEIGH,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+            &body,
+            NLMSG_ERROR,
+        )
+        .map(drop)
     }
 
     /// A link's MAC address and MTU.
@@ -320,6 +356,8 @@ fn find_reply(buf: &[u8], seq: u32, answer: u16) -> io::Result<Option<Option<Vec
             if kind == NLMSG_ERROR {
                 let errno = u32_at(body, 0).unwrap_or(0) as i32;
                 return match -errno {
+                    // The acknowledgement asked for.
+                    0 if answer == NLMSG_ERROR => Ok(Some(None)),
                     0 => Ok(None),
                     libc::ENETUNREACH
                     | libc::EHOSTUNREACH
@@ -716,6 +754,11 @@ impl Resolver {
     ///
     /// Returns whether the slot is resolved now.
     fn refresh(&mut self, slot: u16, (oif, via, mtu): Key, new: bool) -> bool {
+        // Resolve it, or keep it fresh: sessions XDP alone carries never make the kernel
+        // look at the neighbour.
+        if let Err(e) = self.netlink.neigh_use(via, oif) {
+            debug!("next hop {via}: resolving: {e}");
+        }
         let entry = match self.netlink.nexthop(oif, via, mtu) {
             Ok(entry) => entry,
             Err(e) => {

@@ -167,6 +167,15 @@ impl Rule {
             );
             return Ok(());
         }
+        // A new slot's neighbour may still be resolving: until it is, XDP would leave every
+        // SYN to the controller. Wait for it a moment (the resolver gives up after half a
+        // second and refreshes once a second after that).
+        for _ in 0..50 {
+            if datapath.nexthop(slot).is_ok_and(|n| n.ifindex != 0) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let limits = self.limits();
         let (cost_ns, burst_ns) = rate(
             limits.new_sessions_per_second,

@@ -192,7 +192,12 @@ async fn relay(
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    tokio::io::copy_bidirectional(&mut client, &mut server)
-        .await
-        .map_err(|e| ((0, 0), e))
+    let r = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    if r.is_err() {
+        // A reset (or another error) on one side resets the other, as the relay in the
+        // kernel passes a RST on: closing normally would tell it "end of data".
+        let _ = client.set_zero_linger();
+        let _ = server.set_zero_linger();
+    }
+    r.map_err(|e| ((0, 0), e))
 }

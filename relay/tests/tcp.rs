@@ -1,0 +1,491 @@
+//! End-to-end: TCP forward rules, in namespaces this test creates. Real TCP connections from
+//! the client namespace to an echo server (and iperf3) in the upstream's, through the relay:
+//! every byte is checked both ways, and the counters say that the kernel opened the sessions
+//! and XDP carried the segments.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use support::{raise_fd_limit, stats, ConfigFile, Netns, PinDir, Relay, Topology};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpSocket, TcpStream},
+};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A TCP echo server on `addr` in `ns`: echoes every byte, and closes its side once the
+/// client has closed its own (so half-closes are visible to clients).
+fn echo_server(rt: &tokio::runtime::Runtime, ns: &Netns, addr: SocketAddr) {
+    let std = ns.run(move || std::net::TcpListener::bind(addr).expect("bind echo server"));
+    std.set_nonblocking(true).expect("non-blocking");
+    rt.spawn(async move {
+        let listener = TcpListener::from_std(std).expect("listener");
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+}
+
+/// `n` unconnected TCP sockets made in `ns` (a socket's namespace is the one it was made in).
+fn sockets(ns: &Netns, n: usize, v6: bool) -> Vec<TcpSocket> {
+    let raw = ns.run(move || {
+        (0..n)
+            .map(|_| {
+                let domain = if v6 {
+                    socket2::Domain::IPV6
+                } else {
+                    socket2::Domain::IPV4
+                };
+                let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).expect("socket");
+                s.set_nonblocking(true).expect("non-blocking");
+                std::net::TcpStream::from(s)
+            })
+            .collect::<Vec<_>>()
+    });
+    raw.into_iter()
+        .map(TcpSocket::from_std_stream)
+        .collect()
+}
+
+fn payload(seed: u64, len: usize) -> Vec<u8> {
+    // xorshift: different bytes per connection, no two connections alike.
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Connects, sends `data`, half-closes, reads everything back until the server closes; the
+/// echo must be byte-exact.
+async fn echo_once(socket: TcpSocket, to: SocketAddr, data: Vec<u8>) -> Result<(), String> {
+    let mut s = tokio::time::timeout(Duration::from_secs(10), socket.connect(to))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut r, mut w) = s.split();
+    let write = async {
+        w.write_all(&data).await?;
+        w.shutdown().await
+    };
+    let mut back = Vec::with_capacity(data.len());
+    let read = r.read_to_end(&mut back);
+    let (wr, rd) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(write, read)
+    })
+    .await
+    .map_err(|_| format!("echo timed out with {} of {} bytes", back.len(), data.len()))?;
+    wr.map_err(|e| format!("write: {e}"))?;
+    rd.map_err(|e| format!("read: {e}"))?;
+    if back != data {
+        return Err(format!(
+            "echo differs: {} bytes back for {} sent",
+            back.len(),
+            data.len()
+        ));
+    }
+    Ok(())
+}
+
+fn rule<'a>(s: &'a Value, name: &str) -> &'a Value {
+    s["rules"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == name))
+        .unwrap_or_else(|| panic!("no rule {name} in {s}"))
+}
+
+fn packets(v: &Value) -> u64 {
+    v["packets"].as_u64().unwrap_or(0)
+}
+
+fn opens(s: &Value, cause: &str) -> u64 {
+    s["kernel_opens"][cause].as_u64().unwrap_or(0)
+}
+
+fn reason(s: &Value, r: &str) -> u64 {
+    support::reason_packets(s, r)
+}
+
+const V4: &str = "198.18.1.1:7000";
+const V6: &str = "[fd00:5a:1::1]:7000";
+
+/// The relay with an IPv4 and an IPv6 TCP rule to the upstream's echo server.
+fn start(t: &Topology, pin: &PinDir, extra: &[&str]) -> Relay {
+    let mut args = vec!["--max-sessions-per-source", "20000"];
+    args.extend_from_slice(extra);
+    Relay::forwarding(
+        &t.relay,
+        pin,
+        &[
+            "tcp:198.18.1.1:7000=198.18.2.2:7000",
+            "tcp:[fd00:5a:1::1]:7000=[fd00:5a:2::2]:7000",
+        ],
+        &args,
+    )
+}
+
+fn echo_servers(rt: &tokio::runtime::Runtime, t: &Topology) {
+    echo_server(rt, &t.upstream, "198.18.2.2:7000".parse().unwrap());
+    echo_server(rt, &t.upstream, "[fd00:5a:2::2]:7000".parse().unwrap());
+}
+
+/// Runs `n` echoes at once from the client namespace to `to`, payloads of varied lengths;
+/// returns the failures.
+fn concurrent(rt: &tokio::runtime::Runtime, t: &Topology, to: SocketAddr, n: usize) -> Vec<String> {
+    let socks = sockets(&t.client, n, to.is_ipv6());
+    rt.block_on(async {
+        let tasks: Vec<_> = socks
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let len = 1 + (i * 7919) % 150_000;
+                tokio::spawn(echo_once(s, to, payload(i as u64, len)))
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            if let Err(e) = t.await.expect("task") {
+                failures.push(format!("connection {i}: {e}"));
+            }
+        }
+        failures
+    })
+}
+
+#[test]
+fn a_thousand_concurrent_connections_echo_byte_exact_through_xdp() {
+    raise_fd_limit();
+    let rt = runtime();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    echo_servers(&rt, &t);
+    // Fresh links: IPv6 neighbour discovery waits for the link-local address's duplicate
+    // address detection (a second or two) before the relay can resolve the upstream.
+    std::thread::sleep(Duration::from_secs(2));
+    let _relay = start(&t, &pin, &[]);
+    let failures = concurrent(&rt, &t, V4.parse().unwrap(), 1000);
+    assert!(
+        failures.is_empty(),
+        "{} of 1000 failed, first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let failures = concurrent(&rt, &t, V6.parse().unwrap(), 100);
+    assert!(failures.is_empty(), "IPv6: {failures:?}");
+    let s = stats(&t.relay, "cli0", &pin);
+    assert_eq!(opens(&s, "opened"), 1100, "every connection opened in the kernel: {s}");
+    assert_eq!(reason(&s, "tcp_to_controller"), 0, "{s}");
+    let r = rule(&s, "forward0");
+    assert_eq!(r["protocol"], "tcp");
+    assert_eq!(r["opened"].as_u64(), Some(1000), "the controller learnt of each: {r}");
+    assert!(
+        packets(&r["xdp"]["to_upstream"]) + packets(&r["closed_sessions"]["to_upstream"]) > 1000,
+        "XDP carried the segments: {r}"
+    );
+    assert_eq!(packets(&r["slow_path"]["to_upstream"]), 0, "{r}");
+}
+
+#[test]
+fn ten_thousand_short_connections_in_a_row() {
+    raise_fd_limit();
+    let rt = runtime();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    echo_servers(&rt, &t);
+    let _relay = start(&t, &pin, &["--session-capacity", "40000"]);
+    let to: SocketAddr = V4.parse().unwrap();
+    let mut failures = Vec::new();
+    for chunk in 0..10 {
+        let socks = sockets(&t.client, 1000, false);
+        rt.block_on(async {
+            for (i, s) in socks.into_iter().enumerate() {
+                let n = chunk * 1000 + i;
+                if let Err(e) = echo_once(s, to, payload(n as u64, 1 + n % 300)).await {
+                    failures.push(format!("connection {n}: {e}"));
+                }
+            }
+        });
+        assert!(failures.len() < 10, "failures: {failures:?}");
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+    let s = stats(&t.relay, "cli0", &pin);
+    let opened = opens(&s, "opened");
+    let to_controller = reason(&s, "tcp_to_controller");
+    assert_eq!(opened + to_controller, 10_000, "{s}");
+    assert!(opened >= 9_000, "the kernel opened most of them: {s}");
+}
+
+/// A listener on `addr` in `ns`, for a runtime to take.
+fn listener(ns: &Netns, addr: &'static str) -> std::net::TcpListener {
+    let std = ns.run(move || std::net::TcpListener::bind(addr).expect("bind upstream"));
+    std.set_nonblocking(true).expect("non-blocking");
+    std
+}
+
+#[test]
+fn half_close_and_resets_reach_the_other_side() {
+    let rt = runtime();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    // One upstream reads to the end, then answers and closes (it sees the client's half-close
+    // and answers after it) and reports how its read ended; one resets every connection once
+    // it has read a byte.
+    let answering = listener(&t.upstream, "198.18.2.2:7000");
+    let resetting = listener(&t.upstream, "198.18.2.2:7001");
+    let (ended, mut endings) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<usize>>();
+    rt.spawn(async move {
+        let answering = TcpListener::from_std(answering).expect("listener");
+        while let Ok((mut s, _)) = answering.accept().await {
+            let ended = ended.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let r = s.read_to_end(&mut got).await;
+                if r.is_ok() {
+                    let _ = s
+                        .write_all(format!("read {} bytes", got.len()).as_bytes())
+                        .await;
+                    let _ = s.shutdown().await;
+                }
+                let _ = ended.send(r);
+            });
+        }
+    });
+    rt.spawn(async move {
+        let resetting = TcpListener::from_std(resetting).expect("listener");
+        while let Ok((mut s, _)) = resetting.accept().await {
+            let mut b = [0u8; 1];
+            let _ = s.read(&mut b).await;
+            let _ = s.set_zero_linger();
+            drop(s);
+        }
+    });
+    let _relay = Relay::forwarding(
+        &t.relay,
+        &pin,
+        &[
+            "tcp:198.18.1.1:7000=198.18.2.2:7000",
+            "tcp:198.18.1.1:7001=198.18.2.2:7001",
+        ],
+        &[],
+    );
+    let mut socks = sockets(&t.client, 3, false);
+    rt.block_on(async {
+        // Half-close: the client's FIN reaches the upstream, whose answer still comes back.
+        let mut s = socks.remove(0).connect(V4.parse().unwrap()).await.expect("connect");
+        s.write_all(&payload(1, 100_000)).await.expect("write");
+        s.shutdown().await.expect("half-close");
+        let answer = read_all(&mut s).await.expect("the answer after the half-close");
+        assert_eq!(answer, b"read 100000 bytes");
+        let how = endings.recv().await.expect("the upstream reports");
+        assert_eq!(how.expect("a clean end"), 100_000);
+
+        // The client resets: the upstream's read fails with a reset.
+        let s = socks.remove(0).connect(V4.parse().unwrap()).await.expect("connect");
+        let mut s = s;
+        s.write_all(b"about to reset").await.expect("write");
+        s.set_zero_linger().expect("linger 0");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(s);
+        let how = tokio::time::timeout(Duration::from_secs(5), endings.recv())
+            .await
+            .expect("the upstream hears of the reset")
+            .expect("a report");
+        assert_eq!(
+            how.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "the client's RST reached the upstream"
+        );
+
+        // The upstream resets: the client's read fails with a reset.
+        let to: SocketAddr = "198.18.1.1:7001".parse().unwrap();
+        let mut s = socks.remove(0).connect(to).await.expect("connect");
+        s.write_all(b"x").await.expect("write");
+        let r = tokio::time::timeout(Duration::from_secs(5), read_all(&mut s))
+            .await
+            .expect("the client hears of the reset");
+        assert_eq!(
+            r.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "the upstream's RST reached the client"
+        );
+    });
+    let s = stats(&t.relay, "cli0", &pin);
+    assert_eq!(opens(&s, "opened"), 3, "{s}");
+    assert_eq!(reason(&s, "tcp_uncarried"), 0, "{s}");
+}
+
+/// Reads what `s` sends until it closes or resets.
+async fn read_all(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).await.map(|_| v)
+}
+
+#[test]
+fn iperf3_tcp_both_ways_through_a_forward_rule() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let _relay = Relay::forwarding(&t.relay, &pin, &["tcp:198.18.1.1:5201=198.18.2.2:5201"], &[]);
+    for reverse in [false, true] {
+        let _server = support::Group(
+            {
+                use std::os::unix::process::CommandExt as _;
+                t.upstream
+                    .command("iperf3")
+                    .args(["-s", "-1", "-B", "198.18.2.2", "-p", "5201"])
+                    .stdout(std::process::Stdio::null())
+                    .process_group(0)
+                    .spawn()
+                    .expect("iperf3 server")
+            },
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let mut client = t.client.command("iperf3");
+        client.args(["-c", "198.18.1.1", "-p", "5201", "-t", "3", "-J"]);
+        if reverse {
+            client.arg("-R");
+        }
+        let out = client.output().expect("iperf3 client");
+        assert!(
+            out.status.success(),
+            "iperf3 (reverse {reverse}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+        let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+        assert!(received > 10_000_000, "iperf3 moved {received} bytes: {report}");
+    }
+    let s = stats(&t.relay, "cli0", &pin);
+    assert_eq!(opens(&s, "opened"), 4, "two connections per run, both in the kernel: {s}");
+    let r = rule(&s, "forward0");
+    let carried = packets(&r["xdp"]["to_upstream"])
+        + packets(&r["closed_sessions"]["to_upstream"])
+        + packets(&r["xdp"]["to_client"])
+        + packets(&r["closed_sessions"]["to_client"]);
+    assert!(carried > 10_000, "XDP carried the segments: {r}");
+    assert_eq!(reason(&s, "tcp_uncarried"), 0, "{s}");
+}
+
+#[test]
+fn userspace_fallback_relays_tcp_rules() {
+    raise_fd_limit();
+    let rt = runtime();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    echo_servers(&rt, &t);
+    let _relay = start(&t, &pin, &["--xdp-mode", "off"]);
+    let failures = concurrent(&rt, &t, V4.parse().unwrap(), 100);
+    assert!(failures.is_empty(), "{failures:?}");
+    let failures = concurrent(&rt, &t, V6.parse().unwrap(), 20);
+    assert!(failures.is_empty(), "{failures:?}");
+    // Counted in the rule when each connection ended.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = stats(&t.relay, "cli0", &pin);
+        let r = rule(&s, "forward0");
+        if r["closed"].as_u64() == Some(100) {
+            assert_eq!(r["opened"].as_u64(), Some(100), "{r}");
+            assert!(
+                r["closed_sessions"]["to_upstream"]["bytes"].as_u64() > Some(100_000),
+                "{r}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "connections not counted: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_idle_connection_outlives_the_unanswered_timeout_and_survives_a_restart() {
+    let rt = runtime();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    echo_servers(&rt, &t);
+    let config = ConfigFile::new(
+        r#"
+[[forward]]
+name = "tcp"
+protocol = "tcp"
+listen = "198.18.1.1:7000"
+upstream = "198.18.2.2:7000"
+allow_private_upstream = true
+unanswered_timeout = "5s"
+idle_timeout = "60s"
+"#,
+    );
+    let relay = Relay::with_config(&t.relay, &pin, &config);
+    let mut socks = sockets(&t.client, 1, false);
+    let to: SocketAddr = V4.parse().unwrap();
+    let mut s = rt
+        .block_on(socks.remove(0).connect(to))
+        .expect("connect");
+    let ping = |s: &mut TcpStream, what: &[u8]| {
+        rt.block_on(async {
+            s.write_all(what).await.expect("write");
+            let mut back = vec![0u8; what.len()];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+                .await
+                .expect("echo in time")
+                .expect("echo");
+            assert_eq!(back, what);
+        })
+    };
+    ping(&mut s, b"first");
+    // Longer than the unanswered timeout, shorter than the idle one.
+    std::thread::sleep(Duration::from_secs(8));
+    ping(&mut s, b"after eight idle seconds");
+    // No controller: XDP goes on relaying the session.
+    assert!(relay.stop(libc::SIGTERM), "the relay stops cleanly");
+    ping(&mut s, b"while no controller runs");
+    let _relay = Relay::with_config(&t.relay, &pin, &config);
+    ping(&mut s, b"after the restart");
+    let out = support::relay_cmd(
+        &t.relay,
+        &["sessions", "--iface", "cli0", "--pin-dir", pin.arg(), "--json"],
+    );
+    let sessions: Value = serde_json::from_slice(&out.stdout).expect("sessions JSON");
+    let listed = sessions.to_string();
+    assert!(
+        listed.contains("\"protocol\":\"tcp\"") && listed.contains("\"opened_by\":\"kernel\""),
+        "the taken-over session is listed: {listed}"
+    );
+    // Closing both ways ends the session after a short linger.
+    rt.block_on(async {
+        s.shutdown().await.expect("shutdown");
+        let rest = read_all(&mut s).await.expect("read to the end");
+        assert!(rest.is_empty());
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = stats(&t.relay, "cli0", &pin);
+        if rule(&s, "tcp")["sessions"].as_u64() == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the closed session lingers on: {s}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
