@@ -350,6 +350,54 @@ mod tests {
     }
 
     #[test]
+    fn tcp_headers_flags_and_data_offsets() {
+        let f = Frame::tcp(sa("198.18.1.2:1000"), sa("198.18.1.1:443"), 0x12, b"data")
+            .tcp_options(&[2, 4, 5, 0xb4])
+            .build();
+        let h = parse(&f[..]).unwrap();
+        assert_eq!(
+            (h.proto, h.src_port, h.dst_port, h.tcp_flags, h.l4_header, h.l4_len),
+            (PROTO_TCP, 1000, 443, 0x12, 24, 28)
+        );
+        assert_eq!(h.l4_check, u16::from_be_bytes([f[50], f[51]]));
+        // Data offset below 5 words, or beyond the segment.
+        let mut bad = f.clone();
+        bad[46] = 0x40;
+        assert_eq!(parse(&bad[..]), Err(Reason::BadTcpHeader));
+        bad[46] = 0xf0;
+        assert_eq!(parse(&bad[..]), Err(Reason::BadTcpHeader));
+        // A TCP header cut short.
+        let short = Frame::tcp(sa("198.18.1.2:1"), sa("198.18.1.1:2"), 0x10, b"").build();
+        let mut cut = short[..14 + 20 + 12].to_vec();
+        cut[17] = 32;
+        assert_eq!(parse(&cut[..]), Err(Reason::Truncated));
+    }
+
+    #[test]
+    fn tcp_flags_a_tcp_never_sends_are_refused() {
+        let h = |flags: u8, data: &[u8]| {
+            parse(&Frame::tcp(sa("198.18.1.2:1"), sa("198.18.1.1:2"), flags, data).build()[..])
+                .unwrap()
+        };
+        for (flags, data, ok) in [
+            (TCP_SYN, &b""[..], true),
+            (TCP_SYN | TCP_ACK, b"", true),
+            (TCP_ACK, b"data", true),
+            (TCP_ACK | TCP_FIN, b"", true),
+            (TCP_RST, b"", true),
+            (TCP_RST | TCP_ACK, b"", true),
+            (TCP_SYN, b"fast open", false),
+            (TCP_SYN | TCP_FIN, b"", false),
+            (TCP_SYN | TCP_RST, b"", false),
+            (0, b"", false),
+            (TCP_FIN, b"", false),
+            (TCP_FIN | 0x08 | 0x20, b"", false),
+        ] {
+            assert_eq!(tcp_flags_ok(&h(flags, data)), ok, "flags {flags:#04x}");
+        }
+    }
+
+    #[test]
     fn one_vlan_tag_is_skipped_two_are_declined() {
         let f = Frame::udp(sa("10.0.0.1:1"), sa("10.0.0.2:2"), b"v")
             .vlan(42)

@@ -323,6 +323,8 @@ impl Table {
                     return false;
                 }
                 self.free_ids.retain(|id| *id != entry.id);
+                // Ids skipped over are free.
+                self.free_ids.extend(self.next_id..entry.id);
                 self.next_id = self.next_id.max(entry.id + 1);
             }
         }
@@ -868,6 +870,7 @@ mod tests {
             kernel_packets: 7,
             slow_seen: 0,
             answered: id == replied,
+            closing: false,
         };
         let e = t.expired(20 * SEC, rules, observe);
         assert!(e.closed.is_empty(), "{e:?}");
@@ -953,6 +956,7 @@ mod tests {
                 slow_seen: 0,
                 // Only idle expiry here: both sessions were answered.
                 answered: true,
+                closing: false,
             }
         };
         let pass = |closed: Vec<u32>, carried: Vec<u32>| Expiry {
@@ -993,6 +997,7 @@ mod tests {
             kernel_packets: 5,
             slow_seen: 370 * SEC,
             answered: true,
+            closing: false,
         };
         assert_eq!(t.expired(381 * SEC, rules, slow), pass(vec![], vec![]));
         assert_eq!(t.expired(669 * SEC, rules, slow), pass(vec![], vec![]));
@@ -1024,5 +1029,84 @@ mod tests {
                 .map(|o| o.entry),
             Err(Refusal::Full)
         );
+    }
+
+    #[test]
+    fn ids_lent_to_the_kernel_are_neither_handed_out_nor_lost() {
+        let mut t = table(4, (20000, 20009));
+        let lent = t.lend(3);
+        assert_eq!(lent.len(), 3);
+        assert_eq!(t.lent(), 3);
+        // One id left for the controller's own sessions; then the table is full.
+        let own = t
+            .open(0, limits(100), client(1), true, 0, silent)
+            .map(|o| o.entry)
+            .unwrap();
+        assert!(lent.iter().all(|(id, port)| *id != own.id && *port != own.port));
+        assert_eq!(
+            t.open(0, limits(100), client(2), true, 0, answered)
+                .map(|o| o.entry),
+            Err(Refusal::Full)
+        );
+        assert!(t.lend(1).is_empty(), "nothing left to lend");
+        // The kernel opened a session with the first id: it counts like any other.
+        let (id, port) = lent[0];
+        assert!(t.adopt(Entry::new(id, 1, client(3), port, 0)));
+        assert!(!t.adopt(Entry::new(id, 1, client(4), port, 0)), "adopted once");
+        assert_eq!((t.lent(), t.len(), t.sessions_of(1)), (2, 2, 1));
+        // A wrong port for a lent id is refused.
+        assert!(!t.adopt(Entry::new(lent[1].0, 1, client(5), 29999, 0)));
+        // The rest come back (the pool was drained) and can be handed out again.
+        t.unlend_all();
+        assert_eq!(t.lent(), 0);
+        let again = t
+            .open(0, limits(100), client(6), true, 0, silent)
+            .map(|o| o.entry)
+            .unwrap();
+        assert!(lent[1..].iter().any(|(id, _)| *id == again.id));
+        // Closing an adopted session frees its id and port.
+        assert!(t.close(id).is_some());
+        assert_eq!(t.lend(10).len(), 2);
+    }
+
+    #[test]
+    fn a_session_a_predecessor_lent_is_adopted_with_its_id_and_port() {
+        let mut t = table(8, (20000, 20009));
+        t.finish_recovery();
+        // Opened by the kernel from a pool this controller never filled (a takeover).
+        assert!(t.adopt(Entry::new(5, 1, client(1), 20007, 0)));
+        let lent = t.lend(10);
+        assert!(lent.iter().all(|(id, port)| *id != 5 && *port != 20007));
+        assert_eq!(lent.len(), 7);
+    }
+
+    #[test]
+    fn closing_tcp_sessions_end_after_the_linger_not_the_idle_timeout() {
+        let mut t = table(8, (20000, 20009));
+        let a = t
+            .open(0, limits(100), client(1), true, 0, answered)
+            .map(|o| o.entry)
+            .unwrap();
+        let b = t
+            .open(0, limits(100), client(2), true, 0, answered)
+            .map(|o| o.entry)
+            .unwrap();
+        let rules = |_| Some(limits(100));
+        // `a` closed (both FINs) at 10 s; `b` is reported closing by a look at the kernel.
+        t.set_closing(a.id, 10 * SEC);
+        let linger = crate::config::TCP_LINGER.as_nanos() as u64;
+        let none = Expiry::default();
+        assert_eq!(t.expired(10 * SEC + linger, rules, answered), none);
+        let closing = |_| Observed {
+            answered: true,
+            closing: true,
+            ..Observed::default()
+        };
+        // 80 s: `b` has been quiet for a quarter of its timeout: looked at, found closing.
+        let out = t.expired(80 * SEC, rules, closing);
+        assert_eq!(out.closed, vec![a.id]);
+        t.close(a.id);
+        assert_eq!(t.expired(80 * SEC + linger, rules, closing), none);
+        assert_eq!(t.expired(81 * SEC + linger, rules, closing).closed, vec![b.id]);
     }
 }
