@@ -359,8 +359,8 @@ impl Topology {
         relay_ns.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
         relay_ns.exec(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])?;
 
-        let mut generator = load(&["generate"])?;
-        let held = Dispatcher::hold(&mut [(&mut generator, &["generate"])])?;
+        let mut generator = load(&["generate", "generate_syns"])?;
+        let held = Dispatcher::hold(&mut [(&mut generator, &["generate", "generate_syns"])])?;
         let mut sink = load(&["sink"])?;
         {
             let p: &mut Xdp = sink.program_mut("sink").context("sink")?.try_into()?;
@@ -513,6 +513,102 @@ fn session_rate(t: &Topology, pins: &Path, flows: u32) -> anyhow::Result<Session
     let seconds = last_change.as_secs_f64();
     Ok(SessionRate {
         flows,
+        opened: got,
+        seconds,
+        sessions_per_second: got as f64 / seconds,
+    })
+}
+
+/// How fast the kernel opens TCP sessions through one rule: `n` SYNs, each from a new
+/// source (the `generate_syns` program), blasted at a TCP rule from the client namespace;
+/// the rate is the sessions XDP opened (`KERNEL_OPENS`) over the blast's wall time, with the
+/// controller taking each one in through the event ring meanwhile on the other CPU.
+fn kernel_open_rate(
+    t: &Topology,
+    relay_bin: &Path,
+    pins: &Path,
+    n: u32,
+) -> anyhow::Result<SessionRate> {
+    let capacity = n.saturating_mul(2).max(10_000);
+    let config = TempFile(std::env::temp_dir().join(format!("{}.toml", lab::unique(PREFIX, "tcp"))));
+    std::fs::write(
+        &config.0,
+        format!(
+            "[relay]
+session_capacity = {capacity}
+
+             [[forward]]
+protocol = "tcp"
+listen = "198.18.1.1:7000"
+             upstream = "198.18.2.2:7000"
+allow_private_upstream = true
+             max_sessions_per_source = {capacity}
+             new_sessions_per_second = 4294967295
+new_sessions_burst = 4294967295
+"
+        ),
+    )?;
+    let _relay = relay(
+        relay_bin,
+        &t.relay,
+        pins,
+        &[
+            "--iface",
+            "cli0",
+            "--iface",
+            "up0",
+            "--config",
+            &config.0.display().to_string(),
+        ],
+    )?;
+    let opens: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(
+        MapData::from_pin(pins.join(relay_common::maps::KERNEL_OPENS))?,
+    ))?;
+    let opened = || -> anyhow::Result<u64> {
+        Ok(opens
+            .get(&(relay_common::counters::Open::Opened as u32), 0)?
+            .iter()
+            .sum())
+    };
+    let (src_mac, dst_mac) = (mac(&t.client, "eth0")?, mac(&t.relay, "cli0")?);
+    let syn = Frame::tcp(
+        "198.18.1.2:1000".parse()?,
+        "198.18.1.1:7000".parse()?,
+        0x02,
+        b"",
+    )
+    .macs(src_mac, dst_mac)
+    .build();
+    let generator: &Xdp = t
+        .generator
+        .program("generate_syns")
+        .context("generate_syns")?
+        .try_into()?;
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(syn.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&t.client_ifindex.to_ne_bytes());
+    let before = opened()?;
+    const CHUNK: u32 = 64;
+    let start = Instant::now();
+    lab::on_this_thread_in(&t.client.path(), || -> anyhow::Result<()> {
+        for _ in 0..n.div_ceil(CHUNK) {
+            generator
+                .test_run(TestRunOptions {
+                    data_in: Some(&syn),
+                    ctx_in: Some(&ctx),
+                    repeat: CHUNK,
+                    attrs: TestRunAttrs::new().xdp_live_frames(CHUNK),
+                    ..Default::default()
+                })
+                .context("live-frames run")?;
+        }
+        Ok(())
+    })??;
+    let seconds = start.elapsed().as_secs_f64();
+    thread::sleep(Duration::from_millis(300));
+    let got = opened()? - before;
+    Ok(SessionRate {
+        flows: n.div_ceil(CHUNK) * CHUNK,
         opened: got,
         seconds,
         sessions_per_second: got as f64 / seconds,
@@ -685,7 +781,7 @@ pub fn run(
     relay_bin: &Path,
     pins: &BpfMount,
     smoke: bool,
-) -> anyhow::Result<(Vec<PeerResult>, SessionRate, RestartLoss)> {
+) -> anyhow::Result<(Vec<PeerResult>, SessionRate, SessionRate, RestartLoss)> {
     let t = Topology::new()?;
     let n: u16 = 16;
     let mut r = Runner {
@@ -741,6 +837,9 @@ pub fn run(
     eprintln!("[bench] opening {flows_at_once} sessions at once");
     let rate = session_rate(&t, &xdp_pins, flows_at_once)?;
     drop(relay_xdp);
+    let syns = if smoke { 20_000 } else { 200_000 };
+    eprintln!("[bench] {syns} new TCP connections opened in the kernel");
+    let kernel_rate = kernel_open_rate(&t, relay_bin, &pins.dir("relay-tcp"), syns)?;
 
     // The minimal stateless XDP NAT on cli0, redirecting to up0.
     {
@@ -836,7 +935,7 @@ pub fn run(
         )?;
         r.measure(peer, SOCKS, &flows, 60)?;
     }
-    Ok((r.results, rate, restart))
+    Ok((r.results, rate, kernel_rate, restart))
 }
 
 const SOCKS_PASSWORD: &str = "bench-password";

@@ -4,7 +4,10 @@
 //! - `macswap`: the reference the fast path is compared with: swap the MAC addresses, XDP_TX.
 //! - `generate`: XDP_TX as is; run with BPF_PROG_RUN in live-frames mode it sends a prepared
 //!   frame out of an interface at line rate (a packet generator where pktgen is missing).
-//! - `sink`: counts the UDP that arrives and drops it (the receiving end of a benchmark).
+//! - `generate_syns`: like `generate`, for TCP SYNs: every run changes the source port and
+//!   address (with both checksums), so one live-frames run sends that many new connections.
+//! - `sink`: counts the UDP (and bare SYNs) that arrive and drops them (the receiving end of a
+//!   benchmark).
 //! - `nat`: a minimal stateless NAT, the fastest thing an XDP relay could be (one rule, no
 //!   sessions, no counters): the peer the relay's end-to-end rate is compared with.
 
@@ -28,6 +31,10 @@ static SINK: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static NAT: Array<StatelessNat> = Array::with_max_entries(1, 0);
 
+/// SYNs `generate_syns` has sent, per CPU: the next one's source.
+#[map]
+static SYN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 #[xdp]
 pub fn macswap(ctx: XdpContext) -> u32 {
     let frame = XdpFrame::new(&ctx);
@@ -48,13 +55,55 @@ pub fn generate(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-/// Counts and drops UDP; passes the rest (ARP and neighbour discovery must keep working).
+/// A prepared IPv4 SYN (Ethernet, IPv4 without options, TCP) sent again and again, each time
+/// from another source: port 1024 + n mod 64000, address 198.18.(64 + n / 64000 / 256).x.
+#[xdp]
+pub fn generate_syns(ctx: XdpContext) -> u32 {
+    let frame = XdpFrame::new(&ctx);
+    let Some(seq) = SYN_SEQ.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array; XDP is not preempted on its CPU.
+    let n = unsafe {
+        let n = *seq;
+        *seq = n.wrapping_add(1);
+        n
+    };
+    let (Some(addr), Some(port), Some(ip_check), Some(tcp_check)) = (
+        frame.read::<[u8; 2]>(28),
+        frame.read::<[u8; 2]>(34),
+        frame.read::<[u8; 2]>(24),
+        frame.read::<[u8; 2]>(50),
+    ) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let (old_addr, old_port) = (u16::from_be_bytes(addr), u16::from_be_bytes(port));
+    let new_port = 1024 + (n % 64000) as u16;
+    let new_addr = 0x4000u16.wrapping_add((n / 64000) as u16);
+    let ip = Delta::NONE.replace(old_addr, new_addr);
+    let tcp = ip.replace(old_port, new_port);
+    let ip_check = ip.apply(u16::from_be_bytes(ip_check));
+    let tcp_check = tcp.apply(u16::from_be_bytes(tcp_check));
+    let written = frame
+        .write(28, new_addr.to_be_bytes())
+        .and_then(|()| frame.write(34, new_port.to_be_bytes()))
+        .and_then(|()| frame.write(24, ip_check.to_be_bytes()))
+        .and_then(|()| frame.write(50, tcp_check.to_be_bytes()));
+    match written {
+        Some(()) => xdp_action::XDP_TX,
+        None => xdp_action::XDP_ABORTED,
+    }
+}
+
+/// Counts and drops UDP and bare SYNs; passes the rest (ARP and neighbour discovery, and
+/// the TCP connections of other measurements, must keep working).
 #[xdp]
 pub fn sink(ctx: XdpContext) -> u32 {
     let frame = XdpFrame::new(&ctx);
     let len = frame.len() as u64;
     match relay_common::packet::parse(&frame) {
         Ok(h) if h.proto == relay_common::packet::PROTO_UDP => {}
+        Ok(h) if h.proto == relay_common::packet::PROTO_TCP && h.tcp_flags == 0x02 => {}
         _ => return xdp_action::XDP_PASS,
     }
     if let Some(c) = SINK.get_ptr_mut(0) {
