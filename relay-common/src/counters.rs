@@ -150,6 +150,14 @@ reasons! {
     /// the pool, the upstream's next hop or the route back unresolved, the event ring full):
     /// passed to the controller's listening socket, which relays the connection itself.
     TcpToController = 30, "tcp_to_controller", Pass;
+    /// A TCP session's segment larger than the egress MTU, with DF set: answered with ICMP
+    /// "fragmentation needed" / "packet too big" naming the MTU, sent back by the link it came
+    /// in on (path MTU discovery: the sender retransmits it smaller). Without DF (IPv4) it is
+    /// `tcp_uncarried`.
+    TcpTooBig = 31, "tcp_too_big", Tx;
+    /// A TCP session's segment whose TTL or hop limit would expire: answered with ICMP "time
+    /// exceeded", as a router does (traceroute through the relay works).
+    TcpTtlExpired = 32, "tcp_ttl_expired", Tx;
 }
 
 /// What became of a first packet (a TCP SYN) that could open a session in the kernel: one

@@ -282,4 +282,13 @@ impl FrameMut for HostFrame {
         self.start = start;
         Some(())
     }
+
+    fn adjust_tail(&mut self, delta: i32) -> Option<()> {
+        let end = self.buf.len().checked_add_signed(delta as isize)?;
+        if end < self.start.checked_add(14)? {
+            return None;
+        }
+        self.buf.resize(end, 0xee);
+        Some(())
+    }
 }

@@ -13,6 +13,7 @@ pub mod checksum;
 pub mod counters;
 #[cfg(any(test, feature = "std"))]
 pub mod frame;
+pub mod icmp;
 pub mod packet;
 pub mod rewrite;
 pub mod session;

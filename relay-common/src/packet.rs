@@ -44,6 +44,10 @@ pub trait FrameMut: Packet {
     /// Offsets count from the new start afterwards. `None`, with the frame unchanged, if there
     /// is no room in front or fewer than 14 bytes (an Ethernet header) would remain.
     fn adjust_head(&mut self, delta: i32) -> Option<()>;
+
+    /// Moves the frame's end by `delta` bytes, as `bpf_xdp_adjust_tail` does (negative:
+    /// shorter). `None`, with the frame unchanged, if it cannot.
+    fn adjust_tail(&mut self, delta: i32) -> Option<()>;
 }
 
 impl Packet for [u8] {
@@ -356,7 +360,14 @@ mod tests {
             .build();
         let h = parse(&f[..]).unwrap();
         assert_eq!(
-            (h.proto, h.src_port, h.dst_port, h.tcp_flags, h.l4_header, h.l4_len),
+            (
+                h.proto,
+                h.src_port,
+                h.dst_port,
+                h.tcp_flags,
+                h.l4_header,
+                h.l4_len
+            ),
             (PROTO_TCP, 1000, 443, 0x12, 24, 28)
         );
         assert_eq!(h.l4_check, u16::from_be_bytes([f[50], f[51]]));

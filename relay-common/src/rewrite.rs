@@ -597,7 +597,12 @@ mod tests {
         // SYN with MSS, window scale and SACK-permitted; data; FIN; RST; both families.
         let options = [2, 4, 0x05, 0xb4, 3, 3, 7, 4, 2, 0, 0, 0];
         let cases = [
-            ("198.18.1.2:40000", "198.18.1.1:443", "198.18.2.1:61000", "198.18.2.2:443"),
+            (
+                "198.18.1.2:40000",
+                "198.18.1.1:443",
+                "198.18.2.1:61000",
+                "198.18.2.2:443",
+            ),
             (
                 "[fd00:5a:1::2]:40000",
                 "[fd00:5a:1::1]:443",
@@ -619,7 +624,11 @@ mod tests {
                     new_src,
                     new_dst,
                 );
-                check(Frame::tcp(sa(src), sa(dst), flags, payload), new_src, new_dst);
+                check(
+                    Frame::tcp(sa(src), sa(dst), flags, payload),
+                    new_src,
+                    new_dst,
+                );
             }
         }
     }
@@ -631,8 +640,8 @@ mod tests {
         // an incremental update must pick the one a sender computing from scratch would.
         let mut seen_zero = false;
         for seq in 0..200_000u32 {
-            let input = Frame::tcp(sa("198.18.1.2:1000"), sa("198.18.1.1:443"), 0x10, b"q")
-                .tcp_seq(seq);
+            let input =
+                Frame::tcp(sa("198.18.1.2:1000"), sa("198.18.1.1:443"), 0x10, b"q").tcp_seq(seq);
             let mut want = input.clone();
             want.src = sa("198.18.2.1:2000");
             want.dst = sa("198.18.2.2:443");
@@ -645,7 +654,12 @@ mod tests {
                 continue;
             }
             seen_zero |= check == 0;
-            let bytes = rewrite(&input.build(), "198.18.2.1:2000", "198.18.2.2:443", Head::Keep);
+            let bytes = rewrite(
+                &input.build(),
+                "198.18.2.1:2000",
+                "198.18.2.2:443",
+                Head::Keep,
+            );
             assert_eq!(bytes, built, "seq {seq}: checksum {check:#06x}");
         }
         assert!(seen_zero, "the search found no segment whose checksum is 0");
@@ -782,6 +796,13 @@ mod tests {
                 return None;
             }
             self.frame.adjust_head(delta)
+        }
+
+        fn adjust_tail(&mut self, delta: i32) -> Option<()> {
+            if !self.allowed() {
+                return None;
+            }
+            self.frame.adjust_tail(delta)
         }
     }
 
@@ -933,7 +954,12 @@ mod tests {
             Err(Reason::BadUdpLength)
         );
         // TCP is relayed as it is: no head change.
-        let tcp = h(Frame::tcp(sa("198.18.1.2:1"), sa("198.18.1.1:2"), 0x18, b"abc"));
+        let tcp = h(Frame::tcp(
+            sa("198.18.1.2:1"),
+            sa("198.18.1.1:2"),
+            0x18,
+            b"abc",
+        ));
         assert!(p(tcp, &NH).is_ok());
         assert_eq!(
             plan(&tcp, t, &NH, Head::Strip(header)).map(|p| p.ifindex),

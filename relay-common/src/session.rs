@@ -35,7 +35,6 @@ pub const NEXTHOP_OWN: u16 = u16::MAX - 1;
 pub const ORIGIN_CONTROLLER: u8 = 0;
 pub const ORIGIN_KERNEL: u8 = 1;
 
-
 /// Key of `LISTEN`: an address and port a rule opens sessions on in the kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -518,7 +517,10 @@ mod tests {
         assert_eq!(size_of::<Meta>(), 8 + 8 + 32 + 4 + 4 + 7 * 8);
         // 4 addresses, 4 ports, 2 next hops, rule, family, state, proto, origin, fin, rst,
         // pad, last_seen, traffic.
-        assert_eq!(size_of::<Session>(), 64 + 8 + 4 + 2 + 1 + 1 + 1 + 1 + 2 + 1 + 3 + 8 + 32);
+        assert_eq!(
+            size_of::<Session>(),
+            64 + 8 + 4 + 2 + 1 + 1 + 1 + 1 + 2 + 1 + 3 + 8 + 32
+        );
         assert_eq!(size_of::<ListenKey>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<Listen>(), 32 + 8 + 8 + 8);
         assert_eq!(size_of::<PoolSlot>(), 8);

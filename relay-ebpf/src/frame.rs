@@ -6,7 +6,11 @@ use core::{
     mem::{size_of, MaybeUninit},
 };
 
-use aya_ebpf::{bindings::xdp_md, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_md,
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
 use relay_common::packet::{FrameMut, Packet};
 
 /// Offsets are masked to this before use, so that the verifier always sees a bounded offset
@@ -211,6 +215,20 @@ impl FrameMut for XdpFrame {
         // The helper invalidates every packet pointer: take both ends afresh from the context.
         // SAFETY: `self.ctx` is valid for the whole program run; reading its fields is how
         // `XdpContext::data` and `data_end` do it.
+        unsafe {
+            self.start = (*self.ctx).data as usize;
+            self.end = (*self.ctx).data_end as usize;
+        }
+        Some(())
+    }
+
+    #[inline(always)]
+    fn adjust_tail(&mut self, delta: i32) -> Option<()> {
+        // SAFETY: as for `adjust_head`: the program's own context; on failure nothing moves.
+        if unsafe { bpf_xdp_adjust_tail(self.ctx, delta) } != 0 {
+            return None;
+        }
+        // SAFETY: as above; the packet pointers are taken afresh.
         unsafe {
             self.start = (*self.ctx).data as usize;
             self.end = (*self.ctx).data_end as usize;

@@ -16,26 +16,25 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     macros::{map, xdp},
-    maps::{
-        lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, Queue, RingBuf,
-    },
+    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, Queue, RingBuf},
     programs::XdpContext,
     Global,
 };
 use aya_log_ebpf::debug;
 use relay_common::{
     counters::{Counter, Open, Reason, Verdict, COUNTER_SLOTS, OPEN_SLOTS},
+    icmp::{self, IcmpError},
     packet::{
         ipv4_header_ok, parse, tcp_flags_ok, Headers, Packet, FAMILY_V4, FAMILY_V6, PROTO_TCP,
         PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
     rewrite::{apply, plan, Head, SocksHeader},
     session::{
-        AllowKey, Bucket, Flow, FlowKey, Listen, ListenKey, Meta, Nexthop, NexthopKey, Event, EVENT_CLOSING, EVENT_OPENED,
-        PoolSlot, RuleStats, Session, SlowPath, SourceKey, UserStats, EVENT_RING_BYTES,
-        FLOW_SOCKS, LISTEN_ALLOW_LIST, LISTEN_FULL, NEXTHOP_NONE, NEXTHOP_OWN, NEXTHOP_SLOTS,
-        ORIGIN_KERNEL, PORT_SLOTS, RULE_SLOTS, STATE_ACTIVE, STATE_FREE,
-        TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
+        AllowKey, Bucket, Event, Flow, FlowKey, Listen, ListenKey, Meta, Nexthop, NexthopKey,
+        PoolSlot, RuleStats, Session, SlowPath, SourceKey, UserStats, EVENT_CLOSING, EVENT_OPENED,
+        EVENT_RING_BYTES, FLOW_SOCKS, LISTEN_ALLOW_LIST, LISTEN_FULL, NEXTHOP_NONE, NEXTHOP_OWN,
+        NEXTHOP_SLOTS, ORIGIN_KERNEL, PORT_SLOTS, RULE_SLOTS, STATE_ACTIVE, STATE_FREE, TO_CLIENT,
+        TO_UPSTREAM, USER_SLOTS,
     },
 };
 
@@ -274,7 +273,7 @@ fn open_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reaso
         ..lk
     };
     // SAFETY: references into the map's values, valid for this program run.
-    let Some(l) = (unsafe { LISTEN.get(&lk).or_else(|| LISTEN.get(&any)) }) else {
+    let Some(l) = (unsafe { LISTEN.get(lk).or_else(|| LISTEN.get(any)) }) else {
         return Err(Reason::Tcp);
     };
     // SYN with FIN or RST, or with data, to a rule: a scan or a flood.
@@ -370,15 +369,15 @@ fn open_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reaso
         unsafe { (*record).state = STATE_FREE };
         let _ = POOL.push(slot, 0);
     };
-    if FLOWS.insert(&client, &to_upstream, BPF_NOEXIST).is_err() {
+    if FLOWS.insert(client, to_upstream, BPF_NOEXIST).is_err() {
         // Another CPU opened this flow a moment ago (a retransmitted SYN): it relays it.
         event.discard(0);
         undo(slot);
         open_count(Open::Raced);
         return Err(Reason::TcpRefused);
     }
-    if FLOWS.insert(&upstream, &to_client, BPF_NOEXIST).is_err() {
-        let _ = FLOWS.remove(&client);
+    if FLOWS.insert(upstream, to_client, BPF_NOEXIST).is_err() {
+        let _ = FLOWS.remove(client);
         event.discard(0);
         undo(slot);
         return Err(to_controller(Open::Raced));
@@ -426,13 +425,11 @@ fn admit(h: &Headers, l: &Listen) -> Result<(), Open> {
         _pad: 0,
     };
     // SAFETY: a lookup whose value is not used past this statement.
-    if unsafe { SOURCE_FULL.get(&source) }.is_some() {
+    if unsafe { SOURCE_FULL.get(source) }.is_some() {
         return Err(Open::SourceFull);
     }
     if l.cost_ns != 0 {
-        let bucket = RATE
-            .get_ptr_mut(u32::from(l.rule))
-            .ok_or(Open::Rate)?;
+        let bucket = RATE.get_ptr_mut(u32::from(l.rule)).ok_or(Open::Rate)?;
         // SAFETY: this CPU's slot of a per-CPU array; XDP is not preempted on its CPU. A
         // clock read only when a session would open, never per relayed packet.
         unsafe {
@@ -592,9 +589,19 @@ fn carry(
             reason
         }
     };
-    let plan = nexthop_of(found.id, s, direction)
-        .and_then(|nexthop| plan(h, s.target(direction), nexthop, head))
-        .map_err(declined)?;
+    let nexthop = nexthop_of(found.id, s, direction).map_err(declined)?;
+    let plan = match plan(h, s.target(direction), nexthop, head) {
+        Ok(p) => p,
+        // What a router answers for a packet it will not forward.
+        Err(Reason::TooBig) if h.proto == PROTO_TCP => {
+            let kind = IcmpError::TooBig { mtu: nexthop.mtu };
+            return icmp::reply(frame, h, kind).map(|()| Reason::TcpTooBig);
+        }
+        Err(Reason::TtlExpiring) if h.proto == PROTO_TCP => {
+            return icmp::reply(frame, h, IcmpError::TimeExceeded).map(|()| Reason::TcpTtlExpired);
+        }
+        Err(reason) => return Err(declined(reason)),
+    };
     same_link_if_tagged(ctx, h, plan.ifindex).map_err(declined)?;
     apply(frame, &plan)?;
     // SOCKS5 accounting counts UDP payload bytes, as the controller does; forward rules count

@@ -858,13 +858,9 @@ impl Config {
                     || b.listen_ip.is_unspecified();
                 let overlap = a.listen_ports.first <= b.listen_ports.last
                     && b.listen_ports.first <= a.listen_ports.last;
-                let shared = (a.protocols.udp && b.protocols.udp)
-                    || (a.protocols.tcp && b.protocols.tcp);
-                if same_ip
-                    && overlap
-                    && shared
-                    && a.listen_ip.is_ipv4() == b.listen_ip.is_ipv4()
-                {
+                let shared =
+                    (a.protocols.udp && b.protocols.udp) || (a.protocols.tcp && b.protocols.tcp);
+                if same_ip && overlap && shared && a.listen_ip.is_ipv4() == b.listen_ip.is_ipv4() {
                     bail!(
                         "rules {} and {} listen on overlapping ports",
                         a.name,

@@ -50,9 +50,9 @@ use relay_common::{
     maps,
     packet::{FAMILY_V4, FAMILY_V6, PROTO_UDP},
     session::{
-        AllowKey, Flow, FlowKey, Listen, ListenKey, Meta, Nexthop, NexthopKey, PoolSlot,
-        RuleStats, Session, SlowPath, SourceKey, Traffic, UserStats, FLOW_SOCKS, LAYOUT,
-        LISTEN_FULL, META_MAGIC, RULE_SOCKS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
+        AllowKey, Flow, FlowKey, Listen, ListenKey, Meta, Nexthop, NexthopKey, PoolSlot, RuleStats,
+        Session, SlowPath, SourceKey, Traffic, UserStats, FLOW_SOCKS, LAYOUT, LISTEN_FULL,
+        META_MAGIC, RULE_SOCKS, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
     },
 };
 
@@ -501,7 +501,9 @@ impl Datapath {
         };
         let mut m = self.lock();
         if full {
-            m.source_full.insert(key, 1, 0).context("writing SOURCE_FULL")
+            m.source_full
+                .insert(key, 1, 0)
+                .context("writing SOURCE_FULL")
         } else {
             let _ = m.source_full.remove(&key);
             Ok(())

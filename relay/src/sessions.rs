@@ -429,8 +429,8 @@ impl Table {
         }
         let mut evicted = None;
         let rule_full = self.sessions_of(rule) >= limits.max_sessions;
-        let table_full = (self.entries.len() + self.lent.len()) as u32 >= self.capacity
-            || self.ports.is_empty();
+        let table_full =
+            (self.entries.len() + self.lent.len()) as u32 >= self.capacity || self.ports.is_empty();
         if rule_full || table_full {
             let only = rule_full.then_some(rule);
             evicted = self.evict_unanswered(only, &mut observe);
@@ -1042,7 +1042,9 @@ mod tests {
             .open(0, limits(100), client(1), true, 0, silent)
             .map(|o| o.entry)
             .unwrap();
-        assert!(lent.iter().all(|(id, port)| *id != own.id && *port != own.port));
+        assert!(lent
+            .iter()
+            .all(|(id, port)| *id != own.id && *port != own.port));
         assert_eq!(
             t.open(0, limits(100), client(2), true, 0, answered)
                 .map(|o| o.entry),
@@ -1052,7 +1054,10 @@ mod tests {
         // The kernel opened a session with the first id: it counts like any other.
         let (id, port) = lent[0];
         assert!(t.adopt(Entry::new(id, 1, client(3), port, 0)));
-        assert!(!t.adopt(Entry::new(id, 1, client(4), port, 0)), "adopted once");
+        assert!(
+            !t.adopt(Entry::new(id, 1, client(4), port, 0)),
+            "adopted once"
+        );
         assert_eq!((t.lent(), t.len(), t.sessions_of(1)), (2, 2, 1));
         // A wrong port for a lent id is refused.
         assert!(!t.adopt(Entry::new(lent[1].0, 1, client(5), 29999, 0)));
@@ -1107,6 +1112,9 @@ mod tests {
         assert_eq!(out.closed, vec![a.id]);
         t.close(a.id);
         assert_eq!(t.expired(80 * SEC + linger, rules, closing), none);
-        assert_eq!(t.expired(81 * SEC + linger, rules, closing).closed, vec![b.id]);
+        assert_eq!(
+            t.expired(81 * SEC + linger, rules, closing).closed,
+            vec![b.id]
+        );
     }
 }

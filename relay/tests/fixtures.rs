@@ -272,7 +272,14 @@ fn install_tcp(dp: &Datapath) {
     listen(TCP_FRONT, TCP_UPSTREAM, TCP_BACK_IP, 1, 0, 0);
     listen(TCP6_FRONT, TCP6_UPSTREAM, TCP6_BACK_IP, 2, 0, 0);
     // One session an hour.
-    listen(TCP_RATE_FRONT, TCP_UPSTREAM, TCP_BACK_IP, 3, 0, 3600_000_000_000);
+    listen(
+        TCP_RATE_FRONT,
+        TCP_UPSTREAM,
+        TCP_BACK_IP,
+        3,
+        0,
+        3_600_000_000_000,
+    );
     listen(TCP_FULL_FRONT, TCP_UPSTREAM, TCP_BACK_IP, 4, LISTEN_FULL, 0);
     listen(
         TCP_ALLOW_FRONT,
@@ -297,6 +304,62 @@ fn with_port(ip: &str, port: u16) -> String {
     std::net::SocketAddr::new(ip.parse().unwrap(), port).to_string()
 }
 
+/// The ICMP error a router sends back for `input`, built byte by byte: too big (with the
+/// MTU) or, for `None`, time exceeded. From the address `input` went to, to its sender,
+/// quoting its IP header and 8 bytes of TCP, back to the sender's MAC.
+fn icmp_answer(what: &'static str, input: Frame, too_big: Option<u16>) -> Fixture {
+    use relay_common::checksum::{checksum, transport_checksum};
+    let bytes = input.build();
+    let mut out = Vec::new();
+    out.extend_from_slice(&input.src_mac);
+    out.extend_from_slice(&input.dst_mac);
+    match (input.src.ip(), input.dst.ip()) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+            out.extend_from_slice(&[0x08, 0x00]);
+            let mut ip = vec![0x45, 0xc0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0];
+            ip.extend_from_slice(&d.octets());
+            ip.extend_from_slice(&s.octets());
+            let c = checksum(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            let mut icmp = match too_big {
+                Some(mtu) => vec![3, 4, 0, 0, 0, 0, (mtu >> 8) as u8, mtu as u8],
+                None => vec![11, 0, 0, 0, 0, 0, 0, 0],
+            };
+            icmp.extend_from_slice(&bytes[14..42]);
+            let c = checksum(&icmp);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            out.extend_from_slice(&ip);
+            out.extend_from_slice(&icmp);
+        }
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+            out.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 56, 58, 255]);
+            out.extend_from_slice(&d.octets());
+            out.extend_from_slice(&s.octets());
+            let mut icmp = match too_big {
+                Some(mtu) => vec![2, 0, 0, 0, 0, 0, (mtu >> 8) as u8, mtu as u8],
+                None => vec![3, 0, 0, 0, 0, 0, 0, 0],
+            };
+            icmp.extend_from_slice(&bytes[14..62]);
+            let c = transport_checksum(&d.octets(), &s.octets(), 58, &icmp);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            out.extend_from_slice(&icmp);
+        }
+        _ => unreachable!("one family"),
+    }
+    Fixture {
+        what,
+        input: bytes,
+        verdict: Verdict::Tx,
+        output: Some(out),
+        reason: if too_big.is_some() {
+            Reason::TcpTooBig
+        } else {
+            Reason::TcpTtlExpired
+        },
+        session: None,
+    }
+}
+
 /// TCP: sessions opened by the kernel on a SYN, both directions, closing, strangers, bad
 /// flags, refusals. In order: the first rows open the sessions the later ones use.
 fn tcp_table() -> Vec<Fixture> {
@@ -308,13 +371,25 @@ fn tcp_table() -> Vec<Fixture> {
     let mss = [2, 4, 0x05, 0xb4, 1, 3, 3, 7];
     let back = with_port(TCP_BACK_IP, POOL[0].1);
     let back6 = with_port(TCP6_BACK_IP, POOL[1].1);
-    let up = |what, input: Frame, src: &str, dst: &str| relayed(what, input, src, dst, &TO_UPSTREAM_HOP);
+    let up =
+        |what, input: Frame, src: &str, dst: &str| relayed(what, input, src, dst, &TO_UPSTREAM_HOP);
     let down = |what, input: Frame, src: &str, dst: &str| relayed(what, input, src, dst, &BACK_HOP);
     let syn = seg(TCP_CLIENT, TCP_FRONT, SYN, b"").tcp_options(&mss);
     vec![
-        up("TCP SYN opens a session (IPv4)", syn.clone(), &back, TCP_UPSTREAM).of(12, 0),
-        up("TCP SYN retransmitted: the same session", syn.clone(), &back, TCP_UPSTREAM)
-            .of(12, 0),
+        up(
+            "TCP SYN opens a session (IPv4)",
+            syn.clone(),
+            &back,
+            TCP_UPSTREAM,
+        )
+        .of(12, 0),
+        up(
+            "TCP SYN retransmitted: the same session",
+            syn.clone(),
+            &back,
+            TCP_UPSTREAM,
+        )
+        .of(12, 0),
         down(
             "TCP SYN-ACK from the upstream",
             seg(TCP_UPSTREAM, &back, SYN | ACK, b"").tcp_options(&mss),
@@ -361,9 +436,23 @@ fn tcp_table() -> Vec<Fixture> {
             seg(TCP_CLIENT, TCP_FRONT, FIN | PSH | 0x20, b"").build(),
             Reason::TcpBadFlags,
         ),
+        icmp_answer(
+            "TCP a session segment with TTL 1: ICMP time exceeded",
+            seg(TCP_CLIENT, TCP_FRONT, ACK, b"late").hop_limit(1),
+            None,
+        ),
+        icmp_answer(
+            "TCP a segment too big for the upstream's link: ICMP fragmentation needed",
+            seg(TCP_CLIENT, TCP_FRONT, ACK, &[0x33; 1461]),
+            Some(1500),
+        ),
         dropped(
-            "TCP a session segment with TTL 1",
-            seg(TCP_CLIENT, TCP_FRONT, ACK, b"late").hop_limit(1).build(),
+            "TCP a segment too big, without DF",
+            {
+                let mut f = seg(TCP_CLIENT, TCP_FRONT, ACK, &[0x33; 1461]);
+                f.ipv4_frag = 0;
+                f.build()
+            },
             Reason::TcpUncarried,
         ),
         up(
@@ -401,6 +490,16 @@ fn tcp_table() -> Vec<Fixture> {
             TCP6_UPSTREAM,
         )
         .of(13, 0),
+        icmp_answer(
+            "TCP a segment too big (IPv6): ICMPv6 packet too big",
+            seg(TCP6_CLIENT, TCP6_FRONT, ACK, &[0x44; 1441]),
+            Some(1500),
+        ),
+        icmp_answer(
+            "TCP hop limit 1 (IPv6): ICMPv6 time exceeded",
+            seg(TCP6_UPSTREAM, &back6, ACK, b"late").hop_limit(1),
+            None,
+        ),
         dropped(
             "TCP SYN with data to a rule",
             seg("198.18.1.2:50001", TCP_FRONT, SYN, b"fast open").build(),
@@ -1035,12 +1134,9 @@ fn run_fixtures() -> Vec<String> {
         u64::from(h.l4 - h.l3) + u64::from(h.l4_len)
     };
     let mut want_traffic = [[(0u64, 0u64); 2]; 2];
-    for f in fixtures
-        .iter()
-        .filter(|f| {
-            f.verdict == Verdict::Tx && !f.what.starts_with("SOCKS5") && !f.what.starts_with("TCP")
-        })
-    {
+    for f in fixtures.iter().filter(|f| {
+        f.verdict == Verdict::Tx && !f.what.starts_with("SOCKS5") && !f.what.starts_with("TCP")
+    }) {
         let h = relay_common::packet::parse(&f.input[..]).expect("parses");
         let session = usize::from(h.family == relay_common::packet::FAMILY_V6);
         let direction = if h.src_port == 40000 {
@@ -1092,7 +1188,12 @@ fn run_fixtures() -> Vec<String> {
     }
     let s13 = dp.session(13).expect("session");
     let e = datapath::endpoints(&s13);
-    if e != ends(TCP6_CLIENT, TCP6_FRONT, &with_port(TCP6_BACK_IP, 21001), TCP6_UPSTREAM) {
+    if e != ends(
+        TCP6_CLIENT,
+        TCP6_FRONT,
+        &with_port(TCP6_BACK_IP, 21001),
+        TCP6_UPSTREAM,
+    ) {
         failures.push(format!("TCP session 13: endpoints {e:?}"));
     }
 

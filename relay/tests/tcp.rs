@@ -61,9 +61,7 @@ fn sockets(ns: &Netns, n: usize, v6: bool) -> Vec<TcpSocket> {
             })
             .collect::<Vec<_>>()
     });
-    raw.into_iter()
-        .map(TcpSocket::from_std_stream)
-        .collect()
+    raw.into_iter().map(TcpSocket::from_std_stream).collect()
 }
 
 fn payload(seed: u64, len: usize) -> Vec<u8> {
@@ -93,11 +91,10 @@ async fn echo_once(socket: TcpSocket, to: SocketAddr, data: Vec<u8>) -> Result<(
     };
     let mut back = Vec::with_capacity(data.len());
     let read = r.read_to_end(&mut back);
-    let (wr, rd) = tokio::time::timeout(Duration::from_secs(20), async {
-        tokio::join!(write, read)
-    })
-    .await
-    .map_err(|_| format!("echo timed out with {} of {} bytes", back.len(), data.len()))?;
+    let (wr, rd) =
+        tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(write, read) })
+            .await
+            .map_err(|_| format!("echo timed out with {} of {} bytes", back.len(), data.len()))?;
     wr.map_err(|e| format!("write: {e}"))?;
     rd.map_err(|e| format!("read: {e}"))?;
     if back != data {
@@ -196,11 +193,19 @@ fn a_thousand_concurrent_connections_echo_byte_exact_through_xdp() {
     let failures = concurrent(&rt, &t, V6.parse().unwrap(), 100);
     assert!(failures.is_empty(), "IPv6: {failures:?}");
     let s = stats(&t.relay, "cli0", &pin);
-    assert_eq!(opens(&s, "opened"), 1100, "every connection opened in the kernel: {s}");
+    assert_eq!(
+        opens(&s, "opened"),
+        1100,
+        "every connection opened in the kernel: {s}"
+    );
     assert_eq!(reason(&s, "tcp_to_controller"), 0, "{s}");
     let r = rule(&s, "forward0");
     assert_eq!(r["protocol"], "tcp");
-    assert_eq!(r["opened"].as_u64(), Some(1000), "the controller learnt of each: {r}");
+    assert_eq!(
+        r["opened"].as_u64(),
+        Some(1000),
+        "the controller learnt of each: {r}"
+    );
     assert!(
         packets(&r["xdp"]["to_upstream"]) + packets(&r["closed_sessions"]["to_upstream"]) > 1000,
         "XDP carried the segments: {r}"
@@ -294,16 +299,26 @@ fn half_close_and_resets_reach_the_other_side() {
     let mut socks = sockets(&t.client, 3, false);
     rt.block_on(async {
         // Half-close: the client's FIN reaches the upstream, whose answer still comes back.
-        let mut s = socks.remove(0).connect(V4.parse().unwrap()).await.expect("connect");
+        let mut s = socks
+            .remove(0)
+            .connect(V4.parse().unwrap())
+            .await
+            .expect("connect");
         s.write_all(&payload(1, 100_000)).await.expect("write");
         s.shutdown().await.expect("half-close");
-        let answer = read_all(&mut s).await.expect("the answer after the half-close");
+        let answer = read_all(&mut s)
+            .await
+            .expect("the answer after the half-close");
         assert_eq!(answer, b"read 100000 bytes");
         let how = endings.recv().await.expect("the upstream reports");
         assert_eq!(how.expect("a clean end"), 100_000);
 
         // The client resets: the upstream's read fails with a reset.
-        let s = socks.remove(0).connect(V4.parse().unwrap()).await.expect("connect");
+        let s = socks
+            .remove(0)
+            .connect(V4.parse().unwrap())
+            .await
+            .expect("connect");
         let mut s = s;
         s.write_all(b"about to reset").await.expect("write");
         s.set_zero_linger().expect("linger 0");
@@ -347,20 +362,23 @@ async fn read_all(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 fn iperf3_tcp_both_ways_through_a_forward_rule() {
     let t = Topology::new();
     let pin = PinDir::new();
-    let _relay = Relay::forwarding(&t.relay, &pin, &["tcp:198.18.1.1:5201=198.18.2.2:5201"], &[]);
+    let _relay = Relay::forwarding(
+        &t.relay,
+        &pin,
+        &["tcp:198.18.1.1:5201=198.18.2.2:5201"],
+        &[],
+    );
     for reverse in [false, true] {
-        let _server = support::Group(
-            {
-                use std::os::unix::process::CommandExt as _;
-                t.upstream
-                    .command("iperf3")
-                    .args(["-s", "-1", "-B", "198.18.2.2", "-p", "5201"])
-                    .stdout(std::process::Stdio::null())
-                    .process_group(0)
-                    .spawn()
-                    .expect("iperf3 server")
-            },
-        );
+        let _server = support::Group({
+            use std::os::unix::process::CommandExt as _;
+            t.upstream
+                .command("iperf3")
+                .args(["-s", "-1", "-B", "198.18.2.2", "-p", "5201"])
+                .stdout(std::process::Stdio::null())
+                .process_group(0)
+                .spawn()
+                .expect("iperf3 server")
+        });
         std::thread::sleep(Duration::from_millis(300));
         let mut client = t.client.command("iperf3");
         client.args(["-c", "198.18.1.1", "-p", "5201", "-t", "3", "-J"]);
@@ -376,10 +394,17 @@ fn iperf3_tcp_both_ways_through_a_forward_rule() {
         );
         let report: Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
         let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
-        assert!(received > 10_000_000, "iperf3 moved {received} bytes: {report}");
+        assert!(
+            received > 10_000_000,
+            "iperf3 moved {received} bytes: {report}"
+        );
     }
     let s = stats(&t.relay, "cli0", &pin);
-    assert_eq!(opens(&s, "opened"), 4, "two connections per run, both in the kernel: {s}");
+    assert_eq!(
+        opens(&s, "opened"),
+        4,
+        "two connections per run, both in the kernel: {s}"
+    );
     let r = rule(&s, "forward0");
     let carried = packets(&r["xdp"]["to_upstream"])
         + packets(&r["closed_sessions"]["to_upstream"])
@@ -440,9 +465,7 @@ idle_timeout = "60s"
     let relay = Relay::with_config(&t.relay, &pin, &config);
     let mut socks = sockets(&t.client, 1, false);
     let to: SocketAddr = V4.parse().unwrap();
-    let mut s = rt
-        .block_on(socks.remove(0).connect(to))
-        .expect("connect");
+    let mut s = rt.block_on(socks.remove(0).connect(to)).expect("connect");
     let ping = |s: &mut TcpStream, what: &[u8]| {
         rt.block_on(async {
             s.write_all(what).await.expect("write");
@@ -465,7 +488,14 @@ idle_timeout = "60s"
     ping(&mut s, b"after the restart");
     let out = support::relay_cmd(
         &t.relay,
-        &["sessions", "--iface", "cli0", "--pin-dir", pin.arg(), "--json"],
+        &[
+            "sessions",
+            "--iface",
+            "cli0",
+            "--pin-dir",
+            pin.arg(),
+            "--json",
+        ],
     );
     let sessions: Value = serde_json::from_slice(&out.stdout).expect("sessions JSON");
     let listed = sessions.to_string();
@@ -485,7 +515,39 @@ idle_timeout = "60s"
         if rule(&s, "tcp")["sessions"].as_u64() == Some(0) {
             break;
         }
-        assert!(Instant::now() < deadline, "the closed session lingers on: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "the closed session lingers on: {s}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+#[test]
+fn a_smaller_route_mtu_is_found_by_path_mtu_discovery() {
+    let rt = runtime();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    echo_servers(&rt, &t);
+    // The way to the upstream takes 1300-byte packets; both ends' links take 1500, so both
+    // announce an MSS of 1460 and the client's full segments are too big for the relay.
+    t.relay.ip(&[
+        "route",
+        "replace",
+        "198.18.2.0/24",
+        "dev",
+        "up0",
+        "mtu",
+        "1300",
+    ]);
+    let _relay = start(&t, &pin, &[]);
+    let failures = concurrent(&rt, &t, V4.parse().unwrap(), 4);
+    assert!(failures.is_empty(), "{failures:?}");
+    let s = stats(&t.relay, "cli0", &pin);
+    assert!(
+        reason(&s, "tcp_too_big") > 0,
+        "the relay answered too-big segments with ICMP: {s}"
+    );
+    assert_eq!(opens(&s, "opened"), 4, "{s}");
+    assert_eq!(reason(&s, "tcp_uncarried"), 0, "{s}");
 }

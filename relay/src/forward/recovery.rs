@@ -99,9 +99,9 @@ impl Sessions {
         handed: Option<OwnedFd>,
         now: u64,
     ) -> Option<(u16, std::net::UdpSocket)> {
-        let rule = self
-            .rules
-            .matching(record.rule, record.proto, ends.front.port(), ends.upstream)?;
+        let rule =
+            self.rules
+                .matching(record.rule, record.proto, ends.front.port(), ends.upstream)?;
         // A client the rule no longer admits (its allow list changed while no controller
         // ran) does not get its session back.
         if !rule.current().config.client_allowed(ends.client.ip()) {

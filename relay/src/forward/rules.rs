@@ -218,12 +218,7 @@ impl Rule {
     /// Stops the kernel opening this rule's sessions (the rule is reloaded or the relay
     /// stops without a successor).
     pub fn disarm(&self, datapath: &Datapath) {
-        if let Some(k) = self
-            .kernel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(k) = self.kernel.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = datapath.set_listen(k.key, None);
             let _ = datapath.set_allow(self.index, &k.allow, &[]);
         }
@@ -260,7 +255,10 @@ fn expand(config: &Config) -> anyhow::Result<Vec<(SocketAddr, u8, Current)>> {
     let mut out = Vec::new();
     for rule in &config.forward {
         let upstream_ip = rule.resolve_upstream()?;
-        let protos = [(rule.protocols.udp, PROTO_UDP), (rule.protocols.tcp, PROTO_TCP)];
+        let protos = [
+            (rule.protocols.udp, PROTO_UDP),
+            (rule.protocols.tcp, PROTO_TCP),
+        ];
         for (_, proto) in protos.into_iter().filter(|(on, _)| *on) {
             for port in rule.listen_ports.first..=rule.listen_ports.last {
                 out.push((

@@ -338,11 +338,9 @@ impl Sessions {
         let full = st.table.sessions_of(rule.index) + proxied >= limits.max_sessions;
         let _ = self.datapath.set_listen_full(rule.listen_key(), full);
         let source = st.table.sessions_of_source(rule.index, ip);
-        let _ = self.datapath.set_source_full(
-            rule.index,
-            ip,
-            source >= limits.max_sessions_per_source,
-        );
+        let _ =
+            self.datapath
+                .set_source_full(rule.index, ip, source >= limits.max_sessions_per_source);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

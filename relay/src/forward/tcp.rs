@@ -96,7 +96,11 @@ impl Proxied {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let mut per_rule = self.proxied.per_rule.lock().unwrap_or_else(|e| e.into_inner());
+        let mut per_rule = self
+            .proxied
+            .per_rule
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(n) = per_rule.get_mut(&self.rule) {
             *n = n.saturating_sub(1);
         }
