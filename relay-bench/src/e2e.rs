@@ -561,6 +561,7 @@ fn kernel_open_rate(
     ))?;
     let opened = || -> anyhow::Result<u64> {
         Ok(opens
+            // Rule 0's slot (the only rule).
             .get(&(relay_common::counters::Open::Opened as u32), 0)?
             .iter()
             .sum())

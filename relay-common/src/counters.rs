@@ -143,13 +143,15 @@ reasons! {
     /// host's stack, which has no socket for it, would answer with a reset; the sender
     /// retransmits.
     TcpUncarried = 28, "tcp_uncarried", Drop;
-    /// A SYN to a TCP rule refused by its allow list, the client's share, the rule's limit or
-    /// its new-session rate (the cause is in `KERNEL_OPENS`): dropped.
-    TcpRefused = 29, "tcp_refused", Drop;
-    /// A SYN to a TCP rule the kernel could not open a session for (no free relay port in
-    /// the pool, the upstream's next hop or the route back unresolved, the event ring full):
-    /// passed to the controller's listening socket, which relays the connection itself.
-    TcpToController = 30, "tcp_to_controller", Pass;
+    /// A flow's first packet (TCP SYN, UDP datagram) to a rule, refused by its allow list,
+    /// the client's share, the rule's limit or its new-session rate (the cause, per rule, is
+    /// in `KERNEL_OPENS`): dropped.
+    OpenRefused = 29, "open_refused", Drop;
+    /// A flow's first packet to a rule the kernel could not open a session for (no free relay
+    /// port in the pool, the upstream's next hop unresolved, the event ring full, the same
+    /// flow opened on another CPU that instant): passed to the controller's listening socket,
+    /// which opens the session (UDP) or relays the connection (TCP) itself.
+    OpenToController = 30, "open_to_controller", Pass;
     /// A TCP session's segment larger than the egress MTU, with DF set: answered with ICMP
     /// "fragmentation needed" / "packet too big" naming the MTU, sent back by the link it came
     /// in on (path MTU discovery: the sender retransmits it smaller). Without DF (IPv4) it is
@@ -160,17 +162,18 @@ reasons! {
     TcpTtlExpired = 32, "tcp_ttl_expired", Tx;
 }
 
-/// What became of a first packet (a TCP SYN) that could open a session in the kernel: one
-/// slot each in the per-CPU `KERNEL_OPENS` array. `Opened` is a session opened and its first
-/// packet relayed; the refusals drop it (`tcp_refused`); the rest pass it to the controller
-/// (`tcp_to_controller`).
+/// What became of a flow's first packet (a TCP SYN, a UDP datagram) that could open a
+/// session in the kernel: one slot per rule and cause in the per-CPU `KERNEL_OPENS` array.
+/// `Opened` is a session opened and its first packet relayed; the refusals drop it
+/// (`open_refused`); the rest pass it to the controller (`open_to_controller`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Open {
     Opened = 0,
     /// Refused: not in the rule's allow list.
     NotAllowed = 1,
-    /// Refused: the rule holds `max_sessions`, or the session table is full.
+    /// To the controller: the rule holds `max_sessions`; the controller evicts a session its
+    /// upstream never answered to make room, or refuses.
     RuleFull = 2,
     /// Refused: the client's address holds `max_sessions_per_source` on the rule.
     SourceFull = 3,
@@ -184,8 +187,7 @@ pub enum Open {
     NoRoute = 7,
     /// To the controller: the event ring was full.
     RingFull = 8,
-    /// Another CPU opened the same flow at the same moment (a retransmitted SYN): this copy
-    /// was dropped.
+    /// To the controller: another CPU opened the same flow at the same moment.
     Raced = 9,
 }
 
@@ -219,7 +221,7 @@ impl Open {
     }
 }
 
-/// Slots of `KERNEL_OPENS` (room for more causes without a new layout).
+/// Slots per rule in `KERNEL_OPENS` (room for more causes without a new layout).
 pub const OPEN_SLOTS: u32 = 16;
 
 /// Number of slots in the `COUNTERS` map. Larger than the number of reasons so that a newer

@@ -113,9 +113,10 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
 #[map]
 static HOPS: Array<Nexthop> = Array::pinned(1, 0);
 
-/// What became of SYNs that could open a session in the kernel, per `Open` cause and CPU.
+/// What became of first packets that could open a session in the kernel, per rule, `Open`
+/// cause and CPU (`rule * OPEN_SLOTS + cause`).
 #[map]
-static KERNEL_OPENS: PerCpuArray<u64> = PerCpuArray::pinned(OPEN_SLOTS, 0);
+static KERNEL_OPENS: PerCpuArray<u64> = PerCpuArray::pinned(RULE_SLOTS * OPEN_SLOTS, 0);
 
 /// Interfaces a frame may be redirected to (ifindex -> ifindex).
 #[map]
@@ -211,7 +212,11 @@ fn relay_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
         _pad: [0; 2],
     };
     let Some(flow) = FLOWS.get_ptr(key) else {
-        return open_tcp(ctx, frame, h);
+        if h.tcp_flags & TCP_SYN == 0 {
+            // Not an opening SYN: the host's own TCP, or a connection the controller relays.
+            return Err(Reason::Tcp);
+        }
+        return open_session(ctx, frame, h).unwrap_or(Err(Reason::Tcp));
     };
     // SAFETY: a pointer the map lookup returned, valid for this program run.
     let flow = unsafe { *flow };
@@ -249,22 +254,24 @@ fn relay_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
     carry(ctx, frame, h, &found, Head::Keep)
 }
 
-/// A SYN with no session: if it is addressed to a TCP rule, and the rule's allow list, its
-/// limits and the client's share admit it, open a session here: take an id and relay port
-/// from `POOL`, write the record and both flows, tell the controller through `EVENTS`, and
-/// relay the SYN. What the kernel cannot open (no free port, next hop unresolved, the ring
-/// full) passes to the controller's listening socket, which relays the connection itself.
+/// The first packet of a flow (a TCP SYN, a UDP datagram) addressed to a rule the kernel
+/// opens sessions for: `None` if no rule listens there. If the rule's allow list, its limits
+/// and the client's share admit it, the session is opened here: an id and relay port from
+/// `POOL`, the record and both flows written, the controller told through `EVENTS`, and the
+/// packet relayed. What the kernel cannot open (no free port, next hop unresolved, the ring
+/// full) passes to the controller's listening socket, which opens the session (UDP) or
+/// relays the connection (TCP) itself.
 #[inline(always)]
-fn open_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reason, Reason> {
-    if h.tcp_flags & TCP_SYN == 0 {
-        // Not an opening SYN: the host's own TCP, or a connection the controller relays.
-        return Err(Reason::Tcp);
-    }
+fn open_session(
+    ctx: &XdpContext,
+    frame: &mut XdpFrame,
+    h: &Headers,
+) -> Option<Result<Reason, Reason>> {
     let lk = ListenKey {
         addr: h.dst,
         port: h.dst_port,
         family: h.family,
-        proto: PROTO_TCP,
+        proto: h.proto,
         _pad: [0; 4],
     };
     // A rule on the unspecified address listens on all of them.
@@ -273,27 +280,44 @@ fn open_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reaso
         ..lk
     };
     // SAFETY: references into the map's values, valid for this program run.
-    let Some(l) = (unsafe { LISTEN.get(lk).or_else(|| LISTEN.get(any)) }) else {
-        return Err(Reason::Tcp);
-    };
-    // SYN with FIN or RST, or with data, to a rule: a scan or a flood.
-    if !tcp_flags_ok(h) {
-        return Err(Reason::TcpBadFlags);
-    }
-    if h.tcp_flags & TCP_ACK != 0 {
-        // A SYN-ACK to a listen port answers the host's own connection.
-        return Err(Reason::Tcp);
+    let l = unsafe { LISTEN.get(lk).or_else(|| LISTEN.get(any)) }?;
+    Some(open_with(ctx, frame, h, l))
+}
+
+#[inline(always)]
+fn open_with(
+    ctx: &XdpContext,
+    frame: &mut XdpFrame,
+    h: &Headers,
+    l: &Listen,
+) -> Result<Reason, Reason> {
+    if h.proto == PROTO_TCP {
+        // SYN with FIN or RST, or with data, to a rule: a scan or a flood.
+        if !tcp_flags_ok(h) {
+            return Err(Reason::TcpBadFlags);
+        }
+        if h.tcp_flags & TCP_ACK != 0 {
+            // A SYN-ACK to a listen port answers the host's own connection.
+            return Err(Reason::Tcp);
+        }
     }
     if !ipv4_header_ok(frame, h) {
         return Err(Reason::BadIpChecksum);
     }
+    let rule = l.rule;
     admit(h, l).map_err(|cause| {
-        open_count(cause);
-        Reason::TcpRefused
+        open_count(rule, cause);
+        if cause == Open::RuleFull {
+            // The controller makes room (evicts a session the upstream never answered) or
+            // refuses.
+            Reason::OpenToController
+        } else {
+            Reason::OpenRefused
+        }
     })?;
     let to_controller = |cause: Open| {
-        open_count(cause);
-        Reason::TcpToController
+        open_count(rule, cause);
+        Reason::OpenToController
     };
     NEXTHOPS
         .get(u32::from(l.nexthop))
@@ -331,7 +355,7 @@ fn open_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reaso
         r.nexthop = [l.nexthop, NEXTHOP_OWN];
         r.rule = l.rule;
         r.family = h.family;
-        r.proto = PROTO_TCP;
+        r.proto = h.proto;
         r.origin = ORIGIN_KERNEL;
         r.fin = [0; 2];
         r.rst = 0;
@@ -344,7 +368,7 @@ fn open_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reaso
         remote_port: h.src_port,
         local_port: h.dst_port,
         family: h.family,
-        proto: PROTO_TCP,
+        proto: h.proto,
         _pad: [0; 2],
     };
     let upstream = FlowKey {
@@ -352,7 +376,7 @@ fn open_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reaso
         remote_port: l.upstream_port,
         local_port: slot.port,
         family: h.family,
-        proto: PROTO_TCP,
+        proto: h.proto,
         _pad: [0; 2],
     };
     const BPF_NOEXIST: u64 = 1;
@@ -370,11 +394,11 @@ fn open_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reaso
         let _ = POOL.push(slot, 0);
     };
     if FLOWS.insert(client, to_upstream, BPF_NOEXIST).is_err() {
-        // Another CPU opened this flow a moment ago (a retransmitted SYN): it relays it.
+        // Another CPU opened this flow a moment ago (a retransmitted SYN, a burst of
+        // datagrams spread over CPUs): this packet takes the controller's way.
         event.discard(0);
         undo(slot);
-        open_count(Open::Raced);
-        return Err(Reason::TcpRefused);
+        return Err(to_controller(Open::Raced));
     }
     if FLOWS.insert(upstream, to_client, BPF_NOEXIST).is_err() {
         let _ = FLOWS.remove(client);
@@ -387,7 +411,7 @@ fn open_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reaso
         kind: EVENT_OPENED,
     });
     event.submit(0);
-    open_count(Open::Opened);
+    open_count(rule, Open::Opened);
     // SAFETY: as above; from here on the session is live.
     let s = unsafe { &*record };
     let found = Found {
@@ -399,13 +423,11 @@ fn open_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reaso
     carry(ctx, frame, h, &found, Head::Keep)
 }
 
-/// Whether rule `l` admits a new session of this client: its allow list, its limit (the
-/// controller sets `LISTEN_FULL`), the client's share (`SOURCE_FULL`), its rate.
+/// Whether rule `l` admits a new session of this client here, in the controller's order:
+/// its allow list, the client's share (`SOURCE_FULL`), room (the controller sets
+/// `LISTEN_FULL`: a full rule is the controller's to decide, which may evict), its rate.
 #[inline(always)]
 fn admit(h: &Headers, l: &Listen) -> Result<(), Open> {
-    if l.flags & LISTEN_FULL != 0 {
-        return Err(Open::RuleFull);
-    }
     if l.flags & LISTEN_ALLOW_LIST != 0 {
         let data = AllowKey {
             rule: l.rule.to_be_bytes(),
@@ -427,6 +449,9 @@ fn admit(h: &Headers, l: &Listen) -> Result<(), Open> {
     // SAFETY: a lookup whose value is not used past this statement.
     if unsafe { SOURCE_FULL.get(source) }.is_some() {
         return Err(Open::SourceFull);
+    }
+    if l.flags & LISTEN_FULL != 0 {
+        return Err(Open::RuleFull);
     }
     if l.cost_ns != 0 {
         let bucket = RATE.get_ptr_mut(u32::from(l.rule)).ok_or(Open::Rate)?;
@@ -476,8 +501,9 @@ fn route_back(ctx: &XdpContext) -> Option<Nexthop> {
 }
 
 #[inline(always)]
-fn open_count(cause: Open) {
-    if let Some(c) = KERNEL_OPENS.get_ptr_mut(cause as u32) {
+fn open_count(rule: u16, cause: Open) {
+    let slot = u32::from(rule) * OPEN_SLOTS + cause as u32;
+    if let Some(c) = KERNEL_OPENS.get_ptr_mut(slot) {
         // SAFETY: this CPU's slot of a per-CPU array; XDP is not preempted on its CPU.
         unsafe { *c += 1 };
     }
@@ -546,6 +572,9 @@ fn relay_udp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
         let (first, last) = (SOCKS_PORT_FIRST.load(), SOCKS_PORT_LAST.load());
         if first != 0 && h.dst_port >= first && h.dst_port <= last {
             return socks_to_destination(ctx, frame, h);
+        }
+        if let Some(opened) = open_session(ctx, frame, h) {
+            return opened;
         }
         let (first, last) = (SESSION_PORT_FIRST.load(), SESSION_PORT_LAST.load());
         if first != 0 && h.dst_port >= first && h.dst_port <= last && held(h) {

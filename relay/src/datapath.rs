@@ -417,7 +417,21 @@ impl Datapath {
             .sum()
     }
 
-    /// Where a rule opens TCP sessions in the kernel (`None`: no longer).
+    /// The flow `key` leads to, if any (a session the kernel may have opened).
+    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        self.lock().flows.get(key, 0).ok()
+    }
+
+    /// Marks UDP relay port `port` as session `id`'s (strangers' datagrams to it are dropped):
+    /// for a session the kernel opened, once the controller holds the port with its socket.
+    pub fn set_port(&self, port: u16, id: u32) -> anyhow::Result<()> {
+        self.lock()
+            .ports
+            .set(u32::from(port), id + 1, 0)
+            .context("writing PORTS")
+    }
+
+    /// Where a rule opens sessions in the kernel (`None`: no longer).
     pub fn set_listen(&self, key: ListenKey, value: Option<&Listen>) -> anyhow::Result<()> {
         let mut m = self.lock();
         match value {

@@ -140,18 +140,34 @@ impl Snapshot {
     }
 }
 
-/// Sums the per-CPU `KERNEL_OPENS` map.
+/// The per-CPU `KERNEL_OPENS` map summed over CPUs, per rule: `[rule][cause]`.
+pub fn kernel_opens_per_rule<M: Borrow<MapData>>(
+    map: &PerCpuArray<M, u64>,
+) -> anyhow::Result<Vec<[u64; Open::ALL.len()]>> {
+    use relay_common::{counters::OPEN_SLOTS, session::RULE_SLOTS};
+    let mut out = vec![[0u64; Open::ALL.len()]; RULE_SLOTS as usize];
+    for (rule, counts) in out.iter_mut().enumerate() {
+        for (i, cause) in Open::ALL.iter().enumerate() {
+            let slot = rule as u32 * OPEN_SLOTS + *cause as u32;
+            let per_cpu = map
+                .get(&slot, 0)
+                .with_context(|| format!("reading kernel opens {}", cause.name()))?;
+            counts[i] = per_cpu.iter().sum();
+        }
+    }
+    Ok(out)
+}
+
+/// `KERNEL_OPENS` summed over CPUs and rules, by cause.
 fn read_opens<M: Borrow<MapData>>(
     map: &PerCpuArray<M, u64>,
 ) -> anyhow::Result<BTreeMap<&'static str, u64>> {
-    let mut out = BTreeMap::new();
-    for cause in Open::ALL {
-        let per_cpu = map
-            .get(&(cause as u32), 0)
-            .with_context(|| format!("reading kernel opens {}", cause.name()))?;
-        out.insert(cause.name(), per_cpu.iter().sum());
-    }
-    Ok(out)
+    let per_rule = kernel_opens_per_rule(map)?;
+    Ok(Open::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, cause)| (cause.name(), per_rule.iter().map(|r| r[i]).sum()))
+        .collect())
 }
 
 /// A NUL-padded name from a pinned map.
@@ -167,6 +183,8 @@ pub struct RuleReport {
     pub name: String,
     /// "udp" or "tcp".
     pub protocol: &'static str,
+    /// Of `opened`, the sessions XDP opened (the rest: the controller).
+    pub opened_in_kernel: u64,
     pub listen: String,
     pub upstream: String,
     pub sessions: u64,
@@ -236,6 +254,13 @@ pub fn sessions_and_rules(pin_dir: &Path) -> anyhow::Result<(Vec<SessionReport>,
     use relay_common::session::{RULE_SLOTS, STATE_ACTIVE};
     let view = crate::datapath::Datapath::from_pins(pin_dir)?;
     let now = crate::system::monotonic_ns();
+    // What the kernel refused or opened per rule (maps from before kernel opens: none).
+    let kernel = MapData::from_pin(pin_dir.join(maps::KERNEL_OPENS))
+        .ok()
+        .and_then(|d| PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(d)).ok())
+        .map(|m| kernel_opens_per_rule(&m))
+        .transpose()?
+        .unwrap_or_default();
     let mut rules: BTreeMap<u16, RuleReport> = BTreeMap::new();
     for index in 0..RULE_SLOTS as u16 {
         let r = view.rules.get(&u32::from(index), 0)?;
@@ -261,14 +286,27 @@ pub fn sessions_and_rules(pin_dir: &Path) -> anyhow::Result<(Vec<SessionReport>,
             closed: r.closed,
             ..Default::default()
         };
-        report.refused.insert("not_allowed", r.refused_not_allowed);
-        report.refused.insert("rule_limit", r.refused_limit);
+        // Refused by the controller, and by the kernel before any session was opened.
+        let k = |cause: Open| {
+            kernel
+                .get(usize::from(index))
+                .map_or(0, |c| c[cause as usize])
+        };
+        report
+            .refused
+            .insert("not_allowed", r.refused_not_allowed + k(Open::NotAllowed));
+        report
+            .refused
+            .insert("rule_limit", r.refused_limit + k(Open::RuleFull));
         report.refused.insert("table_full", r.refused_full);
         report.refused.insert("no_port", r.refused_no_port);
         report
             .refused
-            .insert("source_limit", r.refused_source_limit);
-        report.refused.insert("rate_limited", r.refused_rate);
+            .insert("source_limit", r.refused_source_limit + k(Open::SourceFull));
+        report
+            .refused
+            .insert("rate_limited", r.refused_rate + k(Open::Rate));
+        report.opened_in_kernel = k(Open::Opened);
         report.evicted_unanswered = r.evicted_unanswered;
         report.closed_unanswered = r.closed_unanswered;
         report.closed_sessions.add(&r.retired);

@@ -528,7 +528,7 @@ fn tcp_table() -> Vec<Fixture> {
         dropped(
             "TCP SYN from an address holding its share",
             seg(TCP_GREEDY, TCP_FRONT, SYN, b"").build(),
-            Reason::TcpRefused,
+            Reason::OpenRefused,
         ),
         up(
             "TCP SYN within the rule's rate",
@@ -539,17 +539,17 @@ fn tcp_table() -> Vec<Fixture> {
         dropped(
             "TCP SYN over the rule's rate",
             seg("198.18.1.2:50007", TCP_RATE_FRONT, SYN, b"").build(),
-            Reason::TcpRefused,
+            Reason::OpenRefused,
         ),
-        dropped(
-            "TCP SYN to a full rule",
+        pass(
+            "TCP SYN to a full rule: the controller decides",
             seg("198.18.1.2:50008", TCP_FULL_FRONT, SYN, b"").build(),
-            Reason::TcpRefused,
+            Reason::OpenToController,
         ),
         dropped(
             "TCP SYN from outside the rule's allow list",
             seg("198.18.1.9:50009", TCP_ALLOW_FRONT, SYN, b"").build(),
-            Reason::TcpRefused,
+            Reason::OpenRefused,
         ),
         up(
             "TCP SYN from inside the rule's allow list",
@@ -560,7 +560,7 @@ fn tcp_table() -> Vec<Fixture> {
         pass(
             "TCP SYN with the pool empty: to the controller's listener",
             seg("198.18.1.2:50011", TCP_FRONT, SYN, b"").build(),
-            Reason::TcpToController,
+            Reason::OpenToController,
         ),
     ]
 }

@@ -198,7 +198,7 @@ fn a_thousand_concurrent_connections_echo_byte_exact_through_xdp() {
         1100,
         "every connection opened in the kernel: {s}"
     );
-    assert_eq!(reason(&s, "tcp_to_controller"), 0, "{s}");
+    assert_eq!(reason(&s, "open_to_controller"), 0, "{s}");
     let r = rule(&s, "forward0");
     assert_eq!(r["protocol"], "tcp");
     assert_eq!(
@@ -238,7 +238,7 @@ fn ten_thousand_short_connections_in_a_row() {
     assert!(failures.is_empty(), "{failures:?}");
     let s = stats(&t.relay, "cli0", &pin);
     let opened = opens(&s, "opened");
-    let to_controller = reason(&s, "tcp_to_controller");
+    let to_controller = reason(&s, "open_to_controller");
     assert_eq!(opened + to_controller, 10_000, "{s}");
     assert!(opened >= 9_000, "the kernel opened most of them: {s}");
 }

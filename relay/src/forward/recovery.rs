@@ -32,7 +32,11 @@ impl Sessions {
                 continue;
             }
             let ends = datapath::endpoints(&record);
-            if super::sessions::kernel_opened(&record) {
+            // A TCP session the kernel opened has no socket; a UDP one gets its socket back
+            // below, like the controller's own.
+            if super::sessions::kernel_opened(&record)
+                && record.proto == relay_common::packet::PROTO_TCP
+            {
                 if self.recover_kernel(id, &record, &ends, now) {
                     kept += 1;
                 } else {

@@ -50,8 +50,8 @@ impl Listener {
     }
 }
 
-/// What a TCP rule opens sessions in the kernel with: its `LISTEN` entry, the next hop to
-/// its upstream it holds, and the allow list written to `ALLOW`.
+/// What a rule opens sessions in the kernel with: its `LISTEN` entry, the next hop to its
+/// upstream it holds, and the allow list written to `ALLOW`.
 struct Kernel {
     key: ListenKey,
     _hops: Hops,
@@ -67,8 +67,8 @@ pub struct Rule {
     pub socket: Listener,
     /// What a reload may change: limits, allow list, the upstream's address.
     current: RwLock<Current>,
-    /// TCP with XDP: where the kernel opens this rule's sessions (`None`: the controller's
-    /// listener relays every connection).
+    /// With XDP: where the kernel opens this rule's sessions (`None`: the controller opens
+    /// them from its listening socket).
     kernel: std::sync::Mutex<Option<Kernel>>,
     /// Next hops of upstreams a reload replaced, held while sessions may still use them.
     retired_hops: std::sync::Mutex<Vec<Hops>>,
@@ -114,7 +114,7 @@ impl Rule {
             .clone()
     }
 
-    /// The `LISTEN` key of a TCP rule (its listen address, the unspecified one included).
+    /// The `LISTEN` key of a rule (its listen address, the unspecified one included).
     pub fn listen_key(&self) -> ListenKey {
         ListenKey {
             addr: datapath::addr16(self.listen.ip()),
@@ -133,14 +133,11 @@ impl Rule {
             .is_some()
     }
 
-    /// Lets the kernel open this TCP rule's sessions: resolves the next hop to the upstream
-    /// and writes the rule's `LISTEN` entry and allow list. Without a next hop (a route by an
+    /// Lets the kernel open this rule's sessions: resolves the next hop to the upstream and
+    /// writes the rule's `LISTEN` entry and allow list. Without a next hop (a route by an
     /// interface XDP is not attached to, or mixed families) the controller's listener keeps
     /// relaying every connection.
     pub async fn arm(&self, datapath: &Datapath, nexthops: &NextHops) -> anyhow::Result<()> {
-        if self.proto != PROTO_TCP {
-            return Ok(());
-        }
         let current = self.current();
         let upstream = current.upstream;
         if upstream.is_ipv4() != self.listen.is_ipv4() {
@@ -411,7 +408,7 @@ impl Rules {
             .collect()
     }
 
-    /// Lets the kernel open the TCP rules' sessions (see [`Rule::arm`]).
+    /// Lets the kernel open the rules' sessions (see [`Rule::arm`]).
     pub async fn arm(&self, nexthops: &NextHops) {
         for rule in &self.rules {
             if let Err(e) = rule.arm(&self.datapath, nexthops).await {

@@ -205,7 +205,7 @@ impl Sessions {
         }
     }
 
-    /// Keeps the kernel's pool of free ids and ports filled while TCP rules open sessions
+    /// Keeps the kernel's pool of free ids and ports filled while rules open sessions
     /// there.
     pub(super) fn refill(&self) {
         if self.pool_target == 0 || !self.rules.iter().any(Rule::in_kernel) {
@@ -255,7 +255,9 @@ impl Sessions {
             let now = monotonic_ns();
             for e in events {
                 match e.kind {
-                    EVENT_OPENED => self.kernel_opened(e.id, now),
+                    EVENT_OPENED => {
+                        self.kernel_opened(e.id, now);
+                    }
                     EVENT_CLOSING => self.kernel_closing(e.id, now),
                     _ => {}
                 }
@@ -264,23 +266,40 @@ impl Sessions {
         }
     }
 
-    /// XDP opened session `id`: take it into the table and count it against the limits.
-    fn kernel_opened(&self, id: u32, now: u64) {
-        let Ok(record) = self.datapath.session(id) else {
-            return;
-        };
+    /// XDP opened session `id`: take it into the table and count it against the limits; a
+    /// UDP session also gets its socket (the relay port held, and what the fast path
+    /// declines relayed), returned.
+    fn kernel_opened(self: &Arc<Self>, id: u32, now: u64) -> Option<Arc<SessionIo>> {
+        let record = self.datapath.session(id).ok()?;
         if record.state != STATE_ACTIVE || record.origin != ORIGIN_KERNEL {
-            return;
+            return None;
         }
         let ends = datapath::endpoints(&record);
-        let Some(rule) = self.rules.get(record.rule) else {
-            return;
-        };
+        let rule = self.rules.get(record.rule)?;
         let mut st = self.lock();
         let entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
         if !st.table.adopt(entry) {
             // Recovered already (an event from before a restart).
-            return;
+            return st.live.get(&id).map(|l| Arc::clone(&l.io));
+        }
+        // The kernel learns that a client's share or the rule is full a moment after the
+        // controller counts it: a session it opened past a limit ends at once, refused.
+        let limits = rule.limits();
+        let over_source =
+            st.table.sessions_of_source(rule.index, ends.client.ip()) > limits.max_sessions_per_source;
+        let over_rule =
+            st.table.sessions_of(rule.index) + self.proxied.of_rule(rule.index) > limits.max_sessions;
+        if over_source || over_rule {
+            st.table.close(id);
+            let _ = self.datapath.remove(id);
+            let why = if over_source {
+                Refusal::SourceLimit
+            } else {
+                Refusal::RuleLimit
+            };
+            self.refused(&mut st, rule, ends.client, why);
+            self.kernel_limits(&st, rule, ends.client.ip());
+            return None;
         }
         let _ = self.datapath.update_rule(rule.index, |r| r.opened += 1);
         // Its idle time and age, for `relay sessions` (XDP keeps no clock).
@@ -297,6 +316,49 @@ impl Sessions {
             "session {id} opened in the kernel: {} -> {} | {} -> {}",
             ends.client, ends.front, ends.back, ends.upstream
         );
+        if record.proto == PROTO_TCP {
+            return None;
+        }
+        let socket = udp::bind(
+            SocketAddr::new(unspecified(ends.upstream.is_ipv4()), ends.back.port()),
+            false,
+        )
+        .and_then(|s| s.connect(ends.upstream).map(|()| s));
+        let socket = match socket {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(
+                    "session {id}: its relay port {} cannot be held ({e}); XDP relays it, \
+                     but what XDP declines for it is lost",
+                    ends.back.port()
+                );
+                return None;
+            }
+        };
+        let _ = self.datapath.set_port(ends.back.port(), id);
+        let start = Start {
+            id,
+            rule: rule.index,
+            ends,
+            socket,
+            // The rule holds the slot to the upstream; the way back is the record's own.
+            hops: crate::nexthop::Hops::none(),
+            slow: SlowPath {
+                last_seen: now,
+                opened: unix_seconds(),
+                ..SlowPath::default()
+            },
+            traffic: record.traffic,
+            now,
+            in_maps: true,
+        };
+        match self.start(&mut st, start) {
+            Ok(io) => Some(io),
+            Err(e) => {
+                warn!("session {id}: {e:#}");
+                None
+            }
+        }
     }
 
     /// XDP relayed a FIN or RST of session `id`: once both sides have closed (or either
@@ -316,7 +378,7 @@ impl Sessions {
     pub(super) fn recount(&self) {
         let st = self.lock();
         let mut seen = std::collections::HashSet::new();
-        for rule in self.rules.iter().filter(|r| r.proto == PROTO_TCP) {
+        for rule in self.rules.iter() {
             self.kernel_limits(&st, rule, IpAddr::from([0u8; 4]));
         }
         for (rule, ip) in st.table.sources() {
@@ -330,7 +392,7 @@ impl Sessions {
 
     /// Tells the kernel whether rule `rule` and the client address `ip` hold their limits.
     fn kernel_limits(&self, st: &State, rule: &Rule, ip: IpAddr) {
-        if rule.proto != PROTO_TCP || !rule.in_kernel() {
+        if !rule.in_kernel() {
             return;
         }
         let limits = rule.limits();
@@ -501,6 +563,14 @@ impl Sessions {
                 }
                 Some(None) => continue,
                 None => {}
+            }
+            // A session the kernel opened a moment ago, whose event is still on its way: the
+            // datagram (one the fast path declined) goes through it.
+            if let Some(flow) = self.datapath.flow(&client_key(rule, first.client)) {
+                if let Some(io) = self.kernel_opened(flow.session, first.now) {
+                    send_upstream(&io, &first.data, first.now);
+                }
+                continue;
             }
             let Some((id, ends, socket)) = self.reserve(rule, first.client, first.local, first.now)
             else {
@@ -927,16 +997,27 @@ fn observe(datapath: &Datapath, live: &HashMap<u32, Live>, id: u32) -> Observed 
     }
 }
 
-/// How many free ids and ports the controller keeps lent to the kernel when TCP rules open
-/// sessions there: enough for a burst of new connections between two refills (the controller
+/// How many free ids and ports the controller keeps lent to the kernel when rules open
+/// sessions there: enough for a burst of new flows between two refills (the controller
 /// refills after every batch of events and once a second), and never more than half the
-/// table, so that UDP sessions find room too.
+/// table, so that the controller finds room for the sessions the kernel leaves to it.
 fn pool_target(config: &Config) -> usize {
-    let tcp = config.forward.iter().any(|r| r.protocols.tcp);
-    if !tcp {
+    if config.forward.is_empty() {
         return 0;
     }
     (config.session_capacity as usize / 2).clamp(1, 1 << 20)
+}
+
+/// The client-side flow key of `client` on UDP rule `rule`.
+fn client_key(rule: &Rule, client: SocketAddr) -> relay_common::session::FlowKey {
+    relay_common::session::FlowKey {
+        remote: datapath::addr16(client.ip()),
+        remote_port: client.port(),
+        local_port: rule.listen.port(),
+        family: crate::nexthop::family_of(client.ip()),
+        proto: rule.proto,
+        _pad: [0; 2],
+    }
 }
 
 /// Whether a pinned record is one the kernel opened (no socket of its own).
