@@ -802,7 +802,7 @@ fn run(out: &Path, smoke: bool, kernel_only: bool) -> anyhow::Result<()> {
         .map(|d| d.join("relay"))
         .context("no directory for the relay binary")?;
     // Each session holds a socket in the relay and one in this process's client.
-    relay::system::raise_fd_limit();
+    relay::system::raise_fd_limit(1 << 20);
     let pins = BpfMount::new(e2e::PREFIX)?;
     let (end_to_end, new_sessions, kernel_sessions, restart) = if kernel_only {
         (

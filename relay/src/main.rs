@@ -396,7 +396,7 @@ async fn run(
     let ranges = config.reserved_ranges();
     system::check_not_ephemeral(&ranges)?;
     let port_ranges: Vec<_> = ranges.iter().map(|(_, r)| *r).collect();
-    let files = system::raise_fd_limit();
+    let files = system::raise_fd_limit(u64::from(config.session_capacity) + 4096);
     if u64::from(config.session_capacity) + 64 > files {
         warn!(
             "the open-file limit ({files}) is below session_capacity ({}): each session needs a socket",

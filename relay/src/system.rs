@@ -54,13 +54,30 @@ pub fn netns() -> anyhow::Result<(u64, bool)> {
     Ok((ours, ours == INIT_NETNS_INO))
 }
 
-/// Raises the open-file limit to its hard maximum: every session holds a socket.
-pub fn raise_fd_limit() -> u64 {
+/// Raises the open-file limit to `want` (if this process may raise the hard limit) or to its
+/// hard maximum; returns the limit now. Every UDP session holds a socket.
+pub fn raise_fd_limit(want: u64) -> u64 {
     // SAFETY: all-zero is a valid rlimit, which getrlimit fills in.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
     // SAFETY: `lim` is a valid, writable rlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return 0;
+    }
+    // Above the hard limit if this process may (CAP_SYS_RESOURCE, before privileges are
+    // dropped), up to the kernel's ceiling.
+    let ceiling = fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(lim.rlim_max);
+    if want > lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: want.min(ceiling),
+            rlim_max: want.min(ceiling),
+        };
+        // SAFETY: `raised` is a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
     }
     lim.rlim_cur = lim.rlim_max;
     // SAFETY: `lim` is a valid rlimit.

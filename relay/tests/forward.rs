@@ -797,3 +797,35 @@ fn the_hosts_own_udp_on_session_range_ports_passes() {
     );
     round_trip(&socks, to, 1, 2);
 }
+
+/// A burst of new flows, as after an outage when every client reconnects at once: each one
+/// opened in the kernel (no round trip to the controller), and each first datagram and its
+/// reply delivered. 15,000 flows: this test's client sockets and the relay's session sockets
+/// each count against an open-file limit that may not be raised past 20,000 here; the
+/// relay's own ceiling is its relay ports (one per session toward one upstream, as in any
+/// NAT with one address: at most 31,744 below the ephemeral range).
+#[test]
+fn a_burst_of_new_udp_flows_is_opened_in_the_kernel_none_lost() {
+    raise_fd_limit();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    t.client
+        .ip(&["addr", "add", "198.18.1.3/24", "dev", "eth0"]);
+    let _echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
+    let config = ConfigFile::new(
+        "[relay]\nsession_capacity = 40000\nsession_ports = \"1024-32767\"\n\
+         [[forward]]\nlisten = \"198.18.1.1:40000\"\nupstream = \"198.18.2.2:6000\"\n\
+         allow_private_upstream = true\nmax_sessions_per_source = 65536\n\
+         new_sessions_per_second = 1000000\nnew_sessions_burst = 1000000\n",
+    );
+    let _relay = Relay::with_config(&t.relay, &pin, &config);
+    let mut socks = clients(&t.client, "198.18.1.2", 7_500);
+    socks.extend(clients(&t.client, "198.18.1.3", 7_500));
+    let to: SocketAddr = "198.18.1.1:40000".parse().unwrap();
+    round_trip(&socks, to, 0, 1);
+    let s = stats(&t.relay, "cli0", &pin);
+    let r = rule(&s, "forward0");
+    assert_eq!(r["opened_in_kernel"], 15_000, "{r}");
+    assert_eq!(reason_packets(&s, "open_to_controller"), 0, "{s}");
+    assert_eq!(packets(&r["slow_path"]["to_upstream"]), 0, "{r}");
+}

@@ -173,13 +173,8 @@ impl Topology {
 
 /// Raises this process's open-file limit (tests open thousands of sockets).
 pub fn raise_fd_limit() {
-    // SAFETY: all-zero is a valid rlimit, which getrlimit fills in.
-    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: `lim` is valid and writable.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    lim.rlim_cur = lim.rlim_max;
-    // SAFETY: `lim` is a valid rlimit.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    // Tests run as root: above the hard limit too (tens of thousands of client sockets).
+    relay::system::raise_fd_limit(1 << 20);
 }
 
 /// A UDP echo server on a thread inside a namespace; stops on drop.
