@@ -216,6 +216,16 @@ fn restart_under_load(
     ))
 }
 
+/// Everything the end-to-end part measured.
+#[derive(Default)]
+pub struct E2e {
+    pub peers: Vec<PeerResult>,
+    pub new_sessions: SessionRate,
+    pub kernel_sessions: SessionRate,
+    pub restart: RestartLoss,
+    pub tcp: Vec<TcpResult>,
+}
+
 /// How fast the controller opens sessions: `flows` new client flows sent at once.
 #[derive(Serialize, Default)]
 pub struct SessionRate {
@@ -611,6 +621,255 @@ fn kernel_open_rate(
     })
 }
 
+/// One TCP measurement through one peer: bulk transfer (iperf3, one stream) or new
+/// connections (connect, one byte each way, close).
+#[derive(Serialize)]
+pub struct TcpResult {
+    pub peer: &'static str,
+    /// "bulk" or "connections".
+    pub test: &'static str,
+    /// Bulk: Gbit/s received; connections: connections per second.
+    pub rate: f64,
+    /// Bulk: the machine's busy CPU seconds per gigabyte moved, the endpoints (iperf3 client
+    /// and server, which are the same for every peer) included; connections: busy CPU
+    /// microseconds per connection, the same way.
+    pub cpu: f64,
+    /// What the run did: seconds, or connections made of those tried.
+    pub detail: String,
+}
+
+/// A TCP server in `ns` on `addr` that answers each connection's first byte with one byte
+/// and closes: the far end of the connection-rate test.
+fn one_byte_server(ns: &Netns, addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = ns.run(move || std::net::TcpListener::bind(addr))??;
+    for _ in 0..2 {
+        let l = listener.try_clone()?;
+        thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let mut b = [0u8; 1];
+                if c.read_exact(&mut b).is_ok() {
+                    let _ = c.write_all(&b);
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// `n` connections to `to` from the client namespace, two at a time (one per core): connect,
+/// one byte each way, close. Returns how many succeeded, the wall time and busy jiffies.
+fn connections(t: &Topology, to: SocketAddr, n: u32) -> anyhow::Result<(u32, f64, u64)> {
+    let sockets: Vec<Vec<socket2::Socket>> = t.client.run(move || -> anyhow::Result<_> {
+        (0..2)
+            .map(|_| {
+                (0..n / 2)
+                    .map(|_| {
+                        let s = socket2::Socket::new(
+                            socket2::Domain::IPV4,
+                            socket2::Type::STREAM,
+                            None,
+                        )?;
+                        // Closed with a RST: no TIME_WAIT to run out of ports with.
+                        s.set_linger(Some(Duration::ZERO))?;
+                        Ok(s)
+                    })
+                    .collect::<std::io::Result<Vec<_>>>()
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(anyhow::Error::from)
+    })??;
+    let jiffies = busy_jiffies();
+    let start = Instant::now();
+    let done: u32 = thread::scope(|scope| {
+        let workers: Vec<_> = sockets
+            .into_iter()
+            .map(|batch| {
+                scope.spawn(move || {
+                    let (mut ok, mut failed_in_a_row) = (0u32, 0u32);
+                    for s in batch {
+                        // A peer that does not work here: stop, the count says so.
+                        if failed_in_a_row >= 10 {
+                            break;
+                        }
+                        let addr = socket2::SockAddr::from(to);
+                        if s.connect_timeout(&addr, Duration::from_secs(2)).is_err() {
+                            failed_in_a_row += 1;
+                            continue;
+                        }
+                        let mut c = TcpStream::from(s);
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut b = [0u8; 1];
+                        if c.write_all(b"x").is_ok() && c.read_exact(&mut b).is_ok() {
+                            ok += 1;
+                            failed_in_a_row = 0;
+                        } else {
+                            failed_in_a_row += 1;
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
+    });
+    Ok((done, start.elapsed().as_secs_f64(), busy_jiffies() - jiffies))
+}
+
+/// iperf3 (one stream, `seconds`) from the client namespace to `to`; returns bytes received,
+/// the wall time and busy jiffies.
+fn bulk(t: &Topology, to: SocketAddr, seconds: u32) -> anyhow::Result<(u64, f64, u64)> {
+    let server = t
+        .upstream
+        .command("iperf3")
+        .args(["-s", "-1", "-B", "198.18.2.2", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let _server = Proc(server);
+    thread::sleep(Duration::from_millis(300));
+    let jiffies = busy_jiffies();
+    let start = Instant::now();
+    let out = t
+        .client
+        .command("iperf3")
+        .args([
+            "-c",
+            &to.ip().to_string(),
+            "-p",
+            &to.port().to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ])
+        .output()?;
+    let (elapsed, busy) = (start.elapsed().as_secs_f64(), busy_jiffies() - jiffies);
+    if !out.status.success() {
+        bail!(
+            "iperf3 through {to}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let bytes = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    if let Some(e) = report["error"].as_str() {
+        bail!("iperf3 through {to}: {e}");
+    }
+    if bytes == 0 {
+        bail!("iperf3 through {to} moved nothing");
+    }
+    Ok((bytes, elapsed, busy))
+}
+
+/// TCP through each peer on the same topology: the relay with XDP (sessions opened in the
+/// kernel), nftables DNAT with masquerade (conntrack), HAProxy in TCP mode (one thread), and
+/// the relay without XDP (userspace, a connection per client). Each forwards
+/// 198.18.1.1:40000 to iperf3 on 198.18.2.2:5201 and 198.18.1.1:40001 to a one-byte server
+/// on 198.18.2.2:7001.
+fn tcp_peers(
+    t: &Topology,
+    relay_bin: &Path,
+    pins: &BpfMount,
+    smoke: bool,
+) -> anyhow::Result<Vec<TcpResult>> {
+    let (seconds, conns) = if smoke { (1, 400) } else { (5, 4000) };
+    one_byte_server(&t.upstream, "198.18.2.2:7001".parse()?)?;
+    let bulk_to: SocketAddr = "198.18.1.1:40000".parse()?;
+    let conn_to: SocketAddr = "198.18.1.1:40001".parse()?;
+    let hz = 100.0; // USER_HZ: /proc/stat counts in hundredths of a second.
+    let mut out = Vec::new();
+    let mut measure = |peer: &'static str| -> anyhow::Result<()> {
+        eprintln!("[bench] {peer}: TCP bulk and new connections");
+        let (bytes, secs, busy) = bulk(t, bulk_to, seconds)?;
+        out.push(TcpResult {
+            peer,
+            test: "bulk",
+            rate: bytes as f64 * 8.0 / secs / 1e9,
+            cpu: busy as f64 / hz / (bytes as f64 / 1e9),
+            detail: format!("{:.1} GB in {secs:.1} s", bytes as f64 / 1e9),
+        });
+        let (done, secs, busy) = connections(t, conn_to, conns)?;
+        out.push(TcpResult {
+            peer,
+            test: "connections",
+            rate: f64::from(done) / secs,
+            cpu: busy as f64 / hz / f64::from(done.max(1)) * 1e6,
+            detail: format!("{done} of {conns} in {secs:.2} s"),
+        });
+        Ok(())
+    };
+    let config = TempFile(std::env::temp_dir().join(format!("{}.toml", lab::unique(PREFIX, "tcpf"))));
+    std::fs::write(
+        &config.0,
+        "[relay]\nsession_capacity = 40000\nsession_ports = \"1024-32767\"\n\n\
+         [[forward]]\nprotocol = \"tcp\"\nlisten = \"198.18.1.1:40000\"\n\
+         upstream = \"198.18.2.2:5201\"\nallow_private_upstream = true\n\n\
+         [[forward]]\nprotocol = \"tcp\"\nlisten = \"198.18.1.1:40001\"\n\
+         upstream = \"198.18.2.2:7001\"\nallow_private_upstream = true\n\
+         max_sessions_per_source = 40000\n\
+         new_sessions_per_second = 1000000\nnew_sessions_burst = 1000000\n",
+    )?;
+    let args = |mode: &'static str| {
+        vec![
+            "--iface".to_owned(),
+            "cli0".to_owned(),
+            "--iface".to_owned(),
+            "up0".to_owned(),
+            "--xdp-mode".to_owned(),
+            mode.to_owned(),
+            "--config".to_owned(),
+            config.0.display().to_string(),
+        ]
+    };
+    {
+        let a = args("auto");
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let _relay = relay(relay_bin, &t.relay, &pins.dir("tcp-xdp"), &a)?;
+        measure(RELAY_XDP)?;
+    }
+    nft(
+        t,
+        "table ip relaybenchtcp {\n chain pre {\n  type nat hook prerouting priority dstnat;\n  \
+         tcp dport 40000 dnat to 198.18.2.2:5201\n  tcp dport 40001 dnat to 198.18.2.2:7001\n }\n \
+         chain post {\n  type nat hook postrouting priority srcnat;\n  oifname \"up0\" masquerade\n }\n}\n",
+    )?;
+    measure(NFT)?;
+    t.relay
+        .exec(&["nft", "delete", "table", "ip", "relaybenchtcp"])?;
+    {
+        let cfg = TempFile(std::env::temp_dir().join(format!("{}.cfg", lab::unique(PREFIX, "hap"))));
+        std::fs::write(
+            &cfg.0,
+            "global\n  maxconn 8000\n  nbthread 1\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             listen bulk\n  bind 198.18.1.1:40000\n  server u 198.18.2.2:5201\n\
+             listen conns\n  bind 198.18.1.1:40001\n  server u 198.18.2.2:7001\n",
+        )?;
+        let haproxy = t
+            .relay
+            .command("haproxy")
+            .args(["-db", "-f"])
+            .arg(&cfg.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting haproxy")?;
+        let mut haproxy = Proc(haproxy);
+        thread::sleep(Duration::from_millis(500));
+        if let Some(status) = haproxy.0.try_wait()? {
+            bail!("haproxy exited at start ({status})");
+        }
+        measure(HAPROXY)?;
+    }
+    {
+        let a = args("off");
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let _relay = relay(relay_bin, &t.relay, &pins.dir("tcp-off"), &a)?;
+        measure(RELAY_OFF)?;
+    }
+    Ok(out)
+}
+
 /// SOCKS5 UDP ASSOCIATE from `client` (the address its datagrams will come from) through the
 /// proxy at `proxy`, with username/password if given; returns the control connection (the
 /// association lives as long as it) and the relay address to send datagrams to.
@@ -725,6 +984,7 @@ pub const NAT: &str = "stateless XDP NAT (minimal)";
 pub const NFT: &str = "nftables DNAT + masquerade";
 pub const SOCAT: &str = "socat (userspace forwarder)";
 pub const DANTE: &str = "dante";
+pub const HAPROXY: &str = "HAProxy (TCP mode, one thread)";
 /// What they relay.
 pub const FORWARD: &str = "UDP forward";
 pub const SOCKS: &str = "SOCKS5 UDP";
@@ -777,7 +1037,7 @@ pub fn run(
     relay_bin: &Path,
     pins: &BpfMount,
     smoke: bool,
-) -> anyhow::Result<(Vec<PeerResult>, SessionRate, SessionRate, RestartLoss)> {
+) -> anyhow::Result<E2e> {
     let t = Topology::new()?;
     let n: u16 = 16;
     let mut r = Runner {
@@ -932,7 +1192,14 @@ pub fn run(
         )?;
         r.measure(peer, SOCKS, &flows, 60)?;
     }
-    Ok((r.results, rate, kernel_rate, restart))
+    let tcp = tcp_peers(&t, relay_bin, pins, smoke)?;
+    Ok(E2e {
+        peers: r.results,
+        new_sessions: rate,
+        kernel_sessions: kernel_rate,
+        restart,
+        tcp,
+    })
 }
 
 const SOCKS_PASSWORD: &str = "bench-password";

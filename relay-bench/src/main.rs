@@ -289,6 +289,8 @@ struct Results {
     /// TCP sessions the kernel opened (SYNs from new sources through one rule).
     kernel_sessions: e2e::SessionRate,
     restart: e2e::RestartLoss,
+    /// TCP bulk transfer and new connections through the relay and its peers.
+    tcp: Vec<e2e::TcpResult>,
     targets: Vec<Target>,
 }
 
@@ -317,6 +319,7 @@ fn targets(
     new: &e2e::SessionRate,
     kernel: &e2e::SessionRate,
     restart: &e2e::RestartLoss,
+    tcp: &[e2e::TcpResult],
 ) -> Vec<Target> {
     let mut t = Vec::new();
     let mut ratio = |target: &'static str, got: Option<f64>, ok: fn(f64) -> bool, unit: &str| {
@@ -414,6 +417,17 @@ fn targets(
         (new.flows > 0).then_some(new.sessions_per_second),
         |v| v >= 500_000.0,
         "/s",
+    );
+    // TCP per core: the machine's CPU per gigabyte (endpoints included, the same for every
+    // peer) is the inverse of packets per second per core.
+    let tcp_row = |peer: &str, test: &str| tcp.iter().find(|r| r.peer == peer && r.test == test);
+    ratio(
+        "TCP forward ≥ 4x nftables per core (CPU per GB, iperf3 endpoints included)",
+        tcp_row(e2e::NFT, "bulk")
+            .zip(tcp_row(e2e::RELAY_XDP, "bulk"))
+            .map(|(n, r)| n.cpu / r.cpu),
+        |v| v >= 4.0,
+        "x",
     );
     ratio(
         "zero packets lost to a graceful restart under load (XDP-carried flows)",
@@ -612,12 +626,34 @@ fn markdown(r: &Results) -> String {
     if k.flows > 0 {
         let _ = writeln!(
             m,
-            "## New TCP sessions opened in the kernel
-
-{} SYNs from new sources through one rule: {} sessions opened in {:.3} s: {:.0} sessions/s
-",
+            "## New TCP sessions opened in the kernel\n\n{} SYNs from new sources through one rule: {} sessions opened in {:.3} s: {:.0} sessions/s\n",
             k.flows, k.opened, k.seconds, k.sessions_per_second
         );
+    }
+    if !r.tcp.is_empty() {
+        let _ = writeln!(
+            m,
+            "## TCP forward: bulk transfer and new connections (veth, one run)\n\n\
+             Bulk: one iperf3 stream; CPU is the whole machine's busy time per GB moved, \
+             iperf3's client and server included (the same for every peer). Connections: \
+             connect, one byte each way, close, two at a time; CPU per connection likewise.\n"
+        );
+        let _ = writeln!(m, "| peer | bulk Gbit/s | CPU s/GB | connections/s | CPU µs/connection |");
+        let _ = writeln!(m, "|---|---:|---:|---:|---:|");
+        let peers: Vec<&str> = r.tcp.iter().filter(|t| t.test == "bulk").map(|t| t.peer).collect();
+        for peer in peers {
+            let row = |test: &str| r.tcp.iter().find(|t| t.peer == peer && t.test == test);
+            let (b, c) = (row("bulk"), row("connections"));
+            let _ = writeln!(
+                m,
+                "| {peer} | {} | {} | {} | {} |",
+                b.map_or("—".into(), |b| format!("{:.2}", b.rate)),
+                b.map_or("—".into(), |b| format!("{:.2}", b.cpu)),
+                c.map_or("—".into(), |c| format!("{:.0} ({})", c.rate, c.detail)),
+                c.map_or("—".into(), |c| format!("{:.0}", c.cpu)),
+            );
+        }
+        let _ = writeln!(m);
     }
     let n = &r.new_sessions;
     if n.flows > 0 {
@@ -804,16 +840,18 @@ fn run(out: &Path, smoke: bool, kernel_only: bool) -> anyhow::Result<()> {
     // Each session holds a socket in the relay and one in this process's client.
     relay::system::raise_fd_limit(1 << 20);
     let pins = BpfMount::new(e2e::PREFIX)?;
-    let (end_to_end, new_sessions, kernel_sessions, restart) = if kernel_only {
-        (
-            Vec::new(),
-            e2e::SessionRate::default(),
-            e2e::SessionRate::default(),
-            e2e::RestartLoss::default(),
-        )
+    let e = if kernel_only {
+        e2e::E2e::default()
     } else {
         e2e::run(&relay_bin, &pins, smoke)?
     };
+    let e2e::E2e {
+        peers: end_to_end,
+        new_sessions,
+        kernel_sessions,
+        restart,
+        tcp,
+    } = e;
     let results = Results {
         machine: format!(
             "{} CPUs, {}",
@@ -837,6 +875,7 @@ fn run(out: &Path, smoke: bool, kernel_only: bool) -> anyhow::Result<()> {
             &new_sessions,
             &kernel_sessions,
             &restart,
+            &tcp,
         ),
         in_kernel,
         scale,
@@ -844,6 +883,7 @@ fn run(out: &Path, smoke: bool, kernel_only: bool) -> anyhow::Result<()> {
         new_sessions,
         kernel_sessions,
         restart,
+        tcp,
     };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(

@@ -27,6 +27,8 @@ const PROXY: &str = "198.18.1.1:1080";
 const FORWARD: &str = "198.18.1.1:5000";
 const ECHO: &str = "198.18.2.2:6000";
 const TCP_ECHO: &str = "198.18.2.2:7000";
+/// A TCP forward rule to the TCP echo server: its sessions are opened and carried by XDP.
+const TCP_FRONT: &str = "198.18.1.1:7000";
 
 fn config() -> ConfigFile {
     let hash = relay::socks5::users::hash_password(PASSWORD.as_bytes()).unwrap();
@@ -34,6 +36,8 @@ fn config() -> ConfigFile {
         "[[forward]]\nname = \"vpn\"\nlisten = \"{FORWARD}\"\nupstream = \"{ECHO}\"\n\
          allow_private_upstream = true\n\
          [[forward]]\nname = \"iperf3\"\nlisten = \"198.18.1.1:5201\"\nupstream = \"198.18.2.2:5201\"\n\
+         allow_private_upstream = true\n\
+         [[forward]]\nname = \"tcp\"\nprotocol = \"tcp\"\nlisten = \"{TCP_FRONT}\"\nupstream = \"{TCP_ECHO}\"\n\
          allow_private_upstream = true\n\
          [socks5]\nlisten = \"{PROXY}\"\n\
          [[socks5.users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n\
@@ -318,8 +322,18 @@ struct Stream {
 }
 
 impl Stream {
+    /// A CONNECT through the SOCKS5 server to the TCP echo server.
     fn start(ns: &Netns) -> Stream {
         let (c, _) = ns.run(|| socks_request(&request(1, TCP_ECHO)));
+        Stream::over(c)
+    }
+
+    /// A connection through the TCP forward rule to the TCP echo server.
+    fn direct(ns: &Netns) -> Stream {
+        Stream::over(ns.run(|| TcpStream::connect(TCP_FRONT).expect("connect through the rule")))
+    }
+
+    fn over(c: TcpStream) -> Stream {
         let mut w = c.try_clone().unwrap();
         let mut r = c;
         let stop = Arc::new(AtomicBool::new(false));
@@ -378,6 +392,14 @@ impl Stream {
         let read = self.reader.join().unwrap()?;
         Ok((written, read))
     }
+}
+
+/// Rule `name` in a stats JSON document.
+fn rule<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    s["rules"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == name))
+        .unwrap_or_else(|| panic!("no rule {name} in {s}"))
 }
 
 /// Starts a successor while `old` runs; returns it once `old` has handed over and exited.
@@ -465,6 +487,7 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
         10_000,
     );
     let stream = Stream::start(&t.client);
+    let direct = Stream::direct(&t.client);
     thread::sleep(Duration::from_millis(1500));
     let before = stats(&t.relay, "cli0", &pin);
 
@@ -484,6 +507,7 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
     let (forward_sent, forward_lost) = forward.finish();
     let (assoc_sent, assoc_lost) = association.finish();
     let (written, echoed) = stream.finish().expect("the CONNECT never broke");
+    // The TCP rule's connection goes on through the crash below.
     drop(control);
     let (iperf_sent, iperf_lost, sum) = support::Iperf3::result(iperf);
     let ring = veth_ring_overflows(&t) - ring;
@@ -501,6 +525,11 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
     assert!(iperf_sent > 3000, "iperf3 sent {iperf_sent}: {sum}");
     assert!(written > 5_000_000, "the CONNECT carried {written} bytes");
     assert_eq!(echoed, written, "every CONNECT byte came back, in order");
+    assert_eq!(
+        rule(&stats(&t.relay, "cli0", &pin), "tcp")["sessions"],
+        1,
+        "the TCP rule's session was taken over each time"
+    );
     // Nothing is lost by the relay. A datagram the relay's XDP sent into a veth whose ring
     // was full at that moment is the test network's loss (counted by the kernel), not the
     // relay's: with two cores shared by generators, echo servers and the starting relay,
@@ -565,6 +594,11 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
     );
     thread::sleep(Duration::from_millis(1000));
     let (sent, lost) = forward.finish();
+    let (written, echoed) = direct
+        .finish()
+        .expect("the TCP rule's connection never broke: not at 3 handovers, not at a crash");
+    assert!(written > 10_000_000, "the TCP rule's connection carried {written} bytes");
+    assert_eq!(echoed, written, "every byte came back, in order");
     let ring = veth_ring_overflows(&t) - ring;
     eprintln!("across a SIGKILL: forward rule {sent} sent, {lost} lost; {ring} datagrams the veth rings could not take");
     assert!(sent > 40_000, "the forward flow sent {sent}");

@@ -37,6 +37,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/curl", "curl"),
     ("/usr/sbin/nft", "nftables"),
     ("/usr/sbin/danted", "dante-server"),
+    ("/usr/sbin/haproxy", "haproxy"),
     ("/usr/bin/python3", "python3"),
     ("/usr/lib/python3/dist-packages/socks.py", "python3-socks"),
 ];

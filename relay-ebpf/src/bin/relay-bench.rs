@@ -6,8 +6,8 @@
 //!   frame out of an interface at line rate (a packet generator where pktgen is missing).
 //! - `generate_syns`: like `generate`, for TCP SYNs: every run changes the source port and
 //!   address (with both checksums), so one live-frames run sends that many new connections.
-//! - `sink`: counts the UDP (and bare SYNs) that arrive and drops them (the receiving end of a
-//!   benchmark).
+//! - `sink`: counts the UDP (and the session-rate run's SYNs, to port 7000) that arrive and
+//!   drops them (the receiving end of a benchmark).
 //! - `nat`: a minimal stateless NAT, the fastest thing an XDP relay could be (one rule, no
 //!   sessions, no counters): the peer the relay's end-to-end rate is compared with.
 
@@ -95,15 +95,19 @@ pub fn generate_syns(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Counts and drops UDP and bare SYNs; passes the rest (ARP and neighbour discovery, and
-/// the TCP connections of other measurements, must keep working).
+/// Counts and drops UDP and the session-rate run's SYNs; passes the rest (ARP and neighbour
+/// discovery, and the TCP connections of other measurements, must keep working).
 #[xdp]
 pub fn sink(ctx: XdpContext) -> u32 {
     let frame = XdpFrame::new(&ctx);
     let len = frame.len() as u64;
     match relay_common::packet::parse(&frame) {
         Ok(h) if h.proto == relay_common::packet::PROTO_UDP => {}
-        Ok(h) if h.proto == relay_common::packet::PROTO_TCP && h.tcp_flags == 0x02 => {}
+        // The SYNs of the session-rate run (to port 7000): nothing answers them.
+        Ok(h)
+            if h.proto == relay_common::packet::PROTO_TCP
+                && h.tcp_flags == 0x02
+                && h.dst_port == 7000 => {}
         _ => return xdp_action::XDP_PASS,
     }
     if let Some(c) = SINK.get_ptr_mut(0) {
