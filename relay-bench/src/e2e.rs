@@ -222,6 +222,7 @@ pub struct E2e {
     pub peers: Vec<PeerResult>,
     pub new_sessions: SessionRate,
     pub kernel_sessions: SessionRate,
+    pub udp_kernel_sessions: SessionRate,
     pub restart: RestartLoss,
     pub tcp: Vec<TcpResult>,
 }
@@ -369,8 +370,8 @@ impl Topology {
         relay_ns.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
         relay_ns.exec(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])?;
 
-        let mut generator = load(&["generate", "generate_syns"])?;
-        let held = Dispatcher::hold(&mut [(&mut generator, &["generate", "generate_syns"])])?;
+        let mut generator = load(&["generate", "generate_flows"])?;
+        let held = Dispatcher::hold(&mut [(&mut generator, &["generate", "generate_flows"])])?;
         let mut sink = load(&["sink"])?;
         {
             let p: &mut Xdp = sink.program_mut("sink").context("sink")?.try_into()?;
@@ -529,16 +530,19 @@ fn session_rate(t: &Topology, pins: &Path, flows: u32) -> anyhow::Result<Session
     })
 }
 
-/// How fast the kernel opens TCP sessions through one rule: `n` SYNs, each from a new
-/// source (the `generate_syns` program), blasted at a TCP rule from the client namespace;
-/// the rate is the sessions XDP opened (`KERNEL_OPENS`) over the blast's wall time, with the
-/// controller taking each one in through the event ring meanwhile on the other CPU.
+/// How fast the kernel opens sessions through one rule: `n` first packets (TCP SYNs or UDP
+/// datagrams), each from a new source (the `generate_flows` program), blasted at a rule
+/// from the client namespace; the rate is the sessions XDP opened (`KERNEL_OPENS`) over the
+/// blast's wall time, with the controller taking each one in through the event ring
+/// meanwhile on the other CPU.
 fn kernel_open_rate(
     t: &Topology,
     relay_bin: &Path,
     pins: &Path,
     n: u32,
+    tcp: bool,
 ) -> anyhow::Result<SessionRate> {
+    let protocol = if tcp { "tcp" } else { "udp" };
     // Every session needs a relay port: the widest range below the ephemeral ports.
     let capacity = n.saturating_mul(2).max(10_000);
     let config =
@@ -547,7 +551,7 @@ fn kernel_open_rate(
         &config.0,
         format!(
             "[relay]\nsession_capacity = {capacity}\nsession_ports = \"1024-32767\"\n\n\
-             [[forward]]\nprotocol = \"tcp\"\nlisten = \"198.18.1.1:40000\"\n\
+             [[forward]]\nprotocol = \"{protocol}\"\nlisten = \"198.18.1.1:40000\"\n\
              upstream = \"198.18.2.2:7000\"\nallow_private_upstream = true\n\
              max_sessions_per_source = {capacity}\n\
              new_sessions_per_second = 4294967295\nnew_sessions_burst = 4294967295\n"
@@ -577,18 +581,17 @@ fn kernel_open_rate(
             .sum())
     };
     let (src_mac, dst_mac) = (mac(&t.client, "eth0")?, mac(&t.relay, "cli0")?);
-    let syn = Frame::tcp(
-        "198.18.1.2:1000".parse()?,
-        "198.18.1.1:40000".parse()?,
-        0x02,
-        b"",
-    )
-    .macs(src_mac, dst_mac)
-    .build();
+    let (src, dst) = ("198.18.1.2:1000".parse()?, "198.18.1.1:40000".parse()?);
+    let first = if tcp {
+        Frame::tcp(src, dst, 0x02, b"")
+    } else {
+        Frame::udp(src, dst, b"first datagram")
+    };
+    let syn = first.macs(src_mac, dst_mac).build();
     let generator: &Xdp = t
         .generator
-        .program("generate_syns")
-        .context("generate_syns")?
+        .program("generate_flows")
+        .context("generate_flows")?
         .try_into()?;
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&(syn.len() as u32).to_ne_bytes());
@@ -713,7 +716,11 @@ fn connections(t: &Topology, to: SocketAddr, n: u32) -> anyhow::Result<(u32, f64
             .collect();
         workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
     });
-    Ok((done, start.elapsed().as_secs_f64(), busy_jiffies() - jiffies))
+    Ok((
+        done,
+        start.elapsed().as_secs_f64(),
+        busy_jiffies() - jiffies,
+    ))
 }
 
 /// iperf3 (one stream, `seconds`) from the client namespace to `to`; returns bytes received,
@@ -798,7 +805,8 @@ fn tcp_peers(
         });
         Ok(())
     };
-    let config = TempFile(std::env::temp_dir().join(format!("{}.toml", lab::unique(PREFIX, "tcpf"))));
+    let config =
+        TempFile(std::env::temp_dir().join(format!("{}.toml", lab::unique(PREFIX, "tcpf"))));
     std::fs::write(
         &config.0,
         "[relay]\nsession_capacity = 40000\nsession_ports = \"1024-32767\"\n\n\
@@ -837,7 +845,8 @@ fn tcp_peers(
     t.relay
         .exec(&["nft", "delete", "table", "ip", "relaybenchtcp"])?;
     {
-        let cfg = TempFile(std::env::temp_dir().join(format!("{}.cfg", lab::unique(PREFIX, "hap"))));
+        let cfg =
+            TempFile(std::env::temp_dir().join(format!("{}.cfg", lab::unique(PREFIX, "hap"))));
         std::fs::write(
             &cfg.0,
             "global\n  maxconn 8000\n  nbthread 1\n\
@@ -1033,11 +1042,7 @@ impl Runner<'_> {
 }
 
 /// Runs every peer in one topology; pins go to directories of `pins`.
-pub fn run(
-    relay_bin: &Path,
-    pins: &BpfMount,
-    smoke: bool,
-) -> anyhow::Result<E2e> {
+pub fn run(relay_bin: &Path, pins: &BpfMount, smoke: bool) -> anyhow::Result<E2e> {
     let t = Topology::new()?;
     let n: u16 = 16;
     let mut r = Runner {
@@ -1096,7 +1101,11 @@ pub fn run(
     // At most as many as there are relay ports (1024-32767).
     let syns = if smoke { 20_000 } else { 30_000 };
     eprintln!("[bench] {syns} new TCP connections opened in the kernel");
-    let kernel_rate = kernel_open_rate(&t, relay_bin, &pins.dir("relay-tcp"), syns)?;
+    let kernel_rate = kernel_open_rate(&t, relay_bin, &pins.dir("relay-tcp"), syns, true)?;
+    // Every UDP session also gets a socket in the relay: within its open-file limit.
+    let flows = if smoke { 10_000 } else { 15_000 };
+    eprintln!("[bench] {flows} new UDP flows opened in the kernel");
+    let udp_rate = kernel_open_rate(&t, relay_bin, &pins.dir("relay-udp"), flows, false)?;
 
     // The minimal stateless XDP NAT on cli0, redirecting to up0.
     {
@@ -1197,6 +1206,7 @@ pub fn run(
         peers: r.results,
         new_sessions: rate,
         kernel_sessions: kernel_rate,
+        udp_kernel_sessions: udp_rate,
         restart,
         tcp,
     })

@@ -288,6 +288,8 @@ struct Results {
     new_sessions: e2e::SessionRate,
     /// TCP sessions the kernel opened (SYNs from new sources through one rule).
     kernel_sessions: e2e::SessionRate,
+    /// UDP sessions the kernel opened (first datagrams from new sources through one rule).
+    udp_kernel_sessions: e2e::SessionRate,
     restart: e2e::RestartLoss,
     /// TCP bulk transfer and new connections through the relay and its peers.
     tcp: Vec<e2e::TcpResult>,
@@ -312,15 +314,10 @@ fn e2e_ratio(e: &[e2e::PeerResult], kind: &str, peer: &str) -> Option<f64> {
     Some(row(e2e::RELAY_XDP)?.mpps / row(peer)?.mpps)
 }
 
-fn targets(
-    in_kernel: &[PathCost],
-    scale: &[ScalePoint],
-    e: &[e2e::PeerResult],
-    new: &e2e::SessionRate,
-    kernel: &e2e::SessionRate,
-    restart: &e2e::RestartLoss,
-    tcp: &[e2e::TcpResult],
-) -> Vec<Target> {
+fn targets(r: &Results) -> Vec<Target> {
+    let (in_kernel, scale, e) = (&r.in_kernel, &r.scale, &r.end_to_end);
+    let (kernel, udp_kernel) = (&r.kernel_sessions, &r.udp_kernel_sessions);
+    let (restart, tcp) = (&r.restart, &r.tcp);
     let mut t = Vec::new();
     let mut ratio = |target: &'static str, got: Option<f64>, ok: fn(f64) -> bool, unit: &str| {
         if let Some(v) = got {
@@ -413,8 +410,8 @@ fn targets(
         "/s",
     );
     ratio(
-        "≥ 500k new sessions per second through one rule (UDP, opened by the controller)",
-        (new.flows > 0).then_some(new.sessions_per_second),
+        "≥ 500k new sessions per second through one rule (UDP, opened in the kernel)",
+        (udp_kernel.flows > 0).then_some(udp_kernel.sessions_per_second),
         |v| v >= 500_000.0,
         "/s",
     );
@@ -622,13 +619,17 @@ fn markdown(r: &Results) -> String {
         }
         let _ = writeln!(m);
     }
-    let k = &r.kernel_sessions;
-    if k.flows > 0 {
-        let _ = writeln!(
-            m,
-            "## New TCP sessions opened in the kernel\n\n{} SYNs from new sources through one rule: {} sessions opened in {:.3} s: {:.0} sessions/s\n",
-            k.flows, k.opened, k.seconds, k.sessions_per_second
-        );
+    for (k, what) in [
+        (&r.kernel_sessions, "TCP SYNs"),
+        (&r.udp_kernel_sessions, "UDP first datagrams"),
+    ] {
+        if k.flows > 0 {
+            let _ = writeln!(
+                m,
+                "## New sessions opened in the kernel: {what}\n\n{} {what} from new sources through one rule: {} sessions opened in {:.3} s: {:.0} sessions/s\n",
+                k.flows, k.opened, k.seconds, k.sessions_per_second
+            );
+        }
     }
     if !r.tcp.is_empty() {
         let _ = writeln!(
@@ -638,9 +639,17 @@ fn markdown(r: &Results) -> String {
              iperf3's client and server included (the same for every peer). Connections: \
              connect, one byte each way, close, two at a time; CPU per connection likewise.\n"
         );
-        let _ = writeln!(m, "| peer | bulk Gbit/s | CPU s/GB | connections/s | CPU µs/connection |");
+        let _ = writeln!(
+            m,
+            "| peer | bulk Gbit/s | CPU s/GB | connections/s | CPU µs/connection |"
+        );
         let _ = writeln!(m, "|---|---:|---:|---:|---:|");
-        let peers: Vec<&str> = r.tcp.iter().filter(|t| t.test == "bulk").map(|t| t.peer).collect();
+        let peers: Vec<&str> = r
+            .tcp
+            .iter()
+            .filter(|t| t.test == "bulk")
+            .map(|t| t.peer)
+            .collect();
         for peer in peers {
             let row = |test: &str| r.tcp.iter().find(|t| t.peer == peer && t.test == test);
             let (b, c) = (row("bulk"), row("connections"));
@@ -659,8 +668,8 @@ fn markdown(r: &Results) -> String {
     if n.flows > 0 {
         let _ = writeln!(
             m,
-            "## New sessions through the controller\n\n{} of {} flows opened in {:.3} s: {:.0} sessions/s\n",
-            n.opened, n.flows, n.seconds, n.sessions_per_second
+            "## New sessions from real sockets\n\n{} client sockets each sent a first datagram at once; the controller counted {} of them opened (taken in from the kernel's events, each given its socket) in {:.3} s: {:.0} sessions/s\n",
+            n.flows, n.opened, n.seconds, n.sessions_per_second
         );
     }
     let x = &r.restart;
@@ -849,10 +858,11 @@ fn run(out: &Path, smoke: bool, kernel_only: bool) -> anyhow::Result<()> {
         peers: end_to_end,
         new_sessions,
         kernel_sessions,
+        udp_kernel_sessions,
         restart,
         tcp,
     } = e;
-    let results = Results {
+    let mut results = Results {
         machine: format!(
             "{} CPUs, {}",
             std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -868,23 +878,17 @@ fn run(out: &Path, smoke: bool, kernel_only: bool) -> anyhow::Result<()> {
             .trim()
             .to_owned(),
         smoke,
-        targets: targets(
-            &in_kernel,
-            &scale,
-            &end_to_end,
-            &new_sessions,
-            &kernel_sessions,
-            &restart,
-            &tcp,
-        ),
+        targets: Vec::new(),
         in_kernel,
         scale,
         end_to_end,
         new_sessions,
         kernel_sessions,
+        udp_kernel_sessions,
         restart,
         tcp,
     };
+    results.targets = targets(&results);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(
         out.join("results.json"),

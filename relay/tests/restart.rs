@@ -597,7 +597,10 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
     let (written, echoed) = direct
         .finish()
         .expect("the TCP rule's connection never broke: not at 3 handovers, not at a crash");
-    assert!(written > 10_000_000, "the TCP rule's connection carried {written} bytes");
+    assert!(
+        written > 10_000_000,
+        "the TCP rule's connection carried {written} bytes"
+    );
     assert_eq!(echoed, written, "every byte came back, in order");
     let ring = veth_ring_overflows(&t) - ring;
     eprintln!("across a SIGKILL: forward rule {sent} sent, {lost} lost; {ring} datagrams the veth rings could not take");

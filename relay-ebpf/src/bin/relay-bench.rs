@@ -4,8 +4,9 @@
 //! - `macswap`: the reference the fast path is compared with: swap the MAC addresses, XDP_TX.
 //! - `generate`: XDP_TX as is; run with BPF_PROG_RUN in live-frames mode it sends a prepared
 //!   frame out of an interface at line rate (a packet generator where pktgen is missing).
-//! - `generate_syns`: like `generate`, for TCP SYNs: every run changes the source port and
-//!   address (with both checksums), so one live-frames run sends that many new connections.
+//! - `generate_flows`: like `generate`, for TCP SYNs or UDP datagrams: every run changes the
+//!   source port and address (with both checksums), so one live-frames run sends that many
+//!   new flows.
 //! - `sink`: counts the UDP (and the session-rate run's SYNs, to port 7000) that arrive and
 //!   drops them (the receiving end of a benchmark).
 //! - `nat`: a minimal stateless NAT, the fastest thing an XDP relay could be (one rule, no
@@ -31,7 +32,7 @@ static SINK: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static NAT: Array<StatelessNat> = Array::with_max_entries(1, 0);
 
-/// SYNs `generate_syns` has sent, per CPU: the next one's source.
+/// Frames `generate_flows` has sent, per CPU: the next one's source.
 #[map]
 static SYN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
@@ -55,10 +56,11 @@ pub fn generate(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-/// A prepared IPv4 SYN (Ethernet, IPv4 without options, TCP) sent again and again, each time
-/// from another source: port 1024 + n mod 64000, address 198.18.(64 + n / 64000 / 256).x.
+/// A prepared IPv4 frame (Ethernet, IPv4 without options, then a TCP SYN or a UDP datagram)
+/// sent again and again, each time from another source: port 1024 + n mod 64000, address
+/// 198.18.(64 + n / 64000 / 256).x.
 #[xdp]
-pub fn generate_syns(ctx: XdpContext) -> u32 {
+pub fn generate_flows(ctx: XdpContext) -> u32 {
     let frame = XdpFrame::new(&ctx);
     let Some(seq) = SYN_SEQ.get_ptr_mut(0) else {
         return xdp_action::XDP_ABORTED;
@@ -69,11 +71,20 @@ pub fn generate_syns(ctx: XdpContext) -> u32 {
         *seq = n.wrapping_add(1);
         n
     };
+    // The transport checksum: TCP's at 16 into its header, UDP's at 6.
+    let Some(proto) = frame.read::<u8>(23) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let check_at = if proto == relay_common::packet::PROTO_UDP {
+        40
+    } else {
+        50
+    };
     let (Some(addr), Some(port), Some(ip_check), Some(tcp_check)) = (
         frame.read::<[u8; 2]>(28),
         frame.read::<[u8; 2]>(34),
         frame.read::<[u8; 2]>(24),
-        frame.read::<[u8; 2]>(50),
+        frame.read::<[u8; 2]>(check_at),
     ) else {
         return xdp_action::XDP_ABORTED;
     };
@@ -83,12 +94,16 @@ pub fn generate_syns(ctx: XdpContext) -> u32 {
     let ip = Delta::NONE.replace(old_addr, new_addr);
     let tcp = ip.replace(old_port, new_port);
     let ip_check = ip.apply(u16::from_be_bytes(ip_check));
-    let tcp_check = tcp.apply(u16::from_be_bytes(tcp_check));
+    let l4_check = if proto == relay_common::packet::PROTO_UDP {
+        tcp.apply_udp(u16::from_be_bytes(tcp_check))
+    } else {
+        tcp.apply(u16::from_be_bytes(tcp_check))
+    };
     let written = frame
         .write(28, new_addr.to_be_bytes())
         .and_then(|()| frame.write(34, new_port.to_be_bytes()))
         .and_then(|()| frame.write(24, ip_check.to_be_bytes()))
-        .and_then(|()| frame.write(50, tcp_check.to_be_bytes()));
+        .and_then(|()| frame.write(check_at, l4_check.to_be_bytes()));
     match written {
         Some(()) => xdp_action::XDP_TX,
         None => xdp_action::XDP_ABORTED,

@@ -285,10 +285,10 @@ impl Sessions {
         // The kernel learns that a client's share or the rule is full a moment after the
         // controller counts it: a session it opened past a limit ends at once, refused.
         let limits = rule.limits();
-        let over_source =
-            st.table.sessions_of_source(rule.index, ends.client.ip()) > limits.max_sessions_per_source;
-        let over_rule =
-            st.table.sessions_of(rule.index) + self.proxied.of_rule(rule.index) > limits.max_sessions;
+        let over_source = st.table.sessions_of_source(rule.index, ends.client.ip())
+            > limits.max_sessions_per_source;
+        let over_rule = st.table.sessions_of(rule.index) + self.proxied.of_rule(rule.index)
+            > limits.max_sessions;
         if over_source || over_rule {
             st.table.close(id);
             let _ = self.datapath.remove(id);
