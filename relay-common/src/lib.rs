@@ -40,6 +40,7 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const HOPS: &str = "HOPS";
     pub const KERNEL_OPENS: &str = "KERNEL_OPENS";
+    pub const RULE_PORTS: &str = "RULE_PORTS";
     /// Every map the relay pins.
     pub const PINNED: &[&str] = &[
         COUNTERS,
@@ -60,5 +61,6 @@ pub mod maps {
         EVENTS,
         HOPS,
         KERNEL_OPENS,
+        RULE_PORTS,
     ];
 }

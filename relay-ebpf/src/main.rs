@@ -88,6 +88,11 @@ static META: Array<Meta> = Array::pinned(1, 0);
 #[map]
 static LISTEN: HashMap<ListenKey, Listen> = HashMap::pinned(RULE_SLOTS, 0);
 
+/// Listen ports of rules the kernel opens sessions for (indexed by port): bit 0 UDP, bit 1
+/// TCP. One array read spares the host's own traffic the `LISTEN` lookups. The controller's.
+#[map]
+static RULE_PORTS: Array<u8> = Array::pinned(PORT_SLOTS, 0);
+
 /// Free session ids with their relay ports, pushed by the controller, popped by XDP when it
 /// opens a session. Sized by the controller.
 #[map]
@@ -267,6 +272,13 @@ fn open_session(
     frame: &mut XdpFrame,
     h: &Headers,
 ) -> Option<Result<Reason, Reason>> {
+    let bit = if h.proto == PROTO_TCP { 2 } else { 1 };
+    if RULE_PORTS
+        .get(u32::from(h.dst_port))
+        .is_none_or(|b| *b & bit == 0)
+    {
+        return None;
+    }
     let lk = ListenKey {
         addr: h.dst,
         port: h.dst_port,

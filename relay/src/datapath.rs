@@ -16,9 +16,9 @@
 //! - `EGRESS`: [`Datapath::add_egress`]: the interfaces XDP is attached to, at start.
 //! - `PORTS`: with the forward sessions' records, by [`Datapath::install`] and
 //!   [`Datapath::remove`]: which session holds a relay port.
-//! - `LISTEN`, `ALLOW`: [`Datapath::set_listen`], [`Datapath::set_allow`] by `forward::rules`
-//!   (start, reload); `LISTEN`'s full flag by [`Datapath::set_listen_full`] from
-//!   `forward::sessions` as sessions come and go.
+//! - `LISTEN`, `RULE_PORTS`, `ALLOW`: [`Datapath::set_listen`], [`Datapath::set_allow`] by
+//!   `forward::rules` (start, reload); `LISTEN`'s full flag by [`Datapath::set_listen_full`]
+//!   from `forward::sessions` as sessions come and go.
 //! - `SOURCE_FULL`: [`Datapath::set_source_full`] by `forward::sessions`.
 //! - `POOL`: [`Datapath::pool_push`] (free ids and ports lent to the kernel) and
 //!   [`Datapath::pool_drain`] by `forward::sessions`; XDP pops.
@@ -210,6 +210,7 @@ struct Maps {
     source_full: HashMap<MapData, SourceKey, u8>,
     allow: LpmTrie<MapData, AllowKey, u8>,
     hops: Array<MapData, Nexthop>,
+    rule_ports: Array<MapData, u8>,
     /// Free record ids for SOCKS5 fast-path flows.
     socks_free: Vec<u32>,
     /// All record ids set aside for them.
@@ -253,6 +254,7 @@ impl Datapath {
                 source_full: take(ebpf, maps::SOURCE_FULL)?,
                 allow: take(ebpf, maps::ALLOW)?,
                 hops: take(ebpf, maps::HOPS)?,
+                rule_ports: take(ebpf, maps::RULE_PORTS)?,
                 socks_free: Vec::new(),
                 socks_ids: 0..0,
             }),
@@ -434,10 +436,21 @@ impl Datapath {
     /// Where a rule opens sessions in the kernel (`None`: no longer).
     pub fn set_listen(&self, key: ListenKey, value: Option<&Listen>) -> anyhow::Result<()> {
         let mut m = self.lock();
+        let bit = if key.proto == PROTO_UDP { 1 } else { 2 };
+        let port = u32::from(key.port);
+        let bits = m.rule_ports.get(&port, 0).unwrap_or(0);
         match value {
-            Some(v) => m.listen.insert(key, v, 0).context("writing LISTEN"),
+            Some(v) => {
+                m.listen.insert(key, v, 0).context("writing LISTEN")?;
+                m.rule_ports
+                    .set(port, bits | bit, 0)
+                    .context("writing RULE_PORTS")
+            }
             None => {
                 let _ = m.listen.remove(&key);
+                // Another address may listen on the port still: the bit stays (a lookup
+                // that finds nothing costs only the host's traffic to that port).
+                let _ = bits;
                 Ok(())
             }
         }
@@ -450,6 +463,7 @@ impl Datapath {
         let keys: Vec<ListenKey> = m.listen.keys().filter_map(Result::ok).collect();
         for k in keys {
             let _ = m.listen.remove(&k);
+            let _ = m.rule_ports.set(u32::from(k.port), 0, 0);
         }
         let keys: Vec<_> = m.allow.keys().filter_map(Result::ok).collect();
         for k in keys {

@@ -1307,6 +1307,7 @@ fn the_relay_object_is_the_relays_only() {
             "PORTS",
             "RATE",
             "RULES",
+            "RULE_PORTS",
             "SESSIONS",
             "SLOWPATH",
             "SOURCE_FULL",

@@ -119,6 +119,10 @@ struct State {
     table: Table,
     live: HashMap<u32, Live>,
     last_refusal_log: HashMap<&'static str, Instant>,
+    /// What the kernel was last told is full: rules (`LISTEN_FULL`) and (rule, client
+    /// address) pairs (`SOURCE_FULL`), so that a map is written only when that changes.
+    full_rules: std::collections::HashSet<u16>,
+    full_sources: std::collections::HashSet<(u16, IpAddr)>,
 }
 
 /// What [`Sessions::start`] installs (or takes over) and starts relaying.
@@ -187,6 +191,8 @@ impl Sessions {
                 table: Table::new(config.session_capacity, config.session_ports),
                 live: HashMap::new(),
                 last_refusal_log: HashMap::new(),
+                full_rules: Default::default(),
+                full_sources: Default::default(),
             }),
             proxied: Arc::default(),
             pool_target: pool_target(config),
@@ -298,7 +304,7 @@ impl Sessions {
                 Refusal::RuleLimit
             };
             self.refused(&mut st, rule, ends.client, why);
-            self.kernel_limits(&st, rule, ends.client.ip());
+            self.kernel_limits(&mut st, rule, ends.client.ip());
             return None;
         }
         let _ = self.datapath.update_rule(rule.index, |r| r.opened += 1);
@@ -311,7 +317,7 @@ impl Sessions {
                 ..SlowPath::default()
             },
         );
-        self.kernel_limits(&st, rule, ends.client.ip());
+        self.kernel_limits(&mut st, rule, ends.client.ip());
         debug!(
             "session {id} opened in the kernel: {} -> {} | {} -> {}",
             ends.client, ends.front, ends.back, ends.upstream
@@ -376,33 +382,49 @@ impl Sessions {
     /// Tells the kernel which rules and client addresses hold their limits, from the table
     /// (after recovery, a reload).
     pub(super) fn recount(&self) {
-        let st = self.lock();
-        let mut seen = std::collections::HashSet::new();
+        let mut st = self.lock();
+        // The maps were cleared at start, or a reload changed the limits: tell them afresh.
+        st.full_rules.clear();
+        st.full_sources.clear();
         for rule in self.rules.iter() {
-            self.kernel_limits(&st, rule, IpAddr::from([0u8; 4]));
+            let _ = self.datapath.set_listen_full(rule.listen_key(), false);
         }
         for (rule, ip) in st.table.sources() {
-            if seen.insert((rule, ip)) {
-                if let Some(rule) = self.rules.get(rule) {
-                    self.kernel_limits(&st, rule, ip);
-                }
+            if let Some(rule) = self.rules.get(rule) {
+                self.kernel_limits(&mut st, rule, ip);
             }
+        }
+        for rule in self.rules.iter() {
+            self.kernel_limits(&mut st, rule, IpAddr::from([0u8; 4]));
         }
     }
 
-    /// Tells the kernel whether rule `rule` and the client address `ip` hold their limits.
-    fn kernel_limits(&self, st: &State, rule: &Rule, ip: IpAddr) {
+    /// Tells the kernel whether rule `rule` and the client address `ip` hold their limits,
+    /// when that changed.
+    fn kernel_limits(&self, st: &mut State, rule: &Rule, ip: IpAddr) {
         if !rule.in_kernel() {
             return;
         }
         let limits = rule.limits();
         let proxied = self.proxied.of_rule(rule.index);
         let full = st.table.sessions_of(rule.index) + proxied >= limits.max_sessions;
-        let _ = self.datapath.set_listen_full(rule.listen_key(), full);
-        let source = st.table.sessions_of_source(rule.index, ip);
-        let _ =
-            self.datapath
-                .set_source_full(rule.index, ip, source >= limits.max_sessions_per_source);
+        if full != st.full_rules.contains(&rule.index) {
+            let _ = self.datapath.set_listen_full(rule.listen_key(), full);
+            if full {
+                st.full_rules.insert(rule.index);
+            } else {
+                st.full_rules.remove(&rule.index);
+            }
+        }
+        let source = st.table.sessions_of_source(rule.index, ip) >= limits.max_sessions_per_source;
+        if source != st.full_sources.contains(&(rule.index, ip)) {
+            let _ = self.datapath.set_source_full(rule.index, ip, source);
+            if source {
+                st.full_sources.insert((rule.index, ip));
+            } else {
+                st.full_sources.remove(&(rule.index, ip));
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -934,7 +956,7 @@ impl Sessions {
             }
         });
         if let Some(rule) = self.rules.get(entry.rule) {
-            self.kernel_limits(&*st, rule, entry.client.ip());
+            self.kernel_limits(st, rule, entry.client.ip());
         }
         debug!("session {id} of {} closed ({why})", entry.client);
     }
