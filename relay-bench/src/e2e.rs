@@ -629,9 +629,10 @@ fn kernel_open_rate(
 #[derive(Serialize)]
 pub struct TcpResult {
     pub peer: &'static str,
-    /// "bulk" or "connections".
+    /// "bulk", "connections" (forward rules), "connect bulk" or "connect messages" (SOCKS5
+    /// CONNECT).
     pub test: &'static str,
-    /// Bulk: Gbit/s received; connections: connections per second.
+    /// Bulk: Gbit/s received; connections and messages: per second.
     pub rate: f64,
     /// Bulk: the machine's busy CPU seconds per gigabyte moved, the endpoints (iperf3 client
     /// and server, which are the same for every peer) included; connections: busy CPU
@@ -887,30 +888,7 @@ fn associate(
     user: Option<(&str, &str)>,
     client: SocketAddr,
 ) -> anyhow::Result<(TcpStream, SocketAddr)> {
-    let mut c = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))
-        .with_context(|| format!("connecting to the SOCKS5 server at {proxy}"))?;
-    c.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let method = if user.is_some() { 2 } else { 0 };
-    c.write_all(&[5, 1, method])?;
-    let mut reply = [0u8; 2];
-    c.read_exact(&mut reply)?;
-    if reply != [5, method] {
-        bail!(
-            "the SOCKS5 server chose method {} (wanted {method})",
-            reply[1]
-        );
-    }
-    if let Some((name, password)) = user {
-        let mut auth = vec![1, name.len() as u8];
-        auth.extend_from_slice(name.as_bytes());
-        auth.push(password.len() as u8);
-        auth.extend_from_slice(password.as_bytes());
-        c.write_all(&auth)?;
-        c.read_exact(&mut reply)?;
-        if reply[1] != 0 {
-            bail!("the SOCKS5 server refused the username and password");
-        }
-    }
+    let mut c = socks_greet(proxy, user)?;
     let IpAddr::V4(ip) = client.ip() else {
         bail!("IPv4 clients only");
     };
@@ -940,6 +918,205 @@ fn associate(
     c.read_exact(&mut port)?;
     let ip = if ip.is_unspecified() { proxy.ip() } else { ip };
     Ok((c, SocketAddr::new(ip, u16::from_be_bytes(port))))
+}
+
+/// A connection to the SOCKS5 server at `proxy`, greeted and (with `user`) authenticated.
+fn socks_greet(proxy: SocketAddr, user: Option<(&str, &str)>) -> anyhow::Result<TcpStream> {
+    let mut c = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))
+        .with_context(|| format!("connecting to the SOCKS5 server at {proxy}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let method = if user.is_some() { 2 } else { 0 };
+    c.write_all(&[5, 1, method])?;
+    let mut reply = [0u8; 2];
+    c.read_exact(&mut reply)?;
+    if reply != [5, method] {
+        bail!(
+            "the SOCKS5 server chose method {} (wanted {method})",
+            reply[1]
+        );
+    }
+    if let Some((name, password)) = user {
+        let mut auth = vec![1, name.len() as u8];
+        auth.extend_from_slice(name.as_bytes());
+        auth.push(password.len() as u8);
+        auth.extend_from_slice(password.as_bytes());
+        c.write_all(&auth)?;
+        c.read_exact(&mut reply)?;
+        if reply[1] != 0 {
+            bail!("the SOCKS5 server refused the username and password");
+        }
+    }
+    Ok(c)
+}
+
+/// A CONNECT through the SOCKS5 server at `proxy` to `dest` (IPv4).
+fn socks_connect(
+    proxy: SocketAddr,
+    user: Option<(&str, &str)>,
+    dest: SocketAddr,
+) -> anyhow::Result<TcpStream> {
+    let mut c = socks_greet(proxy, user)?;
+    let IpAddr::V4(ip) = dest.ip() else {
+        bail!("IPv4 destinations only");
+    };
+    let mut request = vec![5, 1, 0, 1];
+    request.extend_from_slice(&ip.octets());
+    request.extend_from_slice(&dest.port().to_be_bytes());
+    c.write_all(&request)?;
+    let mut reply = [0u8; 10];
+    c.read_exact(&mut reply)?;
+    if reply[1] != 0 {
+        bail!("CONNECT refused with reply code {}", reply[1]);
+    }
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok(c)
+}
+
+/// The far end of the CONNECT runs, on 198.18.2.2:7003: a connection that starts with `B`
+/// is read to its end and answered with the byte count (8 bytes); one that starts with `E`
+/// has everything echoed.
+fn connect_server(ns: &Netns) -> anyhow::Result<()> {
+    let listener = ns.run(|| std::net::TcpListener::bind("198.18.2.2:7003"))??;
+    thread::spawn(move || {
+        for c in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut c = c;
+                let mut mode = [0u8; 1];
+                if c.read_exact(&mut mode).is_err() {
+                    return;
+                }
+                let mut buf = vec![0u8; 65536];
+                let mut total = 0u64;
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            total += n as u64;
+                            if mode[0] == b'E' && c.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                if mode[0] == b'B' {
+                    let _ = c.write_all(&total.to_be_bytes());
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// CONNECT through each SOCKS5 server: bulk (bytes one way, counted at the far end) and
+/// 1 KB request/response messages; CPU per gigabyte and per message. The relay's CONNECT
+/// moves bytes with splice(2) through a pipe (never through userspace buffers); dante copies
+/// through userspace.
+fn connect_peers(
+    t: &Topology,
+    relay_bin: &Path,
+    pins: &BpfMount,
+    smoke: bool,
+) -> anyhow::Result<Vec<TcpResult>> {
+    let (bulk_bytes, messages): (u64, u32) = if smoke {
+        (50 << 20, 1000)
+    } else {
+        (1 << 30, 20_000)
+    };
+    connect_server(&t.upstream)?;
+    let dest: SocketAddr = "198.18.2.2:7003".parse()?;
+    let hz = 100.0;
+    let mut out = Vec::new();
+    let mut measure = |peer: &'static str,
+                       proxy: SocketAddr,
+                       user: Option<(&'static str, &'static str)>|
+     -> anyhow::Result<()> {
+        eprintln!("[bench] {peer}: SOCKS5 CONNECT bulk and 1 KB messages");
+        let (bytes, secs, busy) = t.client.run(move || -> anyhow::Result<(u64, f64, u64)> {
+            let mut c = socks_connect(proxy, user, dest)?;
+            let chunk = vec![0x5au8; 65536];
+            let jiffies = busy_jiffies();
+            let start = Instant::now();
+            c.write_all(b"B")?;
+            let mut sent = 0u64;
+            while sent < bulk_bytes {
+                c.write_all(&chunk)?;
+                sent += chunk.len() as u64;
+            }
+            c.shutdown(std::net::Shutdown::Write)?;
+            let mut count = [0u8; 8];
+            c.read_exact(&mut count)?;
+            let got = u64::from_be_bytes(count);
+            if got != sent {
+                bail!("the far end counted {got} of {sent} bytes");
+            }
+            Ok((
+                sent,
+                start.elapsed().as_secs_f64(),
+                busy_jiffies() - jiffies,
+            ))
+        })??;
+        out.push(TcpResult {
+            peer,
+            test: "connect bulk",
+            rate: bytes as f64 * 8.0 / secs / 1e9,
+            cpu: busy as f64 / hz / (bytes as f64 / 1e9),
+            detail: format!("{:.2} GB in {secs:.1} s", bytes as f64 / 1e9),
+        });
+        let (secs, busy) = t.client.run(move || -> anyhow::Result<(f64, u64)> {
+            let mut c = socks_connect(proxy, user, dest)?;
+            c.set_nodelay(true)?;
+            c.write_all(b"E")?;
+            let msg = [0xa5u8; 1024];
+            let mut back = [0u8; 1024];
+            let jiffies = busy_jiffies();
+            let start = Instant::now();
+            for _ in 0..messages {
+                c.write_all(&msg)?;
+                c.read_exact(&mut back)?;
+            }
+            Ok((start.elapsed().as_secs_f64(), busy_jiffies() - jiffies))
+        })??;
+        out.push(TcpResult {
+            peer,
+            test: "connect messages",
+            rate: f64::from(messages) / secs,
+            cpu: busy as f64 / hz / f64::from(messages) * 1e6,
+            detail: format!("{messages} round trips in {secs:.2} s"),
+        });
+        Ok(())
+    };
+    {
+        let config = socks_config()?;
+        let _relay = relay(
+            relay_bin,
+            &t.relay,
+            &pins.dir("socks-connect"),
+            &[
+                "--iface",
+                "cli0",
+                "--iface",
+                "up0",
+                "--config",
+                &config.0.display().to_string(),
+            ],
+        )?;
+        measure(
+            RELAY_XDP,
+            "198.18.1.1:1080".parse()?,
+            Some(("bench", SOCKS_PASSWORD)),
+        )?;
+    }
+    {
+        let _pass = relay(
+            relay_bin,
+            &t.relay,
+            &pins.dir("pass-connect"),
+            &["--iface", "cli0"],
+        )?;
+        let _dante = dante(t)?;
+        measure(DANTE, "198.18.1.1:1081".parse()?, None)?;
+    }
+    Ok(out)
 }
 
 /// One association per flow (client ports 41000 and up), each datagram addressed to the sink.
@@ -1201,7 +1378,8 @@ pub fn run(relay_bin: &Path, pins: &BpfMount, smoke: bool) -> anyhow::Result<E2e
         )?;
         r.measure(peer, SOCKS, &flows, 60)?;
     }
-    let tcp = tcp_peers(&t, relay_bin, pins, smoke)?;
+    let mut tcp = tcp_peers(&t, relay_bin, pins, smoke)?;
+    tcp.extend(connect_peers(&t, relay_bin, pins, smoke)?);
     Ok(E2e {
         peers: r.results,
         new_sessions: rate,
@@ -1253,7 +1431,7 @@ fn dante(t: &Topology) -> anyhow::Result<(Proc, TempFile)> {
          socksmethod: none\n\
          user.unprivileged: nobody\n\
          client pass { from: 198.18.1.0/24 to: 0.0.0.0/0 }\n\
-         socks pass { from: 198.18.1.0/24 to: 198.18.2.0/24 command: udpassociate }\n\
+         socks pass { from: 198.18.1.0/24 to: 198.18.2.0/24 command: udpassociate connect }\n\
          socks pass { from: 198.18.2.0/24 to: 198.18.1.0/24 command: udpreply }\n",
     )?;
     let pid = TempFile(std::env::temp_dir().join(format!("{}.pid", lab::unique(PREFIX, "dante"))));

@@ -663,6 +663,36 @@ fn markdown(r: &Results) -> String {
             );
         }
         let _ = writeln!(m);
+        let _ = writeln!(
+            m,
+            "## SOCKS5 CONNECT (veth, one run)\n\nOne CONNECT each: bulk bytes one way \
+             (counted at the far end), then 1 KB request/response messages on another. CPU as \
+             above, the client and server included.\n"
+        );
+        let _ = writeln!(
+            m,
+            "| peer | bulk Gbit/s | CPU s/GB | 1 KB round trips/s | CPU µs/round trip |"
+        );
+        let _ = writeln!(m, "|---|---:|---:|---:|---:|");
+        let peers: Vec<&str> = r
+            .tcp
+            .iter()
+            .filter(|t| t.test == "connect bulk")
+            .map(|t| t.peer)
+            .collect();
+        for peer in peers {
+            let row = |test: &str| r.tcp.iter().find(|t| t.peer == peer && t.test == test);
+            let (b, c) = (row("connect bulk"), row("connect messages"));
+            let _ = writeln!(
+                m,
+                "| {peer} | {} | {} | {} | {} |",
+                b.map_or("—".into(), |b| format!("{:.2}", b.rate)),
+                b.map_or("—".into(), |b| format!("{:.2}", b.cpu)),
+                c.map_or("—".into(), |c| format!("{:.0}", c.rate)),
+                c.map_or("—".into(), |c| format!("{:.1}", c.cpu)),
+            );
+        }
+        let _ = writeln!(m);
     }
     let n = &r.new_sessions;
     if n.flows > 0 {
