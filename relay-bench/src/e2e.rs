@@ -1171,6 +1171,7 @@ pub const NFT: &str = "nftables DNAT + masquerade";
 pub const SOCAT: &str = "socat (userspace forwarder)";
 pub const DANTE: &str = "dante";
 pub const HAPROXY: &str = "HAProxy (TCP mode, one thread)";
+pub const RELAY_SPLICE: &str = "relay (CONNECT with splice)";
 /// What they relay.
 pub const FORWARD: &str = "UDP forward";
 pub const SOCKS: &str = "SOCKS5 UDP";
