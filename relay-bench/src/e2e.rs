@@ -888,19 +888,7 @@ fn associate(
     user: Option<(&str, &str)>,
     client: SocketAddr,
 ) -> anyhow::Result<(TcpStream, SocketAddr)> {
-    let mut c = socks_greet(proxy, user)?;
-    let IpAddr::V4(ip) = client.ip() else {
-        bail!("IPv4 clients only");
-    };
-    let mut request = vec![5, 3, 0, 1];
-    request.extend_from_slice(&ip.octets());
-    request.extend_from_slice(&client.port().to_be_bytes());
-    c.write_all(&request)?;
-    let mut head = [0u8; 4];
-    c.read_exact(&mut head)?;
-    if head[1] != 0 {
-        bail!("UDP ASSOCIATE refused with reply code {}", head[1]);
-    }
+    let (mut c, head) = socks_request(proxy, user, 3, client)?;
     let ip: IpAddr = match head[3] {
         1 => {
             let mut a = [0u8; 4];
@@ -949,25 +937,44 @@ fn socks_greet(proxy: SocketAddr, user: Option<(&str, &str)>) -> anyhow::Result<
     Ok(c)
 }
 
+/// A SOCKS5 request (`command` 1 CONNECT or 3 UDP ASSOCIATE) for the IPv4 `addr` on a
+/// connection greeted and authenticated; returns it with the reply's first 4 bytes (the bound
+/// address follows).
+fn socks_request(
+    proxy: SocketAddr,
+    user: Option<(&str, &str)>,
+    command: u8,
+    addr: SocketAddr,
+) -> anyhow::Result<(TcpStream, [u8; 4])> {
+    let mut c = socks_greet(proxy, user)?;
+    let IpAddr::V4(ip) = addr.ip() else {
+        bail!("IPv4 addresses only");
+    };
+    let mut request = vec![5, command, 0, 1];
+    request.extend_from_slice(&ip.octets());
+    request.extend_from_slice(&addr.port().to_be_bytes());
+    c.write_all(&request)?;
+    let mut head = [0u8; 4];
+    c.read_exact(&mut head)?;
+    if head[1] != 0 {
+        bail!(
+            "SOCKS5 command {command} refused with reply code {}",
+            head[1]
+        );
+    }
+    Ok((c, head))
+}
+
 /// A CONNECT through the SOCKS5 server at `proxy` to `dest` (IPv4).
 fn socks_connect(
     proxy: SocketAddr,
     user: Option<(&str, &str)>,
     dest: SocketAddr,
 ) -> anyhow::Result<TcpStream> {
-    let mut c = socks_greet(proxy, user)?;
-    let IpAddr::V4(ip) = dest.ip() else {
-        bail!("IPv4 destinations only");
-    };
-    let mut request = vec![5, 1, 0, 1];
-    request.extend_from_slice(&ip.octets());
-    request.extend_from_slice(&dest.port().to_be_bytes());
-    c.write_all(&request)?;
-    let mut reply = [0u8; 10];
-    c.read_exact(&mut reply)?;
-    if reply[1] != 0 {
-        bail!("CONNECT refused with reply code {}", reply[1]);
-    }
+    let (mut c, head) = socks_request(proxy, user, 1, dest)?;
+    // The bound address: IPv4 or IPv6, and the port.
+    let mut bound = vec![0u8; if head[3] == 4 { 18 } else { 6 }];
+    c.read_exact(&mut bound)?;
     c.set_read_timeout(Some(Duration::from_secs(30)))?;
     Ok(c)
 }
@@ -1101,7 +1108,7 @@ fn connect_peers(
             ],
         )?;
         measure(
-            RELAY_XDP,
+            RELAY_SPLICE,
             "198.18.1.1:1080".parse()?,
             Some(("bench", SOCKS_PASSWORD)),
         )?;

@@ -166,6 +166,19 @@ fn classify(ctx: &XdpContext, frame: &mut XdpFrame) -> Result<Reason, Reason> {
     }
 }
 
+/// The `FLOWS` key of a packet: its source (the remote end), destination port, protocol.
+#[inline(always)]
+fn flow_key(h: &Headers) -> FlowKey {
+    FlowKey {
+        remote: h.src,
+        remote_port: h.src_port,
+        local_port: h.dst_port,
+        family: h.family,
+        proto: h.proto,
+        _pad: [0; 2],
+    }
+}
+
 /// A session found through its flow: id, record, and the direction the packet goes.
 struct Found {
     id: u32,
@@ -208,15 +221,7 @@ fn session_of(frame: &XdpFrame, flow: Flow, h: &Headers) -> Result<Found, Reason
 /// Everything else is the host's own TCP and passes.
 #[inline(always)]
 fn relay_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reason, Reason> {
-    let key = FlowKey {
-        remote: h.src,
-        remote_port: h.src_port,
-        local_port: h.dst_port,
-        family: h.family,
-        proto: PROTO_TCP,
-        _pad: [0; 2],
-    };
-    let Some(flow) = FLOWS.get_ptr(key) else {
+    let Some(flow) = FLOWS.get_ptr(flow_key(h)) else {
         if h.tcp_flags & TCP_SYN == 0 {
             // Not an opening SYN: the host's own TCP, or a connection the controller relays.
             return Err(Reason::Tcp);
@@ -375,14 +380,7 @@ fn open_with(
         r.traffic = Default::default();
         r.state = STATE_ACTIVE;
     }
-    let client = FlowKey {
-        remote: h.src,
-        remote_port: h.src_port,
-        local_port: h.dst_port,
-        family: h.family,
-        proto: h.proto,
-        _pad: [0; 2],
-    };
+    let client = flow_key(h);
     let upstream = FlowKey {
         remote: l.upstream,
         remote_port: l.upstream_port,
@@ -572,15 +570,7 @@ fn socket_for(ctx: &XdpContext, h: &Headers) -> bool {
 /// The fast path: find the flow, then the session, plan, apply, account, send.
 #[inline(always)]
 fn relay_udp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reason, Reason> {
-    let key = FlowKey {
-        remote: h.src,
-        remote_port: h.src_port,
-        local_port: h.dst_port,
-        family: h.family,
-        proto: PROTO_UDP,
-        _pad: [0; 2],
-    };
-    let Some(flow) = FLOWS.get_ptr(key) else {
+    let Some(flow) = FLOWS.get_ptr(flow_key(h)) else {
         let (first, last) = (SOCKS_PORT_FIRST.load(), SOCKS_PORT_LAST.load());
         if first != 0 && h.dst_port >= first && h.dst_port <= last {
             return socks_to_destination(ctx, frame, h);

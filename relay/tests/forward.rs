@@ -12,7 +12,8 @@ use std::{
 
 use serde_json::Value;
 use support::{
-    raise_fd_limit, reason_packets, stats, ConfigFile, Echo, Netns, PinDir, Relay, Topology,
+    packets, raise_fd_limit, reason_packets, rule, stats, ConfigFile, Echo, Netns, PinDir, Relay,
+    Topology,
 };
 
 /// `n` client sockets bound in `ns` to `ip`.
@@ -129,17 +130,6 @@ fn round_trip_by_xdp(
         "every datagram of the round, both ways, went through XDP: {after}"
     );
     after
-}
-
-fn rule<'a>(s: &'a Value, name: &str) -> &'a Value {
-    s["rules"]
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["name"] == name))
-        .unwrap_or_else(|| panic!("no rule {name} in {s}"))
-}
-
-fn packets(v: &Value) -> u64 {
-    v["packets"].as_u64().unwrap_or(0)
 }
 
 fn sessions(ns: &Netns, iface: &str, pin: &PinDir) -> Vec<Value> {

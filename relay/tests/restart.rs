@@ -394,14 +394,6 @@ impl Stream {
     }
 }
 
-/// Rule `name` in a stats JSON document.
-fn rule<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    s["rules"]
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["name"] == name))
-        .unwrap_or_else(|| panic!("no rule {name} in {s}"))
-}
-
 /// Starts a successor while `old` runs; returns it once `old` has handed over and exited.
 fn take_over(ns: &Netns, pin: &PinDir, config: &ConfigFile, mut old: Relay) -> Relay {
     let new = Relay::start(ns, &support::config_args(pin, config));
@@ -526,7 +518,7 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
     assert!(written > 5_000_000, "the CONNECT carried {written} bytes");
     assert_eq!(echoed, written, "every CONNECT byte came back, in order");
     assert_eq!(
-        rule(&stats(&t.relay, "cli0", &pin), "tcp")["sessions"],
+        support::rule(&stats(&t.relay, "cli0", &pin), "tcp")["sessions"],
         1,
         "the TCP rule's session was taken over each time"
     );

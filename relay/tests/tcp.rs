@@ -11,7 +11,7 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{raise_fd_limit, stats, ConfigFile, Netns, PinDir, Relay, Topology};
+use support::{packets, raise_fd_limit, rule, stats, ConfigFile, Netns, PinDir, Relay, Topology};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpSocket, TcpStream},
@@ -105,17 +105,6 @@ async fn echo_once(socket: TcpSocket, to: SocketAddr, data: Vec<u8>) -> Result<(
         ));
     }
     Ok(())
-}
-
-fn rule<'a>(s: &'a Value, name: &str) -> &'a Value {
-    s["rules"]
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["name"] == name))
-        .unwrap_or_else(|| panic!("no rule {name} in {s}"))
-}
-
-fn packets(v: &Value) -> u64 {
-    v["packets"].as_u64().unwrap_or(0)
 }
 
 fn opens(s: &Value, cause: &str) -> u64 {

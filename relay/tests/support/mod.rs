@@ -385,6 +385,19 @@ pub fn stats(ns: &Netns, iface: &str, pin: &PinDir) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("stats JSON")
 }
 
+/// Rule `name` in a stats JSON document.
+pub fn rule<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    s["rules"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == name))
+        .unwrap_or_else(|| panic!("no rule {name} in {s}"))
+}
+
+/// The `packets` of a totals object in a stats JSON document.
+pub fn packets(v: &serde_json::Value) -> u64 {
+    v["packets"].as_u64().unwrap_or(0)
+}
+
 /// Packets counted under `reason` in a stats JSON document.
 pub fn reason_packets(stats: &serde_json::Value, reason: &str) -> u64 {
     stats["reasons"][reason]["packets"]
