@@ -97,6 +97,28 @@ fn relay(bin: &Path, ns: &Netns, pins: &Path, args: &[&str]) -> anyhow::Result<R
 
 /// `relay run ARGS` in `ns`, once it says it is running (a successor included: it says so
 /// once it has taken over).
+/// `relay run` on both of the relay's interfaces with a configuration file and an XDP mode.
+fn relay_with(
+    bin: &Path,
+    ns: &Netns,
+    pins: &Path,
+    config: &TempFile,
+    mode: &str,
+) -> anyhow::Result<RelayProc> {
+    let config = config.0.display().to_string();
+    let args = [
+        "--iface",
+        "cli0",
+        "--iface",
+        "up0",
+        "--xdp-mode",
+        mode,
+        "--config",
+        &config,
+    ];
+    relay(bin, ns, pins, &args)
+}
+
 fn relay_process(bin: &Path, ns: &Netns, pins: &Path, args: &[&str]) -> anyhow::Result<Proc> {
     let log = std::env::temp_dir().join(format!("{}.log", lab::unique(PREFIX, "log")));
     let child = ns
@@ -557,19 +579,7 @@ fn kernel_open_rate(
              new_sessions_per_second = 4294967295\nnew_sessions_burst = 4294967295\n"
         ),
     )?;
-    let _relay = relay(
-        relay_bin,
-        &t.relay,
-        pins,
-        &[
-            "--iface",
-            "cli0",
-            "--iface",
-            "up0",
-            "--config",
-            &config.0.display().to_string(),
-        ],
-    )?;
+    let _relay = relay_with(relay_bin, &t.relay, pins, &config, "auto")?;
     let opens: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(
         MapData::from_pin(pins.join(relay_common::maps::KERNEL_OPENS))?,
     ))?;
@@ -818,22 +828,8 @@ fn tcp_peers(
          max_sessions_per_source = 40000\n\
          new_sessions_per_second = 1000000\nnew_sessions_burst = 1000000\n",
     )?;
-    let args = |mode: &'static str| {
-        vec![
-            "--iface".to_owned(),
-            "cli0".to_owned(),
-            "--iface".to_owned(),
-            "up0".to_owned(),
-            "--xdp-mode".to_owned(),
-            mode.to_owned(),
-            "--config".to_owned(),
-            config.0.display().to_string(),
-        ]
-    };
     {
-        let a = args("auto");
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        let _relay = relay(relay_bin, &t.relay, &pins.dir("tcp-xdp"), &a)?;
+        let _relay = relay_with(relay_bin, &t.relay, &pins.dir("tcp-xdp"), &config, "auto")?;
         measure(RELAY_XDP)?;
     }
     nft(
@@ -872,9 +868,7 @@ fn tcp_peers(
         measure(HAPROXY)?;
     }
     {
-        let a = args("off");
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        let _relay = relay(relay_bin, &t.relay, &pins.dir("tcp-off"), &a)?;
+        let _relay = relay_with(relay_bin, &t.relay, &pins.dir("tcp-off"), &config, "off")?;
         measure(RELAY_OFF)?;
     }
     Ok(out)
@@ -1094,18 +1088,12 @@ fn connect_peers(
     };
     {
         let config = socks_config()?;
-        let _relay = relay(
+        let _relay = relay_with(
             relay_bin,
             &t.relay,
             &pins.dir("socks-connect"),
-            &[
-                "--iface",
-                "cli0",
-                "--iface",
-                "up0",
-                "--config",
-                &config.0.display().to_string(),
-            ],
+            &config,
+            "auto",
         )?;
         measure(
             RELAY_SPLICE,
@@ -1363,20 +1351,12 @@ pub fn run(relay_bin: &Path, pins: &BpfMount, smoke: bool) -> anyhow::Result<E2e
     // The relay's SOCKS5 UDP ASSOCIATE, with XDP and without.
     let config = socks_config()?;
     for (peer, mode) in [(RELAY_XDP, "auto"), (RELAY_OFF, "off")] {
-        let _relay = relay(
+        let _relay = relay_with(
             relay_bin,
             &t.relay,
             &pins.dir(&format!("socks-{mode}")),
-            &[
-                "--iface",
-                "cli0",
-                "--iface",
-                "up0",
-                "--xdp-mode",
-                mode,
-                "--config",
-                &config.0.display().to_string(),
-            ],
+            &config,
+            mode,
         )?;
         let (_controls, flows) = socks_flows(
             &t,

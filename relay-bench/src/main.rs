@@ -570,6 +570,25 @@ fn scale_point(sessions: u32, calls: u32) -> anyhow::Result<ScalePoint> {
     })
 }
 
+/// One row per peer of a bulk test and its companion (new connections, or messages).
+fn tcp_table(m: &mut String, tcp: &[e2e::TcpResult], (bulk, other): (&str, &str), header: &str) {
+    let _ = writeln!(m, "{header}");
+    let _ = writeln!(m, "|---|---:|---:|---:|---:|");
+    for b in tcp.iter().filter(|t| t.test == bulk) {
+        let c = tcp.iter().find(|t| t.peer == b.peer && t.test == other);
+        let _ = writeln!(
+            m,
+            "| {} | {:.2} | {:.2} | {} | {} |",
+            b.peer,
+            b.rate,
+            b.cpu,
+            c.map_or("—".into(), |c| format!("{:.0} ({})", c.rate, c.detail)),
+            c.map_or("—".into(), |c| format!("{:.1}", c.cpu)),
+        );
+    }
+    let _ = writeln!(m);
+}
+
 fn markdown(r: &Results) -> String {
     let mut m = String::new();
     if !r.targets.is_empty() {
@@ -639,60 +658,24 @@ fn markdown(r: &Results) -> String {
              iperf3's client and server included (the same for every peer). Connections: \
              connect, one byte each way, close, two at a time; CPU per connection likewise.\n"
         );
-        let _ = writeln!(
-            m,
-            "| peer | bulk Gbit/s | CPU s/GB | connections/s | CPU µs/connection |"
+        tcp_table(
+            &mut m,
+            &r.tcp,
+            ("bulk", "connections"),
+            "| peer | bulk Gbit/s | CPU s/GB | connections/s | CPU µs/connection |",
         );
-        let _ = writeln!(m, "|---|---:|---:|---:|---:|");
-        let peers: Vec<&str> = r
-            .tcp
-            .iter()
-            .filter(|t| t.test == "bulk")
-            .map(|t| t.peer)
-            .collect();
-        for peer in peers {
-            let row = |test: &str| r.tcp.iter().find(|t| t.peer == peer && t.test == test);
-            let (b, c) = (row("bulk"), row("connections"));
-            let _ = writeln!(
-                m,
-                "| {peer} | {} | {} | {} | {} |",
-                b.map_or("—".into(), |b| format!("{:.2}", b.rate)),
-                b.map_or("—".into(), |b| format!("{:.2}", b.cpu)),
-                c.map_or("—".into(), |c| format!("{:.0} ({})", c.rate, c.detail)),
-                c.map_or("—".into(), |c| format!("{:.0}", c.cpu)),
-            );
-        }
-        let _ = writeln!(m);
         let _ = writeln!(
             m,
             "## SOCKS5 CONNECT (veth, one run)\n\nOne CONNECT each: bulk bytes one way \
              (counted at the far end), then 1 KB request/response messages on another. CPU as \
              above, the client and server included.\n"
         );
-        let _ = writeln!(
-            m,
-            "| peer | bulk Gbit/s | CPU s/GB | 1 KB round trips/s | CPU µs/round trip |"
+        tcp_table(
+            &mut m,
+            &r.tcp,
+            ("connect bulk", "connect messages"),
+            "| peer | bulk Gbit/s | CPU s/GB | 1 KB round trips/s | CPU µs/round trip |",
         );
-        let _ = writeln!(m, "|---|---:|---:|---:|---:|");
-        let peers: Vec<&str> = r
-            .tcp
-            .iter()
-            .filter(|t| t.test == "connect bulk")
-            .map(|t| t.peer)
-            .collect();
-        for peer in peers {
-            let row = |test: &str| r.tcp.iter().find(|t| t.peer == peer && t.test == test);
-            let (b, c) = (row("connect bulk"), row("connect messages"));
-            let _ = writeln!(
-                m,
-                "| {peer} | {} | {} | {} | {} |",
-                b.map_or("—".into(), |b| format!("{:.2}", b.rate)),
-                b.map_or("—".into(), |b| format!("{:.2}", b.cpu)),
-                c.map_or("—".into(), |c| format!("{:.0}", c.rate)),
-                c.map_or("—".into(), |c| format!("{:.1}", c.cpu)),
-            );
-        }
-        let _ = writeln!(m);
     }
     let n = &r.new_sessions;
     if n.flows > 0 {
