@@ -197,7 +197,14 @@ fn session_of(frame: &XdpFrame, flow: Flow, h: &Headers) -> Result<Found, Reason
     if s.proto != h.proto {
         return Err(Reason::NoSession);
     }
-    if !same(*s.local(direction), h.dst) {
+    // Fields of the record, not `Session::local`: a `&[u8; 16]` loses the record's 8-byte
+    // alignment, and the BPF backend then compares byte by byte.
+    let local = if direction == TO_UPSTREAM {
+        s.front
+    } else {
+        s.back
+    };
+    if !same(local, h.dst) {
         return Err(Reason::WrongDestination);
     }
     let (remote, remote_port) = if direction == TO_UPSTREAM {
