@@ -267,16 +267,6 @@ impl Session {
             }
         }
     }
-
-    /// The relay address a packet of `direction` must be addressed to.
-    #[inline(always)]
-    pub fn local(&self, direction: u32) -> &[u8; 16] {
-        if direction == TO_UPSTREAM {
-            &self.front
-        } else {
-            &self.back
-        }
-    }
 }
 
 /// New addresses and ports of a rewritten packet.
