@@ -196,7 +196,11 @@ pub struct Session {
     pub fin: [u8; 2],
     /// TCP: 1 once XDP relayed a RST either way.
     pub rst: u8,
-    pub _pad: [u8; 3],
+    /// TCP: 1 once the client sent a segment with ACK and without SYN: it completed the
+    /// handshake. A SYN from a spoofed address never gets this far, so its session stays
+    /// unanswered (short timeout, evictable) even though the upstream answered it.
+    pub acked: u8,
+    pub _pad: [u8; 2],
     /// CLOCK_MONOTONIC (coarse) nanoseconds of when the controller wrote the record. The XDP
     /// program keeps no clock: the controller learns that a session is alive from `traffic`.
     pub last_seen: u64,
@@ -235,6 +239,13 @@ pub struct NexthopKey {
 }
 
 impl Session {
+    /// Whether the session has answered traffic: the upstream sent something back, and for
+    /// TCP the client also completed the handshake (no half-open connection counts).
+    pub fn answered(&self) -> bool {
+        self.traffic[TO_CLIENT as usize].packets > 0
+            && (self.proto != crate::packet::PROTO_TCP || self.acked != 0)
+    }
+
     /// TCP: both sides have sent FIN, or one RST: the connection is over once its last
     /// segments (the final ACK, a retransmission) have passed.
     pub fn tcp_closing(&self) -> bool {
@@ -411,7 +422,7 @@ pub struct Meta {
 pub const META_MAGIC: u64 = u64::from_le_bytes(*b"relaymap");
 
 /// Bump when a map's meaning changes without its size changing.
-const LAYOUT_REVISION: u64 = 2;
+const LAYOUT_REVISION: u64 = 3;
 
 /// The layout of the pinned maps this build reads and writes: every shared type's size and
 /// the manual revision, mixed (FNV-1a). A controller refuses maps stamped with another.

@@ -246,6 +246,14 @@ fn relay_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
     if !tcp_flags_ok(h) {
         return Err(Reason::TcpBadFlags);
     }
+    if found.direction == TO_UPSTREAM
+        && h.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
+        && found.s.acked == 0
+    {
+        // The client completed the handshake (a plain store of 1, once).
+        // SAFETY: `found.ptr` points into the SESSIONS array value.
+        unsafe { (*found.ptr).acked = 1 };
+    }
     if h.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         // SAFETY: `found.ptr` points into the SESSIONS array value; one-byte stores of 1,
         // which no other writer undoes while the session lives.
@@ -383,6 +391,7 @@ fn open_with(
         r.origin = ORIGIN_KERNEL;
         r.fin = [0; 2];
         r.rst = 0;
+        r.acked = 0;
         r.last_seen = 0;
         r.traffic = Default::default();
         r.state = STATE_ACTIVE;

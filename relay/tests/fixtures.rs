@@ -1179,11 +1179,19 @@ fn run_fixtures() -> Vec<String> {
         }
     }
     let s = dp.session(12).expect("session");
-    if (s.proto, s.origin, s.fin, s.rst, s.rule) != (PROTO_TCP, 1, [1, 0], 1, 1) {
+    if (s.proto, s.origin, s.fin, s.rst, s.acked, s.rule) != (PROTO_TCP, 1, [1, 0], 1, 1, 1) {
         failures.push(format!(
-            "TCP session 12: proto {} origin {} fin {:?} rst {} rule {}, want a kernel-opened TCP \
-             session of rule 1 whose client sent FIN and whose upstream reset",
-            s.proto, s.origin, s.fin, s.rst, s.rule
+            "TCP session 12: proto {} origin {} fin {:?} rst {} acked {} rule {}, want a \
+             kernel-opened TCP session of rule 1 whose client completed the handshake and sent \
+             FIN, and whose upstream reset",
+            s.proto, s.origin, s.fin, s.rst, s.acked, s.rule
+        ));
+    }
+    // The rate rule's session saw only its SYN (and no answer): half-open.
+    let half = dp.session(POOL[2].0).expect("session");
+    if half.acked != 0 || half.answered() {
+        failures.push(format!(
+            "a session that saw only a SYN counts as answered: {half:?}"
         ));
     }
     let s13 = dp.session(13).expect("session");

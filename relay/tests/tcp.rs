@@ -540,3 +540,72 @@ fn a_smaller_route_mtu_is_found_by_path_mtu_discovery() {
     assert_eq!(opens(&s, "opened"), 4, "{s}");
     assert_eq!(reason(&s, "tcp_uncarried"), 0, "{s}");
 }
+
+/// Half-open connections (a SYN whose sender never completes the handshake: a spoofed
+/// source, a SYN flood) end after the unanswered timeout, although the upstream answered
+/// them; an established connection stays.
+#[test]
+fn half_open_connections_end_after_the_unanswered_timeout() {
+    let rt = runtime();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    echo_servers(&rt, &t);
+    let config = ConfigFile::new(
+        r#"
+[[forward]]
+name = "tcp"
+protocol = "tcp"
+listen = "198.18.1.1:7000"
+upstream = "198.18.2.2:7000"
+allow_private_upstream = true
+unanswered_timeout = "5s"
+idle_timeout = "60s"
+"#,
+    );
+    let _relay = Relay::with_config(&t.relay, &pin, &config);
+    let to: SocketAddr = V4.parse().unwrap();
+    let mut established = rt
+        .block_on(sockets(&t.client, 1, false).remove(0).connect(to))
+        .expect("connect");
+    // The client namespace never answers the upstream's SYN-ACKs (no RST either), like a
+    // spoofed source: 20 SYNs from raw sockets.
+    t.client.exec(&[
+        "nft",
+        "add table inet halfopen; add chain inet halfopen out { type filter hook output priority 0; }; \
+         add rule inet halfopen out tcp flags rst drop",
+    ]);
+    t.client.run(move || {
+        let raw = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::TCP),
+        )
+        .expect("raw socket");
+        for port in 61000..61020u16 {
+            let src: SocketAddr = SocketAddr::new("198.18.1.2".parse().unwrap(), port);
+            let frame = relay_common::frame::Frame::tcp(src, to, 0x02, b"").build();
+            // The TCP header (checksummed for these addresses), after Ethernet and IPv4.
+            raw.send_to(&frame[34..54], &to.into()).expect("send SYN");
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let s = stats(&t.relay, "cli0", &pin);
+    assert_eq!(rule(&s, "tcp")["sessions"], 21, "{s}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = stats(&t.relay, "cli0", &pin);
+        let r = rule(&s, "tcp");
+        if r["sessions"] == 1 {
+            assert_eq!(r["closed_unanswered"], 20, "{r}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "half-open sessions linger: {r}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    rt.block_on(async {
+        established.write_all(b"still here").await.expect("write");
+        let mut back = [0u8; 10];
+        established.read_exact(&mut back).await.expect("echo");
+        assert_eq!(&back, b"still here");
+    });
+}

@@ -115,8 +115,7 @@ impl Sessions {
         // A restart does not count as idle time.
         let mut entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
         let slow = self.datapath.slow(id).unwrap_or_default();
-        entry.answered = record.traffic[TO_CLIENT as usize].packets > 0
-            || slow.traffic[TO_CLIENT as usize].packets > 0;
+        entry.answered = record.answered() || slow.traffic[TO_CLIENT as usize].packets > 0;
         if !self.reserve_recovered(entry) {
             return None;
         }

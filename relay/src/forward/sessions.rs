@@ -456,7 +456,7 @@ impl Sessions {
             return false;
         }
         let mut entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
-        entry.answered = record.traffic[TO_CLIENT as usize].packets > 0;
+        entry.answered = record.answered();
         let mut st = self.lock();
         if !st.table.recover(entry) {
             return false;
@@ -1014,8 +1014,7 @@ fn observe(datapath: &Datapath, live: &HashMap<u32, Live>, id: u32) -> Observed 
         closing: kernel.is_some_and(|s| s.proto == PROTO_TCP && s.tcp_closing()),
         kernel_packets: kernel.map_or(0, |s| s.packets()),
         slow_seen: slow.map_or(0, |s| s.last_seen.load(Ordering::Relaxed)),
-        answered: kernel.is_some_and(|s| s.traffic[TO_CLIENT as usize].packets > 0)
-            || slow_replies > 0,
+        answered: kernel.is_some_and(|s| s.answered()) || slow_replies > 0,
     }
 }
 
