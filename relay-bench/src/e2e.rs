@@ -454,27 +454,46 @@ impl Topology {
                     .build()
             })
             .collect();
+        let before = self.delivered()?;
+        let jiffies = busy_jiffies();
+        let start = Instant::now();
+        let sent = self.live("generate", &frames, per_flow)?;
+        let secs = start.elapsed().as_secs_f64();
+        // Let queued frames land.
+        thread::sleep(Duration::from_millis(300));
+        Ok(Blast {
+            sent,
+            delivered: self.delivered()? - before,
+            seconds: secs,
+            busy_jiffies: busy_jiffies() - jiffies,
+            frame_len: frames.first().map_or(0, Vec::len),
+        })
+    }
+}
+
+/// Frames a live-frames run sends per call: one 64-frame batch (beyond that, a veth drops
+/// what the run queues before the receiver has polled).
+const CHUNK: u32 = 64;
+
+impl Topology {
+    /// Runs XDP program `program` of the generator in live-frames mode from the client
+    /// namespace (where the ifindex is its eth0): each of `frames` about `per_frame` times,
+    /// one batch at a time, round-robin, so that the receiver drains its ring between calls
+    /// (its NAPI poll runs when the call returns, on this CPU: generator and relay share the
+    /// core). Returns the frames sent.
+    fn live(&self, program: &str, frames: &[Vec<u8>], per_frame: u32) -> anyhow::Result<u64> {
         let generator: &Xdp = self
             .generator
-            .program("generate")
-            .context("generate")?
+            .program(program)
+            .with_context(|| format!("no program {program}"))?
             .try_into()?;
         // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
         let mut ctx = [0u8; 24];
         ctx[12..16].copy_from_slice(&self.client_ifindex.to_ne_bytes());
-        let before = self.delivered()?;
-        let jiffies = busy_jiffies();
-        let start = Instant::now();
         let mut sent = 0u64;
-        // The run must happen in the client's namespace, where the ifindex is its eth0. One
-        // 64-frame batch per call (beyond that, a veth drops what the live-frames run queues
-        // before the receiver has polled), round-robin over the flows, so that the receiver
-        // drains its ring between calls: its NAPI poll runs when the call returns, on this
-        // CPU, so generator and relay share the core.
-        const CHUNK: u32 = 64;
         lab::on_this_thread_in(&self.client.path(), || -> anyhow::Result<()> {
-            for _ in 0..per_flow.div_ceil(CHUNK) {
-                for f in &frames {
+            for _ in 0..per_frame.div_ceil(CHUNK) {
+                for f in frames {
                     // The kernel wants data_end to be the frame's length.
                     ctx[4..8].copy_from_slice(&(f.len() as u32).to_ne_bytes());
                     generator
@@ -491,16 +510,7 @@ impl Topology {
             }
             Ok(())
         })??;
-        let secs = start.elapsed().as_secs_f64();
-        // Let queued frames land.
-        thread::sleep(Duration::from_millis(300));
-        Ok(Blast {
-            sent,
-            delivered: self.delivered()? - before,
-            seconds: secs,
-            busy_jiffies: busy_jiffies() - jiffies,
-            frame_len: frames.first().map_or(0, Vec::len),
-        })
+        Ok(sent)
     }
 }
 
@@ -597,37 +607,15 @@ fn kernel_open_rate(
     } else {
         Frame::udp(src, dst, b"first datagram")
     };
-    let syn = first.macs(src_mac, dst_mac).build();
-    let generator: &Xdp = t
-        .generator
-        .program("generate_flows")
-        .context("generate_flows")?
-        .try_into()?;
-    let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(syn.len() as u32).to_ne_bytes());
-    ctx[12..16].copy_from_slice(&t.client_ifindex.to_ne_bytes());
+    let first = first.macs(src_mac, dst_mac).build();
     let before = opened()?;
-    const CHUNK: u32 = 64;
     let start = Instant::now();
-    lab::on_this_thread_in(&t.client.path(), || -> anyhow::Result<()> {
-        for _ in 0..n.div_ceil(CHUNK) {
-            generator
-                .test_run(TestRunOptions {
-                    data_in: Some(&syn),
-                    ctx_in: Some(&ctx),
-                    repeat: CHUNK,
-                    attrs: TestRunAttrs::new().xdp_live_frames(CHUNK),
-                    ..Default::default()
-                })
-                .context("live-frames run")?;
-        }
-        Ok(())
-    })??;
+    let sent = t.live("generate_flows", &[first], n)?;
     let seconds = start.elapsed().as_secs_f64();
     thread::sleep(Duration::from_millis(300));
     let got = opened()? - before;
     Ok(SessionRate {
-        flows: n.div_ceil(CHUNK) * CHUNK,
+        flows: sent as u32,
         opened: got,
         seconds,
         sessions_per_second: got as f64 / seconds,

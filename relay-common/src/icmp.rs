@@ -130,6 +130,14 @@ fn icmp_words(kind: IcmpError, v4: bool) -> ([u8; 2], [u8; 4]) {
     }
 }
 
+/// One's-complement sum of the ICMP header's words (its checksum field zero).
+#[inline(always)]
+fn header_sum(type_code: [u8; 2], rest: [u8; 4]) -> u32 {
+    u16::from_be_bytes(type_code) as u32
+        + u16::from_be_bytes([rest[0], rest[1]]) as u32
+        + u16::from_be_bytes([rest[2], rest[3]]) as u32
+}
+
 #[inline(always)]
 fn write_v4<F: FrameMut + ?Sized>(
     frame: &mut F,
@@ -154,10 +162,7 @@ fn write_v4<F: FrameMut + ?Sized>(
     frame.write(26, [h.dst[0], h.dst[1], h.dst[2], h.dst[3]])?;
     frame.write(30, [h.src[0], h.src[1], h.src[2], h.src[3]])?;
     let (type_code, rest) = icmp_words(kind, true);
-    let sum = quoted
-        + u16::from_be_bytes(type_code) as u32
-        + u16::from_be_bytes([rest[0], rest[1]]) as u32
-        + u16::from_be_bytes([rest[2], rest[3]]) as u32;
+    let sum = quoted + header_sum(type_code, rest);
     frame.write(34, type_code)?;
     frame.write(36, (!fold(sum)).to_be_bytes())?;
     frame.write(38, rest)?;
@@ -185,9 +190,7 @@ fn write_v6<F: FrameMut + ?Sized>(
     // Pseudo header (source, destination, length, next header), the ICMPv6 header, the quote.
     let sum = sum_addr(sum_addr(PAYLOAD as u32 + 58, &h.dst, 16), &h.src, 16)
         + quoted
-        + u16::from_be_bytes(type_code) as u32
-        + u16::from_be_bytes([rest[0], rest[1]]) as u32
-        + u16::from_be_bytes([rest[2], rest[3]]) as u32;
+        + header_sum(type_code, rest);
     frame.write(54, type_code)?;
     frame.write(56, (!fold(sum)).to_be_bytes())?;
     frame.write(58, rest)?;

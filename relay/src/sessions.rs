@@ -300,12 +300,6 @@ impl Table {
         }
     }
 
-    /// Takes every lent id back.
-    pub fn unlend_all(&mut self) {
-        let ids: Vec<u32> = self.lent.keys().copied().collect();
-        self.unlend(ids);
-    }
-
     /// A session the kernel opened (its allow list and limits were checked there), with an
     /// id lent to it, or one a predecessor lent (opened while this controller took over).
     /// False if the id or the port is in use.
@@ -1062,7 +1056,7 @@ mod tests {
         // A wrong port for a lent id is refused.
         assert!(!t.adopt(Entry::new(lent[1].0, 1, client(5), 29999, 0)));
         // The rest come back (the pool was drained) and can be handed out again.
-        t.unlend_all();
+        t.unlend(lent.iter().map(|(id, _)| *id));
         assert_eq!(t.lent(), 0);
         let again = t
             .open(0, limits(100), client(6), true, 0, silent)

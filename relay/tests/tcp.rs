@@ -116,6 +116,37 @@ fn reason(s: &Value, r: &str) -> u64 {
 }
 
 const V4: &str = "198.18.1.1:7000";
+
+/// A TCP rule to the echo server whose sessions wait at most 5 s for their handshake.
+const SHORT_TIMEOUTS: &str = r#"
+[[forward]]
+name = "tcp"
+protocol = "tcp"
+listen = "198.18.1.1:7000"
+upstream = "198.18.2.2:7000"
+allow_private_upstream = true
+unanswered_timeout = "5s"
+idle_timeout = "60s"
+"#;
+
+/// One connection from the client namespace to `to`.
+fn connect(rt: &tokio::runtime::Runtime, t: &Topology, to: SocketAddr) -> TcpStream {
+    let socket = sockets(&t.client, 1, to.is_ipv6()).remove(0);
+    rt.block_on(socket.connect(to)).expect("connect")
+}
+
+/// Writes `what` on `s` and reads the same bytes back within 5 s.
+fn ping(rt: &tokio::runtime::Runtime, s: &mut TcpStream, what: &[u8]) {
+    rt.block_on(async {
+        s.write_all(what).await.expect("write");
+        let mut back = vec![0u8; what.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(back, what);
+    })
+}
 const V6: &str = "[fd00:5a:1::1]:7000";
 
 /// The relay with an IPv4 and an IPv6 TCP rule to the upstream's echo server.
@@ -439,33 +470,10 @@ fn an_idle_connection_outlives_the_unanswered_timeout_and_survives_a_restart() {
     let t = Topology::new();
     let pin = PinDir::new();
     echo_servers(&rt, &t);
-    let config = ConfigFile::new(
-        r#"
-[[forward]]
-name = "tcp"
-protocol = "tcp"
-listen = "198.18.1.1:7000"
-upstream = "198.18.2.2:7000"
-allow_private_upstream = true
-unanswered_timeout = "5s"
-idle_timeout = "60s"
-"#,
-    );
+    let config = ConfigFile::new(SHORT_TIMEOUTS);
     let relay = Relay::with_config(&t.relay, &pin, &config);
-    let mut socks = sockets(&t.client, 1, false);
-    let to: SocketAddr = V4.parse().unwrap();
-    let mut s = rt.block_on(socks.remove(0).connect(to)).expect("connect");
-    let ping = |s: &mut TcpStream, what: &[u8]| {
-        rt.block_on(async {
-            s.write_all(what).await.expect("write");
-            let mut back = vec![0u8; what.len()];
-            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
-                .await
-                .expect("echo in time")
-                .expect("echo");
-            assert_eq!(back, what);
-        })
-    };
+    let mut s = connect(&rt, &t, V4.parse().unwrap());
+    let ping = |s: &mut TcpStream, what: &[u8]| ping(&rt, s, what);
     ping(&mut s, b"first");
     // Longer than the unanswered timeout, shorter than the idle one.
     std::thread::sleep(Duration::from_secs(8));
@@ -550,23 +558,10 @@ fn half_open_connections_end_after_the_unanswered_timeout() {
     let t = Topology::new();
     let pin = PinDir::new();
     echo_servers(&rt, &t);
-    let config = ConfigFile::new(
-        r#"
-[[forward]]
-name = "tcp"
-protocol = "tcp"
-listen = "198.18.1.1:7000"
-upstream = "198.18.2.2:7000"
-allow_private_upstream = true
-unanswered_timeout = "5s"
-idle_timeout = "60s"
-"#,
-    );
+    let config = ConfigFile::new(SHORT_TIMEOUTS);
     let _relay = Relay::with_config(&t.relay, &pin, &config);
     let to: SocketAddr = V4.parse().unwrap();
-    let mut established = rt
-        .block_on(sockets(&t.client, 1, false).remove(0).connect(to))
-        .expect("connect");
+    let mut established = connect(&rt, &t, to);
     // The client namespace never answers the upstream's SYN-ACKs (no RST either), like a
     // spoofed source: 20 SYNs from raw sockets.
     t.client.exec(&[
@@ -602,10 +597,5 @@ idle_timeout = "60s"
         assert!(Instant::now() < deadline, "half-open sessions linger: {r}");
         std::thread::sleep(Duration::from_millis(500));
     }
-    rt.block_on(async {
-        established.write_all(b"still here").await.expect("write");
-        let mut back = [0u8; 10];
-        established.read_exact(&mut back).await.expect("echo");
-        assert_eq!(&back, b"still here");
-    });
+    ping(&rt, &mut established, b"still here");
 }
