@@ -565,7 +565,9 @@ fn flood(ns: &Netns, ip: &str, to: SocketAddr, n: usize) {
 /// second rule (the same table) with its ports too; the table does not fill with them, and a
 /// real client still gets a session and its replies. Unanswered sessions then end after the
 /// rule's short timeout. Fails without per-source caps and eviction: the flood takes every
-/// session of the table until the idle timeout.
+/// session of the table until the idle timeout. The flooded rule's rate allows the whole
+/// flood, so that every refusal is the per-source cap's (with the default rate, how many the
+/// rate or the cap refuses depends on how fast the controller flags the full source).
 #[test]
 fn a_flood_of_unanswered_sessions_does_not_lock_out_real_clients() {
     raise_fd_limit();
@@ -575,7 +577,7 @@ fn a_flood_of_unanswered_sessions_does_not_lock_out_real_clients() {
     let config = ConfigFile::new(
         "[relay]\nsession_capacity = 300\n\
          [[forward]]\nname = \"dead\"\nlisten = \"198.18.1.1:5000\"\nupstream = \"198.18.2.2:6001\"\n\
-         unanswered_timeout = \"5s\"\nallow_private_upstream = true\n\
+         unanswered_timeout = \"5s\"\nallow_private_upstream = true\nnew_sessions_per_second = 1000000\n\
          [[forward]]\nname = \"wide\"\nlisten = \"198.18.1.1:5002\"\nupstream = \"198.18.2.2:6001\"\n\
          max_sessions_per_source = 100000\nunanswered_timeout = \"5s\"\nallow_private_upstream = true\n\
          [[forward]]\nname = \"live\"\nlisten = \"198.18.1.1:5001\"\nupstream = \"198.18.2.2:6000\"\n\
