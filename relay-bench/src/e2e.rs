@@ -998,7 +998,8 @@ fn connect_server(ns: &Netns) -> anyhow::Result<()> {
 
 /// CONNECT through each SOCKS5 server: bulk (bytes one way, counted at the far end) and
 /// 1 KB request/response messages; CPU per gigabyte and per message. The relay's CONNECT
-/// moves bytes with splice(2) through a pipe (never through userspace buffers); dante copies
+/// either stays in the kernel (sockmap: a stream verdict sends each chunk out of the other
+/// socket) or moves with splice(2) through a pipe driven by the controller; dante copies
 /// through userspace.
 fn connect_peers(
     t: &Topology,
@@ -1074,17 +1075,17 @@ fn connect_peers(
         });
         Ok(())
     };
-    {
-        let config = socks_config()?;
+    for (peer, path) in [(RELAY_SOCKMAP, "kernel"), (RELAY_SPLICE, "splice")] {
+        let config = socks_config(&format!("connect_path = \"{path}\"\n"))?;
         let _relay = relay_with(
             relay_bin,
             &t.relay,
-            &pins.dir("socks-connect"),
+            &pins.dir(&format!("socks-connect-{path}")),
             &config,
             "auto",
         )?;
         measure(
-            RELAY_SPLICE,
+            peer,
             "198.18.1.1:1080".parse()?,
             Some(("bench", SOCKS_PASSWORD)),
         )?;
@@ -1155,6 +1156,7 @@ pub const SOCAT: &str = "socat (userspace forwarder)";
 pub const DANTE: &str = "dante";
 pub const HAPROXY: &str = "HAProxy (TCP mode, one thread)";
 pub const RELAY_SPLICE: &str = "relay (CONNECT with splice)";
+pub const RELAY_SOCKMAP: &str = "relay (CONNECT in the kernel, sockmap)";
 /// What they relay.
 pub const FORWARD: &str = "UDP forward";
 pub const SOCKS: &str = "SOCKS5 UDP";
@@ -1337,7 +1339,7 @@ pub fn run(relay_bin: &Path, pins: &BpfMount, smoke: bool) -> anyhow::Result<E2e
     drop(pass);
 
     // The relay's SOCKS5 UDP ASSOCIATE, with XDP and without.
-    let config = socks_config()?;
+    let config = socks_config("")?;
     for (peer, mode) in [(RELAY_XDP, "auto"), (RELAY_OFF, "off")] {
         let _relay = relay_with(
             relay_bin,
@@ -1378,13 +1380,14 @@ impl Drop for TempFile {
 }
 
 /// The relay's configuration for the SOCKS5 runs: one user, the sink's network allowed.
-fn socks_config() -> anyhow::Result<TempFile> {
+/// The SOCKS5 server's configuration (`extra`: more `[socks5]` settings).
+fn socks_config(extra: &str) -> anyhow::Result<TempFile> {
     let hash = relay::socks5::users::hash_password(SOCKS_PASSWORD.as_bytes())?;
     let f = TempFile(std::env::temp_dir().join(format!("{}.toml", lab::unique(PREFIX, "cfg"))));
     std::fs::write(
         &f.0,
         format!(
-            "[socks5]\nlisten = \"198.18.1.1:1080\"\n\
+            "[socks5]\nlisten = \"198.18.1.1:1080\"\n{extra}\
              [[socks5.users]]\nname = \"bench\"\npassword_hash = \"{hash}\"\nmax_associations = 64\n\
              [policy]\nallow = [\"198.18.2.0/24\"]\n"
         ),

@@ -18,6 +18,7 @@ pub mod packet;
 pub mod rewrite;
 pub mod session;
 pub mod socks5;
+pub mod splice;
 
 /// Names of the maps, as the controller looks them up and pins them.
 pub mod maps {
@@ -41,6 +42,10 @@ pub mod maps {
     pub const HOPS: &str = "HOPS";
     pub const KERNEL_OPENS: &str = "KERNEL_OPENS";
     pub const RULE_PORTS: &str = "RULE_PORTS";
+    pub const SPLICE: &str = "SPLICE";
+    pub const SPLICE_LINKS: &str = "SPLICE_LINKS";
+    pub const SPLICE_COUNTS: &str = "SPLICE_COUNTS";
+    pub const SPLICE_TOTALS: &str = "SPLICE_TOTALS";
     /// Every map the relay pins.
     pub const PINNED: &[&str] = &[
         COUNTERS,
@@ -62,5 +67,9 @@ pub mod maps {
         HOPS,
         KERNEL_OPENS,
         RULE_PORTS,
+        SPLICE,
+        SPLICE_LINKS,
+        SPLICE_COUNTS,
+        SPLICE_TOTALS,
     ];
 }

@@ -15,9 +15,13 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    macros::{map, xdp},
-    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, Queue, RingBuf},
-    programs::XdpContext,
+    bindings::sk_action::SK_PASS,
+    helpers::bpf_get_socket_cookie,
+    macros::{map, stream_verdict, xdp},
+    maps::{
+        lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, Queue, RingBuf, SockHash,
+    },
+    programs::{SkBuffContext, XdpContext},
     Global,
 };
 use aya_log_ebpf::debug;
@@ -38,6 +42,10 @@ use relay_common::{
     },
 };
 
+use relay_common::splice::{
+    may_redirect, SpliceCount, SpliceLink, SPLICE_NO_PEER, SPLICE_PASSED, SPLICE_REDIRECTED,
+    SPLICE_SOCKETS, SPLICE_TOTAL_SLOTS, SPLICE_UNKNOWN,
+};
 use relay_ebpf::frame::XdpFrame;
 
 /// Packets and bytes per [`Reason`], per CPU. Pinned so that counts survive a controller
@@ -122,6 +130,24 @@ static HOPS: Array<Nexthop> = Array::pinned(1, 0);
 /// cause and CPU (`rule * OPEN_SLOTS + cause`).
 #[map]
 static KERNEL_OPENS: PerCpuArray<u64> = PerCpuArray::pinned(RULE_SLOTS * OPEN_SLOTS, 0);
+
+/// The sockets of SOCKS5 CONNECTs carried in the kernel, by socket cookie (the controller adds
+/// them; a closed socket leaves by itself).
+#[map]
+static SPLICE: SockHash<u64> = SockHash::pinned(SPLICE_SOCKETS, 0);
+
+/// Where what arrives on a CONNECT socket goes (the controller's; see `relay_common::splice`).
+#[map]
+static SPLICE_LINKS: HashMap<u64, SpliceLink> = HashMap::pinned(SPLICE_SOCKETS, 0);
+
+/// Bytes the verdict passed and redirected per CONNECT socket (counted by the verdict; created
+/// and removed by the controller).
+#[map]
+static SPLICE_COUNTS: HashMap<u64, SpliceCount> = HashMap::pinned(SPLICE_SOCKETS, 0);
+
+/// What the verdict did, over every socket, per CPU (`SPLICE_*` slots of `relay_common::splice`).
+#[map]
+static SPLICE_TOTALS: PerCpuArray<u64> = PerCpuArray::pinned(SPLICE_TOTAL_SLOTS, 0);
 
 /// Interfaces a frame may be redirected to (ifindex -> ifindex).
 #[map]
@@ -864,6 +890,52 @@ fn count(reason: Reason, len: usize) {
             (*c).packets += 1;
             (*c).bytes += len as u64;
         }
+    }
+}
+
+/// The stream verdict of CONNECT sockets: what arrives on one socket goes out of its peer
+/// (`bpf_sk_redirect_hash`, no copy to userspace), unless the controller must see it first
+/// (`relay_common::splice::may_redirect`): then it is passed to the socket's own receive queue,
+/// and the controller reads and forwards it.
+#[stream_verdict]
+pub fn splice(ctx: SkBuffContext) -> u32 {
+    let len = u64::from(ctx.len());
+    // SAFETY: the helper reads the socket of the skb this program was called for.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let Some(count) = SPLICE_COUNTS.get_ptr_mut(cookie) else {
+        total(SPLICE_UNKNOWN, 1);
+        return SK_PASS;
+    };
+    // SAFETY: map values live while the map does; `passed` is written only here, and the
+    // kernel runs a socket's verdict for one chunk at a time (under the socket's lock).
+    let (link, held) = unsafe { (SPLICE_LINKS.get(cookie), *count) };
+    if let Some(link) = link {
+        if may_redirect(link, &held) {
+            if SPLICE.redirect_skb(&ctx, link.peer, 0) == i64::from(SK_PASS) {
+                // SAFETY: as above; atomic because the controller reads it meanwhile.
+                unsafe {
+                    atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                        &raw mut (*count).redirected,
+                        len,
+                    );
+                }
+                total(SPLICE_REDIRECTED, len);
+                return SK_PASS;
+            }
+            total(SPLICE_NO_PEER, 1);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { (*count).passed = held.passed.wrapping_add(len) };
+    total(SPLICE_PASSED, len);
+    SK_PASS
+}
+
+#[inline(always)]
+fn total(slot: u32, n: u64) {
+    if let Some(t) = SPLICE_TOTALS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's slot; the verdict is not preempted on its CPU.
+        unsafe { *t += n };
     }
 }
 

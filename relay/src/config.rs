@@ -63,6 +63,8 @@ struct RawSocks5 {
     connect_idle_timeout: Option<String>,
     fast_path_flows: Option<u32>,
     #[serde(default)]
+    connect_path: ConnectPath,
+    #[serde(default)]
     users: Vec<RawUser>,
 }
 
@@ -110,7 +112,22 @@ pub struct Socks5Config {
     pub max_connections_per_source: u32,
     /// (association, destination) pairs the XDP fast path can hold.
     pub fast_path_flows: u32,
+    /// How CONNECT bytes move between the two sockets.
+    pub connect_path: ConnectPath,
     pub users: Vec<crate::socks5::users::User>,
+}
+
+/// How CONNECT bytes move between the client's and the destination's socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectPath {
+    /// In the kernel (sockmap and a stream verdict): no byte enters userspace, no system call
+    /// per chunk. Falls back to `splice` where the kernel refuses the program or with
+    /// `--xdp-mode off`.
+    #[default]
+    Kernel,
+    /// splice(2) through a pipe each way, driven by the controller.
+    Splice,
 }
 
 impl RawSocks5 {
@@ -187,6 +204,7 @@ impl RawSocks5 {
             max_handshakes_per_source,
             max_connections_per_source,
             fast_path_flows: self.fast_path_flows.unwrap_or(4096),
+            connect_path: self.connect_path,
             users,
         })
     }

@@ -106,6 +106,10 @@ pub struct ConnectState {
     /// Where it goes, for the log.
     pub dest: String,
     pub pipes: bool,
+    /// A CONNECT the kernel carries (sockmap): what the controller counted of it. Its two
+    /// sockets come without pipes.
+    #[serde(default)]
+    pub kernel: Option<crate::socks5::splice::Carried>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -586,6 +590,7 @@ mod tests {
             user: None,
             dest: "x".into(),
             pipes: true,
+            kernel: None,
         };
         let fd = std::fs::File::open("/").unwrap().into();
         assert!(got.file(Item::Connect(state), vec![fd]).is_err());

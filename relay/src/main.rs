@@ -434,6 +434,7 @@ async fn run(
         ..config.session_capacity + config.socks5.as_ref().map_or(0, |s| s.fast_path_flows);
     let datapath = Arc::new(Datapath::take(&mut bpf)?.with_socks_ids(socks_ids));
     datapath.check_layout(had_pins, &dir)?;
+    let splicer = connect_path(&mut bpf, mode, predecessor.is_none())?;
     // Everything is loaded and verified: only now is the running relay asked to hand over
     // (a new program the kernel refuses leaves it running as it was).
     let mut received = match &predecessor {
@@ -569,6 +570,7 @@ async fn run(
                 config.policy,
                 Arc::clone(&datapath),
                 nexthops.clone(),
+                splicer.clone(),
             )?;
             server.adopt(
                 std::mem::take(&mut received.connects),
@@ -815,6 +817,19 @@ async fn hand_over(
 }
 
 /// Forwards the XDP program's aya-log records to `log`.
+/// The SOCKS5 CONNECT kernel path: its maps always (a predecessor's CONNECTs may be carried
+/// there), its verdict unless `--xdp-mode off` (then, or if the kernel refuses it, CONNECTs
+/// are spliced by the controller).
+fn connect_path(
+    bpf: &mut aya::Ebpf,
+    mode: relay::ebpf::AttachMode,
+    fresh: bool,
+) -> anyhow::Result<Option<Arc<relay::socks5::splice::Splicer>>> {
+    let splicer =
+        relay::socks5::splice::Splicer::take(bpf, mode != relay::ebpf::AttachMode::Off, fresh)?;
+    Ok(Some(Arc::new(splicer)))
+}
+
 async fn forward_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     // SAFETY: the logger owns its ring buffer's fd and keeps it open, unchanged, for its whole
     // life, which the AsyncFd now owns.

@@ -20,6 +20,30 @@ pub struct Snapshot {
     pub reasons: BTreeMap<&'static str, Totals>,
     /// What became of SYNs that could open a session in the kernel, per cause.
     pub kernel_opens: BTreeMap<&'static str, u64>,
+    /// SOCKS5 CONNECT bytes the kernel carried (sockmap), and what it left to the controller.
+    pub connect_kernel: BTreeMap<&'static str, u64>,
+}
+
+/// Names of the `SPLICE_TOTALS` slots, by slot.
+const SPLICE_NAMES: [&str; relay_common::splice::SPLICE_TOTAL_SLOTS as usize] = [
+    "redirected_bytes",
+    "passed_bytes",
+    "no_peer",
+    "unknown_socket",
+];
+
+/// `SPLICE_TOTALS` summed over CPUs, by name.
+fn read_splice<M: Borrow<MapData>>(
+    map: &PerCpuArray<M, u64>,
+) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+    let mut out = BTreeMap::new();
+    for (slot, name) in SPLICE_NAMES.iter().enumerate() {
+        let per_cpu = map
+            .get(&(slot as u32), 0)
+            .with_context(|| format!("reading CONNECT totals {name}"))?;
+        out.insert(*name, per_cpu.iter().sum());
+    }
+    Ok(out)
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -74,6 +98,11 @@ impl Snapshot {
                 PerCpuArray::try_from(map).context("KERNEL_OPENS is not a per-CPU array")?;
             s.kernel_opens = read_opens(&opens)?;
         }
+        if let Some(map) = ebpf.map(maps::SPLICE_TOTALS) {
+            let totals: PerCpuArray<&MapData, u64> =
+                PerCpuArray::try_from(map).context("SPLICE_TOTALS is not a per-CPU array")?;
+            s.connect_kernel = read_splice(&totals)?;
+        }
         Ok(s)
     }
 
@@ -93,6 +122,12 @@ impl Snapshot {
             let opens: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))
                 .context("KERNEL_OPENS is not a per-CPU array")?;
             s.kernel_opens = read_opens(&opens)?;
+        }
+        if let Ok(data) = MapData::from_pin(pin_dir.join(maps::SPLICE_TOTALS)) {
+            let totals: PerCpuArray<MapData, u64> =
+                PerCpuArray::try_from(Map::PerCpuArray(data))
+                    .context("SPLICE_TOTALS is not a per-CPU array")?;
+            s.connect_kernel = read_splice(&totals)?;
         }
         Ok(s)
     }
@@ -135,6 +170,13 @@ impl Snapshot {
                 t.packets,
                 t.bytes
             );
+        }
+        if !self.connect_kernel.is_empty() {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "{:<16} {:>14}", "CONNECT kernel", "");
+            for (name, v) in &self.connect_kernel {
+                let _ = writeln!(out, "{name:<16} {v:>14}");
+            }
         }
         out
     }

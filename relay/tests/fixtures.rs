@@ -1288,8 +1288,9 @@ fn pinned_counters_survive_a_reload() {
 fn the_relay_object_is_the_relays_only() {
     let pin = PinDir::new();
     let bpf = load(&pin);
-    let programs: Vec<&str> = bpf.programs().map(|(name, _)| name).collect();
-    assert_eq!(programs, ["relay"]);
+    let mut programs: Vec<&str> = bpf.programs().map(|(name, _)| name).collect();
+    programs.sort_unstable();
+    assert_eq!(programs, ["relay", "splice"]);
     let mut maps: Vec<&str> = bpf
         .maps()
         .map(|(name, _)| name)
@@ -1319,6 +1320,10 @@ fn the_relay_object_is_the_relays_only() {
             "SESSIONS",
             "SLOWPATH",
             "SOURCE_FULL",
+            "SPLICE",
+            "SPLICE_COUNTS",
+            "SPLICE_LINKS",
+            "SPLICE_TOTALS",
             "USERS",
         ]
     );

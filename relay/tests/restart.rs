@@ -538,6 +538,25 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
         "the flows went through XDP across the restarts: {after}"
     );
     assert_eq!(after["controller"]["handovers"], 3, "{after}");
+    // The CONNECT was carried in the kernel (sockmap) through the handovers, and its user's
+    // account counts every byte once, each way (the CONNECT has ended: published within 1 s).
+    let carried = |s: &serde_json::Value| {
+        s["connect_kernel"]["redirected_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(
+        carried(&after) - carried(&before) > written,
+        "the kernel carried the CONNECT's bytes: {after}"
+    );
+    thread::sleep(Duration::from_millis(1500));
+    let published = stats(&t.relay, "cli0", &pin);
+    let alice = published["users"]
+        .as_array()
+        .and_then(|u| u.iter().find(|u| u["name"] == "alice"))
+        .expect("alice's account");
+    assert_eq!(alice["connect_bytes_to_destination"], written, "{alice}");
+    assert_eq!(alice["connect_bytes_to_client"], written, "{alice}");
 
     // A crash: the fast path carries on without a controller, the next one takes over.
     let ring = veth_ring_overflows(&t);

@@ -190,6 +190,128 @@ fn curl_fetches_a_page_with_a_username_and_password() {
     );
 }
 
+/// The acceptance of the CONNECT kernel path: curl fetches a page and a 32 MiB file through
+/// the proxy, byte-exact, and the relay's counters show the kernel carried them (sockmap
+/// redirects) while the controller handled almost nothing, with the user's account exact.
+#[test]
+fn curl_and_a_large_download_are_carried_in_the_kernel() {
+    let s = setup();
+    let big: Vec<u8> = (0..32u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(s._dir.0.join("big.bin"), &big).unwrap();
+    let creds = format!("alice:{PASSWORD}");
+    let proxy = format!("socks5h://{PROXY}");
+    let before = stats(&s.t.relay, "cli0", &s.pin);
+    for (url, want) in [
+        ("http://198.18.2.2:8080/page.txt", page()),
+        ("http://198.18.2.2:8080/big.bin", big),
+    ] {
+        let out =
+            s.t.client
+                .command("curl")
+                .args(["-sS", "--max-time", "60", "--proxy", &proxy])
+                .args(["--proxy-user", &creds, url])
+                .output()
+                .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stdout == want,
+            "{url} arrives intact ({} bytes)",
+            out.stdout.len()
+        );
+    }
+    let st = published_stats(&s);
+    let kernel = |v: &Value, what: &str| v["connect_kernel"][what].as_u64().unwrap_or(0);
+    let redirected = kernel(&st, "redirected_bytes") - kernel(&before, "redirected_bytes");
+    let passed = kernel(&st, "passed_bytes") - kernel(&before, "passed_bytes");
+    let files = (100_000 + (32 << 20)) as u64;
+    assert!(
+        redirected > files,
+        "the kernel carried the files: {redirected} bytes redirected; {st}"
+    );
+    assert!(
+        passed < 4096,
+        "the controller handled next to nothing: {passed} bytes passed to it"
+    );
+    let alice = user(&st, "alice");
+    let both = alice["connect_bytes_to_client"].as_u64().unwrap()
+        + alice["connect_bytes_to_destination"].as_u64().unwrap();
+    assert_eq!(
+        both,
+        redirected + passed,
+        "the account counts every byte once: {alice}"
+    );
+    assert_eq!(alice["active_connections"], 0, "{alice}");
+}
+
+/// A destination that speaks first (SSH, SMTP) sends its banner and more before the reply
+/// reaches the client: those bytes wait for the controller, reach the client after the reply
+/// and before anything the kernel carries later, every byte in order, counted exactly.
+#[test]
+fn a_destination_that_speaks_first_is_heard_in_order() {
+    let s = setup();
+    let listener =
+        s.t.upstream
+            .run(|| std::net::TcpListener::bind("198.18.2.2:7001").unwrap());
+    let first: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let told = first.clone();
+    let server = thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        c.write_all(b"SSH-2.0-relaytest\r\n").unwrap();
+        c.write_all(&told).unwrap();
+        // Then an echo, reversed per chunk of 1000 bytes, until EOF.
+        let mut buf = [0u8; 1000];
+        while c.read_exact(&mut buf).is_ok() {
+            buf.reverse();
+            c.write_all(&buf).unwrap();
+        }
+    });
+    let (mut c, reply) = raw_request(&s.t.client, connect_request([198, 18, 2, 2], 7001));
+    assert_eq!(reply.get(..2), Some(&[5, 0][..]), "{reply:?}");
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut heard = vec![0u8; 19 + first.len()];
+    c.read_exact(&mut heard)
+        .expect("the banner and what followed");
+    assert_eq!(&heard[..19], b"SSH-2.0-relaytest\r\n");
+    assert!(heard[19..] == first[..], "in order, every byte");
+    let sent: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    let mut w = c.try_clone().unwrap();
+    let writer = {
+        let sent = sent.clone();
+        thread::spawn(move || w.write_all(&sent).unwrap())
+    };
+    let mut back = vec![0u8; sent.len()];
+    c.read_exact(&mut back).expect("the echo");
+    writer.join().unwrap();
+    for (chunk, echoed) in sent.chunks(1000).zip(back.chunks(1000)) {
+        let mut want = chunk.to_vec();
+        want.reverse();
+        assert!(want == echoed, "echoed in order");
+    }
+    drop(c);
+    server.join().unwrap();
+    let st = published_stats(&s);
+    let alice = user(&st, "alice");
+    assert_eq!(
+        alice["connect_bytes_to_client"],
+        19 + 200_000 + 300_000,
+        "{alice}"
+    );
+    assert_eq!(alice["connect_bytes_to_destination"], 300_000, "{alice}");
+    assert!(
+        st["connect_kernel"]["redirected_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            > 300_000,
+        "the kernel carried the rest: {st}"
+    );
+}
+
 #[test]
 fn a_wrong_password_and_a_refused_destination_behave_as_documented() {
     let s = setup();

@@ -4,4 +4,5 @@ pub mod auth;
 pub mod gate;
 pub mod handshake;
 pub mod server;
+pub mod splice;
 pub mod users;

@@ -36,6 +36,7 @@ use super::{
     auth::{Verdict, Verifier},
     gate::{Refusal, Refusals, SourceGuard, Sources},
     handshake::{reply_bytes, Dest, Event, Handshake},
+    splice::{Carried, Splicer},
     users::Users,
 };
 use crate::{
@@ -227,6 +228,8 @@ pub struct Server {
     datapath: Arc<Datapath>,
     /// Next hops for fast-path flows; `None` when XDP does not relay.
     nexthops: Option<Arc<NextHops>>,
+    /// The CONNECT kernel path's maps (`None`: every CONNECT is spliced by the controller).
+    splicer: Option<Arc<Splicer>>,
     /// Set when handing over to a successor: every task packs up at its next step.
     handing_over: watch::Sender<bool>,
     /// Where the tasks put what they hand over, while handing over.
@@ -339,6 +342,7 @@ impl Server {
         policy: Policy,
         datapath: Arc<Datapath>,
         nexthops: Option<Arc<NextHops>>,
+        splicer: Option<Arc<Splicer>>,
     ) -> anyhow::Result<Arc<Server>> {
         let users = Arc::new(Users::new(cfg.users.clone())?);
         let mut accounts = Accounts {
@@ -376,6 +380,7 @@ impl Server {
             accounts: RwLock::new(accounts),
             datapath,
             nexthops,
+            splicer,
             cfg,
             handing_over: watch::channel(false).0,
             handed: Mutex::new(None),
@@ -491,6 +496,37 @@ impl Server {
         let mut next = descriptors(fds);
         let client: std::net::TcpStream = crate::handover::socket(next()?)?;
         let upstream: std::net::TcpStream = crate::handover::socket(next()?)?;
+        if let Some(carried) = state.kernel {
+            let splicer = self.splicer.clone().ok_or_else(|| {
+                anyhow::anyhow!("a CONNECT carried in the kernel, but its maps are not here")
+            })?;
+            let client = TcpStream::from_std(client)?;
+            let upstream = TcpStream::from_std(upstream)?;
+            let source = self.adopted_source(client.peer_addr()?.ip())?;
+            let acct = self.account(grant.account);
+            acct.active_connections.fetch_add(1, Ordering::Relaxed);
+            let revoked = grant.revoke.subscribe();
+            let server = Arc::clone(self);
+            let guard = TaskGuard::new(&self.tasks);
+            tokio::spawn(async move {
+                let _guard = guard;
+                let _slot = Active(&acct.active_connections);
+                server
+                    .relay_kernel(
+                        &splicer,
+                        client,
+                        upstream,
+                        carried,
+                        &acct,
+                        &grant,
+                        &state.dest,
+                        revoked,
+                    )
+                    .await;
+                drop(source);
+            });
+            return Ok(());
+        }
         let pipes = [
             Pipe {
                 read: next()?,
@@ -984,16 +1020,33 @@ impl Server {
         let _ = upstream.set_nodelay(true);
         keepalive(&upstream);
         let bound = upstream.local_addr().unwrap_or(unbound);
+        // Bytes the client sent after its request go first; then, on the kernel path, both
+        // sockets are added before the reply, so that what the client sends after it is
+        // carried in the kernel from its first byte.
+        if !early.is_empty() && upstream.write_all(&early).await.is_ok() {
+            add(&acct.tcp_bytes[0], early.len() as u64);
+        }
+        let kernel = self.current().cfg.connect_path == crate::config::ConnectPath::Kernel;
+        let splicer = self.splicer.as_ref().filter(|s| kernel && s.enabled());
+        let carried = splicer.and_then(|s| s.start(&client, &upstream));
         if client
             .write_all(&reply_bytes(reply::SUCCEEDED, bound))
             .await
             .is_err()
         {
+            if let (Some(s), Some(c)) = (splicer, carried) {
+                drop((client, upstream));
+                s.end(&c);
+            }
             return;
         }
         add(&acct.connections, 1);
-        if !early.is_empty() && upstream.write_all(&early).await.is_ok() {
-            add(&acct.tcp_bytes[0], early.len() as u64);
+        if let (Some(s), Some(mut c)) = (splicer, carried) {
+            s.link_upstream(&mut c, &client);
+            let dest = dest.to_string();
+            self.relay_kernel(s, client, upstream, c, acct, &grant, &dest, revoked_rx)
+                .await;
+            return;
         }
         // Bytes move with splice(2) through a pipe each way, never through userspace. The
         // pipes are handed over with the sockets, bytes in flight included.
@@ -1056,6 +1109,155 @@ impl Server {
         }
     }
 
+    /// Watches a CONNECT the kernel carries until both directions are done, the connection
+    /// idles out, the user is revoked, or the server hands over (then the sockets and what the
+    /// controller counted go to the successor; the kernel keeps carrying meanwhile).
+    #[allow(clippy::too_many_arguments)]
+    async fn relay_kernel(
+        &self,
+        splicer: &Splicer,
+        client: TcpStream,
+        upstream: TcpStream,
+        carried: Carried,
+        acct: &Account,
+        grant: &Grant,
+        dest: &str,
+        mut revoked_rx: watch::Receiver<bool>,
+    ) {
+        let moved = AtomicU64::new(0);
+        let idle_timeout = self.current().cfg.connect_idle_timeout;
+        let state = Mutex::new(carried);
+        let sockets = [&client, &upstream];
+        let relay = async {
+            tokio::join!(
+                self.kernel_direction(splicer, sockets, 0, &state, acct, &moved, idle_timeout),
+                self.kernel_direction(splicer, sockets, 1, &state, acct, &moved, idle_timeout)
+            )
+        };
+        let tallying = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                tally(splicer, &state, acct, &moved);
+            }
+        };
+        let handed = tokio::select! {
+            (a, b) = relay => a == Direction::Stopped || b == Direction::Stopped,
+            () = tallying => false,
+            () = idle(&moved, idle_timeout) => {
+                debug!("SOCKS5 CONNECT to {dest}: idle; closing");
+                false
+            }
+            () = revoked(&mut revoked_rx) => {
+                debug!("SOCKS5 CONNECT to {dest}: the user was removed or changed; closing");
+                false
+            }
+        };
+        tally(splicer, &state, acct, &moved);
+        let carried = state.into_inner().unwrap_or_else(|e| e.into_inner());
+        if handed {
+            self.ship_kernel(client, upstream, carried, grant, dest);
+        } else {
+            drop((client, upstream));
+            splicer.end(&carried);
+        }
+    }
+
+    /// One direction of a CONNECT the kernel carries (`d`: 0 from the client, 1 from the
+    /// upstream): forwards what the verdict hands to the controller, and at the end waits
+    /// until what the kernel redirected is in the other socket, then shuts its writing half.
+    #[allow(clippy::too_many_arguments)]
+    async fn kernel_direction(
+        &self,
+        splicer: &Splicer,
+        sockets: [&TcpStream; 2],
+        d: usize,
+        state: &Mutex<Carried>,
+        acct: &Account,
+        moved: &AtomicU64,
+        limit: Duration,
+    ) -> Direction {
+        let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+        if lock().done[d] {
+            return Direction::Done;
+        }
+        let (from, to) = (sockets[d], sockets[1 - d]);
+        let mut over = self.handing_over.subscribe();
+        let mut buf = Vec::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = handing_over(&mut over) => return Direction::Stopped,
+                r = from.readable() => if r.is_err() { break },
+            }
+            // Only bytes the verdict passed (rare) come here: the buffer is made on first use.
+            if buf.is_empty() {
+                buf.resize(1 << 16, 0);
+            }
+            let n = match from.try_read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break,
+            };
+            if write_all(to, &buf[..n]).await.is_err() {
+                break;
+            }
+            let (cookie, link) = {
+                let mut c = lock();
+                c.read[d] += n as u64;
+                c.expect[1 - d] += n as u64;
+                let link = relay_common::splice::SpliceLink {
+                    peer: c.cookies[1 - d],
+                    drained: c.read[d],
+                };
+                (c.cookies[d], link)
+            };
+            splicer.link(cookie, link);
+            add(&acct.tcp_bytes[d], n as u64);
+            add(moved, n as u64);
+        }
+        let (want, cookie) = {
+            let c = lock();
+            (c.expect[1 - d], c.cookies[d])
+        };
+        let want = want + splicer.count(cookie).redirected;
+        if !super::splice::flushed(to, want, limit).await {
+            debug!("SOCKS5 CONNECT: bytes the kernel redirected did not leave in {limit:?}");
+        }
+        // SAFETY: shutdown(2) on a socket we hold; it only ends our sending.
+        unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+        lock().done[d] = true;
+        Direction::Done
+    }
+
+    fn ship_kernel(
+        &self,
+        client: TcpStream,
+        upstream: TcpStream,
+        carried: Carried,
+        grant: &Grant,
+        dest: &str,
+    ) {
+        let fds = (|| -> anyhow::Result<Vec<OwnedFd>> {
+            Ok(vec![
+                crate::handover::dup(client.as_fd())?,
+                crate::handover::dup(upstream.as_fd())?,
+            ])
+        })();
+        match fds {
+            Ok(fds) => self.ship(
+                Item::Connect(ConnectState {
+                    user: self.user_of(grant.account),
+                    dest: dest.to_owned(),
+                    pipes: false,
+                    kernel: Some(carried),
+                }),
+                fds,
+            ),
+            Err(e) => warn!("SOCKS5 CONNECT to {dest}: not handed over: {e:#}"),
+        }
+    }
+
     fn ship_connect(
         &self,
         client: TcpStream,
@@ -1081,6 +1283,7 @@ impl Server {
                     user: self.user_of(grant.account),
                     dest: dest.to_owned(),
                     pipes: true,
+                    kernel: None,
                 }),
                 fds,
             ),
@@ -1472,6 +1675,43 @@ impl Drop for Active<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// How one direction of a CONNECT the kernel carries ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    /// Its end reached the other side.
+    Done,
+    /// The server hands over; the successor goes on with it.
+    Stopped,
+}
+
+/// Adds what the kernel redirected since the last look to the user's account and `moved`.
+fn tally(splicer: &Splicer, state: &Mutex<Carried>, acct: &Account, moved: &AtomicU64) {
+    let mut c = state.lock().unwrap_or_else(|e| e.into_inner());
+    for d in 0..2 {
+        let now = splicer.count(c.cookies[d]).redirected;
+        if now > c.accounted[d] {
+            let delta = now - c.accounted[d];
+            c.accounted[d] = now;
+            add(&acct.tcp_bytes[d], delta);
+            add(moved, delta);
+        }
+    }
+}
+
+/// Writes all of `bytes` to a socket shared by reference.
+async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        to.writable().await?;
+        match to.try_write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Resolves once `moved` has not changed for `timeout` (looked at every quarter timeout, so

@@ -1,0 +1,351 @@
+//! SOCKS5 CONNECT bytes carried by the kernel (sockmap): the controller puts both sockets of a
+//! CONNECT in the pinned `SPLICE` sockhash, and the stream verdict of the XDP object sends what
+//! arrives on one out of the other. No byte enters userspace and no system call runs per chunk;
+//! the controller only watches for the end of each direction, counts, and forwards the rare
+//! bytes the verdict hands to it (see `relay_common::splice` for why the order stays exact).
+//!
+//! [`Splicer`] is the one writer of `SPLICE`, `SPLICE_LINKS` and the creation and removal of
+//! `SPLICE_COUNTS` entries (whose counts the verdict alone writes).
+
+use std::{
+    os::fd::{AsRawFd as _, RawFd},
+    sync::Mutex,
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context as _};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    programs::SkSkb,
+    Ebpf,
+};
+use log::{debug, warn};
+use relay_common::{
+    maps,
+    splice::{SpliceCount, SpliceLink, SPLICE_TOTAL_SLOTS},
+};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+
+/// The stream verdict's name in the object.
+const VERDICT: &str = "splice";
+
+/// The kernel path's maps, and whether new CONNECTs may use it.
+pub struct Splicer {
+    sockets: Mutex<SockHash<MapData, u64>>,
+    links: Mutex<HashMap<MapData, u64, SpliceLink>>,
+    counts: Mutex<HashMap<MapData, u64, SpliceCount>>,
+    totals: PerCpuArray<MapData, u64>,
+    /// The verdict is attached: new CONNECTs are carried in the kernel.
+    enabled: bool,
+}
+
+/// What the controller keeps about one CONNECT carried in the kernel (handed over with its
+/// sockets). Index 0 is the client's socket, 1 the upstream's.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// Socket cookies (0: that socket is not in the sockhash; the controller copies what
+    /// arrives on it). A cookie is the kernel's, so it holds in a successor too.
+    pub cookies: [u64; 2],
+    /// Bytes the controller read from each socket (and wrote to the other).
+    pub read: [u64; 2],
+    /// Bytes each socket must have taken into its send queue (as `queued` counts them), the
+    /// peer's redirected bytes not included: what the controller wrote, from a base taken
+    /// before the kernel could send anything out of it.
+    pub expect: [u64; 2],
+    /// Redirected bytes from each socket already added to the user's account.
+    pub accounted: [u64; 2],
+    /// Directions (by source socket) that reached their end and were shut down.
+    pub done: [bool; 2],
+}
+
+impl Splicer {
+    /// Takes the maps from the loaded object; with `attach`, loads the stream verdict and
+    /// attaches it to `SPLICE` (if the kernel refuses, with a warning, CONNECTs are spliced by
+    /// the controller). `fresh`: no relay ran on these maps
+    /// just before (no handover), so every link and count left behind is stale.
+    pub fn take(bpf: &mut Ebpf, attach: bool, fresh: bool) -> anyhow::Result<Splicer> {
+        let take = |bpf: &mut Ebpf, name: &str| {
+            bpf.take_map(name)
+                .ok_or_else(|| anyhow!("the XDP object has no map {name}"))
+        };
+        let sockets: SockHash<MapData, u64> = take(bpf, maps::SPLICE)?.try_into()?;
+        let links: HashMap<MapData, u64, SpliceLink> = take(bpf, maps::SPLICE_LINKS)?.try_into()?;
+        let counts: HashMap<MapData, u64, SpliceCount> =
+            take(bpf, maps::SPLICE_COUNTS)?.try_into()?;
+        let totals: PerCpuArray<MapData, u64> = take(bpf, maps::SPLICE_TOTALS)?.try_into()?;
+        let enabled = attach
+            && match attach_verdict(bpf, &sockets) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!("{e:#}; SOCKS5 CONNECTs are spliced by the controller");
+                    false
+                }
+            };
+        let splicer = Splicer {
+            sockets: Mutex::new(sockets),
+            links: Mutex::new(links),
+            counts: Mutex::new(counts),
+            totals,
+            enabled,
+        };
+        if fresh {
+            splicer.clear();
+        }
+        Ok(splicer)
+    }
+
+    /// Whether new CONNECTs are carried in the kernel.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Drops every link and count (their sockets closed with a controller that did not hand
+    /// them over).
+    fn clear(&self) {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let keys: Vec<u64> = links.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = links.remove(&k);
+        }
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let keys: Vec<u64> = counts.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = counts.remove(&k);
+        }
+    }
+
+    /// Puts a socket in the sockhash, sending what arrives on it out of `peer` (0: to the
+    /// controller). Returns its cookie, or 0 if it could not be added (then nothing changed).
+    fn add(&self, s: &TcpStream, peer: u64) -> u64 {
+        match self.try_add(s, peer) {
+            Ok(cookie) => cookie,
+            Err(e) => {
+                debug!("CONNECT socket not carried in the kernel: {e:#}");
+                0
+            }
+        }
+    }
+
+    fn try_add(&self, s: &TcpStream, peer: u64) -> anyhow::Result<u64> {
+        let cookie = cookie(s.as_raw_fd())?;
+        let fd = s.as_raw_fd();
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cookie, SpliceCount::default(), 0)?;
+        self.link(cookie, SpliceLink { peer, drained: 0 });
+        let added = self
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cookie, fd, 0);
+        if let Err(e) = added {
+            self.forget(cookie);
+            return Err(e.into());
+        }
+        // Bytes that arrived before the socket was added wait in its receive queue until the
+        // next "data ready"; raising it now sends them through the verdict, in order, before
+        // anything newer.
+        kick(fd)?;
+        Ok(cookie)
+    }
+
+    /// Sets where what arrives on `cookie` goes.
+    pub fn link(&self, cookie: u64, link: SpliceLink) {
+        if cookie == 0 {
+            return;
+        }
+        if let Err(e) = self
+            .links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cookie, link, 0)
+        {
+            debug!("CONNECT link {cookie}: {e}");
+        }
+    }
+
+    /// What the verdict counted for `cookie` (zero for a socket it does not carry).
+    pub fn count(&self, cookie: u64) -> SpliceCount {
+        if cookie == 0 {
+            return SpliceCount::default();
+        }
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&cookie, 0)
+            .unwrap_or_default()
+    }
+
+    /// Drops a socket's link and count (its socket is closed, or never made it in).
+    pub fn forget(&self, cookie: u64) {
+        if cookie == 0 {
+            return;
+        }
+        let _ = self
+            .links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&cookie);
+        let _ = self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&cookie);
+    }
+
+    /// Forgets both sockets of a CONNECT that ended (call once they are closed).
+    pub fn end(&self, c: &Carried) {
+        for k in c.cookies {
+            self.forget(k);
+        }
+    }
+
+    /// The verdict's totals over every CPU, by `relay_common::splice` slot.
+    pub fn totals(&self) -> [u64; SPLICE_TOTAL_SLOTS as usize] {
+        let mut out = [0; SPLICE_TOTAL_SLOTS as usize];
+        for (i, o) in out.iter_mut().enumerate() {
+            if let Ok(v) = self.totals.get(&(i as u32), 0) {
+                *o = v.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// Puts a CONNECT on the kernel path: the upstream's socket first, handing what it sends to
+    /// the controller until [`Splicer::link_upstream`] (the client must get the reply first),
+    /// then the client's, linked to the upstream at once. Call after the early bytes went to the
+    /// upstream and before the reply; `None` if neither socket could be added.
+    pub fn start(&self, client: &TcpStream, upstream: &TcpStream) -> Option<Carried> {
+        let up = self.add(upstream, 0);
+        // The base is taken before the client's bytes can be redirected into the upstream.
+        let base = queued(upstream.as_raw_fd()).unwrap_or(0);
+        let cl = self.add(client, up);
+        if up == 0 && cl == 0 {
+            return None;
+        }
+        Some(Carried {
+            cookies: [cl, up],
+            expect: [0, base],
+            ..Carried::default()
+        })
+    }
+
+    /// Once the reply is in the client's socket: what the upstream sends goes to the client
+    /// from now on (after whatever the controller still holds of it).
+    pub fn link_upstream(&self, c: &mut Carried, client: &TcpStream) {
+        c.expect[0] = queued(client.as_raw_fd()).unwrap_or(0);
+        self.link(
+            c.cookies[1],
+            SpliceLink {
+                peer: c.cookies[0],
+                drained: c.read[1],
+            },
+        );
+    }
+}
+
+/// Loads the stream verdict and attaches it to `SPLICE` (replacing a predecessor's).
+fn attach_verdict(bpf: &mut Ebpf, sockets: &SockHash<MapData, u64>) -> anyhow::Result<()> {
+    let prog: &mut SkSkb = bpf
+        .program_mut(VERDICT)
+        .ok_or_else(|| anyhow!("the XDP object has no program {VERDICT}"))?
+        .try_into()?;
+    prog.load().context("loading the CONNECT stream verdict")?;
+    let link = prog
+        .attach(sockets.fd())
+        .context("attaching the CONNECT stream verdict to its sockhash")?;
+    // The attachment lives with the pinned map, not with this process: a successor replaces
+    // it, and sockets keep the verdict they were added with. So the link is never detached.
+    std::mem::forget(prog.take_link(link)?);
+    Ok(())
+}
+
+const SO_COOKIE: libc::c_int = 57;
+
+/// The kernel's cookie of a socket (stable for its life, the key of the sockhash).
+pub fn cookie(fd: RawFd) -> std::io::Result<u64> {
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: SO_COOKIE writes at most `len` bytes into `v`, a u64 we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&raw mut v).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// Sets SO_RCVLOWAT to 1 (its default), which makes TCP signal "data ready" if bytes wait.
+fn kick(fd: RawFd) -> std::io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads one c_int from `one`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bytes a TCP socket has taken into its send queue since it connected (acknowledged plus
+/// still queued), up to a constant: only differences of it mean anything.
+pub fn queued(fd: RawFd) -> std::io::Result<u64> {
+    // SAFETY: `tcp_info` is plain integers; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut outq) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0))
+}
+
+/// Waits until `to` has taken `want` bytes (as [`queued`] counts them) into its send queue, or
+/// for at most `limit`: the bytes the kernel redirected into it are sent by a kernel worker,
+/// and shutting down its writing half before they are in would lose them.
+pub async fn flushed(to: &TcpStream, want: u64, limit: Duration) -> bool {
+    let start = tokio::time::Instant::now();
+    let mut step = Duration::from_micros(200);
+    loop {
+        match queued(to.as_raw_fd()) {
+            Ok(q) if q >= want => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        tokio::time::sleep(step).await;
+        step = (step * 2).min(Duration::from_millis(20));
+    }
+}
