@@ -272,6 +272,21 @@ fn relay_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
     if !tcp_flags_ok(h) {
         return Err(Reason::TcpBadFlags);
     }
+    let carried = carry(ctx, frame, h, &found, Head::Keep);
+    // Only a segment that went on marks the session: one answered with ICMP or dropped is
+    // sent again by its sender.
+    if let Ok(Reason::TcpTooBig | Reason::TcpTtlExpired) | Err(_) = carried {
+        return carried;
+    }
+    note_tcp_state(h, &found);
+    carried
+}
+
+/// Records in the session what a relayed segment says about the connection: the client's
+/// first ACK (the handshake completed), a FIN from either side, a RST (the controller
+/// lingers, then closes).
+#[inline(always)]
+fn note_tcp_state(h: &Headers, found: &Found) {
     if found.direction == TO_UPSTREAM
         && h.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
         && found.s.acked == 0
@@ -302,7 +317,6 @@ fn relay_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
             let _ = EVENTS.output::<Event>(&event, 0);
         }
     }
-    carry(ctx, frame, h, &found, Head::Keep)
 }
 
 /// The first packet of a flow (a TCP SYN, a UDP datagram) addressed to a rule the kernel

@@ -496,6 +496,11 @@ fn tcp_table() -> Vec<Fixture> {
             Some(1500),
         ),
         icmp_answer(
+            "TCP a FIN too big (IPv6): ICMPv6 packet too big, and the session is not closing",
+            seg(TCP6_CLIENT, TCP6_FRONT, FIN | ACK, &[0x44; 1441]),
+            Some(1500),
+        ),
+        icmp_answer(
             "TCP hop limit 1 (IPv6): ICMPv6 time exceeded",
             seg(TCP6_UPSTREAM, &back6, ACK, b"late").hop_limit(1),
             None,
@@ -1185,6 +1190,15 @@ fn run_fixtures() -> Vec<String> {
              kernel-opened TCP session of rule 1 whose client completed the handshake and sent \
              FIN, and whose upstream reset",
             s.proto, s.origin, s.fin, s.rst, s.acked, s.rule
+        ));
+    }
+    // A FIN the relay answered with ICMP instead of relaying it (the client sends it again,
+    // smaller) does not start the session's closing.
+    let s6 = dp.session(13).expect("session");
+    if (s6.fin, s6.rst) != ([0, 0], 0) {
+        failures.push(format!(
+            "TCP session 13: fin {:?} rst {}, want neither: no FIN or RST was relayed",
+            s6.fin, s6.rst
         ));
     }
     // The rate rule's session saw only its SYN (and no answer): half-open.
