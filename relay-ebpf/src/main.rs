@@ -284,9 +284,25 @@ fn relay_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
 
 /// Records in the session what a relayed segment says about the connection: the client's
 /// first ACK (the handshake completed), a FIN from either side, a RST (the controller
-/// lingers, then closes).
+/// lingers, then closes), a new SYN from the client while it lingers (it reopens).
 #[inline(always)]
 fn note_tcp_state(h: &Headers, found: &Found) {
+    let s = found.s;
+    if found.direction == TO_UPSTREAM
+        && h.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && (s.fin[0] | s.fin[1] | s.rst) != 0
+    {
+        // A new connection on the same addresses and ports while the old one lingers (as
+        // conntrack reopens such an entry): the session starts over, unanswered; the
+        // controller, finding it no longer closing when the linger ends, keeps it.
+        // SAFETY: `found.ptr` points into the SESSIONS array value; one-byte stores.
+        unsafe {
+            (*found.ptr).fin = [0, 0];
+            (*found.ptr).rst = 0;
+            (*found.ptr).acked = 0;
+        }
+        return;
+    }
     if found.direction == TO_UPSTREAM
         && h.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
         && found.s.acked == 0

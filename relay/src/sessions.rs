@@ -340,6 +340,23 @@ impl Table {
         }
     }
 
+    /// Closing TCP session `id` carries a new connection: it is no longer closing, and is
+    /// unanswered (evictable, ended by `unanswered_timeout`) until that connection's
+    /// handshake completes.
+    fn reopen(&mut self, id: u32, now: u64) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        self.closing.remove(&(e.closing, id));
+        e.closing = 0;
+        if !e.answered {
+            self.unanswered.remove(&(e.opened, id));
+        }
+        e.answered = false;
+        (e.opened, e.last_seen, e.checked) = (now, now, now);
+        self.unanswered.insert((now, id));
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -586,12 +603,21 @@ impl Table {
         let mut out = Expiry::default();
         let mut answered = Vec::new();
         let mut closing = Vec::new();
-        // Closing TCP sessions whose linger is over.
+        // Closing TCP sessions whose linger is over; one the kernel found reopened (a new SYN
+        // on the same addresses and ports) lives on.
+        let mut reopened = Vec::new();
         for &(since, id) in &self.closing {
             if now.saturating_sub(since) <= self.linger {
                 break;
             }
-            out.closed.push(id);
+            if observe(id).closing {
+                out.closed.push(id);
+            } else {
+                reopened.push(id);
+            }
+        }
+        for id in reopened {
+            self.reopen(id, now);
         }
         for e in self.entries.values_mut() {
             if e.closing != 0 {
@@ -1110,5 +1136,32 @@ mod tests {
             t.expired(81 * SEC + linger, rules, closing).closed,
             vec![b.id]
         );
+    }
+
+    #[test]
+    fn a_closing_session_the_kernel_reopened_lives_on_as_a_new_connection() {
+        let mut t = table(8, (20000, 20009));
+        let a = t
+            .open(0, limits(100), client(1), true, 0, answered)
+            .map(|o| o.entry)
+            .unwrap();
+        let rules = |_| {
+            let mut l = limits(100);
+            l.unanswered_timeout = Duration::from_secs(5);
+            Some(l)
+        };
+        t.set_closing(a.id, 10 * SEC);
+        let linger = crate::config::TCP_LINGER.as_nanos() as u64;
+        // A new SYN cleared the kernel's marks before the linger ended.
+        let reopened = |_| Observed::default();
+        let end = 10 * SEC + linger + 1;
+        assert_eq!(t.expired(end, rules, reopened), Expiry::default(), "kept");
+        assert_eq!(
+            t.get(a.id).map(|e| (e.closing, e.answered)),
+            Some((0, false))
+        );
+        // Its new connection is never answered: it ends after the unanswered timeout.
+        let out = t.expired(end + 6 * SEC, rules, reopened);
+        assert_eq!((out.closed, out.unanswered), (vec![a.id], vec![a.id]));
     }
 }

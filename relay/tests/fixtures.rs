@@ -562,6 +562,18 @@ fn tcp_table() -> Vec<Fixture> {
             &with_port(TCP_BACK_IP, POOL[3].1),
             TCP_UPSTREAM,
         ),
+        up(
+            "TCP RST from the client",
+            seg("198.18.1.3:50010", TCP_ALLOW_FRONT, RST | ACK, b""),
+            &with_port(TCP_BACK_IP, POOL[3].1),
+            TCP_UPSTREAM,
+        ),
+        up(
+            "TCP a new SYN on the same addresses and ports while the session lingers: it reopens",
+            seg("198.18.1.3:50010", TCP_ALLOW_FRONT, SYN, b""),
+            &with_port(TCP_BACK_IP, POOL[3].1),
+            TCP_UPSTREAM,
+        ),
         pass(
             "TCP SYN with the pool empty: to the controller's listener",
             seg("198.18.1.2:50011", TCP_FRONT, SYN, b"").build(),
@@ -1199,6 +1211,15 @@ fn run_fixtures() -> Vec<String> {
         failures.push(format!(
             "TCP session 13: fin {:?} rst {}, want neither: no FIN or RST was relayed",
             s6.fin, s6.rst
+        ));
+    }
+    // The allow-list rule's session was reset, then reopened by a new SYN: it no longer
+    // closes, and counts as unanswered again.
+    let again = dp.session(POOL[3].0).expect("session");
+    if (again.fin, again.rst, again.acked) != ([0, 0], 0, 0) {
+        failures.push(format!(
+            "TCP session {}: fin {:?} rst {} acked {}, want a reopened session (none set)",
+            POOL[3].0, again.fin, again.rst, again.acked
         ));
     }
     // The rate rule's session saw only its SYN (and no answer): half-open.

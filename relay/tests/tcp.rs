@@ -520,6 +520,47 @@ fn an_idle_connection_outlives_the_unanswered_timeout_and_survives_a_restart() {
     }
 }
 
+/// A client that reconnects from the same address and port right after its connection was
+/// reset (while the session lingers) gets a working connection that outlives the linger: the
+/// kernel reopens the session instead of the controller closing it under the new connection.
+#[test]
+fn a_connection_reusing_the_ports_of_one_just_reset_outlives_the_linger() {
+    let rt = runtime();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    echo_servers(&rt, &t);
+    let config = ConfigFile::new(SHORT_TIMEOUTS);
+    let _relay = Relay::with_config(&t.relay, &pin, &config);
+    let from: SocketAddr = "198.18.1.2:46000".parse().unwrap();
+    let bound = || {
+        let s = t.client.run(move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            s.set_reuse_address(true).expect("SO_REUSEADDR");
+            s.bind(&from.into()).expect("bind the client's port");
+            s.set_nonblocking(true).expect("non-blocking");
+            std::net::TcpStream::from(s)
+        });
+        rt.block_on(TcpSocket::from_std_stream(s).connect(V4.parse().unwrap()))
+            .expect("connect")
+    };
+    let mut first = bound();
+    ping(&rt, &mut first, b"the first connection");
+    first.set_zero_linger().expect("SO_LINGER 0");
+    drop(first);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut second = bound();
+    ping(&rt, &mut second, b"the second, on the same ports");
+    // Past the 10 s linger the reset started.
+    std::thread::sleep(LINGER + Duration::from_secs(3));
+    ping(&rt, &mut second, b"after the linger");
+    let s = stats(&t.relay, "cli0", &pin);
+    assert_eq!(rule(&s, "tcp")["sessions"], 1, "{s}");
+}
+
+/// How long a closed TCP session lingers.
+const LINGER: Duration = relay::config::TCP_LINGER;
+
 #[test]
 fn a_smaller_route_mtu_is_found_by_path_mtu_discovery() {
     let rt = runtime();
