@@ -73,7 +73,9 @@ pub fn reply<F: FrameMut + ?Sized>(
     h: &Headers,
     kind: IcmpError,
 ) -> Result<(), Reason> {
-    if h.l3 != 14 {
+    // The quote is the IP header and 8 bytes of TCP where they lie: an IPv4 header with
+    // options is not built here.
+    if h.l3 != 14 || (h.family == FAMILY_V4 && h.l4 != 14 + 20) {
         return Err(Reason::TcpUncarried);
     }
     let v4 = h.family == FAMILY_V4;

@@ -175,9 +175,31 @@ pub fn ipv4_header_ok<P: Packet + ?Sized>(pkt: &P, h: &Headers) -> bool {
     if h.family != FAMILY_V4 {
         return true;
     }
-    pkt.read::<Ipv4Hdr>(h.l3 as usize)
-        .is_some_and(|ip| ipv4_header_sum(&ip) == 0xffff)
+    let Some(ip) = pkt.read::<Ipv4Hdr>(h.l3 as usize) else {
+        return false;
+    };
+    let ihl = (h.l4 - h.l3) as usize;
+    if ihl == Ipv4Hdr::LEN {
+        return ipv4_header_sum(&ip) == 0xffff;
+    }
+    // Options (TCP only): their words count too.
+    let mut sum = u32::from(ipv4_header_sum(&ip));
+    for i in 0..MAX_OPTION_WORDS {
+        let at = Ipv4Hdr::LEN + 4 * i;
+        if at >= ihl {
+            break;
+        }
+        let Some(w) = pkt.read::<[u8; 4]>(h.l3 as usize + at) else {
+            return false;
+        };
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]))
+            + u32::from(u16::from_be_bytes([w[2], w[3]]));
+    }
+    crate::checksum::fold(sum) == 0xffff
 }
+
+/// IPv4 options are at most 40 bytes.
+const MAX_OPTION_WORDS: usize = 10;
 
 /// IPv6 next-header values that are extension headers, not transports.
 #[inline(always)]
@@ -236,7 +258,9 @@ pub fn parse<P: Packet + ?Sized>(pkt: &P) -> Result<Headers, Reason> {
         if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
             return Err(Reason::Ipv4Fragment);
         }
-        if ihl > Ipv4Hdr::LEN {
+        // Options are carried untouched for TCP (a session's segment the host would answer
+        // with a reset); a UDP datagram with options goes to the controller's sockets.
+        if ihl > Ipv4Hdr::LEN && ip.proto != PROTO_TCP {
             return Err(Reason::Ipv4Options);
         }
         h.family = FAMILY_V4;
@@ -422,11 +446,28 @@ mod tests {
     }
 
     #[test]
-    fn ihl_is_honoured_and_options_are_declined() {
+    fn ihl_is_honoured_and_options_are_declined_for_udp_only() {
         let f = Frame::udp(sa("10.0.0.1:1"), sa("10.0.0.2:2"), b"o")
             .ipv4_options(&[1, 1, 1, 1])
             .build();
         assert_eq!(parse(&f[..]), Err(Reason::Ipv4Options));
+        // TCP: parsed past the options, which the header checksum covers.
+        let options = [7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let f = Frame::tcp(sa("10.0.0.1:1"), sa("10.0.0.2:2"), 0x18, b"data")
+            .ipv4_options(&options)
+            .build();
+        let h = parse(&f[..]).unwrap();
+        assert_eq!((h.l3, h.l4, h.src_port, h.dst_port), (14, 14 + 32, 1, 2));
+        assert_eq!(h.tcp_flags, 0x18);
+        assert!(ipv4_header_ok(&f[..], &h));
+        for at in [14 + 22, 14 + 30] {
+            let mut bad = f.clone();
+            bad[at] ^= 0x40;
+            assert!(
+                !ipv4_header_ok(&bad[..], &parse(&bad[..]).unwrap()),
+                "a changed option byte at {at} breaks the checksum"
+            );
+        }
     }
 
     #[test]

@@ -631,6 +631,19 @@ mod tests {
                 );
             }
         }
+        // IPv4 options (record route, a timestamp) are carried untouched.
+        for ip_options in [
+            &[7, 7, 4, 0, 0, 0, 0][..],
+            &[68, 12, 5, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+        ] {
+            check(
+                Frame::tcp(sa("198.18.1.2:40000"), sa("198.18.1.1:443"), 0x18, b"opts")
+                    .ipv4_options(ip_options)
+                    .tcp_options(&options),
+                "198.18.2.1:61000",
+                "198.18.2.2:443",
+            );
+        }
     }
 
     #[test]

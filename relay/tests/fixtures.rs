@@ -411,6 +411,39 @@ fn tcp_table() -> Vec<Fixture> {
             TCP_CLIENT,
         )
         .of(12, 1),
+        up(
+            "TCP data with IPv4 options from the client: carried, options untouched",
+            seg(TCP_CLIENT, TCP_FRONT, ACK | PSH, b"with options").ipv4_options(&[7, 7, 4]),
+            &back,
+            TCP_UPSTREAM,
+        )
+        .of(12, 0),
+        down(
+            "TCP data with IPv4 options from the upstream",
+            seg(TCP_UPSTREAM, &back, ACK, &[0x11; 333]).ipv4_options(&[68, 8, 5, 0, 1, 2, 3, 4]),
+            TCP_FRONT,
+            TCP_CLIENT,
+        )
+        .of(12, 1),
+        dropped(
+            "TCP IPv4 options and a wrong header checksum",
+            {
+                let mut f = seg(TCP_CLIENT, TCP_FRONT, ACK, b"x")
+                    .ipv4_options(&[7, 7, 4])
+                    .build();
+                f[14 + 22] ^= 1;
+                f
+            },
+            Reason::TcpUncarried,
+        ),
+        dropped(
+            "TCP IPv4 options and TTL 1: dropped, no ICMP quoting options is built",
+            seg(TCP_CLIENT, TCP_FRONT, ACK, b"late")
+                .ipv4_options(&[7, 7, 4])
+                .hop_limit(1)
+                .build(),
+            Reason::TcpUncarried,
+        ),
         pass(
             "TCP a stranger's segment to a session's relay port",
             seg("198.18.2.3:8443", &back, ACK, b"x").build(),
