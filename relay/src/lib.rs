@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod ebpf;
 pub mod forward;
 pub mod handover;
+pub mod idle;
 pub mod nexthop;
 pub mod pin;
 pub mod policy;

@@ -464,6 +464,38 @@ fn userspace_fallback_relays_tcp_rules() {
     }
 }
 
+/// The userspace path (`--xdp-mode off`) ends a connection idle for the rule's idle_timeout,
+/// as the kernel's session ends, and keeps one that talks.
+#[test]
+fn the_userspace_path_ends_idle_connections_and_keeps_talking_ones() {
+    let rt = runtime();
+    let t = Topology::new();
+    let pin = PinDir::new();
+    echo_servers(&rt, &t);
+    let config = ConfigFile::new(&SHORT_TIMEOUTS.replace("\"60s\"", "\"10s\""));
+    let mut args = support::config_args(&pin, &config);
+    args.extend(["--xdp-mode", "off"]);
+    let _relay = Relay::start(&t.relay, &args);
+    let mut quiet = connect(&rt, &t, V4.parse().unwrap());
+    let mut talking = connect(&rt, &t, V4.parse().unwrap());
+    ping(&rt, &mut quiet, b"once");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(14) {
+        ping(&rt, &mut talking, b"still here");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let ended = rt.block_on(async {
+        let mut b = [0u8; 16];
+        let _ = quiet.write_all(b"anyone?").await;
+        tokio::time::timeout(Duration::from_secs(3), quiet.read(&mut b)).await
+    });
+    assert!(
+        matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle connection was ended: {ended:?}"
+    );
+    ping(&rt, &mut talking, b"and on");
+}
+
 #[test]
 fn an_idle_connection_outlives_the_unanswered_timeout_and_survives_a_restart() {
     let rt = runtime();

@@ -3,8 +3,9 @@
 //! unresolved, the event ring full) and every connection without XDP (`--xdp-mode off`, or
 //! an upstream no attached interface reaches). Each is accepted, checked against the rule
 //! (allow list, `max_sessions`, `max_sessions_per_source`), connected to the upstream within
-//! the rule's `unanswered_timeout` and copied both ways, half-closes included; its bytes
-//! count in the rule's totals when it ends.
+//! the rule's `unanswered_timeout` and copied both ways, half-closes included, until both
+//! sides closed or nothing moved for the rule's `idle_timeout` (then both are reset, as the
+//! kernel's session would end); its bytes count in the rule's totals when it ends.
 
 use std::{
     collections::HashMap,
@@ -13,11 +14,19 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use std::{sync::atomic::AtomicU64, time::Duration};
+
 use log::{debug, warn};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+};
 
 use super::rules::Rule;
-use crate::datapath::Datapath;
+use crate::{
+    datapath::Datapath,
+    idle::{idle, Counted},
+};
 
 /// A listening TCP socket for a rule (address reuse, so that a restart can bind at once).
 pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -137,7 +146,8 @@ pub async fn serve(
             }
         };
         let upstream = rule.current().upstream;
-        let timeout = rule.limits().unanswered_timeout;
+        let limits = rule.limits();
+        let timeouts = (limits.unanswered_timeout, limits.idle_timeout);
         let (index, name) = (rule.index, rule.name());
         // The limits are checked here, before the connection costs a task.
         let held = match proxied.hold(rule, peer) {
@@ -157,7 +167,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let _held = held;
             let _ = datapath.update_rule(index, |r| r.opened += 1);
-            let bytes = relay(client, upstream, timeout).await;
+            let bytes = relay(client, upstream, timeouts).await;
             let (up, down) = match &bytes {
                 Ok(b) => *b,
                 Err((b, e)) => {
@@ -177,12 +187,13 @@ pub async fn serve(
     }
 }
 
-/// Connects to `upstream` and copies both ways until both sides have closed; returns the
-/// bytes carried each way.
+/// Connects to `upstream` within the first of `timeouts` and copies both ways until both
+/// sides have closed, or nothing moved either way for the second (the rule's idle timeout);
+/// returns the bytes carried each way.
 async fn relay(
     mut client: TcpStream,
     upstream: SocketAddr,
-    timeout: std::time::Duration,
+    (timeout, idle_timeout): (Duration, Duration),
 ) -> Result<(u64, u64), ((u64, u64), io::Error)> {
     let mut server = match tokio::time::timeout(timeout, TcpStream::connect(upstream)).await {
         Ok(Ok(s)) => s,
@@ -196,10 +207,41 @@ async fn relay(
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    let r = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    let moved = AtomicU64::new(0);
+    let r = {
+        let (cr, mut cw) = client.split();
+        let (sr, mut sw) = server.split();
+        let mut cr = Counted {
+            inner: cr,
+            moved: &moved,
+        };
+        let mut sr = Counted {
+            inner: sr,
+            moved: &moved,
+        };
+        // Each direction ends by shutting the other side's writing half: a half-close passes.
+        let up = async {
+            let n = tokio::io::copy(&mut cr, &mut sw).await?;
+            sw.shutdown().await?;
+            Ok::<u64, io::Error>(n)
+        };
+        let down = async {
+            let n = tokio::io::copy(&mut sr, &mut cw).await?;
+            cw.shutdown().await?;
+            Ok::<u64, io::Error>(n)
+        };
+        tokio::select! {
+            r = async { tokio::try_join!(up, down) } => r,
+            () = idle(&moved, idle_timeout) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "idle for longer than the rule's idle_timeout",
+            )),
+        }
+    };
     if r.is_err() {
         // A reset (or another error) on one side resets the other, as the relay in the
-        // kernel passes a RST on: closing normally would tell it "end of data".
+        // kernel passes a RST on: closing normally would tell it "end of data". An idle
+        // connection ends the same way, as the kernel's session would (its flows removed).
         let _ = client.set_zero_linger();
         let _ = server.set_zero_linger();
     }

@@ -43,6 +43,7 @@ use crate::{
     config::Socks5Config,
     datapath::{Datapath, Endpoints},
     handover::{AssociateState, ConnectState, Item},
+    idle::idle,
     nexthop::{Hops, NextHops},
     policy::Policy,
     sessions::PortPool,
@@ -1712,23 +1713,6 @@ async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Resolves once `moved` has not changed for `timeout` (looked at every quarter timeout, so
-/// 1 to 1.25 timeouts after the last byte).
-async fn idle(moved: &AtomicU64, timeout: Duration) {
-    let step = timeout / 4;
-    let mut seen = moved.load(Ordering::Relaxed);
-    let mut since = Instant::now();
-    loop {
-        tokio::time::sleep(step).await;
-        let now = moved.load(Ordering::Relaxed);
-        if now != seen {
-            (seen, since) = (now, Instant::now());
-        } else if since.elapsed() >= timeout {
-            return;
-        }
-    }
 }
 
 impl Account {
