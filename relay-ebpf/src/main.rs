@@ -149,6 +149,11 @@ static SPLICE_COUNTS: HashMap<u64, SpliceCount> = HashMap::pinned(SPLICE_SOCKETS
 #[map]
 static SPLICE_TOTALS: PerCpuArray<u64> = PerCpuArray::pinned(SPLICE_TOTAL_SLOTS, 0);
 
+/// CONNECTs the controller closed because a side fell too far behind what the kernel
+/// redirected to it (the controller's).
+#[map]
+static SPLICE_CUT: Array<u64> = Array::pinned(1, 0);
+
 /// Interfaces a frame may be redirected to (ifindex -> ifindex).
 #[map]
 static EGRESS: DevMapHash = DevMapHash::with_max_entries(64, 0);

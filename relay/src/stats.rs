@@ -129,6 +129,12 @@ impl Snapshot {
                     .context("SPLICE_TOTALS is not a per-CPU array")?;
             s.connect_kernel = read_splice(&totals)?;
         }
+        if let Ok(data) = MapData::from_pin(pin_dir.join(maps::SPLICE_CUT)) {
+            let cut: aya::maps::Array<MapData, u64> = aya::maps::Array::try_from(Map::Array(data))
+                .context("SPLICE_CUT is not an array")?;
+            s.connect_kernel
+                .insert("closed_behind", cut.get(&0, 0).unwrap_or(0));
+        }
         Ok(s)
     }
 

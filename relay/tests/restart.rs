@@ -39,7 +39,7 @@ fn config() -> ConfigFile {
          allow_private_upstream = true\n\
          [[forward]]\nname = \"tcp\"\nprotocol = \"tcp\"\nlisten = \"{TCP_FRONT}\"\nupstream = \"{TCP_ECHO}\"\n\
          allow_private_upstream = true\n\
-         [socks5]\nlisten = \"{PROXY}\"\n\
+         [socks5]\nlisten = \"{PROXY}\"\nconnect_path = \"kernel\"\n\
          [[socks5.users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n\
          [policy]\nallow = [\"198.18.2.0/24\"]\n"
     ))

@@ -54,6 +54,14 @@ fn setup() -> Setup {
     setup_with_udp_idle("30s")
 }
 
+/// [`setup`] with CONNECT bytes carried in the kernel.
+fn setup_kernel() -> Setup {
+    setup_with(
+        "udp_idle_timeout = \"30s\"\nconnect_path = \"kernel\"\n",
+        "max_associations = 2\n",
+    )
+}
+
 fn setup_with_udp_idle(udp_idle: &str) -> Setup {
     setup_with(
         &format!("udp_idle_timeout = \"{udp_idle}\"\n"),
@@ -195,7 +203,7 @@ fn curl_fetches_a_page_with_a_username_and_password() {
 /// redirects) while the controller handled almost nothing, with the user's account exact.
 #[test]
 fn curl_and_a_large_download_are_carried_in_the_kernel() {
-    let s = setup();
+    let s = setup_kernel();
     let big: Vec<u8> = (0..32u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
@@ -249,12 +257,106 @@ fn curl_and_a_large_download_are_carried_in_the_kernel() {
     assert_eq!(alice["active_connections"], 0, "{alice}");
 }
 
+/// A destination that writes as fast as it can to a CONNECT (port 7002 of the upstream), once
+/// it has read one byte; the count of bytes it wrote, and a channel that says when its
+/// writing failed.
+fn firehose(
+    s: &Setup,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    std::sync::mpsc::Receiver<()>,
+    thread::JoinHandle<()>,
+) {
+    let listener =
+        s.t.upstream
+            .run(|| std::net::TcpListener::bind("198.18.2.2:7002").unwrap());
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = std::sync::Arc::clone(&written);
+    let (ended, end) = std::sync::mpsc::channel();
+    let server = thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut go = [0u8; 1];
+        c.read_exact(&mut go).unwrap();
+        let chunk = [0x77u8; 65536];
+        while c.write_all(&chunk).is_ok() {
+            count.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            if count.load(std::sync::atomic::Ordering::Relaxed) >= 128 << 20 {
+                break;
+            }
+        }
+        let _ = ended.send(());
+    });
+    (written, end, server)
+}
+
+/// Asks the firehose to start, then reads 100 KB every 100 ms for 3 s (1 MB/s); the bytes
+/// read, or the error that ended it.
+fn read_slowly(c: &mut TcpStream) -> Result<u64, std::io::Error> {
+    c.write_all(b"g")?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 100_000];
+    let mut read = 0u64;
+    for _ in 0..30 {
+        c.read_exact(&mut buf)?;
+        read += buf.len() as u64;
+        thread::sleep(Duration::from_millis(100));
+    }
+    Ok(read)
+}
+
+/// A client that reads slowly holds back the destination (the default `splice` path: TCP's
+/// flow control): the bytes waiting in the relay stay bounded by the sockets' buffers, not the
+/// size of the transfer. And a client that goes away with bytes unread (its kernel resets the
+/// connection) ends the destination's side too.
+#[test]
+fn a_slow_reader_holds_back_the_sender() {
+    let s = setup();
+    let (written, end, server) = firehose(&s);
+    let (mut c, reply) = raw_request(&s.t.client, connect_request([198, 18, 2, 2], 7002));
+    assert_eq!(reply.get(..2), Some(&[5, 0][..]), "{reply:?}");
+    let read = read_slowly(&mut c).expect("the slow reader's share");
+    let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        sent < read + (32 << 20),
+        "the destination wrote {sent} bytes while the client read {read}: the relay buffered \
+         the difference"
+    );
+    drop(c);
+    assert!(
+        end.recv_timeout(Duration::from_secs(3)).is_ok(),
+        "the destination's connection ended with the client's"
+    );
+    server.join().unwrap();
+}
+
+/// On the kernel path the kernel does not hold the destination back for a slow client (what
+/// the verdict redirects waits in an unbounded queue): the controller closes the CONNECT once
+/// the client falls 16 MiB behind (looked at four times a second), counts it, and resets both
+/// sides, so the destination's writing fails too.
+#[test]
+fn the_kernel_path_closes_a_connect_whose_client_falls_far_behind() {
+    let s = setup_kernel();
+    let (_, end, server) = firehose(&s);
+    let (mut c, reply) = raw_request(&s.t.client, connect_request([198, 18, 2, 2], 7002));
+    assert_eq!(reply.get(..2), Some(&[5, 0][..]), "{reply:?}");
+    let ended = read_slowly(&mut c);
+    assert!(
+        end.recv_timeout(Duration::from_secs(3)).is_ok(),
+        "the destination's connection was closed: {}",
+        stats(&s.t.relay, "cli0", &s.pin)["connect_kernel"]
+    );
+    assert!(ended.is_err(), "the client's connection was closed too");
+    server.join().unwrap();
+    let st = stats(&s.t.relay, "cli0", &s.pin);
+    assert_eq!(st["connect_kernel"]["closed_behind"], 1, "{st}");
+}
+
 /// A destination that speaks first (SSH, SMTP) sends its banner and more before the reply
 /// reaches the client: those bytes wait for the controller, reach the client after the reply
 /// and before anything the kernel carries later, every byte in order, counted exactly.
 #[test]
 fn a_destination_that_speaks_first_is_heard_in_order() {
-    let s = setup();
+    let s = setup_kernel();
     let listener =
         s.t.upstream
             .run(|| std::net::TcpListener::bind("198.18.2.2:7001").unwrap());

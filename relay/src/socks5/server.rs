@@ -1043,7 +1043,7 @@ impl Server {
         }
         add(&acct.connections, 1);
         if let (Some(s), Some(mut c)) = (splicer, carried) {
-            s.link_upstream(&mut c, &client);
+            s.link_upstream(&mut c, &client, &upstream);
             let dest = dest.to_string();
             self.relay_kernel(s, client, upstream, c, acct, &grant, &dest, revoked_rx)
                 .await;
@@ -1135,15 +1135,45 @@ impl Server {
                 self.kernel_direction(splicer, sockets, 1, &state, acct, &moved, idle_timeout)
             )
         };
+        // Every quarter second: the kernel's counts into the account, and a look for a side
+        // that reset (the controller neither reads nor writes the sockets the kernel carries,
+        // so it would not see one otherwise, and the kernel would take the other side's bytes
+        // for nothing).
+        // And a side that fell too far behind: the kernel queues what it redirects without a
+        // limit, so a client reading slowly would make the relay hold the whole download.
         let tallying = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 tally(splicer, &state, acct, &moved);
+                if sockets.iter().any(|s| super::splice::reset(s.as_raw_fd())) {
+                    debug!("SOCKS5 CONNECT to {dest}: one side reset; resetting the other");
+                    return;
+                }
+                let c = *state.lock().unwrap_or_else(|e| e.into_inner());
+                let behind = [0, 1].map(|d| {
+                    splicer.behind(sockets[d], c.expect[d], c.cookies[1 - d], c.read[1 - d])
+                });
+                if behind
+                    .iter()
+                    .any(|b| *b > crate::config::CONNECT_KERNEL_BACKLOG)
+                {
+                    info!(
+                        "SOCKS5 CONNECT to {dest}: closed, a side fell {} MiB behind what the \
+                         kernel relays to it (connect_path = \"splice\" holds a fast side back instead)",
+                        behind.iter().max().copied().unwrap_or(0) >> 20
+                    );
+                    splicer.count_cut();
+                    return;
+                }
             }
         };
         let handed = tokio::select! {
             (a, b) = relay => a == Direction::Stopped || b == Direction::Stopped,
-            () = tallying => false,
+            () = tallying => {
+                let _ = client.set_zero_linger();
+                let _ = upstream.set_zero_linger();
+                false
+            }
             () = idle(&moved, idle_timeout) => {
                 debug!("SOCKS5 CONNECT to {dest}: idle; closing");
                 false

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::SkSkb,
     Ebpf,
 };
@@ -36,6 +36,8 @@ pub struct Splicer {
     links: Mutex<HashMap<MapData, u64, SpliceLink>>,
     counts: Mutex<HashMap<MapData, u64, SpliceCount>>,
     totals: PerCpuArray<MapData, u64>,
+    /// CONNECTs closed because a side fell too far behind (`SPLICE_CUT`, slot 0).
+    cut: Mutex<Array<MapData, u64>>,
     /// The verdict is attached: new CONNECTs are carried in the kernel.
     enabled: bool,
 }
@@ -74,6 +76,7 @@ impl Splicer {
         let counts: HashMap<MapData, u64, SpliceCount> =
             take(bpf, maps::SPLICE_COUNTS)?.try_into()?;
         let totals: PerCpuArray<MapData, u64> = take(bpf, maps::SPLICE_TOTALS)?.try_into()?;
+        let cut: Array<MapData, u64> = take(bpf, maps::SPLICE_CUT)?.try_into()?;
         let enabled = attach
             && match attach_verdict(bpf, &sockets) {
                 Ok(()) => true,
@@ -87,6 +90,7 @@ impl Splicer {
             links: Mutex::new(links),
             counts: Mutex::new(counts),
             totals,
+            cut: Mutex::new(cut),
             enabled,
         };
         if fresh {
@@ -202,6 +206,25 @@ impl Splicer {
         }
     }
 
+    /// Counts a CONNECT closed because a side fell too far behind.
+    pub fn count_cut(&self) {
+        let mut cut = self.cut.lock().unwrap_or_else(|e| e.into_inner());
+        let n = cut.get(&0, 0).unwrap_or(0);
+        let _ = cut.set(0, n + 1, 0);
+    }
+
+    /// How far behind socket `to` is: bytes taken from socket `from` (cookie) that are not in
+    /// `to`'s send queue yet. Those the verdict redirected wait in the kernel's queue for `to`
+    /// (`expect`: the controller's writes into `to`, from its base); those it passed wait for
+    /// the controller (`read`: what it has read of them). Neither queue is bounded by the
+    /// kernel, and taking bytes from `from` keeps its receive window open.
+    pub fn behind(&self, to: &TcpStream, expect: u64, from: u64, read: u64) -> u64 {
+        let c = self.count(from);
+        let want = expect + c.redirected;
+        let redirected = want.saturating_sub(queued(to.as_raw_fd()).unwrap_or(want));
+        redirected + c.passed.saturating_sub(read)
+    }
+
     /// The verdict's totals over every CPU, by `relay_common::splice` slot.
     pub fn totals(&self) -> [u64; SPLICE_TOTAL_SLOTS as usize] {
         let mut out = [0; SPLICE_TOTAL_SLOTS as usize];
@@ -219,6 +242,12 @@ impl Splicer {
     /// upstream and before the reply; `None` if neither socket could be added.
     pub fn start(&self, client: &TcpStream, upstream: &TcpStream) -> Option<Carried> {
         let up = self.add(upstream, 0);
+        if up != 0 {
+            // Until it is linked, what the upstream sends waits in its receive queue rather
+            // than going to the controller (TCP signals "data ready" only past the low-water
+            // mark, which the kernel caps at half the buffer); linking lowers it again.
+            let _ = set_rcvlowat(upstream.as_raw_fd(), libc::c_int::MAX);
+        }
         // The base is taken before the client's bytes can be redirected into the upstream.
         let base = queued(upstream.as_raw_fd()).unwrap_or(0);
         let cl = self.add(client, up);
@@ -234,7 +263,7 @@ impl Splicer {
 
     /// Once the reply is in the client's socket: what the upstream sends goes to the client
     /// from now on (after whatever the controller still holds of it).
-    pub fn link_upstream(&self, c: &mut Carried, client: &TcpStream) {
+    pub fn link_upstream(&self, c: &mut Carried, client: &TcpStream, upstream: &TcpStream) {
         c.expect[0] = queued(client.as_raw_fd()).unwrap_or(0);
         self.link(
             c.cookies[1],
@@ -243,6 +272,10 @@ impl Splicer {
                 drained: c.read[1],
             },
         );
+        // What arrived since `start` goes through the verdict now, after the reply.
+        if c.cookies[1] != 0 {
+            let _ = kick(upstream.as_raw_fd());
+        }
     }
 }
 
@@ -286,14 +319,17 @@ pub fn cookie(fd: RawFd) -> std::io::Result<u64> {
 
 /// Sets SO_RCVLOWAT to 1 (its default), which makes TCP signal "data ready" if bytes wait.
 fn kick(fd: RawFd) -> std::io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads one c_int from `one`.
+    set_rcvlowat(fd, 1)
+}
+
+fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads one c_int from `bytes`.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
             libc::SO_RCVLOWAT,
-            (&raw const one).cast(),
+            (&raw const bytes).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -328,6 +364,26 @@ pub fn queued(fd: RawFd) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0))
+}
+
+/// Whether a socket's connection failed (a reset, or sending into one): its pending error,
+/// taken. A connection that closed in order has none (its state alone says nothing: a socket
+/// whose side closed first reads `TCP_CLOSE` after a normal end, too). The controller neither
+/// reads nor writes the sockets the kernel carries, so it would not see a reset otherwise.
+pub fn reset(fd: RawFd) -> bool {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_ERROR writes one c_int into `err`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut err).cast(),
+            &raw mut len,
+        )
+    };
+    rc != 0 || err != 0
 }
 
 /// Waits until `to` has taken `want` bytes (as [`queued`] counts them) into its send queue, or
