@@ -46,7 +46,6 @@ pub mod maps {
     pub const SPLICE_LINKS: &str = "SPLICE_LINKS";
     pub const SPLICE_COUNTS: &str = "SPLICE_COUNTS";
     pub const SPLICE_TOTALS: &str = "SPLICE_TOTALS";
-    pub const SPLICE_CUT: &str = "SPLICE_CUT";
     /// Every map the relay pins.
     pub const PINNED: &[&str] = &[
         COUNTERS,
@@ -72,6 +71,5 @@ pub mod maps {
         SPLICE_LINKS,
         SPLICE_COUNTS,
         SPLICE_TOTALS,
-        SPLICE_CUT,
     ];
 }

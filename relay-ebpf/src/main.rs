@@ -43,8 +43,8 @@ use relay_common::{
 };
 
 use relay_common::splice::{
-    may_redirect, SpliceCount, SpliceLink, SPLICE_NO_PEER, SPLICE_PASSED, SPLICE_REDIRECTED,
-    SPLICE_SOCKETS, SPLICE_TOTAL_SLOTS, SPLICE_UNKNOWN,
+    may_redirect, within_credit, SpliceCount, SpliceLink, SPLICE_NO_CREDIT, SPLICE_NO_PEER,
+    SPLICE_PASSED, SPLICE_REDIRECTED, SPLICE_SOCKETS, SPLICE_TOTAL_SLOTS, SPLICE_UNKNOWN,
 };
 use relay_ebpf::frame::XdpFrame;
 
@@ -148,11 +148,6 @@ static SPLICE_COUNTS: HashMap<u64, SpliceCount> = HashMap::pinned(SPLICE_SOCKETS
 /// What the verdict did, over every socket, per CPU (`SPLICE_*` slots of `relay_common::splice`).
 #[map]
 static SPLICE_TOTALS: PerCpuArray<u64> = PerCpuArray::pinned(SPLICE_TOTAL_SLOTS, 0);
-
-/// CONNECTs the controller closed because a side fell too far behind what the kernel
-/// redirected to it (the controller's).
-#[map]
-static SPLICE_CUT: Array<u64> = Array::pinned(1, 0);
 
 /// Interfaces a frame may be redirected to (ifindex -> ifindex).
 #[map]
@@ -930,8 +925,9 @@ fn count(reason: Reason, len: usize) {
 
 /// The stream verdict of CONNECT sockets: what arrives on one socket goes out of its peer
 /// (`bpf_sk_redirect_hash`, no copy to userspace), unless the controller must see it first
-/// (`relay_common::splice::may_redirect`): then it is passed to the socket's own receive queue,
-/// and the controller reads and forwards it.
+/// (`relay_common::splice::may_redirect`) or the peer has used its credit
+/// (`within_credit`): then it is passed to the socket's own receive queue, and the controller
+/// reads and forwards it.
 #[stream_verdict]
 pub fn splice(ctx: SkBuffContext) -> u32 {
     let len = u64::from(ctx.len());
@@ -946,7 +942,11 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     let (link, held) = unsafe { (SPLICE_LINKS.get(cookie), *count) };
     if let Some(link) = link {
         if may_redirect(link, &held) {
-            if SPLICE.redirect_skb(&ctx, link.peer, 0) == i64::from(SK_PASS) {
+            if !within_credit(link, &held, len) {
+                // The peer fell behind: this chunk and the next go to the controller, whose
+                // reading follows the peer, so the sender's window closes meanwhile.
+                total(SPLICE_NO_CREDIT, 1);
+            } else if SPLICE.redirect_skb(&ctx, link.peer, 0) == i64::from(SK_PASS) {
                 // SAFETY: as above; atomic because the controller reads it meanwhile.
                 unsafe {
                     atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
@@ -956,8 +956,9 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
                 }
                 total(SPLICE_REDIRECTED, len);
                 return SK_PASS;
+            } else {
+                total(SPLICE_NO_PEER, 1);
             }
-            total(SPLICE_NO_PEER, 1);
         }
     }
     // SAFETY: as above.

@@ -122,20 +122,15 @@ pub struct Socks5Config {
 #[serde(rename_all = "lowercase")]
 pub enum ConnectPath {
     /// In the kernel (sockmap and a stream verdict): no byte enters userspace, no system call
-    /// per chunk. The kernel does not hold the destination back for a client that reads
-    /// slowly (what it redirects is queued without a limit), so the controller closes a
-    /// CONNECT whose client falls [`CONNECT_KERNEL_BACKLOG`] behind. Falls back to `splice`
-    /// where the kernel refuses the program or with `--xdp-mode off`.
+    /// per chunk while each side keeps up; a side that falls behind gets its bytes through the
+    /// controller, at its own pace. Falls back to `splice` where the kernel refuses the
+    /// program or with `--xdp-mode off`.
     Kernel,
     /// splice(2) through a pipe each way, driven by the controller; TCP's own flow control
     /// holds a fast side back for a slow one.
     #[default]
     Splice,
 }
-
-/// How far (bytes redirected but not yet in the other socket) a side of a CONNECT carried in
-/// the kernel may fall behind before the controller closes the CONNECT.
-pub const CONNECT_KERNEL_BACKLOG: u64 = 16 << 20;
 
 impl RawSocks5 {
     fn check(self) -> anyhow::Result<Socks5Config> {

@@ -30,6 +30,7 @@ const SPLICE_NAMES: [&str; relay_common::splice::SPLICE_TOTAL_SLOTS as usize] = 
     "passed_bytes",
     "no_peer",
     "unknown_socket",
+    "no_credit",
 ];
 
 /// `SPLICE_TOTALS` summed over CPUs, by name.
@@ -128,12 +129,6 @@ impl Snapshot {
                 PerCpuArray::try_from(Map::PerCpuArray(data))
                     .context("SPLICE_TOTALS is not a per-CPU array")?;
             s.connect_kernel = read_splice(&totals)?;
-        }
-        if let Ok(data) = MapData::from_pin(pin_dir.join(maps::SPLICE_CUT)) {
-            let cut: aya::maps::Array<MapData, u64> = aya::maps::Array::try_from(Map::Array(data))
-                .context("SPLICE_CUT is not an array")?;
-            s.connect_kernel
-                .insert("closed_behind", cut.get(&0, 0).unwrap_or(0));
         }
         Ok(s)
     }

@@ -1390,7 +1390,6 @@ fn the_relay_object_is_the_relays_only() {
             "SOURCE_FULL",
             "SPLICE",
             "SPLICE_COUNTS",
-            "SPLICE_CUT",
             "SPLICE_LINKS",
             "SPLICE_TOTALS",
             "USERS",

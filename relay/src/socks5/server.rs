@@ -1139,8 +1139,6 @@ impl Server {
         // that reset (the controller neither reads nor writes the sockets the kernel carries,
         // so it would not see one otherwise, and the kernel would take the other side's bytes
         // for nothing).
-        // And a side that fell too far behind: the kernel queues what it redirects without a
-        // limit, so a client reading slowly would make the relay hold the whole download.
         let tallying = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1149,26 +1147,17 @@ impl Server {
                     debug!("SOCKS5 CONNECT to {dest}: one side reset; resetting the other");
                     return;
                 }
-                let c = *state.lock().unwrap_or_else(|e| e.into_inner());
-                let behind = [0, 1].map(|d| {
-                    splicer.behind(sockets[d], c.expect[d], c.cookies[1 - d], c.read[1 - d])
-                });
-                if behind
-                    .iter()
-                    .any(|b| *b > crate::config::CONNECT_KERNEL_BACKLOG)
-                {
-                    info!(
-                        "SOCKS5 CONNECT to {dest}: closed, a side fell {} MiB behind what the \
-                         kernel relays to it (connect_path = \"splice\" holds a fast side back instead)",
-                        behind.iter().max().copied().unwrap_or(0) >> 20
-                    );
-                    splicer.count_cut();
-                    return;
-                }
             }
         };
         let handed = tokio::select! {
-            (a, b) = relay => a == Direction::Stopped || b == Direction::Stopped,
+            (a, b) = relay => {
+                if a == Direction::Failed || b == Direction::Failed {
+                    // Bytes the kernel took may be unread: closing would send FIN, not RST.
+                    let _ = client.set_zero_linger();
+                    let _ = upstream.set_zero_linger();
+                }
+                a == Direction::Stopped || b == Direction::Stopped
+            }
             () = tallying => {
                 let _ = client.set_zero_linger();
                 let _ = upstream.set_zero_linger();
@@ -1214,6 +1203,7 @@ impl Server {
         let (from, to) = (sockets[d], sockets[1 - d]);
         let mut over = self.handing_over.subscribe();
         let mut buf = Vec::new();
+        let mut end = Direction::Failed;
         loop {
             tokio::select! {
                 biased;
@@ -1225,27 +1215,25 @@ impl Server {
                 buf.resize(1 << 16, 0);
             }
             let n = match from.try_read(&mut buf) {
-                Ok(0) => break,
+                Ok(0) => {
+                    end = Direction::Done;
+                    break;
+                }
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(_) => break,
             };
-            if write_all(to, &buf[..n]).await.is_err() {
+            if !forward(splicer, to, d, state, &buf[..n], acct, moved, limit).await {
                 break;
             }
-            let (cookie, link) = {
-                let mut c = lock();
-                c.read[d] += n as u64;
-                c.expect[1 - d] += n as u64;
-                let link = relay_common::splice::SpliceLink {
-                    peer: c.cookies[1 - d],
-                    drained: c.read[d],
-                };
-                (c.cookies[d], link)
-            };
-            splicer.link(cookie, link);
-            add(&acct.tcp_bytes[d], n as u64);
-            add(moved, n as u64);
+            match catch_up(splicer, from, to, d, state, &mut buf, acct, moved, limit).await {
+                Some(true) => {}
+                Some(false) => break,
+                None => {
+                    end = Direction::Done;
+                    break;
+                }
+            }
         }
         let (want, cookie) = {
             let c = lock();
@@ -1258,7 +1246,7 @@ impl Server {
         // SAFETY: shutdown(2) on a socket we hold; it only ends our sending.
         unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
         lock().done[d] = true;
-        Direction::Done
+        end
     }
 
     fn ship_kernel(
@@ -1713,8 +1701,127 @@ impl Drop for Active<'_> {
 enum Direction {
     /// Its end reached the other side.
     Done,
+    /// A side failed (a reset, a write that could not be made).
+    Failed,
     /// The server hands over; the successor goes on with it.
     Stopped,
+}
+
+/// Forwards `bytes` the verdict handed over (direction `d`) to `to`: after what
+/// the kernel redirected before them, which waits in the kernel's queue for `to` until it is
+/// in `to`'s send queue. False if `to` failed.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    splicer: &Splicer,
+    to: &TcpStream,
+    d: usize,
+    state: &Mutex<Carried>,
+    bytes: &[u8],
+    acct: &Account,
+    moved: &AtomicU64,
+    limit: Duration,
+) -> bool {
+    let (expect, cookie) = {
+        let c = state.lock().unwrap_or_else(|e| e.into_inner());
+        (c.expect[1 - d], c.cookies[d])
+    };
+    let before = expect + splicer.count(cookie).redirected;
+    if !super::splice::flushed(to, before, limit).await || write_all(to, bytes).await.is_err() {
+        return false;
+    }
+    let n = bytes.len() as u64;
+    {
+        let mut c = state.lock().unwrap_or_else(|e| e.into_inner());
+        c.read[d] += n;
+        c.expect[1 - d] += n;
+    }
+    add(&acct.tcp_bytes[d], n);
+    add(moved, n);
+    true
+}
+
+/// Lets the kernel carry direction `d` again once the other side keeps up (less than half
+/// the window waiting for its send queue): holds what arrives on `from` in its receive queue (the verdict
+/// does not run below the raised low-water mark, and the sender's window closes), forwards
+/// every byte the verdict handed over until then, links `from` at the verdict's `passed`
+/// count with credit for what the window leaves, and lowers the mark, so the held bytes go
+/// through the verdict, in order, redirected. A chunk the verdict hands over meanwhile leaves
+/// `passed` past the link's: it and the next still come here. `None` at the end of the
+/// stream, `Some(false)` if a side failed.
+#[allow(clippy::too_many_arguments)]
+async fn catch_up(
+    splicer: &Splicer,
+    from: &TcpStream,
+    to: &TcpStream,
+    d: usize,
+    state: &Mutex<Carried>,
+    buf: &mut [u8],
+    acct: &Account,
+    moved: &AtomicU64,
+    limit: Duration,
+) -> Option<bool> {
+    use relay_common::splice::{SpliceLink, SPLICE_WINDOW};
+    let lock = || *state.lock().unwrap_or_else(|e| e.into_inner());
+    let c = lock();
+    let (cookie, peer) = (c.cookies[d], c.cookies[1 - d]);
+    if cookie == 0 || peer == 0 {
+        return Some(true);
+    }
+    // Bytes redirected toward `to` that are not in its send queue yet: they wait in the
+    // kernel's queue for it, which nothing else bounds (the send queue has its own limit).
+    let waiting = |c: &Carried| {
+        let redirected = splicer.count(cookie).redirected;
+        super::splice::queued(to.as_raw_fd())
+            .map(|q| (c.expect[1 - d] + redirected).saturating_sub(q))
+            .unwrap_or(SPLICE_WINDOW)
+    };
+    if waiting(&c) >= SPLICE_WINDOW / 2 {
+        return Some(true);
+    }
+    let fd = from.as_raw_fd();
+    let _ = super::splice::set_rcvlowat(fd, libc::c_int::MAX);
+    // Up to what was handed over now: if more comes meanwhile (the held bytes passed the
+    // low-water mark), the next look tries again, so a handover is never kept waiting.
+    let target = splicer.count(cookie).passed;
+    let done = loop {
+        let c = lock();
+        if c.read[d] >= target {
+            let count = splicer.count(cookie);
+            if count.passed == c.read[d] {
+                let room = SPLICE_WINDOW.saturating_sub(waiting(&c));
+                splicer.link(
+                    cookie,
+                    SpliceLink {
+                        peer,
+                        drained: count.passed,
+                        allow: count.redirected + room,
+                    },
+                );
+            }
+            break Some(true);
+        }
+        // Exactly the bytes handed over (the verdict's queue is read first; what waits
+        // behind it has not been through the verdict).
+        let want = usize::try_from(target - c.read[d])
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = match from.try_read(&mut buf[..want]) {
+            Ok(0) => break None,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if from.readable().await.is_err() {
+                    break Some(false);
+                }
+                continue;
+            }
+            Err(_) => break Some(false),
+        };
+        if !forward(splicer, to, d, state, &buf[..n], acct, moved, limit).await {
+            break Some(false);
+        }
+    };
+    let _ = super::splice::kick(fd);
+    done
 }
 
 /// Adds what the kernel redirected since the last look to the user's account and `moved`.

@@ -15,14 +15,14 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
     programs::SkSkb,
     Ebpf,
 };
 use log::{debug, warn};
 use relay_common::{
     maps,
-    splice::{SpliceCount, SpliceLink, SPLICE_TOTAL_SLOTS},
+    splice::{SpliceCount, SpliceLink, SPLICE_TOTAL_SLOTS, SPLICE_WINDOW},
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
@@ -36,8 +36,6 @@ pub struct Splicer {
     links: Mutex<HashMap<MapData, u64, SpliceLink>>,
     counts: Mutex<HashMap<MapData, u64, SpliceCount>>,
     totals: PerCpuArray<MapData, u64>,
-    /// CONNECTs closed because a side fell too far behind (`SPLICE_CUT`, slot 0).
-    cut: Mutex<Array<MapData, u64>>,
     /// The verdict is attached: new CONNECTs are carried in the kernel.
     enabled: bool,
 }
@@ -76,7 +74,6 @@ impl Splicer {
         let counts: HashMap<MapData, u64, SpliceCount> =
             take(bpf, maps::SPLICE_COUNTS)?.try_into()?;
         let totals: PerCpuArray<MapData, u64> = take(bpf, maps::SPLICE_TOTALS)?.try_into()?;
-        let cut: Array<MapData, u64> = take(bpf, maps::SPLICE_CUT)?.try_into()?;
         let enabled = attach
             && match attach_verdict(bpf, &sockets) {
                 Ok(()) => true,
@@ -90,7 +87,6 @@ impl Splicer {
             links: Mutex::new(links),
             counts: Mutex::new(counts),
             totals,
-            cut: Mutex::new(cut),
             enabled,
         };
         if fresh {
@@ -138,7 +134,14 @@ impl Splicer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(cookie, SpliceCount::default(), 0)?;
-        self.link(cookie, SpliceLink { peer, drained: 0 });
+        self.link(
+            cookie,
+            SpliceLink {
+                peer,
+                drained: 0,
+                allow: SPLICE_WINDOW,
+            },
+        );
         let added = self
             .sockets
             .lock()
@@ -206,25 +209,6 @@ impl Splicer {
         }
     }
 
-    /// Counts a CONNECT closed because a side fell too far behind.
-    pub fn count_cut(&self) {
-        let mut cut = self.cut.lock().unwrap_or_else(|e| e.into_inner());
-        let n = cut.get(&0, 0).unwrap_or(0);
-        let _ = cut.set(0, n + 1, 0);
-    }
-
-    /// How far behind socket `to` is: bytes taken from socket `from` (cookie) that are not in
-    /// `to`'s send queue yet. Those the verdict redirected wait in the kernel's queue for `to`
-    /// (`expect`: the controller's writes into `to`, from its base); those it passed wait for
-    /// the controller (`read`: what it has read of them). Neither queue is bounded by the
-    /// kernel, and taking bytes from `from` keeps its receive window open.
-    pub fn behind(&self, to: &TcpStream, expect: u64, from: u64, read: u64) -> u64 {
-        let c = self.count(from);
-        let want = expect + c.redirected;
-        let redirected = want.saturating_sub(queued(to.as_raw_fd()).unwrap_or(want));
-        redirected + c.passed.saturating_sub(read)
-    }
-
     /// The verdict's totals over every CPU, by `relay_common::splice` slot.
     pub fn totals(&self) -> [u64; SPLICE_TOTAL_SLOTS as usize] {
         let mut out = [0; SPLICE_TOTAL_SLOTS as usize];
@@ -270,6 +254,7 @@ impl Splicer {
             SpliceLink {
                 peer: c.cookies[0],
                 drained: c.read[1],
+                allow: SPLICE_WINDOW,
             },
         );
         // What arrived since `start` goes through the verdict now, after the reply.
@@ -318,11 +303,14 @@ pub fn cookie(fd: RawFd) -> std::io::Result<u64> {
 }
 
 /// Sets SO_RCVLOWAT to 1 (its default), which makes TCP signal "data ready" if bytes wait.
-fn kick(fd: RawFd) -> std::io::Result<()> {
+pub fn kick(fd: RawFd) -> std::io::Result<()> {
     set_rcvlowat(fd, 1)
 }
 
-fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) -> std::io::Result<()> {
+/// Sets SO_RCVLOWAT: below it TCP does not signal "data ready", so on a socket in the sockhash
+/// the verdict does not run and arriving bytes wait in the receive queue (TCP caps it at half
+/// the receive buffer).
+pub fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) -> std::io::Result<()> {
     // SAFETY: setsockopt reads one c_int from `bytes`.
     let rc = unsafe {
         libc::setsockopt(
@@ -342,6 +330,21 @@ fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) -> std::io::Result<()> {
 /// Bytes a TCP socket has taken into its send queue since it connected (acknowledged plus
 /// still queued), up to a constant: only differences of it mean anything.
 pub fn queued(fd: RawFd) -> std::io::Result<u64> {
+    let acked = acked(fd)?;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut outq) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(acked + u64::try_from(outq).unwrap_or(0))
+}
+
+/// Bytes of a TCP socket its receiver acknowledged, in the units of [`queued`].
+pub fn acked(fd: RawFd) -> std::io::Result<u64> {
+    tcp_info(fd).map(|i| i.tcpi_bytes_acked)
+}
+
+fn tcp_info(fd: RawFd) -> std::io::Result<libc::tcp_info> {
     // SAFETY: `tcp_info` is plain integers; zeroed is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -358,13 +361,11 @@ pub fn queued(fd: RawFd) -> std::io::Result<u64> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let mut outq: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one c_int.
-    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut outq) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0))
+    Ok(info)
 }
+
+/// `tcpi_state` of a connection that is over (reset, or closed both ways).
+const TCP_CLOSE: u8 = 7;
 
 /// Whether a socket's connection failed (a reset, or sending into one): its pending error,
 /// taken. A connection that closed in order has none (its state alone says nothing: a socket
@@ -397,6 +398,10 @@ pub async fn flushed(to: &TcpStream, want: u64, limit: Duration) -> bool {
             Ok(q) if q >= want => return true,
             Ok(_) => {}
             Err(_) => return false,
+        }
+        // A connection that is over takes nothing more (its queue was dropped with it).
+        if tcp_info(to.as_raw_fd()).is_ok_and(|i| i.tcpi_state == TCP_CLOSE) {
+            return false;
         }
         if start.elapsed() >= limit {
             return false;
