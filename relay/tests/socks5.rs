@@ -242,8 +242,9 @@ fn curl_through_the_kernel_path() {
     );
     fetch("http://198.18.2.2:8080/big.bin", &big);
     let redirected = kernel("redirected_bytes") - redirected;
+    // Up to the credit, less the chunk that did not fit.
     assert!(
-        redirected >= relay_common::splice::SPLICE_WINDOW,
+        redirected >= relay_common::splice::SPLICE_WINDOW - (128 << 10),
         "the kernel carried the download up to its credit: {redirected} bytes redirected"
     );
     let st = published_stats(&s);

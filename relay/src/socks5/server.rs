@@ -1226,7 +1226,12 @@ impl Server {
             if !forward(splicer, to, d, state, &buf[..n], acct, moved, limit).await {
                 break;
             }
-            match catch_up(splicer, from, to, d, state, &mut buf, acct, moved, limit).await {
+            let over = over.clone();
+            match catch_up(
+                over, splicer, from, to, d, state, &mut buf, acct, moved, limit,
+            )
+            .await
+            {
                 Some(true) => {}
                 Some(false) => break,
                 None => {
@@ -1750,6 +1755,7 @@ async fn forward(
 /// stream, `Some(false)` if a side failed.
 #[allow(clippy::too_many_arguments)]
 async fn catch_up(
+    mut over: watch::Receiver<bool>,
     splicer: &Splicer,
     from: &TcpStream,
     to: &TcpStream,
@@ -1809,8 +1815,13 @@ async fn catch_up(
             Ok(0) => break None,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if from.readable().await.is_err() {
-                    break Some(false);
+                // Not there yet (the kernel's worker moves them): wait a little, but never
+                // past a handover, which the caller watches for.
+                tokio::select! {
+                    biased;
+                    () = handing_over(&mut over) => break Some(true),
+                    r = from.readable() => if r.is_err() { break Some(false) },
+                    () = tokio::time::sleep(Duration::from_millis(50)) => break Some(true),
                 }
                 continue;
             }
