@@ -497,47 +497,25 @@ impl Server {
         let mut next = descriptors(fds);
         let client: std::net::TcpStream = crate::handover::socket(next()?)?;
         let upstream: std::net::TcpStream = crate::handover::socket(next()?)?;
-        if let Some(carried) = state.kernel {
-            let splicer = self.splicer.clone().ok_or_else(|| {
-                anyhow::anyhow!("a CONNECT carried in the kernel, but its maps are not here")
-            })?;
-            let client = TcpStream::from_std(client)?;
-            let upstream = TcpStream::from_std(upstream)?;
-            let source = self.adopted_source(client.peer_addr()?.ip())?;
-            let acct = self.account(grant.account);
-            acct.active_connections.fetch_add(1, Ordering::Relaxed);
-            let revoked = grant.revoke.subscribe();
-            let server = Arc::clone(self);
-            let guard = TaskGuard::new(&self.tasks);
-            tokio::spawn(async move {
-                let _guard = guard;
-                let _slot = Active(&acct.active_connections);
-                server
-                    .relay_kernel(
-                        &splicer,
-                        client,
-                        upstream,
-                        carried,
-                        &acct,
-                        &grant,
-                        &state.dest,
-                        revoked,
-                    )
-                    .await;
-                drop(source);
-            });
-            return Ok(());
-        }
-        let pipes = [
-            Pipe {
-                read: next()?,
-                write: next()?,
-            },
-            Pipe {
-                read: next()?,
-                write: next()?,
-            },
-        ];
+        // A CONNECT the kernel carries comes with what the controller counted of it; one that
+        // was spliced, with its two pipes (bytes in flight included).
+        let (kernel, pipes) = match state.kernel {
+            Some(carried) => {
+                let splicer = self.splicer.clone().ok_or_else(|| {
+                    anyhow::anyhow!("a CONNECT carried in the kernel, but its maps are not here")
+                })?;
+                (Some((splicer, carried)), None)
+            }
+            None => {
+                let mut pipe = || -> anyhow::Result<Pipe> {
+                    Ok(Pipe {
+                        read: next()?,
+                        write: next()?,
+                    })
+                };
+                (None, Some([pipe()?, pipe()?]))
+            }
+        };
         let client = TcpStream::from_std(client)?;
         let upstream = TcpStream::from_std(upstream)?;
         let source = self.adopted_source(client.peer_addr()?.ip())?;
@@ -549,9 +527,22 @@ impl Server {
         tokio::spawn(async move {
             let _guard = guard;
             let _slot = Active(&acct.active_connections);
-            server
-                .relay_connect(client, upstream, pipes, &acct, &grant, &state.dest, revoked)
-                .await;
+            let dest = &state.dest;
+            match (kernel, pipes) {
+                (Some((splicer, carried)), _) => {
+                    server
+                        .relay_kernel(
+                            &splicer, client, upstream, carried, &acct, &grant, dest, revoked,
+                        )
+                        .await
+                }
+                (None, Some(pipes)) => {
+                    server
+                        .relay_connect(client, upstream, pipes, &acct, &grant, dest, revoked)
+                        .await
+                }
+                (None, None) => {}
+            }
             drop(source);
         });
         Ok(())

@@ -282,24 +282,23 @@ fn attach_verdict(bpf: &mut Ebpf, sockets: &SockHash<MapData, u64>) -> anyhow::R
 
 const SO_COOKIE: libc::c_int = 57;
 
-/// The kernel's cookie of a socket (stable for its life, the key of the sockhash).
-pub fn cookie(fd: RawFd) -> std::io::Result<u64> {
-    let mut v: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: SO_COOKIE writes at most `len` bytes into `v`, a u64 we own.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_COOKIE,
-            (&raw mut v).cast(),
-            &raw mut len,
-        )
-    };
+/// One socket option's value, of the type the kernel writes for it.
+fn sockopt<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> std::io::Result<T> {
+    let mut v = std::mem::MaybeUninit::<T>::zeroed();
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `v`, which has room for a `T`; every
+    // `T` used here (integers, `tcp_info`) is valid zeroed or partly written.
+    let rc = unsafe { libc::getsockopt(fd, level, name, v.as_mut_ptr().cast(), &raw mut len) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(v)
+    // SAFETY: zeroed, then (partly) written by the kernel: see above.
+    Ok(unsafe { v.assume_init() })
+}
+
+/// The kernel's cookie of a socket (stable for its life, the key of the sockhash).
+pub fn cookie(fd: RawFd) -> std::io::Result<u64> {
+    sockopt(fd, libc::SOL_SOCKET, SO_COOKIE)
 }
 
 /// Sets SO_RCVLOWAT to 1 (its default), which makes TCP signal "data ready" if bytes wait.
@@ -345,23 +344,7 @@ pub fn acked(fd: RawFd) -> std::io::Result<u64> {
 }
 
 fn tcp_info(fd: RawFd) -> std::io::Result<libc::tcp_info> {
-    // SAFETY: `tcp_info` is plain integers; zeroed is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: TCP_INFO writes at most `len` bytes into `info`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(info)
+    sockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
 }
 
 /// `tcpi_state` of a connection that is over (reset, or closed both ways).
@@ -372,19 +355,7 @@ const TCP_CLOSE: u8 = 7;
 /// whose side closed first reads `TCP_CLOSE` after a normal end, too). The controller neither
 /// reads nor writes the sockets the kernel carries, so it would not see a reset otherwise.
 pub fn reset(fd: RawFd) -> bool {
-    let mut err: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: SO_ERROR writes one c_int into `err`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&raw mut err).cast(),
-            &raw mut len,
-        )
-    };
-    rc != 0 || err != 0
+    sockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR).map_or(true, |err| err != 0)
 }
 
 /// Waits until `to` has taken `want` bytes (as [`queued`] counts them) into its send queue, or
