@@ -1,8 +1,10 @@
-//! SOCKS5 CONNECT bytes carried by the kernel (sockmap): the controller puts both sockets of a
-//! CONNECT in the pinned `SPLICE` sockhash, and the stream verdict of the XDP object sends what
-//! arrives on one out of the other. No byte enters userspace and no system call runs per chunk;
-//! the controller only watches for the end of each direction, counts, and forwards the rare
-//! bytes the verdict hands to it (see `relay_common::splice` for why the order stays exact).
+//! SOCKS5 CONNECT bytes carried by the kernel (sockmap, `connect_path = "kernel"`): the
+//! controller puts both sockets of a CONNECT in the pinned `SPLICE` sockhash, and the stream
+//! verdict of the XDP object sends what arrives on one out of the other. While both sides keep
+//! up no byte enters userspace and no system call runs per chunk; the controller watches for
+//! the end of each direction, counts, grants the verdict credit, and forwards what the verdict
+//! hands to it: bytes from before the reply, and whatever exceeds the credit while the other
+//! side lags (see `relay_common::splice` for the credit and why the order stays exact).
 //!
 //! [`Splicer`] is the one writer of `SPLICE`, `SPLICE_LINKS` and the creation and removal of
 //! `SPLICE_COUNTS` entries (whose counts the verdict alone writes).
