@@ -1126,14 +1126,22 @@ impl Server {
                 self.kernel_direction(splicer, sockets, 1, &state, acct, &moved, idle_timeout)
             )
         };
-        // Every quarter second: the kernel's counts into the account, and a look for a side
-        // that reset (the controller neither reads nor writes the sockets the kernel carries,
-        // so it would not see one otherwise, and the kernel would take the other side's bytes
-        // for nothing).
+        // Every quarter second while bytes move, backing off to a few seconds (and a quarter
+        // of the idle timeout) while none do: the kernel's counts into the account, and a look
+        // for a side that reset (the controller neither reads nor writes the sockets the
+        // kernel carries, so it would not see one otherwise, and the kernel would take the
+        // other side's bytes for nothing).
         let tallying = async {
+            let busy = Duration::from_millis(250);
+            let quiet = (idle_timeout / 4).clamp(busy, Duration::from_secs(4));
+            let mut every = busy;
             loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                tally(splicer, &state, acct, &moved);
+                tokio::time::sleep(every).await;
+                every = if tally(splicer, &state, acct, &moved) {
+                    busy
+                } else {
+                    (every * 2).min(quiet)
+                };
                 if sockets.iter().any(|s| super::splice::reset(s.as_raw_fd())) {
                     debug!("SOCKS5 CONNECT to {dest}: one side reset; resetting the other");
                     return;
@@ -1827,8 +1835,10 @@ async fn catch_up(
 }
 
 /// Adds what the kernel redirected since the last look to the user's account and `moved`.
-fn tally(splicer: &Splicer, state: &Mutex<Carried>, acct: &Account, moved: &AtomicU64) {
+/// Whether anything was.
+fn tally(splicer: &Splicer, state: &Mutex<Carried>, acct: &Account, moved: &AtomicU64) -> bool {
     let mut c = state.lock().unwrap_or_else(|e| e.into_inner());
+    let mut any = false;
     for d in 0..2 {
         let now = splicer.count(c.cookies[d]).redirected;
         if now > c.accounted[d] {
@@ -1836,8 +1846,10 @@ fn tally(splicer: &Splicer, state: &Mutex<Carried>, acct: &Account, moved: &Atom
             c.accounted[d] = now;
             add(&acct.tcp_bytes[d], delta);
             add(moved, delta);
+            any = true;
         }
     }
+    any
 }
 
 /// Writes all of `bytes` to a socket shared by reference.
