@@ -1074,6 +1074,64 @@ fn an_idle_connect_is_closed_and_no_longer_counted() {
     assert_eq!(alice["active_connections"], 0, "{alice}");
 }
 
+/// On the kernel path the controller sees a CONNECT's traffic only through the verdict's
+/// counts: a CONNECT whose bytes all go through the kernel is not idle, while a quiet one ends
+/// after connect_idle_timeout.
+#[test]
+fn the_kernel_path_ends_quiet_connects_and_keeps_talking_ones() {
+    let s = setup_with(
+        "connect_idle_timeout = \"2s\"\nconnect_path = \"kernel\"\n",
+        "",
+    );
+    let listener =
+        s.t.upstream
+            .run(|| std::net::TcpListener::bind("198.18.2.2:7004").unwrap());
+    thread::spawn(move || {
+        for c in listener.incoming() {
+            let Ok(mut c) = c else { break };
+            thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                while let Ok(n) = c.read(&mut b) {
+                    if n == 0 || c.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let (mut quiet, reply) = raw_request(&s.t.client, connect_request([198, 18, 2, 2], 7004));
+    assert_eq!(reply.get(..2), Some(&[5, 0][..]), "{reply:?}");
+    let (mut talking, reply) = raw_request(&s.t.client, connect_request([198, 18, 2, 2], 7004));
+    assert_eq!(reply.get(..2), Some(&[5, 0][..]), "{reply:?}");
+    talking
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let before = stats(&s.t.relay, "cli0", &s.pin)["connect_kernel"]["redirected_bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    for _ in 0..12 {
+        talking.write_all(b"ping").unwrap();
+        let mut back = [0u8; 4];
+        talking
+            .read_exact(&mut back)
+            .expect("the talking CONNECT stays open");
+        assert_eq!(&back, b"ping");
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        closed_within(&mut quiet, Duration::from_secs(1)),
+        "the quiet CONNECT was closed"
+    );
+    let carried = stats(&s.t.relay, "cli0", &s.pin)["connect_kernel"]["redirected_bytes"]
+        .as_u64()
+        .unwrap_or(0)
+        - before;
+    assert!(
+        carried >= 2 * 4 * 12,
+        "the pings went through the kernel: {carried}"
+    );
+}
+
 /// SIGHUP applies the users of the file: a removed user's CONNECT and UDP association end
 /// within a second and it cannot log in any more; a new user can.
 #[test]
