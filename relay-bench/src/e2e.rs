@@ -640,6 +640,41 @@ pub struct TcpResult {
     pub detail: String,
 }
 
+/// USER_HZ: /proc/stat counts busy time in hundredths of a second.
+const HZ: f64 = 100.0;
+
+impl TcpResult {
+    /// A bulk transfer of `bytes` in `secs` with `busy` jiffies of CPU.
+    fn bulk(peer: &'static str, test: &'static str, bytes: u64, secs: f64, busy: u64) -> Self {
+        let gb = bytes as f64 / 1e9;
+        TcpResult {
+            peer,
+            test,
+            rate: gb * 8.0 / secs,
+            cpu: busy as f64 / HZ / gb,
+            detail: format!("{gb:.2} GB in {secs:.1} s"),
+        }
+    }
+
+    /// `n` connections or round trips in `secs` with `busy` jiffies; `detail` says which.
+    fn each(
+        peer: &'static str,
+        test: &'static str,
+        n: u32,
+        secs: f64,
+        busy: u64,
+        detail: String,
+    ) -> Self {
+        TcpResult {
+            peer,
+            test,
+            rate: f64::from(n) / secs,
+            cpu: busy as f64 / HZ / f64::from(n.max(1)) * 1e6,
+            detail,
+        }
+    }
+}
+
 /// A TCP server in `ns` on `addr` that answers each connection's first byte with one byte
 /// and closes: the far end of the connection-rate test.
 fn one_byte_server(ns: &Netns, addr: SocketAddr) -> anyhow::Result<()> {
@@ -782,26 +817,21 @@ fn tcp_peers(
     one_byte_server(&t.upstream, "198.18.2.2:7001".parse()?)?;
     let bulk_to: SocketAddr = "198.18.1.1:40000".parse()?;
     let conn_to: SocketAddr = "198.18.1.1:40001".parse()?;
-    let hz = 100.0; // USER_HZ: /proc/stat counts in hundredths of a second.
     let mut out = Vec::new();
     let mut measure = |peer: &'static str| -> anyhow::Result<()> {
         eprintln!("[bench] {peer}: TCP bulk and new connections");
         let (bytes, secs, busy) = bulk(t, bulk_to, seconds)?;
-        out.push(TcpResult {
-            peer,
-            test: "bulk",
-            rate: bytes as f64 * 8.0 / secs / 1e9,
-            cpu: busy as f64 / hz / (bytes as f64 / 1e9),
-            detail: format!("{:.1} GB in {secs:.1} s", bytes as f64 / 1e9),
-        });
+        out.push(TcpResult::bulk(peer, "bulk", bytes, secs, busy));
         let (done, secs, busy) = connections(t, conn_to, conns)?;
-        out.push(TcpResult {
+        let detail = format!("{done} of {conns} in {secs:.2} s");
+        out.push(TcpResult::each(
             peer,
-            test: "connections",
-            rate: f64::from(done) / secs,
-            cpu: busy as f64 / hz / f64::from(done.max(1)) * 1e6,
-            detail: format!("{done} of {conns} in {secs:.2} s"),
-        });
+            "connections",
+            done,
+            secs,
+            busy,
+            detail,
+        ));
         Ok(())
     };
     let config =
@@ -1014,7 +1044,6 @@ fn connect_peers(
     };
     connect_server(&t.upstream)?;
     let dest: SocketAddr = "198.18.2.2:7003".parse()?;
-    let hz = 100.0;
     let mut out = Vec::new();
     let mut measure = |peer: &'static str,
                        proxy: SocketAddr,
@@ -1045,13 +1074,7 @@ fn connect_peers(
                 busy_jiffies() - jiffies,
             ))
         })??;
-        out.push(TcpResult {
-            peer,
-            test: "connect bulk",
-            rate: bytes as f64 * 8.0 / secs / 1e9,
-            cpu: busy as f64 / hz / (bytes as f64 / 1e9),
-            detail: format!("{:.2} GB in {secs:.1} s", bytes as f64 / 1e9),
-        });
+        out.push(TcpResult::bulk(peer, "connect bulk", bytes, secs, busy));
         let (secs, busy) = t.client.run(move || -> anyhow::Result<(f64, u64)> {
             let mut c = socks_connect(proxy, user, dest)?;
             c.set_nodelay(true)?;
@@ -1066,13 +1089,15 @@ fn connect_peers(
             }
             Ok((start.elapsed().as_secs_f64(), busy_jiffies() - jiffies))
         })??;
-        out.push(TcpResult {
+        let detail = format!("{messages} round trips in {secs:.2} s");
+        out.push(TcpResult::each(
             peer,
-            test: "connect messages",
-            rate: f64::from(messages) / secs,
-            cpu: busy as f64 / hz / f64::from(messages) * 1e6,
-            detail: format!("{messages} round trips in {secs:.2} s"),
-        });
+            "connect messages",
+            messages,
+            secs,
+            busy,
+            detail,
+        ));
         Ok(())
     };
     for (peer, path) in [(RELAY_SOCKMAP, "kernel"), (RELAY_SPLICE, "splice")] {
@@ -1175,7 +1200,6 @@ impl Runner<'_> {
         flows: &[Flow],
         bytes: usize,
     ) -> anyhow::Result<()> {
-        let user_hz = 100.0;
         self.t.warm_up(flows)?;
         let b = self.t.blast(flows, self.per_flow, bytes)?;
         let family = if flows.first().is_some_and(|f| f.src.is_ipv6()) {
@@ -1198,7 +1222,7 @@ impl Runner<'_> {
             sent: b.sent,
             delivered: b.delivered,
             mpps: b.delivered as f64 / b.seconds / 1e6,
-            cpu_ns_per_packet: b.busy_jiffies as f64 / user_hz * 1e9 / (b.delivered.max(1) as f64),
+            cpu_ns_per_packet: b.busy_jiffies as f64 / HZ * 1e9 / (b.delivered.max(1) as f64),
         });
         Ok(())
     }

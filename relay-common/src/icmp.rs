@@ -163,13 +163,7 @@ fn write_v4<F: FrameMut + ?Sized>(
     frame.write(24, (!fold(ip_sum)).to_be_bytes())?;
     frame.write(26, [h.dst[0], h.dst[1], h.dst[2], h.dst[3]])?;
     frame.write(30, [h.src[0], h.src[1], h.src[2], h.src[3]])?;
-    let (type_code, rest) = icmp_words(kind, true);
-    let sum = quoted + header_sum(type_code, rest);
-    frame.write(34, type_code)?;
-    frame.write(36, (!fold(sum)).to_be_bytes())?;
-    frame.write(38, rest)?;
-    let len = frame.len() as i32;
-    frame.adjust_tail(14 + TOTAL as i32 - len)
+    icmp_header(frame, 34, kind, true, quoted, 14 + TOTAL as usize)
 }
 
 #[inline(always)]
@@ -188,16 +182,37 @@ fn write_v6<F: FrameMut + ?Sized>(
     frame.write(20, [58u8, 255])?;
     frame.write(22, h.dst)?;
     frame.write(38, h.src)?;
-    let (type_code, rest) = icmp_words(kind, false);
-    // Pseudo header (source, destination, length, next header), the ICMPv6 header, the quote.
-    let sum = sum_addr(sum_addr(PAYLOAD as u32 + 58, &h.dst, 16), &h.src, 16)
-        + quoted
-        + header_sum(type_code, rest);
-    frame.write(54, type_code)?;
-    frame.write(56, (!fold(sum)).to_be_bytes())?;
-    frame.write(58, rest)?;
+    // Pseudo header (source, destination, length, next header) and the quote; the ICMPv6
+    // header's words are added with it.
+    let pseudo = sum_addr(sum_addr(PAYLOAD as u32 + 58, &h.dst, 16), &h.src, 16);
+    icmp_header(
+        frame,
+        54,
+        kind,
+        false,
+        pseudo + quoted,
+        14 + 40 + PAYLOAD as usize,
+    )
+}
+
+/// Writes the ICMP (or ICMPv6) header at `at`, its checksum over `partial` and its own words,
+/// and cuts the frame at `end`.
+#[inline(always)]
+fn icmp_header<F: FrameMut + ?Sized>(
+    frame: &mut F,
+    at: usize,
+    kind: IcmpError,
+    v4: bool,
+    partial: u32,
+    end: usize,
+) -> Option<()> {
+    let (type_code, rest) = icmp_words(kind, v4);
+    let sum = partial + header_sum(type_code, rest);
+    frame.write(at, type_code)?;
+    frame.write(at + 2, (!fold(sum)).to_be_bytes())?;
+    frame.write(at + 4, rest)?;
     let len = frame.len() as i32;
-    frame.adjust_tail(14 + 40 + PAYLOAD as i32 - len)
+    frame.adjust_tail(end as i32 - len)
 }
 
 #[cfg(test)]

@@ -335,20 +335,16 @@ pub fn sessions_and_rules(pin_dir: &Path) -> anyhow::Result<(Vec<SessionReport>,
                 .get(usize::from(index))
                 .map_or(0, |c| c[cause as usize])
         };
-        report
-            .refused
-            .insert("not_allowed", r.refused_not_allowed + k(Open::NotAllowed));
-        report
-            .refused
-            .insert("rule_limit", r.refused_limit + k(Open::RuleFull));
-        report.refused.insert("table_full", r.refused_full);
-        report.refused.insert("no_port", r.refused_no_port);
-        report
-            .refused
-            .insert("source_limit", r.refused_source_limit + k(Open::SourceFull));
-        report
-            .refused
-            .insert("rate_limited", r.refused_rate + k(Open::Rate));
+        for (name, controller, kernel) in [
+            ("not_allowed", r.refused_not_allowed, k(Open::NotAllowed)),
+            ("rule_limit", r.refused_limit, k(Open::RuleFull)),
+            ("table_full", r.refused_full, 0),
+            ("no_port", r.refused_no_port, 0),
+            ("source_limit", r.refused_source_limit, k(Open::SourceFull)),
+            ("rate_limited", r.refused_rate, k(Open::Rate)),
+        ] {
+            report.refused.insert(name, controller + kernel);
+        }
         report.opened_in_kernel = k(Open::Opened);
         report.evicted_unanswered = r.evicted_unanswered;
         report.closed_unanswered = r.closed_unanswered;

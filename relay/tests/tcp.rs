@@ -164,6 +164,24 @@ fn start(t: &Topology, pin: &PinDir, extra: &[&str]) -> Relay {
     )
 }
 
+/// A test's runtime, namespaces and pin directory, with the echo servers running.
+struct Lab {
+    rt: tokio::runtime::Runtime,
+    t: Topology,
+    pin: PinDir,
+}
+
+fn lab() -> Lab {
+    let rt = runtime();
+    let t = Topology::new();
+    echo_servers(&rt, &t);
+    Lab {
+        rt,
+        t,
+        pin: PinDir::new(),
+    }
+}
+
 fn echo_servers(rt: &tokio::runtime::Runtime, t: &Topology) {
     echo_server(rt, &t.upstream, "198.18.2.2:7000".parse().unwrap());
     echo_server(rt, &t.upstream, "[fd00:5a:2::2]:7000".parse().unwrap());
@@ -195,10 +213,7 @@ fn concurrent(rt: &tokio::runtime::Runtime, t: &Topology, to: SocketAddr, n: usi
 #[test]
 fn a_thousand_concurrent_connections_echo_byte_exact_through_xdp() {
     raise_fd_limit();
-    let rt = runtime();
-    let t = Topology::new();
-    let pin = PinDir::new();
-    echo_servers(&rt, &t);
+    let Lab { rt, t, pin } = lab();
     // Fresh links: IPv6 neighbour discovery waits for the link-local address's duplicate
     // address detection (a second or two) before the relay can resolve the upstream.
     std::thread::sleep(Duration::from_secs(2));
@@ -236,10 +251,7 @@ fn a_thousand_concurrent_connections_echo_byte_exact_through_xdp() {
 #[test]
 fn ten_thousand_short_connections_in_a_row() {
     raise_fd_limit();
-    let rt = runtime();
-    let t = Topology::new();
-    let pin = PinDir::new();
-    echo_servers(&rt, &t);
+    let Lab { rt, t, pin } = lab();
     let _relay = start(&t, &pin, &["--session-capacity", "40000"]);
     let to: SocketAddr = V4.parse().unwrap();
     let mut failures = Vec::new();
@@ -437,10 +449,7 @@ fn iperf3_tcp_both_ways_through_a_forward_rule() {
 #[test]
 fn userspace_fallback_relays_tcp_rules() {
     raise_fd_limit();
-    let rt = runtime();
-    let t = Topology::new();
-    let pin = PinDir::new();
-    echo_servers(&rt, &t);
+    let Lab { rt, t, pin } = lab();
     let _relay = start(&t, &pin, &["--xdp-mode", "off"]);
     let failures = concurrent(&rt, &t, V4.parse().unwrap(), 100);
     assert!(failures.is_empty(), "{failures:?}");
@@ -468,10 +477,7 @@ fn userspace_fallback_relays_tcp_rules() {
 /// as the kernel's session ends, and keeps one that talks.
 #[test]
 fn the_userspace_path_ends_idle_connections_and_keeps_talking_ones() {
-    let rt = runtime();
-    let t = Topology::new();
-    let pin = PinDir::new();
-    echo_servers(&rt, &t);
+    let Lab { rt, t, pin } = lab();
     let config = ConfigFile::new(&SHORT_TIMEOUTS.replace("\"60s\"", "\"10s\""));
     let mut args = support::config_args(&pin, &config);
     args.extend(["--xdp-mode", "off"]);
@@ -498,10 +504,7 @@ fn the_userspace_path_ends_idle_connections_and_keeps_talking_ones() {
 
 #[test]
 fn an_idle_connection_outlives_the_unanswered_timeout_and_survives_a_restart() {
-    let rt = runtime();
-    let t = Topology::new();
-    let pin = PinDir::new();
-    echo_servers(&rt, &t);
+    let Lab { rt, t, pin } = lab();
     let config = ConfigFile::new(SHORT_TIMEOUTS);
     let relay = Relay::with_config(&t.relay, &pin, &config);
     let mut s = connect(&rt, &t, V4.parse().unwrap());
@@ -557,10 +560,7 @@ fn an_idle_connection_outlives_the_unanswered_timeout_and_survives_a_restart() {
 /// kernel reopens the session instead of the controller closing it under the new connection.
 #[test]
 fn a_connection_reusing_the_ports_of_one_just_reset_outlives_the_linger() {
-    let rt = runtime();
-    let t = Topology::new();
-    let pin = PinDir::new();
-    echo_servers(&rt, &t);
+    let Lab { rt, t, pin } = lab();
     let config = ConfigFile::new(SHORT_TIMEOUTS);
     let _relay = Relay::with_config(&t.relay, &pin, &config);
     let from: SocketAddr = "198.18.1.2:46000".parse().unwrap();
@@ -595,10 +595,7 @@ const LINGER: Duration = relay::config::TCP_LINGER;
 
 #[test]
 fn a_smaller_route_mtu_is_found_by_path_mtu_discovery() {
-    let rt = runtime();
-    let t = Topology::new();
-    let pin = PinDir::new();
-    echo_servers(&rt, &t);
+    let Lab { rt, t, pin } = lab();
     // The way to the upstream takes 1300-byte packets; both ends' links take 1500, so both
     // announce an MSS of 1460 and the client's full segments are too big for the relay.
     t.relay.ip(&[
@@ -627,10 +624,7 @@ fn a_smaller_route_mtu_is_found_by_path_mtu_discovery() {
 /// them; an established connection stays.
 #[test]
 fn half_open_connections_end_after_the_unanswered_timeout() {
-    let rt = runtime();
-    let t = Topology::new();
-    let pin = PinDir::new();
-    echo_servers(&rt, &t);
+    let Lab { rt, t, pin } = lab();
     let config = ConfigFile::new(SHORT_TIMEOUTS);
     let _relay = Relay::with_config(&t.relay, &pin, &config);
     let to: SocketAddr = V4.parse().unwrap();

@@ -1086,14 +1086,7 @@ impl Server {
         };
         let handed = tokio::select! {
             () = relay => false,
-            () = idle(&moved, idle_timeout) => {
-                debug!("SOCKS5 CONNECT to {dest}: idle; closing");
-                false
-            }
-            () = revoked(&mut revoked_rx) => {
-                debug!("SOCKS5 CONNECT to {dest}: the user was removed or changed; closing");
-                false
-            }
+            () = ended(&moved, idle_timeout, &mut revoked_rx, dest) => false,
             () = handing_over(&mut over) => true,
         };
         if handed {
@@ -1162,14 +1155,7 @@ impl Server {
                 let _ = upstream.set_zero_linger();
                 false
             }
-            () = idle(&moved, idle_timeout) => {
-                debug!("SOCKS5 CONNECT to {dest}: idle; closing");
-                false
-            }
-            () = revoked(&mut revoked_rx) => {
-                debug!("SOCKS5 CONNECT to {dest}: the user was removed or changed; closing");
-                false
-            }
+            () = ended(&moved, idle_timeout, &mut revoked_rx, dest) => false,
         };
         tally(splicer, &state, acct, &moved);
         let carried = state.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -1697,6 +1683,22 @@ struct Active<'a>(&'a AtomicU64);
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves when a CONNECT is to be closed: nothing moved for `timeout`, or its user was
+/// removed or changed.
+async fn ended(
+    moved: &AtomicU64,
+    timeout: Duration,
+    revoked_rx: &mut watch::Receiver<bool>,
+    dest: &str,
+) {
+    tokio::select! {
+        () = idle(moved, timeout) => debug!("SOCKS5 CONNECT to {dest}: idle; closing"),
+        () = revoked(revoked_rx) => {
+            debug!("SOCKS5 CONNECT to {dest}: the user was removed or changed; closing");
+        }
     }
 }
 

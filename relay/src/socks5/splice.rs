@@ -17,14 +17,14 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, SockHash},
     programs::SkSkb,
     Ebpf,
 };
 use log::{debug, warn};
 use relay_common::{
     maps,
-    splice::{SpliceCount, SpliceLink, SPLICE_TOTAL_SLOTS, SPLICE_WINDOW},
+    splice::{SpliceCount, SpliceLink, SPLICE_WINDOW},
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
@@ -37,7 +37,6 @@ pub struct Splicer {
     sockets: Mutex<SockHash<MapData, u64>>,
     links: Mutex<HashMap<MapData, u64, SpliceLink>>,
     counts: Mutex<HashMap<MapData, u64, SpliceCount>>,
-    totals: PerCpuArray<MapData, u64>,
     /// The verdict is attached: new CONNECTs are carried in the kernel.
     enabled: bool,
 }
@@ -75,7 +74,6 @@ impl Splicer {
         let links: HashMap<MapData, u64, SpliceLink> = take(bpf, maps::SPLICE_LINKS)?.try_into()?;
         let counts: HashMap<MapData, u64, SpliceCount> =
             take(bpf, maps::SPLICE_COUNTS)?.try_into()?;
-        let totals: PerCpuArray<MapData, u64> = take(bpf, maps::SPLICE_TOTALS)?.try_into()?;
         let enabled = attach
             && match attach_verdict(bpf, &sockets) {
                 Ok(()) => true,
@@ -88,7 +86,6 @@ impl Splicer {
             sockets: Mutex::new(sockets),
             links: Mutex::new(links),
             counts: Mutex::new(counts),
-            totals,
             enabled,
         };
         if fresh {
@@ -211,20 +208,10 @@ impl Splicer {
         }
     }
 
-    /// The verdict's totals over every CPU, by `relay_common::splice` slot.
-    pub fn totals(&self) -> [u64; SPLICE_TOTAL_SLOTS as usize] {
-        let mut out = [0; SPLICE_TOTAL_SLOTS as usize];
-        for (i, o) in out.iter_mut().enumerate() {
-            if let Ok(v) = self.totals.get(&(i as u32), 0) {
-                *o = v.iter().sum();
-            }
-        }
-        out
-    }
-
-    /// Puts a CONNECT on the kernel path: the upstream's socket first, handing what it sends to
-    /// the controller until [`Splicer::link_upstream`] (the client must get the reply first),
-    /// then the client's, linked to the upstream at once. Call after the early bytes went to the
+    /// Puts a CONNECT on the kernel path: the upstream's socket first, holding what it sends
+    /// in its receive queue until [`Splicer::link_upstream`] (the client must get the reply
+    /// first; what came before it was added goes to the controller), then the client's,
+    /// linked to the upstream at once. Call after the early bytes went to the
     /// upstream and before the reply; `None` if neither socket could be added.
     pub fn start(&self, client: &TcpStream, upstream: &TcpStream) -> Option<Carried> {
         let up = self.add(upstream, 0);
