@@ -126,6 +126,8 @@ fn relay_process(bin: &Path, ns: &Netns, pins: &Path, args: &[&str]) -> anyhow::
         .arg("run")
         .arg("--pin-dir")
         .arg(pins)
+        .arg("--state-dir")
+        .arg(lab::state_dir_for(pins))
         .args(args)
         .stdout(Stdio::null())
         .stderr(File::create(&log)?)

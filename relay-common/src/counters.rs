@@ -160,6 +160,13 @@ reasons! {
     /// A TCP session's segment whose TTL or hop limit would expire: answered with ICMP "time
     /// exceeded", as a router does (traceroute through the relay works).
     TcpTtlExpired = 32, "tcp_ttl_expired", Tx;
+    /// A SOCKS5 datagram of a user who may send nothing now (expired, disabled, out of
+    /// quota): dropped; the controller closes the user's associations.
+    UserBlocked = 33, "user_blocked", Drop;
+    /// A SOCKS5 datagram beyond what is left of its user's data quota: dropped.
+    UserOverQuota = 34, "user_over_quota", Drop;
+    /// A SOCKS5 datagram beyond its user's bandwidth limit this instant: dropped.
+    UserOverRate = 35, "user_over_rate", Drop;
 }
 
 /// What became of a flow's first packet (a TCP SYN, a UDP datagram) that could open a

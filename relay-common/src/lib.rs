@@ -14,6 +14,7 @@ pub mod counters;
 #[cfg(any(test, feature = "std"))]
 pub mod frame;
 pub mod icmp;
+pub mod limits;
 pub mod packet;
 pub mod rewrite;
 pub mod session;
@@ -46,6 +47,8 @@ pub mod maps {
     pub const SPLICE_LINKS: &str = "SPLICE_LINKS";
     pub const SPLICE_COUNTS: &str = "SPLICE_COUNTS";
     pub const SPLICE_TOTALS: &str = "SPLICE_TOTALS";
+    pub const USER_LIMITS: &str = "USER_LIMITS";
+    pub const USER_SPENT: &str = "USER_SPENT";
     /// Every map the relay pins.
     pub const PINNED: &[&str] = &[
         COUNTERS,
@@ -71,5 +74,7 @@ pub mod maps {
         SPLICE_LINKS,
         SPLICE_COUNTS,
         SPLICE_TOTALS,
+        USER_LIMITS,
+        USER_SPENT,
     ];
 }

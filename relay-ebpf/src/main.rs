@@ -28,6 +28,7 @@ use aya_log_ebpf::debug;
 use relay_common::{
     counters::{Counter, Open, Reason, Verdict, COUNTER_SLOTS, OPEN_SLOTS},
     icmp::{self, IcmpError},
+    limits::{UserLimit, UserSpent},
     packet::{
         ipv4_header_ok, parse, tcp_flags_ok, Headers, Packet, FAMILY_V4, FAMILY_V6, PROTO_TCP,
         PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
@@ -37,8 +38,8 @@ use relay_common::{
         AllowKey, Bucket, Event, Flow, FlowKey, Listen, ListenKey, Meta, Nexthop, NexthopKey,
         PoolSlot, RuleStats, Session, SlowPath, SourceKey, UserStats, EVENT_CLOSING, EVENT_OPENED,
         EVENT_RING_BYTES, FLOW_SOCKS, LISTEN_ALLOW_LIST, LISTEN_FULL, NEXTHOP_NONE, NEXTHOP_OWN,
-        NEXTHOP_SLOTS, ORIGIN_KERNEL, PORT_SLOTS, RULE_SLOTS, STATE_ACTIVE, STATE_FREE, TO_CLIENT,
-        TO_UPSTREAM, USER_SLOTS,
+        NEXTHOP_SLOTS, ORIGIN_KERNEL, PORT_SLOTS, RULE_SLOTS, RULE_SOCKS, STATE_ACTIVE, STATE_FREE,
+        TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
     },
 };
 
@@ -148,6 +149,14 @@ static SPLICE_COUNTS: HashMap<u64, SpliceCount> = HashMap::pinned(SPLICE_SOCKETS
 /// What the verdict did, over every socket, per CPU (`SPLICE_*` slots of `relay_common::splice`).
 #[map]
 static SPLICE_TOTALS: PerCpuArray<u64> = PerCpuArray::pinned(SPLICE_TOTAL_SLOTS, 0);
+
+/// Per-user limits on SOCKS5 datagrams (the controller's; see `relay_common::limits`).
+#[map]
+static USER_LIMITS: Array<UserLimit> = Array::pinned(USER_SLOTS, 0);
+
+/// Payload bytes XDP carried per user while a limit was set (XDP's).
+#[map]
+static USER_SPENT: Array<UserSpent> = Array::pinned(USER_SLOTS, 0);
 
 /// Interfaces a frame may be redirected to (ifindex -> ifindex).
 #[map]
@@ -706,16 +715,45 @@ fn carry(
         Err(reason) => return Err(declined(reason)),
     };
     same_link_if_tagged(ctx, h, plan.ifindex).map_err(declined)?;
-    apply(frame, &plan)?;
     // SOCKS5 accounting counts UDP payload bytes, as the controller does; forward rules count
     // IP bytes.
     let bytes = if head == Head::Keep {
         plan.ip_bytes()
     } else {
-        plan.payload_bytes()
+        let bytes = plan.payload_bytes();
+        within_limits(s.rule, direction, bytes)?;
+        bytes
     };
+    apply(frame, &plan)?;
     account(session, direction, bytes);
     send(ctx, plan.ifindex)
+}
+
+/// A SOCKS5 datagram of `bytes` payload bytes against its user's limits: counted as spent if
+/// within them (a user without limits is only counted).
+#[inline(always)]
+fn within_limits(rule: u16, direction: u32, bytes: u16) -> Result<(), Reason> {
+    let user = u32::from(rule & !RULE_SOCKS);
+    let Some(limit) = USER_LIMITS.get(user) else {
+        return Ok(());
+    };
+    if limit.flags == 0 {
+        return Ok(());
+    }
+    let spent = USER_SPENT.get_ptr_mut(user).ok_or(Reason::UserBlocked)?;
+    // SAFETY: a pointer into the array map's value, valid for this program run; read as a
+    // copy (another CPU may add to it meanwhile: the check may pass one datagram too many
+    // per CPU, see `relay_common::limits`).
+    let now = unsafe { *spent };
+    relay_common::limits::check(limit, &now, direction, u64::from(bytes))?;
+    // SAFETY: as above; an atomic add because CPUs share the user's counter.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+            &(*spent).bytes[(direction & 1) as usize] as *const u64 as *mut u64,
+            u64::from(bytes),
+        );
+    }
+    Ok(())
 }
 
 /// The active session `id` of the packet's family, for a packet whose IPv4 header checksum is

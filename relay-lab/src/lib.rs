@@ -322,5 +322,16 @@ impl Drop for BpfMount {
             unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
         }
         let _ = std::fs::remove_dir(&self.path);
+        let _ = std::fs::remove_dir_all(state_dir_for(&self.path));
     }
+}
+
+/// The relay state directory (its store) that goes with a pin directory in tests and
+/// benchmarks: one per pin directory, so that runs never share a store and a successor finds
+/// its predecessor's; removed with the mount.
+pub fn state_dir_for(pin_dir: &std::path::Path) -> PathBuf {
+    let name = pin_dir
+        .file_name()
+        .map_or_else(|| "default".into(), |n| n.to_string_lossy().into_owned());
+    std::env::temp_dir().join(format!("relay-state-{name}"))
 }

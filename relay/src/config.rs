@@ -75,6 +75,84 @@ struct RawUser {
     password_hash: String,
     max_associations: Option<u32>,
     max_connections: Option<u32>,
+    /// Bytes per period, both directions: `10 GB`, `500 MiB` or a number of bytes.
+    quota: Option<Size>,
+    /// `never` (default), `daily`, `monthly` or `monthly:DAY`.
+    quota_period: Option<String>,
+    /// RFC 3339 time or a date (UTC midnight) after which the user is refused.
+    expires: Option<String>,
+    /// Bytes per second, each way: `2 MB`.
+    rate: Option<Size>,
+    /// Bytes above the rate at once [default: a tenth of a second's, at least 64 KiB].
+    burst: Option<Size>,
+    /// Distinct client addresses at once.
+    max_devices: Option<u32>,
+    #[serde(default = "yes")]
+    enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A byte size in the file: a string with a unit or a plain number of bytes.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self) -> anyhow::Result<u64> {
+        match self {
+            Size::Bytes(n) => Ok(*n),
+            Size::Text(s) => crate::limits::parse_bytes(s),
+        }
+    }
+}
+
+impl RawUser {
+    fn limits(&self) -> anyhow::Result<crate::limits::Limits> {
+        let size = |v: &Option<Size>, what: &str| {
+            v.as_ref()
+                .map(|s| s.bytes().with_context(|| what.to_owned()))
+                .transpose()
+        };
+        let quota = size(&self.quota, "quota")?;
+        let rate = size(&self.rate, "rate")?;
+        if rate == Some(0) {
+            bail!("rate: must be more than 0 (leave it out for no limit; set enabled = false to stop a user)");
+        }
+        let burst = size(&self.burst, "burst")?;
+        if burst.is_some() && rate.is_none() {
+            bail!("burst: needs a rate");
+        }
+        if self.max_devices == Some(0) {
+            bail!("max_devices: must be at least 1 (set enabled = false to stop a user)");
+        }
+        let period = match &self.quota_period {
+            Some(p) => p.parse().context("quota_period")?,
+            None => crate::limits::Period::Never,
+        };
+        if self.quota_period.is_some() && quota.is_none() {
+            bail!("quota_period: needs a quota");
+        }
+        Ok(crate::limits::Limits {
+            quota,
+            period,
+            expires: self
+                .expires
+                .as_deref()
+                .map(crate::limits::parse_time)
+                .transpose()
+                .context("expires")?,
+            rate,
+            burst: burst.unwrap_or_else(|| rate.map_or(0, crate::limits::Limits::default_burst)),
+            max_devices: self.max_devices,
+            enabled: self.enabled,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,13 +224,17 @@ impl RawSocks5 {
         let users = self
             .users
             .into_iter()
-            .map(|u| crate::socks5::users::User {
-                name: u.name,
-                password_hash: u.password_hash,
-                max_associations: u.max_associations.unwrap_or(DEFAULT_MAX_ASSOCIATIONS),
-                max_connections: u.max_connections.unwrap_or(256),
+            .map(|u| {
+                let limits = u.limits().with_context(|| format!("user {:?}", u.name))?;
+                Ok(crate::socks5::users::User {
+                    name: u.name,
+                    password_hash: u.password_hash,
+                    max_associations: u.max_associations.unwrap_or(DEFAULT_MAX_ASSOCIATIONS),
+                    max_connections: u.max_connections.unwrap_or(256),
+                    limits,
+                })
             })
-            .collect::<Vec<_>>();
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let max_handshakes = self.max_handshakes.unwrap_or(DEFAULT_MAX_HANDSHAKES);
         let max_handshakes_per_source = self
             .max_handshakes_per_source

@@ -13,6 +13,7 @@
 //! - `RULES`: [`Datapath::update_rule`]: names and addresses by `forward::rules` (start,
 //!   reload); opened, closed and refused sessions by `forward::sessions`.
 //! - `USERS`: [`Datapath::set_user`]: the SOCKS5 server's accounts, once a second.
+//! - `USER_LIMITS`: [`Datapath::set_user_limit`]: the users' leases, each limits tick.
 //! - `EGRESS`: [`Datapath::add_egress`]: the interfaces XDP is attached to, at start.
 //! - `PORTS`: with the forward sessions' records, by [`Datapath::install`] and
 //!   [`Datapath::remove`]: which session holds a relay port.
@@ -47,6 +48,7 @@ use aya::{
 };
 use log::debug;
 use relay_common::{
+    limits::{UserLimit, UserSpent},
     maps,
     packet::{FAMILY_V4, FAMILY_V6, PROTO_UDP},
     session::{
@@ -211,6 +213,8 @@ struct Maps {
     allow: LpmTrie<MapData, AllowKey, u8>,
     hops: Array<MapData, Nexthop>,
     rule_ports: Array<MapData, u8>,
+    user_limits: Array<MapData, UserLimit>,
+    user_spent: Array<MapData, UserSpent>,
     /// Free record ids for SOCKS5 fast-path flows.
     socks_free: Vec<u32>,
     /// All record ids set aside for them.
@@ -255,6 +259,8 @@ impl Datapath {
                 allow: take(ebpf, maps::ALLOW)?,
                 hops: take(ebpf, maps::HOPS)?,
                 rule_ports: take(ebpf, maps::RULE_PORTS)?,
+                user_limits: take(ebpf, maps::USER_LIMITS)?,
+                user_spent: take(ebpf, maps::USER_SPENT)?,
                 socks_free: Vec::new(),
                 socks_ids: 0..0,
             }),
@@ -619,6 +625,22 @@ impl Datapath {
             .users
             .set(index, stats, 0)
             .context("writing USERS")
+    }
+
+    /// What XDP carried for a user while it had limits (`USER_SPENT`, XDP's; zeros if unread).
+    pub fn user_spent(&self, index: u32) -> [u64; 2] {
+        self.lock()
+            .user_spent
+            .get(&index, 0)
+            .map_or([0, 0], |s| s.bytes)
+    }
+
+    /// Sets a user's lease in `USER_LIMITS` (see `relay_common::limits`).
+    pub fn set_user_limit(&self, index: u32, limit: &UserLimit) -> anyhow::Result<()> {
+        self.lock()
+            .user_limits
+            .set(index, limit, 0)
+            .context("writing USER_LIMITS")
     }
 
     /// Active sessions in the maps (after a restart: the state to take over).

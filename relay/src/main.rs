@@ -53,6 +53,18 @@ enum Command {
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
+    /// List the SOCKS5 users with their usage, quota left, expiry, rate and live
+    /// connections, associations and devices (from the store the relay writes every second).
+    Users {
+        /// Interface the relay runs on (names the state directory).
+        #[arg(short, long, required_unless_present = "state_dir")]
+        iface: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// The relay's state directory [default: /var/lib/relay/IFACE].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Print an Argon2id hash of a password read from standard input, for
     /// `[[socks5.users]] password_hash`.
     HashPassword,
@@ -117,6 +129,10 @@ struct RunArgs {
     /// Directory on bpffs for the pinned maps [default: /sys/fs/bpf/relay/IFACE].
     #[arg(long)]
     pin_dir: Option<PathBuf>,
+    /// Directory of the relay's own state: the store of users' usage [default:
+    /// /var/lib/relay/IFACE].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -147,6 +163,17 @@ fn pin_dir(iface: &str, given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     given.map_or_else(|| pin::default_dir(iface), Ok)
 }
 
+/// The state directory: given, or `/var/lib/relay/IFACE`.
+fn state_dir(iface: Option<&str>, given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match (given, iface) {
+        (Some(d), _) => Ok(d),
+        (None, Some(i)) if !i.is_empty() && !i.contains('/') && i != "." && i != ".." => {
+            Ok(PathBuf::from("/var/lib/relay").join(i))
+        }
+        _ => anyhow::bail!("no state directory: give --state-dir or --iface"),
+    }
+}
+
 fn config(args: &RunArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
@@ -173,12 +200,38 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             }
             let config = config(&args)?;
             let dir = pin_dir(&args.iface[0], args.pin_dir.clone())?;
+            let state = state_dir(Some(&args.iface[0]), args.state_dir.clone())?;
             let mode = args.xdp_mode;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(run(ifaces, config, mode, dir, move || self::config(&args)))
+                .block_on(run(ifaces, config, mode, dir, state, move || {
+                    self::config(&args)
+                }))
+        }
+        Command::Users {
+            iface,
+            json,
+            state_dir: dir,
+        } => {
+            let dir = state_dir(iface.as_deref(), dir)?;
+            let rows = match relay::store::Store::open_existing(&dir)? {
+                Some(store) => store.load()?,
+                None => anyhow::bail!(
+                    "no store in {} (has a relay with [socks5] run there?)",
+                    dir.display()
+                ),
+            };
+            let mut rows: Vec<_> = rows.into_values().collect();
+            rows.sort_by(|a, b| a.user.cmp(&b.user));
+            let report = stats::UsersReport::new(&rows, unix_now());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
         }
         Command::Stats {
             iface,
@@ -355,6 +408,13 @@ fn restart(iface: &str, dir: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
+/// Seconds since the Unix epoch.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// How a run ends.
 enum Exit {
     /// SIGTERM or Ctrl-C: XDP stays attached and carries its sessions until the next start.
@@ -370,6 +430,7 @@ async fn run(
     config: Config,
     mode: ebpf::AttachMode,
     dir: PathBuf,
+    state: PathBuf,
     reread: impl Fn() -> anyhow::Result<Config>,
 ) -> anyhow::Result<()> {
     use ebpf::AttachMode;
@@ -565,12 +626,19 @@ async fn run(
                         format!("SOCKS5: cannot listen on {} (in use?)", cfg.listen)
                     })?,
             };
+            // Usage kept across restarts: read after the predecessor handed over (it wrote
+            // its last counts first).
+            let store = relay::store::Store::open(&state)?;
+            let saved = store.load()?;
+            let writer = relay::store::Writer::spawn(store, &state)?;
             let server = relay::socks5::server::Server::new(
                 cfg,
                 config.policy,
                 Arc::clone(&datapath),
                 nexthops.clone(),
                 splicer.clone(),
+                Some(writer),
+                saved,
             )?;
             server.adopt(
                 std::mem::take(&mut received.connects),
@@ -629,6 +697,7 @@ async fn run(
     forward.spawn();
     let socks5 = socks5.map(|(server, listener)| {
         tokio::spawn(Arc::clone(&server).publish());
+        tokio::spawn(Arc::clone(&server).meter());
         tokio::spawn(Arc::clone(&server).serve(listener));
         server
     });
@@ -705,6 +774,11 @@ async fn run(
             }
         }
     };
+    if !matches!(exit, Exit::HandedOver) {
+        if let Some(s) = &socks5 {
+            tokio::task::block_in_place(|| s.save_now(std::time::Duration::from_secs(2)));
+        }
+    }
     match exit {
         Exit::HandedOver => {
             // The successor owns the reserved ports, the links and the maps now.

@@ -643,3 +643,117 @@ pub fn sessions_table(sessions: &[SessionReport]) -> String {
     }
     out
 }
+
+/// One SOCKS5 user's usage and limits, as `relay users` shows them (from the store).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UserUsage {
+    pub name: String,
+    /// Payload bytes this period: client to destination, back, and both.
+    pub used_to_destination: u64,
+    pub used_to_client: u64,
+    pub used: u64,
+    pub quota: Option<u64>,
+    pub quota_left: Option<u64>,
+    /// `never`, `daily`, `monthly:DAY`.
+    pub period: String,
+    /// RFC 3339 start of the period (none for `never`).
+    pub period_start: Option<String>,
+    pub expires: Option<String>,
+    /// Bytes per second each way.
+    pub rate: Option<u64>,
+    pub max_devices: Option<u32>,
+    /// `ok`, or why the user is refused: `disabled`, `expired`, `out of quota`.
+    pub state: String,
+    /// Live figures (as of `updated`; zero when the relay is not running).
+    pub connections: u64,
+    pub associations: u64,
+    pub devices: u64,
+    pub updated: String,
+    /// Whether the relay wrote this within the last few seconds (it is running).
+    pub running: bool,
+}
+
+/// `relay users`.
+#[derive(Clone, Debug, Serialize)]
+pub struct UsersReport {
+    pub users: Vec<UserUsage>,
+}
+
+impl UsersReport {
+    pub fn new(rows: &[crate::store::Row], now: i64) -> UsersReport {
+        use crate::limits::format_time;
+        let users = rows
+            .iter()
+            .map(|r| {
+                let running = now.saturating_sub(r.updated) <= 5;
+                let live = |v: u64| if running { v } else { 0 };
+                UserUsage {
+                    name: r.user.clone(),
+                    used_to_destination: r.usage.bytes[0],
+                    used_to_client: r.usage.bytes[1],
+                    used: r.usage.total(),
+                    quota: r.quota,
+                    quota_left: r.quota.map(|q| q.saturating_sub(r.usage.total())),
+                    period: r.period.clone(),
+                    period_start: (r.usage.period_start != 0)
+                        .then(|| format_time(r.usage.period_start)),
+                    expires: r.expires.map(format_time),
+                    rate: r.rate,
+                    max_devices: r.max_devices,
+                    state: match (&r.blocked, r.enabled) {
+                        (Some(b), _) => b.clone(),
+                        (None, false) => "disabled".into(),
+                        (None, true) => "ok".into(),
+                    },
+                    connections: live(r.connections),
+                    associations: live(r.associations),
+                    devices: live(r.devices),
+                    updated: format_time(r.updated),
+                    running,
+                }
+            })
+            .collect();
+        UsersReport { users }
+    }
+
+    pub fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let mb = |v: u64| format!("{:.1} MB", v as f64 / 1e6);
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        let mut out = format!(
+            "{:<16} {:>12} {:>12} {:>12} {:<10} {:<20} {:>12} {:>5} {:>5} {:>5} {}\n",
+            "USER",
+            "USED",
+            "QUOTA",
+            "LEFT",
+            "PERIOD",
+            "EXPIRES",
+            "RATE/S",
+            "CONN",
+            "ASSOC",
+            "DEV",
+            "STATE"
+        );
+        for u in &self.users {
+            let _ = writeln!(
+                out,
+                "{:<16} {:>12} {:>12} {:>12} {:<10} {:<20} {:>12} {:>5} {:>5} {:>5} {}",
+                u.name,
+                mb(u.used),
+                opt(u.quota.map(mb)),
+                opt(u.quota_left.map(mb)),
+                u.period,
+                opt(u.expires.clone()),
+                opt(u.rate.map(mb)),
+                u.connections,
+                u.associations,
+                u.devices,
+                u.state,
+            );
+        }
+        if self.users.iter().any(|u| !u.running) {
+            out.push_str("(no relay wrote these in the last seconds: live figures shown as 0)\n");
+        }
+        out
+    }
+}

@@ -1393,6 +1393,155 @@ fn the_relay_object_is_the_relays_only() {
             "SPLICE_LINKS",
             "SPLICE_TOTALS",
             "USERS",
+            "USER_LIMITS",
+            "USER_SPENT",
         ]
     );
+}
+
+/// Per-user limits in the verified program: a SOCKS5 user's datagrams are carried while its
+/// lease allows them and dropped, counted under the reason, past its quota or rate or while
+/// it is blocked; what is carried is counted in `USER_SPENT`.
+#[test]
+fn user_limits_in_the_verified_program() {
+    let ns = support::Netns::new("fxl");
+    ns.ip(&["link", "set", "lo", "up"]);
+    let failures = ns.run(run_user_limits);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn run_user_limits() -> Vec<String> {
+    use relay_common::limits::{UserLimit, LIMIT_BLOCKED, LIMIT_COUNT, LIMIT_QUOTA, LIMIT_RATE};
+    let pin = PinDir::new();
+    let mut bpf = load(&pin);
+    let dp = Datapath::take(&mut bpf).expect("maps");
+    dp.set_nexthop(0, &TO_UPSTREAM_HOP).unwrap();
+    dp.set_nexthop(1, &TO_CLIENT_HOP).unwrap();
+    // User 2's association (record 8) and an unconfigured slot's (user 3, record 9).
+    let e = ends(SOCKS_CLIENT, SOCKS_FRONT, SOCKS_BACK, SOCKS_DEST);
+    let rule = |user: u16| relay_common::session::RULE_SOCKS | user;
+    dp.install(
+        8,
+        &datapath::record(&e, rule(2), [0, 1], 1),
+        &SlowPath::default(),
+    )
+    .unwrap();
+    let e6 = ends(SOCKS6_CLIENT, SOCKS6_FRONT, SOCKS6_BACK, SOCKS6_DEST);
+    dp.install(
+        9,
+        &datapath::record(&e6, rule(3), [0, 1], 1),
+        &SlowPath::default(),
+    )
+    .unwrap();
+    let prog = ebpf::program(&mut bpf).expect("program");
+    let data = [7u8; 100];
+    let up = strip("", SOCKS_CLIENT, SOCKS_FRONT, SOCKS_BACK, SOCKS_DEST, &data);
+    let down = prepend("", SOCKS_CLIENT, SOCKS_FRONT, SOCKS_BACK, SOCKS_DEST, &data);
+    let up6 = strip(
+        "",
+        SOCKS6_CLIENT,
+        SOCKS6_FRONT,
+        SOCKS6_BACK,
+        SOCKS6_DEST,
+        &data,
+    );
+    let len = data.len() as u64;
+    let mut failures = Vec::new();
+    let mut run = |what: &str, f: &Fixture, want: Result<(), Reason>| {
+        let mut out = vec![0u8; f.input.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&f.input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{what}: BPF_PROG_TEST_RUN failed: {e}"));
+        out.truncate(r.data_size_out as usize);
+        let verdict = Verdict::from_action(r.return_value);
+        let (want_verdict, want_out) = match want {
+            Ok(()) => (Some(Verdict::Tx), f.output.clone().unwrap()),
+            Err(reason) => (Some(reason.verdict()), f.input.clone()),
+        };
+        if verdict != want_verdict || out != want_out {
+            failures.push(format!(
+                "{what}: verdict {verdict:?}, want {want_verdict:?} ({want:?})"
+            ));
+        }
+    };
+    // Counted only: carried both ways.
+    let count = UserLimit {
+        flags: LIMIT_COUNT,
+        ..UserLimit::default()
+    };
+    dp.set_user_limit(2, &count).unwrap();
+    run("counted, to the destination", &up, Ok(()));
+    run("counted, to the client", &down, Ok(()));
+    // Toward the client the SOCKS5 header is counted too (as the controller counts it).
+    let len_down = len + 10;
+    // A quota lease of one more datagram toward the client: it passes, the next is dropped.
+    let spent = dp.user_spent(2);
+    let quota = UserLimit {
+        quota_allow: spent[0] + spent[1] + len_down,
+        flags: LIMIT_COUNT | LIMIT_QUOTA,
+        ..count
+    };
+    dp.set_user_limit(2, &quota).unwrap();
+    run("within the quota lease", &down, Ok(()));
+    run("past the quota lease", &up, Err(Reason::UserOverQuota));
+    run(
+        "past the quota lease, the other way",
+        &down,
+        Err(Reason::UserOverQuota),
+    );
+    // A rate lease of one more datagram toward the client, none toward the destination.
+    let spent = dp.user_spent(2);
+    let rate = UserLimit {
+        allow: [spent[0], spent[1] + len_down],
+        flags: LIMIT_COUNT | LIMIT_RATE,
+        ..count
+    };
+    dp.set_user_limit(2, &rate).unwrap();
+    run("within the rate lease", &down, Ok(()));
+    run("past the rate lease", &down, Err(Reason::UserOverRate));
+    run("no rate lease this way", &up, Err(Reason::UserOverRate));
+    dp.set_user_limit(
+        2,
+        &UserLimit {
+            flags: LIMIT_COUNT | LIMIT_BLOCKED,
+            ..count
+        },
+    )
+    .unwrap();
+    run("blocked", &up, Err(Reason::UserBlocked));
+    // A slot no controller configured (flags 0): carried, not counted.
+    run("an unconfigured user", &up6, Ok(()));
+    let got = dp.user_spent(2);
+    if got != [len, 3 * len_down] {
+        failures.push(format!(
+            "USER_SPENT[2] = {got:?}, want [{len}, {}]",
+            3 * len_down
+        ));
+    }
+    if dp.user_spent(3) != [0, 0] {
+        failures.push(format!(
+            "USER_SPENT[3] = {:?}, want nothing",
+            dp.user_spent(3)
+        ));
+    }
+    let s = Snapshot::from_ebpf(&bpf).expect("counters");
+    for (reason, n) in [
+        (Reason::UserOverQuota, 2),
+        (Reason::UserOverRate, 2),
+        (Reason::UserBlocked, 1),
+        (Reason::RelayedTx, 5),
+    ] {
+        if s.reason(reason).packets != n {
+            failures.push(format!(
+                "{}: {} packets, want {n}",
+                reason.name(),
+                s.reason(reason).packets
+            ));
+        }
+    }
+    failures
 }

@@ -252,6 +252,7 @@ mod tests {
                         password_hash: (*hash).into(),
                         max_associations: 1,
                         max_connections: 1,
+                        limits: Default::default(),
                     })
                     .collect(),
             )

@@ -17,7 +17,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, RwLock,
     },
     time::Duration,
@@ -44,6 +44,7 @@ use crate::{
     datapath::{Datapath, Endpoints},
     handover::{AssociateState, ConnectState, Item},
     idle::idle,
+    limits::{Block, Budget, Ledger},
     nexthop::{Hops, NextHops},
     policy::Policy,
     sessions::PortPool,
@@ -79,6 +80,184 @@ pub struct Account {
     /// Destinations relayed by the controller because the user held its share of the
     /// fast-path table.
     pub fast_path_refused: AtomicU64,
+    /// The user's limits and usage (`None` for the no-auth pseudo-user before it is set up).
+    pub ledger: Mutex<Option<Ledger>>,
+    /// What the controller's own paths may still spend until the next limits tick.
+    pub spend: Spend,
+    /// Why the user may not use the relay now; its sessions end when this becomes `Some`.
+    pub blocked: Blocked,
+    /// Client addresses of the user's live sessions, with how many each holds (devices).
+    devices: Mutex<HashMap<IpAddr, u32>>,
+    /// Requests refused because the user is blocked or holds `max_devices` addresses.
+    pub limit_refused: AtomicU64,
+    /// UDP datagrams the controller dropped over the user's rate or quota.
+    pub over_limit: AtomicU64,
+    /// The lease last written to `USER_LIMITS`.
+    lease: Mutex<Option<relay_common::limits::UserLimit>>,
+}
+
+/// The user's current block state, watched by its sessions.
+pub struct Blocked(watch::Sender<Option<Block>>);
+
+impl Default for Blocked {
+    fn default() -> Blocked {
+        Blocked(watch::channel(None).0)
+    }
+}
+
+impl Blocked {
+    pub fn now(&self) -> Option<Block> {
+        *self.0.borrow()
+    }
+}
+
+/// Bytes the controller's paths (splice, its own UDP relaying) may move for a user until the
+/// next limits tick: a quota budget and a rate budget per direction, refilled by the tick.
+pub struct Spend {
+    quota: AtomicI64,
+    rate: [AtomicI64; 2],
+    tick: tokio::sync::Notify,
+}
+
+impl Default for Spend {
+    fn default() -> Spend {
+        Spend {
+            quota: AtomicI64::new(i64::MAX),
+            rate: [AtomicI64::new(i64::MAX), AtomicI64::new(i64::MAX)],
+            tick: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+/// Takes up to `want` from `a` (nothing if it is spent): what was taken.
+fn take_up_to(a: &AtomicI64, want: i64) -> i64 {
+    match a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        (v > 0).then(|| v - v.min(want))
+    }) {
+        Ok(v) => v.min(want),
+        Err(_) => 0,
+    }
+}
+
+impl Spend {
+    fn set(&self, b: Budget) {
+        self.quota.store(b.quota, Ordering::Relaxed);
+        for (r, v) in self.rate.iter().zip(b.rate) {
+            r.store(v, Ordering::Relaxed);
+        }
+        self.tick.notify_waiters();
+    }
+
+    /// Takes up to `want` bytes in direction `d` from both budgets.
+    fn take(&self, d: usize, want: usize) -> usize {
+        let want = want.min(i64::MAX as usize) as i64;
+        let r = take_up_to(&self.rate[d], want);
+        let q = take_up_to(&self.quota, r);
+        if q < r {
+            self.rate[d].fetch_add(r - q, Ordering::Relaxed);
+        }
+        q as usize
+    }
+
+    /// Gives back what was taken and not used.
+    fn give_back(&self, d: usize, n: usize) {
+        let n = n.min(i64::MAX as usize) as i64;
+        // Budgets of an unlimited user stay at the top.
+        for a in [&self.rate[d], &self.quota] {
+            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_add(n))
+            });
+        }
+    }
+
+    /// Takes between 1 and `want` bytes in direction `d`, waiting for the next tick while the
+    /// budgets are spent (this paces a CONNECT to the user's rate).
+    async fn wait(&self, d: usize, want: usize) -> usize {
+        loop {
+            let tick = self.tick.notified();
+            tokio::pin!(tick);
+            tick.as_mut().enable();
+            let n = self.take(d, want);
+            if n > 0 {
+                return n;
+            }
+            tick.await;
+        }
+    }
+}
+
+/// Holds one of a user's device slots (its client address) while a session lives.
+struct Device<'a> {
+    acct: &'a Account,
+    ip: IpAddr,
+}
+
+impl Drop for Device<'_> {
+    fn drop(&mut self) {
+        let mut devices = self.acct.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = devices.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                devices.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Account {
+    /// A device slot for `ip`: refused when the user holds `max` other addresses already.
+    fn device(&self, ip: IpAddr, max: Option<u32>) -> Option<Device<'_>> {
+        let ip = crate::config::canonical(ip);
+        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if !devices.contains_key(&ip) && max.is_some_and(|m| devices.len() >= m as usize) {
+            return None;
+        }
+        *devices.entry(ip).or_insert(0) += 1;
+        Some(Device { acct: self, ip })
+    }
+
+    /// Why a request of this user is refused now, if it is: blocked, or a new address over
+    /// the device limit. Otherwise its device slot.
+    fn admit(&self, ip: IpAddr) -> Result<Device<'_>, String> {
+        let (blocked, max_devices) = {
+            let ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+            match ledger.as_ref() {
+                Some(l) => (l.blocked(unix_now()), l.limits.max_devices),
+                None => (None, None),
+            }
+        };
+        if let Some(b) = blocked.or(self.blocked.now()) {
+            return Err(b.name().to_owned());
+        }
+        self.device(ip, max_devices)
+            .ok_or_else(|| format!("holds max_devices ({}) addresses", max_devices.unwrap_or(0)))
+    }
+
+    /// The controller's byte counters of the user, per direction (CONNECT and UDP together).
+    fn user_bytes(&self) -> [u64; 2] {
+        [0, 1].map(|d| {
+            self.tcp_bytes[d]
+                .load(Ordering::Relaxed)
+                .wrapping_add(self.udp_bytes[d].load(Ordering::Relaxed))
+        })
+    }
+
+    /// Whether bytes of this user are metered (a quota or a rate): they then never take the
+    /// kernel CONNECT path, which cannot hold bytes back.
+    fn metered(&self) -> bool {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|l| l.limits.meters_bytes())
+    }
+}
+
+/// Seconds since the Unix epoch (the wall clock: periods and expiry).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn add(a: &AtomicU64, n: u64) {
@@ -132,6 +311,26 @@ impl Grant {
 /// Resolves when `rx`'s user is revoked (or its grant is gone).
 async fn revoked(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|r| *r).await;
+}
+
+/// What ends a user's live sessions: a reload that removed the user or changed its password
+/// (the grant is revoked), or the user becoming blocked (expired, disabled, out of quota).
+struct Stop {
+    revoked: watch::Receiver<bool>,
+    blocked: watch::Receiver<Option<Block>>,
+}
+
+impl Stop {
+    /// Resolves when the sessions must end, with why.
+    async fn wait(&mut self) -> &'static str {
+        tokio::select! {
+            () = revoked(&mut self.revoked) => "the user was removed or changed",
+            b = self.blocked.wait_for(Option::is_some) => match b.as_deref() {
+                Ok(Some(b)) => b.name(),
+                _ => "the user is gone",
+            },
+        }
+    }
 }
 
 /// What a reload replaces at once.
@@ -237,7 +436,18 @@ pub struct Server {
     handed: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Handed>>>,
     /// Tasks that hold sockets: the accept loop and every client's.
     tasks: Arc<AtomicUsize>,
+    /// The embedded store's writer (`None`: usage is not kept across restarts).
+    store: Option<crate::store::Writer>,
+    /// The rows read from the store at start, for users not set up yet.
+    saved: HashMap<String, crate::store::Row>,
 }
+
+/// How often the users' leases and budgets are renewed while they have live sessions (users
+/// without any are looked at every [`IDLE_TICKS`] ticks: expiry and period resets).
+pub const LIMITS_TICK: Duration = Duration::from_millis(50);
+const IDLE_TICKS: u64 = 20;
+/// How often usage is written to the store, in ticks (a crash loses at most this much).
+const SAVE_TICKS: u64 = 20;
 
 /// One thing handed over and its descriptors.
 pub type Handed = (Item, Vec<OwnedFd>);
@@ -344,6 +554,8 @@ impl Server {
         datapath: Arc<Datapath>,
         nexthops: Option<Arc<NextHops>>,
         splicer: Option<Arc<Splicer>>,
+        store: Option<crate::store::Writer>,
+        saved: HashMap<String, crate::store::Row>,
     ) -> anyhow::Result<Arc<Server>> {
         let users = Arc::new(Users::new(cfg.users.clone())?);
         let mut accounts = Accounts {
@@ -365,7 +577,7 @@ impl Server {
                 a.continue_from(p);
             }
         }
-        Ok(Arc::new(Server {
+        let server = Arc::new(Server {
             handshakes: Arc::new(Semaphore::new(cfg.max_handshakes as usize)),
             sources: Arc::default(),
             refusals: Arc::default(),
@@ -386,7 +598,177 @@ impl Server {
             handing_over: watch::channel(false).0,
             handed: Mutex::new(None),
             tasks: Arc::default(),
-        }))
+            store,
+            saved,
+        });
+        let cfg = server.cfg.clone();
+        server.set_up_limits(&cfg);
+        Ok(server)
+    }
+
+    /// Gives every configured user its limits: a new ledger (taking up the usage the store
+    /// had for the name) or new limits for the one it has. Then one tick, so that the kernel's
+    /// leases and who is blocked are right before the first request.
+    fn set_up_limits(&self, cfg: &Socks5Config) {
+        let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
+        let limits_of = |name: &str| {
+            cfg.users
+                .iter()
+                .find(|u| u.name == name)
+                .map(|u| u.limits.clone())
+        };
+        for (i, a) in accounts.list.iter().enumerate() {
+            let limits = if i == 0 {
+                Some(crate::limits::Limits::default())
+            } else {
+                limits_of(&a.name)
+            };
+            let Some(limits) = limits else { continue };
+            let mut ledger = a.ledger.lock().unwrap_or_else(|e| e.into_inner());
+            match ledger.as_mut() {
+                Some(l) => l.set_limits(limits),
+                None => {
+                    let kernel = self.datapath.user_spent(i as u32);
+                    let user = a.user_bytes();
+                    let saved = (i != 0).then(|| self.saved.get(&a.name)).flatten();
+                    *ledger = Some(match saved {
+                        // The counters the usage was counted up to are this slot's: what
+                        // moved since (while this relay restarted) is counted too.
+                        Some(row) if row.slot == i as u32 => {
+                            Ledger::new(limits, row.usage, row.kernel_seen, row.user_seen)
+                        }
+                        Some(row) => Ledger::new(limits, row.usage, kernel, user),
+                        None => Ledger::new(limits, Default::default(), kernel, user),
+                    });
+                }
+            }
+        }
+        drop(accounts);
+        self.meter_once(true);
+    }
+
+    /// Renews the users' leases and budgets every [`LIMITS_TICK`] and writes usage to the
+    /// store every [`SAVE_TICKS`], until the server hands over (which saves one last time).
+    pub async fn meter(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(LIMITS_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let over = self.handing_over.subscribe();
+        let mut n: u64 = 0;
+        loop {
+            tick.tick().await;
+            if *over.borrow() {
+                return;
+            }
+            n += 1;
+            self.meter_once(n.is_multiple_of(IDLE_TICKS));
+            if n.is_multiple_of(SAVE_TICKS) {
+                self.save_usage();
+            }
+        }
+    }
+
+    /// One limits tick: for each user with live sessions (every user if `all`), counts what
+    /// moved, and applies the ledger's decisions: the kernel's lease, the controller's budget,
+    /// the block state (which ends the user's sessions).
+    fn meter_once(&self, all: bool) {
+        let accounts: Vec<Arc<Account>> = self
+            .accounts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .list
+            .clone();
+        let mono = crate::system::monotonic_ns();
+        let now = unix_now();
+        for (i, a) in accounts.iter().enumerate() {
+            let live = a.active_connections.load(Ordering::Relaxed)
+                + a.active_associations.load(Ordering::Relaxed);
+            if live == 0 && !all {
+                continue;
+            }
+            let kernel = self.datapath.user_spent(i as u32);
+            let user = a.user_bytes();
+            let tick = {
+                let mut ledger = a.ledger.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(l) = ledger.as_mut() else { continue };
+                l.tick(mono, now, kernel, user)
+            };
+            {
+                let mut lease = a.lease.lock().unwrap_or_else(|e| e.into_inner());
+                if *lease != Some(tick.kernel) {
+                    match self.datapath.set_user_limit(i as u32, &tick.kernel) {
+                        Ok(()) => *lease = Some(tick.kernel),
+                        Err(e) => debug!("SOCKS5 user {}: {e:#}", a.name),
+                    }
+                }
+            }
+            a.spend.set(tick.budget);
+            let was = a.blocked.now();
+            if was != tick.blocked {
+                a.blocked.0.send_replace(tick.blocked);
+                match tick.blocked {
+                    Some(b) => info!("SOCKS5 user {:?}: {}; its sessions end", a.name, b.name()),
+                    None if tick.reset => {
+                        info!(
+                            "SOCKS5 user {:?}: a new quota period; usage from zero",
+                            a.name
+                        )
+                    }
+                    None => info!("SOCKS5 user {:?}: may use the relay again", a.name),
+                }
+            }
+        }
+    }
+
+    /// Sends every configured user's usage and status to the store's writer.
+    fn save_usage(&self) {
+        let Some(store) = &self.store else { return };
+        let accounts: Vec<Arc<Account>> = self
+            .accounts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .list
+            .clone();
+        let now = unix_now();
+        let mut rows = Vec::new();
+        for (i, a) in accounts.iter().enumerate().skip(1) {
+            let ledger = a.ledger.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(l) = ledger.as_ref() else { continue };
+            let lim = &l.limits;
+            rows.push(crate::store::Row {
+                user: a.name.clone(),
+                usage: l.usage,
+                slot: i as u32,
+                kernel_seen: l.kernel_seen,
+                user_seen: l.user_seen,
+                quota: lim.quota,
+                period: lim.period.to_string(),
+                expires: lim.expires,
+                rate: lim.rate,
+                max_devices: lim.max_devices,
+                enabled: lim.enabled && a.configured.load(Ordering::Relaxed),
+                blocked: a.blocked.now().map(|b| b.name().to_owned()),
+                connections: a.active_connections.load(Ordering::Relaxed),
+                associations: a.active_associations.load(Ordering::Relaxed),
+                devices: a.devices.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+                updated: now,
+            });
+        }
+        store.save(rows);
+    }
+
+    /// Counts what moved since the last tick and writes it to the store, waiting (at most
+    /// `wait`) until it is on disk: before handing over or stopping.
+    pub fn save_now(&self, wait: Duration) {
+        self.meter_once(true);
+        self.save_usage();
+        if let Some(store) = &self.store {
+            if !store.flush(wait) {
+                warn!(
+                    "store {}: usage not written within {wait:?}",
+                    store.path().display()
+                );
+            }
+        }
     }
 
     /// Puts something a task hands over where [`Server::hand_over`] collects it.
@@ -422,6 +804,7 @@ impl Server {
             items.push(h);
         }
         self.publish_once();
+        tokio::task::block_in_place(|| self.save_now(Duration::from_secs(2)));
         (items, unfinished)
     }
 
@@ -484,6 +867,14 @@ impl Server {
         Ok(source)
     }
 
+    /// What ends the sessions of `grant`'s user (subscribed now: what happens from here on).
+    fn stop_of(&self, grant: &Grant) -> Stop {
+        Stop {
+            revoked: grant.revoke.subscribe(),
+            blocked: self.account(grant.account).blocked.0.subscribe(),
+        }
+    }
+
     fn user_of(&self, account: usize) -> Option<String> {
         (account != 0).then(|| self.account(account).name.clone())
     }
@@ -521,24 +912,26 @@ impl Server {
         let source = self.adopted_source(client.peer_addr()?.ip())?;
         let acct = self.account(grant.account);
         acct.active_connections.fetch_add(1, Ordering::Relaxed);
-        let revoked = grant.revoke.subscribe();
+        let stop = self.stop_of(&grant);
         let server = Arc::clone(self);
         let guard = TaskGuard::new(&self.tasks);
+        let ip = client.peer_addr()?.ip();
         tokio::spawn(async move {
             let _guard = guard;
             let _slot = Active(&acct.active_connections);
+            let _device = acct.device(ip, None);
             let dest = &state.dest;
             match (kernel, pipes) {
                 (Some((splicer, carried)), _) => {
                     server
                         .relay_kernel(
-                            &splicer, client, upstream, carried, &acct, &grant, dest, revoked,
+                            &splicer, client, upstream, carried, &acct, &grant, dest, stop,
                         )
                         .await
                 }
                 (None, Some(pipes)) => {
                     server
-                        .relay_connect(client, upstream, pipes, &acct, &grant, dest, revoked)
+                        .relay_connect(client, upstream, pipes, &acct, &grant, dest, stop)
                         .await
                 }
                 (None, None) => {}
@@ -591,15 +984,16 @@ impl Server {
         }
         let source = self.adopted_source(state.peer.ip())?;
         acct.active_associations.fetch_add(1, Ordering::Relaxed);
-        let revoked = grant.revoke.subscribe();
+        let stop = self.stop_of(&grant);
         let server = Arc::clone(self);
         let guard = TaskGuard::new(&self.tasks);
         let peer = state.peer;
         tokio::spawn(async move {
             let _guard = guard;
             let _slot = Active(&acct.active_associations);
+            let _device = acct.device(peer.ip(), None);
             server
-                .run_association(control, socket, peer, &acct, assoc, revoked)
+                .run_association(control, socket, peer, &acct, assoc, stop)
                 .await;
             drop(source);
         });
@@ -687,6 +1081,8 @@ impl Server {
             grants,
             anonymous,
         });
+        let cfg = self.current().cfg.clone();
+        self.set_up_limits(&cfg);
         // After the swap, so that a handshake finishing now finds the new grants.
         for g in &revoked {
             g.revoke.send_replace(true);
@@ -800,13 +1196,11 @@ impl Server {
             Err(None) => return,
         };
         // Subscribed before anything else: a revocation from now on is seen.
-        let revoked = grant.revoke.subscribe();
+        let stop = self.stop_of(&grant);
         match outcome {
-            Outcome::Connect(dest, early) => {
-                self.connect(stream, grant, dest, early, revoked).await
-            }
+            Outcome::Connect(dest, early) => self.connect(stream, grant, dest, early, stop).await,
             Outcome::Associate(dest) => {
-                self.associate(stream, peer, grant.account, dest, revoked)
+                self.associate(stream, peer, grant.account, dest, stop)
                     .await
             }
         }
@@ -924,6 +1318,16 @@ impl Server {
             .map_or((0, 0), |g| (g.max_connections, g.max_associations))
     }
 
+    /// The user's limits for a new request from `peer`: its device slot, or refused (counted
+    /// and logged; the caller replies "not allowed").
+    fn limits_admit<'a>(&self, acct: &'a Account, peer: SocketAddr) -> Result<Device<'a>, ()> {
+        acct.admit(peer.ip()).map_err(|why| {
+            add(&acct.refused, 1);
+            add(&acct.limit_refused, 1);
+            debug!("SOCKS5 {peer}: user {:?} refused: {why}", acct.name);
+        })
+    }
+
     async fn admit(&self, dest: &Dest) -> Result<Vec<SocketAddr>, u8> {
         let candidates: Vec<SocketAddr> = match dest {
             Dest::Ip(a) => vec![*a],
@@ -956,11 +1360,21 @@ impl Server {
         grant: Grant,
         dest: Dest,
         early: Vec<u8>,
-        revoked_rx: watch::Receiver<bool>,
+        stop: Stop,
     ) {
         let acct = self.account(grant.account);
         let acct = &*acct;
         let unbound = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+        let Ok(peer) = client.peer_addr() else { return };
+        let _device = match self.limits_admit(acct, peer) {
+            Ok(d) => d,
+            Err(()) => {
+                let _ = client
+                    .write_all(&reply_bytes(reply::NOT_ALLOWED, unbound))
+                    .await;
+                return;
+            }
+        };
         // The slot is taken before connecting, so that requests arriving together cannot all
         // pass the check; it is given back whatever happens next.
         let max = u64::from(grant.max_connections);
@@ -1019,7 +1433,11 @@ impl Server {
             add(&acct.tcp_bytes[0], early.len() as u64);
         }
         let kernel = self.current().cfg.connect_path == crate::config::ConnectPath::Kernel;
-        let splicer = self.splicer.as_ref().filter(|s| kernel && s.enabled());
+        // A metered user's bytes are spliced: the kernel path cannot hold bytes back.
+        let splicer = self
+            .splicer
+            .as_ref()
+            .filter(|s| kernel && s.enabled() && !acct.metered());
         let carried = splicer.and_then(|s| s.start(&client, &upstream));
         if client
             .write_all(&reply_bytes(reply::SUCCEEDED, bound))
@@ -1036,7 +1454,7 @@ impl Server {
         if let (Some(s), Some(mut c)) = (splicer, carried) {
             s.link_upstream(&mut c, &client, &upstream);
             let dest = dest.to_string();
-            self.relay_kernel(s, client, upstream, c, acct, &grant, &dest, revoked_rx)
+            self.relay_kernel(s, client, upstream, c, acct, &grant, &dest, stop)
                 .await;
             return;
         }
@@ -1050,7 +1468,7 @@ impl Server {
             }
         };
         let dest = dest.to_string();
-        self.relay_connect(client, upstream, pipes, acct, &grant, &dest, revoked_rx)
+        self.relay_connect(client, upstream, pipes, acct, &grant, &dest, stop)
             .await;
     }
 
@@ -1066,7 +1484,7 @@ impl Server {
         acct: &Account,
         grant: &Grant,
         dest: &str,
-        mut revoked_rx: watch::Receiver<bool>,
+        mut stop: Stop,
     ) {
         // Bytes moved either way on this connection (for the idle timeout).
         let moved = AtomicU64::new(0);
@@ -1080,13 +1498,13 @@ impl Server {
         // half-closed connection keeps flowing the other way.
         let relay = async {
             tokio::join!(
-                splice_copy(&client, &upstream, &pipes[0], &acct.tcp_bytes[0], &moved),
-                splice_copy(&upstream, &client, &pipes[1], &acct.tcp_bytes[1], &moved)
+                splice_copy(&client, &upstream, &pipes[0], acct, 0, &moved),
+                splice_copy(&upstream, &client, &pipes[1], acct, 1, &moved)
             );
         };
         let handed = tokio::select! {
             () = relay => false,
-            () = ended(&moved, idle_timeout, &mut revoked_rx, dest) => false,
+            () = ended(&moved, idle_timeout, &mut stop, dest) => false,
             () = handing_over(&mut over) => true,
         };
         if handed {
@@ -1107,7 +1525,7 @@ impl Server {
         acct: &Account,
         grant: &Grant,
         dest: &str,
-        mut revoked_rx: watch::Receiver<bool>,
+        mut stop: Stop,
     ) {
         let moved = AtomicU64::new(0);
         let idle_timeout = self.current().cfg.connect_idle_timeout;
@@ -1155,7 +1573,7 @@ impl Server {
                 let _ = upstream.set_zero_linger();
                 false
             }
-            () = ended(&moved, idle_timeout, &mut revoked_rx, dest) => false,
+            () = ended(&moved, idle_timeout, &mut stop, dest) => false,
         };
         tally(splicer, &state, acct, &moved);
         let carried = state.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -1306,11 +1724,20 @@ impl Server {
         peer: SocketAddr,
         account: usize,
         dest: Dest,
-        revoked_rx: watch::Receiver<bool>,
+        stop: Stop,
     ) {
         let acct = self.account(account);
         let acct = &*acct;
         let unbound = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+        let _device = match self.limits_admit(acct, peer) {
+            Ok(d) => d,
+            Err(()) => {
+                let _ = control
+                    .write_all(&reply_bytes(reply::NOT_ALLOWED, unbound))
+                    .await;
+                return;
+            }
+        };
         // The slot is taken before anything is bound, as for CONNECT: associations requested
         // together cannot all pass the check; it is given back whatever happens next.
         let (_, max_assoc) = self.limit(account);
@@ -1367,7 +1794,7 @@ impl Server {
             names: HashMap::new(),
             fast: Vec::new(),
         };
-        self.run_association(control, socket, peer, acct, assoc, revoked_rx)
+        self.run_association(control, socket, peer, acct, assoc, stop)
             .await;
     }
 
@@ -1381,7 +1808,7 @@ impl Server {
         peer: SocketAddr,
         acct: &Account,
         mut assoc: Association,
-        mut revoked_rx: watch::Receiver<bool>,
+        mut stop: Stop,
     ) {
         let mut over = self.handing_over.subscribe();
         let mut probe = [0u8; 64];
@@ -1391,9 +1818,9 @@ impl Server {
         while !handed {
             tokio::select! {
                 () = handing_over(&mut over) => handed = true,
-                // A reload removed the user or changed its password.
-                () = revoked(&mut revoked_rx) => {
-                    debug!("SOCKS5 {peer}: the user was removed or changed; closing");
+                // A reload removed the user or changed its password, or it is blocked now.
+                why = stop.wait() => {
+                    debug!("SOCKS5 {peer}: {why}; closing the UDP association");
                     break;
                 }
                 // The association lives as long as its control connection.
@@ -1551,6 +1978,14 @@ impl Server {
             }
         }
         for (to, bytes, upstream) in to_send {
+            // Within the user's rate and quota, or dropped (as XDP drops it).
+            let d = usize::from(!upstream);
+            let taken = acct.spend.take(d, bytes.len());
+            if taken < bytes.len() {
+                acct.spend.give_back(d, taken);
+                add(&acct.over_limit, 1);
+                continue;
+            }
             let from = (!upstream).then_some(assoc.local);
             let out = [udp::Outgoing {
                 data: &bytes,
@@ -1688,17 +2123,10 @@ impl Drop for Active<'_> {
 
 /// Resolves when a CONNECT is to be closed: nothing moved for `timeout`, or its user was
 /// removed or changed.
-async fn ended(
-    moved: &AtomicU64,
-    timeout: Duration,
-    revoked_rx: &mut watch::Receiver<bool>,
-    dest: &str,
-) {
+async fn ended(moved: &AtomicU64, timeout: Duration, stop: &mut Stop, dest: &str) {
     tokio::select! {
         () = idle(moved, timeout) => debug!("SOCKS5 CONNECT to {dest}: idle; closing"),
-        () = revoked(revoked_rx) => {
-            debug!("SOCKS5 CONNECT to {dest}: the user was removed or changed; closing");
-        }
+        why = stop.wait() => debug!("SOCKS5 CONNECT to {dest}: {why}; closing"),
     }
 }
 
@@ -2013,14 +2441,18 @@ fn splice(from: i32, to: i32, len: usize) -> std::io::Result<usize> {
 }
 
 /// Moves bytes from `from` to `to` with splice(2) through `pipe` until EOF or an error, then
-/// shuts down `to` for writing. Counts the bytes moved (in `bytes` and `moved`).
+/// shuts down `to` for writing. Takes what it reads from the user's budget for direction `d`
+/// (waiting for the next limits tick when it is spent: a rate limit paces the connection)
+/// and counts what it moved (in the account and `moved`).
 async fn splice_copy(
     from: &TcpStream,
     to: &TcpStream,
     pipe: &Pipe,
-    bytes: &AtomicU64,
+    acct: &Account,
+    d: usize,
     moved: &AtomicU64,
 ) {
+    let bytes = &acct.tcp_bytes[d];
     const CHUNK: usize = 1 << 16;
     let (src, dst) = (from.as_raw_fd(), to.as_raw_fd());
     let (pr, pw) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
@@ -2033,7 +2465,11 @@ async fn splice_copy(
             if from.readable().await.is_err() {
                 break;
             }
-            match from.try_io(Interest::READABLE, || splice(src, pw, CHUNK)) {
+            let allowed = acct.spend.wait(d, CHUNK).await;
+            let r = from.try_io(Interest::READABLE, || splice(src, pw, allowed));
+            acct.spend
+                .give_back(d, allowed - r.as_ref().map_or(0, |n| (*n).min(allowed)));
+            match r {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,

@@ -21,6 +21,8 @@ pub struct User {
     pub max_associations: u32,
     /// At most this many CONNECT connections at once.
     pub max_connections: u32,
+    /// Quota, expiry, rate, devices, enabled.
+    pub limits: crate::limits::Limits,
 }
 
 /// Accepted Argon2 memory sizes in KiB: 8 MiB to 256 MiB (the default is 19 MiB).
@@ -159,6 +161,7 @@ mod tests {
             password_hash: hash.clone(),
             max_associations: 4,
             max_connections: 64,
+            limits: Default::default(),
         }])
         .unwrap();
         assert!(users.verify("alice", b"correct horse"));
@@ -174,6 +177,7 @@ mod tests {
             password_hash: hash.into(),
             max_associations: 1,
             max_connections: 1,
+            limits: Default::default(),
         };
         let e = Users::new(vec![user("alice", "hunter2")]).unwrap_err();
         assert!(format!("{e:#}").contains("relay hash-password"), "{e}");
@@ -188,6 +192,7 @@ mod tests {
             password_hash: hash.into(),
             max_associations: 1,
             max_connections: 1,
+            limits: Default::default(),
         };
         // What `relay hash-password` makes passes.
         let ours = hash_password(b"x").unwrap();

@@ -246,6 +246,11 @@ impl PinDir {
     pub fn arg(&self) -> &str {
         self.0.path.to_str().expect("utf-8 pin path")
     }
+
+    /// The relay's state directory in this test (its store), removed with the mount.
+    pub fn state(&self) -> PathBuf {
+        lab::state_dir_for(&self.0.path)
+    }
 }
 
 /// A running `relay run`, killed on drop.
@@ -259,10 +264,17 @@ impl Relay {
     pub fn start(ns: &Netns, args: &[&str]) -> Relay {
         let log = std::env::temp_dir().join(format!("{}.log", unique("log")));
         let file = File::create(&log).expect("log file");
+        let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        if !args.iter().any(|a| a == "--state-dir") {
+            if let Some(i) = args.iter().position(|a| a == "--pin-dir") {
+                let state = lab::state_dir_for(std::path::Path::new(&args[i + 1]));
+                args.extend(["--state-dir".into(), state.to_string_lossy().into_owned()]);
+            }
+        }
         let child = ns
             .command(relay_bin())
             .arg("run")
-            .args(args)
+            .args(&args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
