@@ -1203,6 +1203,53 @@ mod tests {
     }
 
     #[test]
+    fn user_limits_parse_and_bad_ones_name_the_field() {
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$78uEBMWrN8igmbz+11VHPQ$KxJ1FCRT//sSd/Alf06Jp8O9qgVCkvAlQF2yNPjpsZk";
+        let user = |extra: &str| {
+            format!(
+                "[socks5]\nlisten = \"0.0.0.0:1080\"\n[[socks5.users]]\nname = \"alice\"\n\
+                 password_hash = \"{hash}\"\n{extra}"
+            )
+        };
+        // Two lines: no limits.
+        let c = Config::from_toml(&user("")).unwrap();
+        let l = &c.socks5.unwrap().users[0].limits;
+        assert_eq!(*l, crate::limits::Limits::default());
+        let c = Config::from_toml(&user(
+            "quota = \"10 GB\"\nquota_period = \"monthly:5\"\nexpires = \"2027-06-30\"\n\
+             rate = 2000000\nmax_devices = 3\nenabled = false\n",
+        ))
+        .unwrap();
+        let l = c.socks5.unwrap().users[0].limits.clone();
+        assert_eq!(l.quota, Some(10_000_000_000));
+        assert_eq!(l.period, crate::limits::Period::Monthly(5));
+        assert_eq!(
+            l.expires,
+            Some(crate::limits::parse_time("2027-06-30").unwrap())
+        );
+        assert_eq!((l.rate, l.burst), (Some(2_000_000), 200_000));
+        assert_eq!((l.max_devices, l.enabled), (Some(3), false));
+        for (extra, want) in [
+            ("quota = \"ten\"\n", "quota"),
+            ("quota = \"10 XB\"\n", "unknown unit"),
+            ("quota_period = \"daily\"\n", "quota_period: needs a quota"),
+            ("quota = 1\nquota_period = \"weekly\"\n", "quota_period"),
+            ("rate = 0\n", "rate: must be more than 0"),
+            ("burst = \"1 MB\"\n", "burst: needs a rate"),
+            ("max_devices = 0\n", "max_devices"),
+            ("expires = \"next week\"\n", "expires"),
+            ("quotas = 1\n", "unknown field"),
+        ] {
+            let e = format!("{:#}", Config::from_toml(&user(extra)).unwrap_err());
+            assert!(e.contains(want), "{extra}: {e}");
+            assert!(
+                e.contains("alice") || want == "unknown field",
+                "{extra}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));

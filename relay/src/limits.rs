@@ -208,6 +208,31 @@ pub struct Tick {
     pub reset: bool,
 }
 
+/// What each side asks for the next tick: twice what it moved in the last, and a little
+/// more, so that a side that starts moving is not held back for a tick: the kernel more (a
+/// datagram it cannot carry is dropped), the controller less (it waits for the next tick).
+const SHARE_FLOOR: u64 = 64 * 1024;
+const SHARE_FLOOR_USER: u64 = 16 * 1024;
+
+/// A quota is used up once less than this is left: less than a few datagrams, which would
+/// otherwise be shared out in ever smaller leases that no datagram fits.
+pub const QUOTA_SLACK: u64 = 4 * 1024;
+
+/// Shares `avail` bytes between the kernel (returned first) and the controller, from what
+/// each moved in the last tick. Each gets what it asks for when both fit, the kernel the rest
+/// (a datagram XDP cannot carry is dropped, where the controller only waits); when they do not
+/// fit, in proportion to what they ask.
+fn share(avail: u64, (kernel, user): (u64, u64)) -> (u64, i64) {
+    let want_k = kernel.saturating_mul(2).saturating_add(SHARE_FLOOR);
+    let want_u = user.saturating_mul(2).saturating_add(SHARE_FLOOR_USER);
+    let u = if want_k.saturating_add(want_u) <= avail {
+        want_u
+    } else {
+        (u128::from(avail) * u128::from(want_u) / (u128::from(want_k) + u128::from(want_u))) as u64
+    };
+    (avail - u, u.min(i64::MAX as u64) as i64)
+}
+
 /// A user's accounting and limits, advanced by [`Ledger::tick`].
 #[derive(Clone, Debug)]
 pub struct Ledger {
@@ -221,8 +246,9 @@ pub struct Ledger {
     pool: [i64; 2],
     /// Monotonic nanoseconds of the last tick.
     last: Option<u64>,
-    /// The kernel's share of the user's bytes in the last tick, in eighths (1-7).
-    kernel_eighths: u64,
+    /// Bytes the kernel and the controller moved for the user in the last tick: how what is
+    /// left is shared out at the next.
+    last_moved: (u64, u64),
 }
 
 /// The longest gap a tick refills for: a stalled controller does not hand out a burst of
@@ -240,7 +266,7 @@ impl Ledger {
             user_seen: user,
             pool: [burst; 2],
             last: None,
-            kernel_eighths: 4,
+            last_moved: (0, 0),
         }
     }
 
@@ -262,7 +288,11 @@ impl Ledger {
             Some(Block::Disabled)
         } else if self.limits.expires.is_some_and(|e| now >= e) {
             Some(Block::Expired)
-        } else if self.limits.quota.is_some_and(|q| self.usage.total() >= q) {
+        } else if self
+            .limits
+            .quota
+            .is_some_and(|q| self.usage.total().saturating_add(QUOTA_SLACK) > q)
+        {
             Some(Block::OutOfQuota)
         } else {
             None
@@ -291,9 +321,7 @@ impl Ledger {
         for (used, m) in self.usage.bytes.iter_mut().zip(moved) {
             *used = used.saturating_add(m);
         }
-        if let Some(share) = k_total.saturating_mul(8).checked_div(k_total + u_total) {
-            self.kernel_eighths = share.clamp(1, 7);
-        }
+        self.last_moved = (k_total, u_total);
         let gap = self.last.map_or(0, |l| mono_ns.saturating_sub(l));
         let gap = gap.min(MAX_GAP.as_nanos() as u64);
         self.last = Some(mono_ns);
@@ -301,13 +329,8 @@ impl Ledger {
         let mut flags = LIMIT_COUNT;
         let mut budget = Budget::UNLIMITED;
         let mut kernel_limit = UserLimit::default();
-        // Splits `avail` between the kernel (returned first) and the controller.
-        let eighths = self.kernel_eighths;
-        let split = |avail: i64| {
-            let avail = avail.max(0) as u64;
-            let k = avail / 8 * eighths + avail % 8 * eighths / 8;
-            (k, (avail - k).min(i64::MAX as u64) as i64)
-        };
+        let last_moved = self.last_moved;
+        let split = |avail: i64| share(avail.max(0) as u64, last_moved);
         if let Some(rate) = self.limits.rate {
             flags |= LIMIT_RATE;
             let burst = self.limits.burst.min(i64::MAX as u64) as i64;
@@ -535,13 +558,58 @@ mod tests {
     }
 
     #[test]
+    fn a_user_on_one_side_runs_out_in_a_few_ticks() {
+        // Only the controller moves bytes (a CONNECT download), spending all it is given; or
+        // only the kernel, in whole 1000-byte datagrams. Either way the user is out within a
+        // few ticks of reaching the quota, never stuck just below it.
+        for kernel_side in [false, true] {
+            let quota = 10_000_000;
+            let mut l = Ledger::new(limits(Some(quota), None), Usage::default(), [0; 2], [0; 2]);
+            let (mut kernel, mut user) = ([0u64; 2], [0u64; 2]);
+            let mut t = l.tick(0, JAN31, kernel, user);
+            let mut ticks = 0;
+            while t.blocked.is_none() {
+                ticks += 1;
+                assert!(
+                    ticks < 400,
+                    "still not out after {ticks} ticks: {:?}",
+                    l.usage
+                );
+                if kernel_side {
+                    let lease = t.kernel.quota_allow - (kernel[0] + kernel[1]);
+                    kernel[0] += lease.min(1_000_000) / 1000 * 1000;
+                } else {
+                    user[1] += (t.budget.quota as u64).min(1_000_000);
+                }
+                t = l.tick(ticks * 50 * MS, JAN31, kernel, user);
+            }
+            let used = l.usage.total();
+            assert!(used <= quota && used + QUOTA_SLACK > quota, "{used}");
+            assert!(ticks < 40, "{ticks} ticks at 20 MB/s for 10 MB");
+        }
+    }
+
+    #[test]
     fn a_kernel_only_user_gets_most_of_what_is_left() {
-        let mut l = Ledger::new(limits(Some(8_000), None), Usage::default(), [0; 2], [0; 2]);
+        let mut l = Ledger::new(
+            limits(Some(8_000_000), None),
+            Usage::default(),
+            [0; 2],
+            [0; 2],
+        );
         l.tick(0, JAN31, [0; 2], [0; 2]);
-        let t = l.tick(50 * MS, JAN31, [1_000, 0], [0; 2]);
-        // 7000 left: the kernel carried everything last tick, so it gets 7/8.
-        assert_eq!(t.kernel.quota_allow, 1_000 + 6_125);
-        assert_eq!(t.budget.quota, 875);
+        let t = l.tick(50 * MS, JAN31, [1_000_000, 0], [0; 2]);
+        // 7 MB left: the controller gets what it asks for having moved nothing (the floor),
+        // the kernel the rest.
+        assert_eq!(t.budget.quota, SHARE_FLOOR_USER as i64);
+        assert_eq!(
+            t.kernel.quota_allow,
+            1_000_000 + 7_000_000 - SHARE_FLOOR_USER
+        );
+        // Near the end both ask more than is left: shared in proportion.
+        assert_eq!(share(1000, (0, 0)), (800, 200));
+        let (k, u) = share(100_000, (1_000_000, 0));
+        assert!(k > 90_000 && k + u as u64 == 100_000, "{k} {u}");
     }
 
     #[test]
@@ -571,28 +639,30 @@ mod tests {
 
     #[test]
     fn expiry_disable_and_period_reset() {
-        let mut lim = limits(Some(1000), None);
+        let mut lim = limits(Some(100_000), None);
         lim.period = Period::Daily;
         lim.expires = Some(JAN31 + 2 * DAY);
         let mut l = Ledger::new(lim.clone(), Usage::default(), [0; 2], [0; 2]);
         assert_eq!(l.tick(0, JAN31, [0; 2], [0; 2]).blocked, None);
         assert_eq!(
-            l.tick(MS, JAN31, [0; 2], [600, 400]).blocked,
+            l.tick(MS, JAN31, [0; 2], [60_000, 40_000]).blocked,
             Some(Block::OutOfQuota)
         );
         // The next day the quota is back, without anything else happening.
-        let t = l.tick(2 * MS, JAN31 + DAY, [0; 2], [600, 400]);
+        let t = l.tick(2 * MS, JAN31 + DAY, [0; 2], [60_000, 40_000]);
         assert_eq!((t.blocked, t.reset), (None, true));
         assert_eq!(l.usage.total(), 0);
         assert_eq!(
-            l.tick(3 * MS, JAN31 + 2 * DAY, [0; 2], [600, 400]).blocked,
+            l.tick(3 * MS, JAN31 + 2 * DAY, [0; 2], [60_000, 40_000])
+                .blocked,
             Some(Block::Expired)
         );
         lim.enabled = false;
         lim.expires = None;
         l.set_limits(lim);
         assert_eq!(
-            l.tick(4 * MS, JAN31 + 2 * DAY, [0; 2], [600, 400]).blocked,
+            l.tick(4 * MS, JAN31 + 2 * DAY, [0; 2], [60_000, 40_000])
+                .blocked,
             Some(Block::Disabled)
         );
     }

@@ -656,15 +656,6 @@ fn graceful_restarts_and_a_crash_lose_nothing_xdp_carries() {
 
 /// Kills a process this test did not spawn itself (a successor `relay restart` started) when
 /// the test ends, however it ends.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) of a pid this test learned from the relay it runs.
-        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
-    }
-}
-
 /// One UDP round trip through the forward rule to the echo server, from a new client.
 fn round_trip(ns: &Netns) -> bool {
     let s = ns.run(|| {
@@ -696,22 +687,9 @@ fn relay_restart_hands_over_and_other_layouts_are_refused() {
     let echo = udp_echo(&t.upstream);
     let mut old = Relay::start(&t.relay, &support::config_args(&pin, &config));
     assert!(round_trip(&t.client));
-    let log = std::env::temp_dir().join(support::unique("restart-log"));
-    let file = std::fs::File::create(&log).unwrap();
-    let status = t
-        .relay
-        .command(support::relay_bin())
-        .args(["restart", "--iface", "cli0", "--pin-dir", pin.arg()])
-        .env("RUST_LOG", "info")
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .status()
-        .expect("relay restart");
-    let out = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
+    let (status, out, _guard) = support::relay_restart(&t.relay, &pin);
     let s = stats(&t.relay, "cli0", &pin);
     let new = s["controller"]["pid"].as_u64().unwrap_or(0) as u32;
-    let _guard = KillOnDrop(new);
     assert!(status.success(), "relay restart: {out}");
     assert!(out.contains(&format!("handed over to pid {new}")), "{out}");
     assert!(old.child.wait().unwrap().success(), "{}", old.log());

@@ -81,6 +81,11 @@ fn config_text(socks_extra: &str, alice_extra: &str) -> String {
 }
 
 fn setup_with(socks_extra: &str, alice_extra: &str) -> Setup {
+    setup_env(socks_extra, alice_extra, &[])
+}
+
+/// [`setup_with`], the relay started with more environment variables.
+fn setup_env(socks_extra: &str, alice_extra: &str, env: &[(&str, &str)]) -> Setup {
     let t = Topology::new();
     let pin = PinDir::new();
     let dir = TempDir(std::env::temp_dir().join(support::unique("www")));
@@ -105,7 +110,7 @@ fn setup_with(socks_extra: &str, alice_extra: &str) -> Setup {
     );
     let echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
     let config = ConfigFile::new(&config_text(socks_extra, alice_extra));
-    let relay = Relay::with_config(&t.relay, &pin, &config);
+    let relay = Relay::with_config_env(&t.relay, &pin, &config, env);
     // The web server needs a moment to listen.
     for _ in 0..50 {
         if t.upstream
@@ -549,9 +554,30 @@ print("ok")
 /// A raw client's login: greeting and username/password. The stream once the relay said
 /// yes, or the RFC 1929 status it answered (`None` when it closed without one).
 fn raw_login(ns: &Netns, user: &str, password: &str) -> Result<TcpStream, Option<u8>> {
+    raw_login_from(ns, None, user, password)
+}
+
+/// [`raw_login`] from source address `from` (one of the client namespace's).
+fn raw_login_from(
+    ns: &Netns,
+    from: Option<&str>,
+    user: &str,
+    password: &str,
+) -> Result<TcpStream, Option<u8>> {
     let (user, password) = (user.to_owned(), password.to_owned());
+    let from = from.map(|f| SocketAddr::new(f.parse().unwrap(), 0));
     ns.run(move || {
-        let mut c = TcpStream::connect(PROXY).expect("connect to the proxy");
+        let mut c = match from {
+            None => TcpStream::connect(PROXY).expect("connect to the proxy"),
+            Some(from) => {
+                let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                sock.bind(&from.into()).expect("bind the source address");
+                let proxy: SocketAddr = PROXY.parse().unwrap();
+                sock.connect(&proxy.into()).expect("connect to the proxy");
+                sock.into()
+            }
+        };
         c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         c.write_all(&[5, 1, 2]).unwrap();
         let mut b = [0u8; 2];
@@ -1525,4 +1551,384 @@ fn parallel_associations_respect_max_associations() {
     assert_eq!(codes.iter().filter(|c| **c == 2).count(), 6, "{codes:?}");
     let st = published_stats(&s);
     assert_eq!(user(&st, "alice")["active_associations"], 2, "{st}");
+}
+
+// ---- Per-user limits: quota, rate, expiry, devices, usage that lasts ----
+
+/// `relay users --json` for the relay of `s`: its users by name.
+fn users_report(s: &Setup) -> Value {
+    let state = s.pin.state();
+    let out = support::relay_cmd(
+        &s.t.relay,
+        &["users", "--state-dir", state.to_str().unwrap(), "--json"],
+    );
+    assert!(
+        out.status.success(),
+        "relay users: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("relay users --json")
+}
+
+fn usage<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["users"]
+        .as_array()
+        .and_then(|u| u.iter().find(|u| u["name"] == name))
+        .unwrap_or_else(|| panic!("no user {name} in {report}"))
+}
+
+/// Echoes `n` datagrams of `size` bytes through a new association of alice's from the client
+/// namespace; returns its control connection (the association lives while it is open), or
+/// the first error. The relay counts `size` toward the destination and `size` + 10 (with the
+/// SOCKS5 header) back, per datagram.
+fn echoes(s: &Setup, n: usize, size: usize) -> Result<TcpStream, String> {
+    s.t.client.run(move || {
+        let (control, bnd) = associate_here(PROXY)?;
+        let udp = UdpSocket::bind("198.18.1.2:0").unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let payload = vec![0x5au8; size];
+        for i in 0..n {
+            echo_through(&udp, bnd, &payload).map_err(|e| format!("echo {i}: {e}"))?;
+        }
+        Ok(control)
+    })
+}
+
+/// Sends 1000-byte datagrams (20 every 5 ms) through a new association of alice's until the
+/// relay closes its control connection: whether it did within `within`.
+fn send_until_closed(s: &Setup, within: Duration) -> Result<bool, String> {
+    let (mut control, bnd, udp) = s.t.client.run(|| {
+        let (c, b) = associate_here(PROXY)?;
+        Ok::<_, String>((c, b, UdpSocket::bind("198.18.1.2:0").unwrap()))
+    })?;
+    control.set_nonblocking(true).unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let mut dgram = socks5_udp_header("198.18.2.2:6000".parse().unwrap(), 0);
+    dgram.extend_from_slice(&[0x44u8; 1000]);
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 2048];
+    while start.elapsed() < within {
+        for _ in 0..20 {
+            let _ = udp.send_to(&dgram, bnd);
+        }
+        while udp.recv_from(&mut buf).is_ok() {}
+        thread::sleep(Duration::from_millis(5));
+        match control.read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Ok(true),
+            Ok(_) => {}
+        }
+    }
+    Ok(false)
+}
+
+/// A user with a 10 MB quota sends through UDP ASSOCIATE (carried by XDP), then downloads
+/// through CONNECT until stopped: everything the relay carried for it stays within the quota
+/// plus 1 MB, its association is closed, and new requests get "not allowed".
+#[test]
+fn a_quota_stops_connect_and_udp_within_its_bound() {
+    const QUOTA: u64 = 10_000_000;
+    let s = setup_with("udp_idle_timeout = \"30s\"\n", "quota = \"10 MB\"\n");
+    // 4.02 MB through the association.
+    let (n, size) = (2000, 1000);
+    let mut control = echoes(&s, n, size).expect("echoes within the quota");
+    let udp_bytes = (n * (2 * size + 10)) as u64;
+    // Then the firehose through CONNECT until the relay stops it.
+    let (_written, _end, _server) = firehose(&s);
+    let (mut c, reply) = raw_request(&s.t.client, connect_request([198, 18, 2, 2], 7002));
+    assert_eq!(reply.get(..2), Some(&[5, 0][..]), "{reply:?}");
+    c.write_all(b"g").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut read = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => read += k as u64,
+        }
+    }
+    let carried = udp_bytes + 1 + read;
+    assert!(
+        (QUOTA - 1_000_000..=QUOTA + 1_000_000).contains(&carried),
+        "carried {carried} bytes for a {QUOTA}-byte quota ({read} through CONNECT)"
+    );
+    assert!(
+        closed_within(&mut control, Duration::from_secs(2)),
+        "the association ends with the quota"
+    );
+    let (_c, reply) = raw_request(&s.t.client, connect_request([198, 18, 2, 2], 7002));
+    assert_eq!(
+        reply.get(1),
+        Some(&2),
+        "a new CONNECT is not allowed: {reply:?}"
+    );
+    let (_a, reply) = raw_request(&s.t.client, vec![5, 3, 0, 1, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(reply.get(1), Some(&2), "a new association is not allowed");
+    let st = published_stats(&s);
+    let alice = user(&st, "alice");
+    assert!(
+        alice["udp_xdp"]["to_upstream"]["packets"].as_u64() >= Some(n as u64 - 1),
+        "the datagrams went through XDP: {alice}"
+    );
+    let report = users_report(&s);
+    let u = usage(&report, "alice");
+    let used = u["used"].as_u64().unwrap();
+    // Used up: less than the slack left (relay::limits::QUOTA_SLACK), at most 1 MB over.
+    let slack = relay::limits::QUOTA_SLACK;
+    assert!(
+        (QUOTA - slack..=QUOTA + 1_000_000).contains(&used),
+        "used {used}: {u}"
+    );
+    assert_eq!(u["state"], "out of quota", "{u}");
+    assert!(u["quota_left"].as_u64() < Some(slack), "{u}");
+}
+
+/// Bytes a reader gets from the firehose through alice's CONNECT in `secs` seconds, counted
+/// from the first byte.
+fn download_for(s: &Setup, secs: u64) -> u64 {
+    let (_written, _end, _server) = firehose(s);
+    let (mut c, reply) = raw_request(&s.t.client, connect_request([198, 18, 2, 2], 7002));
+    assert_eq!(reply.get(..2), Some(&[5, 0][..]), "{reply:?}");
+    c.write_all(b"g").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut read = c.read(&mut buf).expect("first bytes") as u64;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        read += c.read(&mut buf).expect("bytes keep coming") as u64;
+    }
+    read
+}
+
+/// Datagram bytes echoed back to the client in `secs` seconds while it sends 1000-byte
+/// datagrams at about 3 MB/s through an association.
+fn udp_rate_for(s: &Setup, secs: u64) -> (u64, u64) {
+    s.t.client.run(move || {
+        let (_control, bnd) = associate_here(PROXY).unwrap();
+        let udp = UdpSocket::bind("198.18.1.2:0").unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut dgram = socks5_udp_header("198.18.2.2:6000".parse().unwrap(), 0);
+        dgram.extend_from_slice(&[0x33u8; 1000]);
+        // The destination approved (and XDP's flow made) before the clock starts.
+        echo_through(&udp, bnd, &[0x33u8; 1000]).unwrap();
+        let sender = udp.try_clone().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_tx = stop.clone();
+        let tx = thread::spawn(move || {
+            let mut sent = 0u64;
+            while !stop_tx.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..30 {
+                    if sender.send_to(&dgram, bnd).is_ok() {
+                        sent += 1;
+                    }
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            sent
+        });
+        let mut buf = [0u8; 2048];
+        let mut got = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(secs) {
+            if let Ok((k, _)) = udp.recv_from(&mut buf) {
+                got += k as u64;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = tx.join().unwrap();
+        (got, sent)
+    })
+}
+
+/// A user limited to 2 MB/s gets 1.8-2.2 MB/s over 5 s, through CONNECT (paced) and through
+/// UDP ASSOCIATE (XDP drops what is over the rate, counted as `user_over_rate`).
+#[test]
+fn a_rate_limit_holds_for_connect_and_udp() {
+    const RATE: f64 = 2_000_000.0;
+    let s = setup_with("udp_idle_timeout = \"30s\"\n", "rate = \"2 MB\"\n");
+    let tcp = download_for(&s, 5) as f64 / 5.0;
+    assert!(
+        (0.9 * RATE..=1.1 * RATE).contains(&tcp),
+        "CONNECT at {:.2} MB/s",
+        tcp / 1e6
+    );
+    let (got, sent) = udp_rate_for(&s, 5);
+    let udp = got as f64 / 5.0;
+    assert!(
+        (0.9 * RATE..=1.1 * RATE).contains(&udp),
+        "UDP at {:.2} MB/s ({sent} datagrams sent)",
+        udp / 1e6
+    );
+    let st = published_stats(&s);
+    let over = st["reasons"]["user_over_rate"]["packets"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        over > 1000,
+        "XDP dropped what was over the rate: {over}: {st}"
+    );
+}
+
+/// Expiry and devices: with `max_devices = 2` a third client address is refused until one
+/// of the first two goes; at `expires` the user's live association is closed within a second
+/// and new requests are refused.
+#[test]
+fn devices_are_limited_and_an_expired_users_association_is_closed() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let expires = now + 8;
+    let s = setup_with(
+        "udp_idle_timeout = \"30s\"\n",
+        &format!(
+            "max_devices = 2\nexpires = \"{}\"\n",
+            relay::limits::format_time(expires)
+        ),
+    );
+    for a in ["198.18.1.3/24", "198.18.1.4/24"] {
+        s.t.client.ip(&["addr", "add", a, "dev", "eth0"]);
+    }
+    let _held = Holder::start(&s.t.upstream, "198.18.2.2:7004");
+    let request = connect_request([198, 18, 2, 2], 7004);
+    let associate = [5, 3, 0, 1, 0, 0, 0, 0, 0, 0];
+    let ask_from = |from: &str, request: &[u8]| {
+        let mut c = raw_login_from(&s.t.client, Some(from), "alice", PASSWORD)
+            .unwrap_or_else(|e| panic!("login from {from}: {e:?}"));
+        let reply = send_request(&mut c, request);
+        (c, reply.get(1).copied())
+    };
+    // The first device holds an association (it ends when its control connection closes).
+    let (first, r1) = ask_from("198.18.1.2", &associate);
+    let (_second, r2) = ask_from("198.18.1.3", &request);
+    let (_again, r2b) = ask_from("198.18.1.3", &request);
+    assert_eq!(
+        (r1, r2, r2b),
+        (Some(0), Some(0), Some(0)),
+        "two devices, any number of sessions each"
+    );
+    let (_third, r3) = ask_from("198.18.1.4", &request);
+    assert_eq!(r3, Some(2), "a third address is not allowed");
+    drop(first);
+    thread::sleep(Duration::from_millis(300));
+    let (_third, r3) = ask_from("198.18.1.4", &request);
+    assert_eq!(r3, Some(0), "allowed once the first device went");
+    let (_, r4) = ask_from("198.18.1.2", &associate);
+    assert_eq!(r4, Some(2), "198.18.1.2 is a third address now");
+    let (mut control, r5) = ask_from("198.18.1.3", &associate);
+    assert_eq!(r5, Some(0), "an association from a device");
+    let until = std::time::UNIX_EPOCH + Duration::from_secs(expires as u64);
+    let left = until
+        .duration_since(std::time::SystemTime::now())
+        .expect("the device checks ran before the expiry time")
+        .saturating_sub(Duration::from_millis(500));
+    assert!(
+        !closed_within(&mut control, left),
+        "alive before it expires"
+    );
+    let t0 = std::time::Instant::now();
+    assert!(
+        closed_within(&mut control, Duration::from_secs(3)),
+        "the association ends when the user expires"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(2000),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        ask_from("198.18.1.3", &request).1,
+        Some(2),
+        "expired: not allowed"
+    );
+    // The store is written once a second.
+    thread::sleep(Duration::from_millis(1500));
+    let report = users_report(&s);
+    assert_eq!(usage(&report, "alice")["state"], "expired");
+}
+
+/// Usage lasts: what a user moved is in the store after a graceful restart exactly, and
+/// after SIGKILL up to what moved in the last second before it.
+#[test]
+fn usage_survives_a_restart_and_a_kill() {
+    let s = setup_with("udp_idle_timeout = \"30s\"\n", "quota = \"100 MB\"\n");
+    let (n, size) = (500u64, 1000u64);
+    let want = |rounds: u64| [rounds * n * size, rounds * n * (size + 10)];
+    let used = |s: &Setup| {
+        let r = users_report(s);
+        let u = usage(&r, "alice");
+        [
+            u["used_to_destination"].as_u64().unwrap(),
+            u["used_to_client"].as_u64().unwrap(),
+        ]
+    };
+    drop(echoes(&s, n as usize, size as usize).unwrap());
+    // Written within a second or so.
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(used(&s), want(1), "stored while running");
+
+    // SIGKILL: nothing stops cleanly; the next relay takes up the store and the maps.
+    let mut s = s;
+    let args: Vec<String> = support::config_args(&s.pin, &s.config)
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(s.relay.child.id() as i32, libc::SIGKILL) };
+    let _ = s.relay.child.wait();
+    s.relay = Relay::start(&s.t.relay, &args);
+    drop(echoes(&s, n as usize, size as usize).unwrap());
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(used(&s), want(2), "after SIGKILL and more traffic");
+
+    // A graceful restart (the successor takes over while the association is live).
+    let control = echoes(&s, n as usize, size as usize).unwrap();
+    let (status, out, _successor) = support::relay_restart(&s.t.relay, &s.pin);
+    assert!(status.success(), "{out}");
+    drop(control);
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(used(&s), want(3), "after a restart");
+}
+
+/// A daily quota comes back at midnight UTC without a restart (the relay's clock set to just
+/// before midnight with libfaketime; its monotonic clock is left alone).
+#[test]
+fn a_daily_quota_comes_back_at_midnight() {
+    let lib = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
+        .iter()
+        .map(|a| format!("/usr/lib/{a}/faketime/libfaketimeMT.so.1"))
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("libfaketime (Debian's faketime package)");
+    let s = setup_env(
+        "udp_idle_timeout = \"30s\"\n",
+        "quota = \"1 MB\"\nquota_period = \"daily\"\n",
+        &[
+            ("LD_PRELOAD", &lib),
+            ("FAKETIME", "@2027-01-31 23:59:40"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    // 400 echoes (804,000 bytes counted) fit in the quota; a client that keeps sending is
+    // stopped.
+    drop(echoes(&s, 400, 1000).expect("within the quota"));
+    assert_eq!(
+        send_until_closed(&s, Duration::from_secs(5)),
+        Ok(true),
+        "past the quota the association ends"
+    );
+    let (_a, reply) = raw_request(&s.t.client, vec![5, 3, 0, 1, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(reply.get(1), Some(&2), "refused until midnight: {reply:?}");
+    let mut relay = s.relay;
+    relay.wait_for_log("a new quota period", Duration::from_secs(40));
+    let s = Setup { relay, ..s };
+    let control = echoes(&s, 10, 1000).expect("the quota is back after midnight");
+    drop(control);
+    thread::sleep(Duration::from_millis(1500));
+    let report = users_report(&s);
+    let u = usage(&report, "alice");
+    assert_eq!(u["period_start"], "2027-02-01T00:00:00Z", "{u}");
+    assert_eq!(u["used"], 10 * 2010, "{u}");
 }

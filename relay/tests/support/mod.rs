@@ -262,6 +262,11 @@ pub struct Relay {
 impl Relay {
     /// Starts `relay run` in `ns` with `args` and waits until it says it is running.
     pub fn start(ns: &Netns, args: &[&str]) -> Relay {
+        Relay::start_env(ns, args, &[])
+    }
+
+    /// [`Relay::start`] with more environment variables.
+    pub fn start_env(ns: &Netns, args: &[&str], env: &[(&str, &str)]) -> Relay {
         let log = std::env::temp_dir().join(format!("{}.log", unique("log")));
         let file = File::create(&log).expect("log file");
         let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
@@ -275,6 +280,7 @@ impl Relay {
             .command(relay_bin())
             .arg("run")
             .args(&args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
@@ -373,6 +379,16 @@ impl Relay {
     pub fn with_config(ns: &Netns, pin: &PinDir, config: &ConfigFile) -> Relay {
         Relay::start(ns, &config_args(pin, config))
     }
+
+    /// [`Relay::with_config`] with more environment variables.
+    pub fn with_config_env(
+        ns: &Netns,
+        pin: &PinDir,
+        config: &ConfigFile,
+        env: &[(&str, &str)],
+    ) -> Relay {
+        Relay::start_env(ns, &config_args(pin, config), env)
+    }
 }
 
 /// Runs the relay binary with `args` in `ns` and returns its output.
@@ -381,6 +397,39 @@ pub fn relay_cmd(ns: &Netns, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run relay")
+}
+
+/// Kills a process on drop (a successor `relay restart` started, which is not our child).
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0 != 0 {
+            // SAFETY: kill(2) of a pid this test learned from the relay it runs.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// `relay restart` on the relay of `pin` in `ns` (its output in a file: the successor it
+/// starts inherits it and outlives the command). Returns its status, its output, and the
+/// successor (killed when the guard drops), read from the relay's stats.
+pub fn relay_restart(ns: &Netns, pin: &PinDir) -> (std::process::ExitStatus, String, KillOnDrop) {
+    let log = std::env::temp_dir().join(unique("restart-log"));
+    let file = File::create(&log).unwrap();
+    let status = ns
+        .command(relay_bin())
+        .args(["restart", "--iface", "cli0", "--pin-dir", pin.arg()])
+        .env("RUST_LOG", "info")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .status()
+        .expect("relay restart");
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let s = stats(ns, "cli0", pin);
+    let new = s["controller"]["pid"].as_u64().unwrap_or(0) as u32;
+    (status, out, KillOnDrop(new))
 }
 
 /// `relay stats --json` in `ns`, parsed.
