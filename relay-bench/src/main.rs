@@ -339,15 +339,31 @@ fn targets(r: &Results) -> Vec<Target> {
         |v| v <= 3.0,
         "x",
     );
+    let cost = |name: &str| {
+        in_kernel
+            .iter()
+            .find(|c| c.path == name)
+            .map(|c| c.ns_per_packet)
+    };
     let socks = in_kernel
         .iter()
-        .filter(|c| c.path.starts_with("socks5"))
+        .filter(|c| c.path == "socks5_strip" || c.path == "socks5_prepend")
         .map(|c| c.ratio_to_reference)
         .reduce(f64::max);
     ratio(
         "SOCKS5 strip and prepend ≤ 4x MAC-swap XDP_TX (in kernel)",
         socks,
         |v| v <= 4.0,
+        "x",
+    );
+    let limits = ["strip", "prepend"]
+        .iter()
+        .filter_map(|p| Some(cost(&format!("socks5_{p}_limited"))? / cost(&format!("socks5_{p}"))?))
+        .reduce(f64::max);
+    ratio(
+        "SOCKS5 datagram with per-user limits ≤ 1.3x the same without limits (in kernel)",
+        limits,
+        |v| v <= 1.3,
         "x",
     );
     let growth = match (scale.first(), scale.last()) {
@@ -441,56 +457,87 @@ fn targets(r: &Results) -> Vec<Target> {
     t
 }
 
+/// One path measured in the kernel: its frame, the program, the verdict and reason every
+/// iteration must get, and the SOCKS5 user's limits flags while it runs (`None`: untouched).
+#[derive(Clone, Copy)]
+struct KernelPath {
+    name: &'static str,
+    frame: &'static str,
+    prog: &'static str,
+    repeat: u32,
+    verdict: Verdict,
+    reason: Reason,
+    user: Option<u32>,
+}
+
 /// In-kernel cost of every path, interleaved with the reference, round by round.
 fn kernel_costs(rounds: u32, calls: u32) -> anyhow::Result<Vec<PathCost>> {
     let mut b = Bench::new(64)?;
     install_cycle(&mut b)?;
     install_socks_chains(&mut b)?;
     let frames = frames();
-    let paths: [(&str, &str, u32, Verdict, Reason); 6] = [
-        ("reference", "macswap", REPEAT, Verdict::Tx, Reason::NotIp),
-        (
+    // The SOCKS5 user's `USER_LIMITS` flags per path: none (a user without limits), or a
+    // rate and a quota (leases that are never reached: the cost of checking and counting).
+    use relay_common::limits::{LIMIT_COUNT, LIMIT_QUOTA, LIMIT_RATE};
+    let unlimited = Some(0);
+    let limited = Some(LIMIT_COUNT | LIMIT_RATE | LIMIT_QUOTA);
+    let socks = |name, frame, user| KernelPath {
+        name,
+        frame,
+        prog: "relay",
+        repeat: CHAIN,
+        verdict: Verdict::Tx,
+        reason: Reason::RelayedTx,
+        user,
+    };
+    let other = |name, prog, verdict, reason| KernelPath {
+        name,
+        frame: name,
+        prog,
+        repeat: REPEAT,
+        verdict,
+        reason,
+        user: None,
+    };
+    let paths = [
+        other("reference", "macswap", Verdict::Tx, Reason::NotIp),
+        other(
             "forward_to_upstream",
             "relay",
-            REPEAT,
             Verdict::Tx,
             Reason::RelayedTx,
         ),
-        (
-            "forward_to_client",
-            "relay",
-            REPEAT,
-            Verdict::Tx,
-            Reason::RelayedTx,
-        ),
-        (
-            "not_ours",
-            "relay",
-            REPEAT,
-            Verdict::Pass,
-            Reason::NoSession,
-        ),
-        (
-            "socks5_strip",
-            "relay",
-            CHAIN,
-            Verdict::Tx,
-            Reason::RelayedTx,
-        ),
-        (
-            "socks5_prepend",
-            "relay",
-            CHAIN,
-            Verdict::Tx,
-            Reason::RelayedTx,
-        ),
+        other("forward_to_client", "relay", Verdict::Tx, Reason::RelayedTx),
+        other("not_ours", "relay", Verdict::Pass, Reason::NoSession),
+        socks("socks5_strip", "socks5_strip", unlimited),
+        socks("socks5_prepend", "socks5_prepend", unlimited),
+        socks("socks5_strip_limited", "socks5_strip", limited),
+        socks("socks5_prepend_limited", "socks5_prepend", limited),
     ];
     let mut times: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut packets: BTreeMap<&str, u64> = BTreeMap::new();
     for _ in 0..rounds {
-        for (name, prog, repeat, verdict, reason) in paths {
+        for p in &paths {
+            let KernelPath {
+                name,
+                frame,
+                prog,
+                repeat,
+                verdict,
+                reason,
+                user,
+            } = *p;
+            if let Some(flags) = user {
+                let lease = relay_common::limits::UserLimit {
+                    allow: [u64::MAX; 2],
+                    quota_allow: u64::MAX,
+                    flags,
+                    _pad: 0,
+                };
+                b.dp.set_user_limit(1, &lease)?;
+            }
             let before = b.counters()?.reason(reason).packets;
-            let t = b.run(prog, &frames[name], repeat, calls, verdict)?;
+            let t = b.run(prog, &frames[frame], repeat, calls, verdict)?;
             if prog == "relay" {
                 // Every iteration of every call must have taken the path measured.
                 let got = b.counters()?.reason(reason).packets - before;
@@ -509,7 +556,7 @@ fn kernel_costs(rounds: u32, calls: u32) -> anyhow::Result<Vec<PathCost>> {
     let reference = median(times["reference"].clone());
     Ok(paths
         .iter()
-        .map(|(name, ..)| {
+        .map(|KernelPath { name, .. }| {
             let ns = median(times[name].clone());
             PathCost {
                 path: name,

@@ -9,7 +9,8 @@
 //!   buckets and the quota left, giving the kernel a lease of what the user may spend until
 //!   the next tick; so XDP reads no clock.
 //! - `USER_SPENT` ([`UserSpent`], XDP's): payload bytes the kernel carried for the user, per
-//!   direction, for every configured user (its usage, kept by the controller).
+//!   direction, while it has a quota or a rate (a user without limits costs XDP one array
+//!   read; the controller learns its usage from its flows' own counters).
 //!
 //! A datagram passes when `spent + len` stays within what is allowed; two CPUs may both pass
 //! the last one, so the kernel overshoots its lease by at most one datagram per CPU.
@@ -22,8 +23,7 @@ pub const LIMIT_RATE: u32 = 1;
 pub const LIMIT_QUOTA: u32 = 2;
 /// `UserLimit::flags`: drop everything (expired, disabled, out of quota).
 pub const LIMIT_BLOCKED: u32 = 4;
-/// `UserLimit::flags`: count the user's bytes in `USER_SPENT` (set for every configured user:
-/// its usage); alone, nothing is refused.
+/// `UserLimit::flags`: count the user's bytes in `USER_SPENT` (set with a quota or a rate).
 pub const LIMIT_COUNT: u32 = 8;
 
 /// Value of `USER_LIMITS` (the controller's).
@@ -34,12 +34,12 @@ pub struct UserLimit {
     pub allow: [u64; 2],
     /// The most `UserSpent::bytes[0] + bytes[1]` may reach (quota lease).
     pub quota_allow: u64,
-    /// `LIMIT_*` bits; 0: not a configured user, nothing counted.
+    /// `LIMIT_*` bits; 0: no limit, nothing counted.
     pub flags: u32,
     pub _pad: u32,
 }
 
-/// Value of `USER_SPENT` (XDP's): payload bytes carried in the kernel for the user.
+/// Value of `USER_SPENT` (XDP's): payload bytes carried in the kernel for a metered user.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UserSpent {

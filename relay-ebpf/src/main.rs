@@ -154,7 +154,7 @@ static SPLICE_TOTALS: PerCpuArray<u64> = PerCpuArray::pinned(SPLICE_TOTAL_SLOTS,
 #[map]
 static USER_LIMITS: Array<UserLimit> = Array::pinned(USER_SLOTS, 0);
 
-/// Payload bytes XDP carried per user while a limit was set (XDP's).
+/// Payload bytes XDP carried per user while it had a quota or a rate (XDP's).
 #[map]
 static USER_SPENT: Array<UserSpent> = Array::pinned(USER_SLOTS, 0);
 
@@ -730,7 +730,7 @@ fn carry(
 }
 
 /// A SOCKS5 datagram of `bytes` payload bytes against its user's limits: counted as spent if
-/// within them (a user without limits is only counted).
+/// within them. A user without limits costs the one array read.
 #[inline(always)]
 fn within_limits(rule: u16, direction: u32, bytes: u16) -> Result<(), Reason> {
     let user = u32::from(rule & !RULE_SOCKS);

@@ -697,6 +697,18 @@ impl Datapath {
             .map(|s| s.packets())
             .sum()
     }
+
+    /// Bytes XDP relayed for SOCKS5 flows `ids`, per direction (their records' counters).
+    pub fn socks_bytes<'a>(&self, ids: impl IntoIterator<Item = &'a u32>) -> [u64; 2] {
+        let m = self.lock();
+        let mut out = [0u64; 2];
+        for s in ids.into_iter().filter_map(|id| m.sessions.get(id, 0).ok()) {
+            for (o, t) in out.iter_mut().zip(s.traffic) {
+                *o = o.wrapping_add(t.bytes);
+            }
+        }
+        out
+    }
 }
 
 impl Maps {

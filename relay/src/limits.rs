@@ -249,6 +249,8 @@ pub struct Ledger {
     /// Bytes the kernel and the controller moved for the user in the last tick: how what is
     /// left is shared out at the next.
     last_moved: (u64, u64),
+    /// The kernel counter given to the next tick is a new baseline (its source changed).
+    rebase: bool,
 }
 
 /// The longest gap a tick refills for: a stalled controller does not hand out a burst of
@@ -267,11 +269,17 @@ impl Ledger {
             pool: [burst; 2],
             last: None,
             last_moved: (0, 0),
+            rebase: false,
         }
     }
 
-    /// New limits (a reload); usage, counters and tokens carry on.
+    /// New limits (a reload); usage, counters and tokens carry on. A user whose bytes become
+    /// metered, or no longer are, has its kernel bytes read from another counter from the next
+    /// tick on (see [`Ledger::tick`]): that tick takes it as a new baseline.
     pub fn set_limits(&mut self, limits: Limits) {
+        if limits.meters_bytes() != self.limits.meters_bytes() {
+            self.rebase = true;
+        }
         let burst = limits.burst.min(i64::MAX as u64) as i64;
         if self.limits.rate != limits.rate {
             self.pool = [burst; 2];
@@ -303,9 +311,14 @@ impl Ledger {
     /// pools and shares out what the user may spend until the next tick.
     ///
     /// `mono_ns` is a monotonic clock (token refill); `now` the wall clock (periods, expiry);
-    /// `kernel` and `user` the kernel's and the controller's byte counters for the user.
+    /// `kernel` and `user` the kernel's and the controller's byte counters for the user: for a
+    /// metered user (a quota or a rate) the kernel's own per-user count (`USER_SPENT`), which
+    /// only such users pay for; for the others, what their fast-path flows carried.
     /// A counter below what was seen (maps made anew, a slot reused) is a new baseline.
     pub fn tick(&mut self, mono_ns: u64, now: i64, kernel: [u64; 2], user: [u64; 2]) -> Tick {
+        if std::mem::take(&mut self.rebase) {
+            self.kernel_seen = kernel;
+        }
         let mut moved = [0u64; 2];
         let (mut k_total, mut u_total) = (0u64, 0u64);
         for d in 0..2 {
@@ -326,7 +339,13 @@ impl Ledger {
         let gap = gap.min(MAX_GAP.as_nanos() as u64);
         self.last = Some(mono_ns);
         let blocked = self.blocked(now);
-        let mut flags = LIMIT_COUNT;
+        // The kernel counts a user's bytes itself only when they are metered: a user without
+        // limits pays nothing per datagram but the look at its flags.
+        let mut flags = if self.limits.meters_bytes() {
+            LIMIT_COUNT
+        } else {
+            0
+        };
         let mut budget = Budget::UNLIMITED;
         let mut kernel_limit = UserLimit::default();
         let last_moved = self.last_moved;
@@ -529,7 +548,10 @@ mod tests {
     fn no_limits_unlimited_budget_and_no_kernel_flags() {
         let mut l = Ledger::new(Limits::default(), Usage::default(), [0; 2], [0; 2]);
         let t = l.tick(0, JAN31, [100, 200], [1, 2]);
-        assert_eq!(t.kernel.flags, LIMIT_COUNT, "counted, nothing refused");
+        assert_eq!(
+            t.kernel.flags, 0,
+            "nothing refused, nothing counted by the kernel"
+        );
         assert_eq!(t.budget, Budget::UNLIMITED);
         assert_eq!(l.usage.bytes, [101, 202]);
         assert_eq!(t.blocked, None);
@@ -665,6 +687,22 @@ mod tests {
                 .blocked,
             Some(Block::Disabled)
         );
+    }
+
+    #[test]
+    fn a_user_that_becomes_metered_is_counted_from_the_kernels_counter_on() {
+        let mut l = Ledger::new(Limits::default(), Usage::default(), [0; 2], [0; 2]);
+        // Its flows' counters: 5000 bytes.
+        l.tick(0, JAN31, [5000, 0], [0; 2]);
+        assert_eq!(l.usage.total(), 5000);
+        // A reload gives it a quota: the kernel's own count (here 9000, from when it was
+        // metered before) is the next baseline, not 4000 bytes more.
+        l.set_limits(limits(Some(1_000_000), None));
+        let t = l.tick(MS, JAN31, [9000, 0], [0; 2]);
+        assert_eq!(t.kernel.flags, LIMIT_COUNT | LIMIT_QUOTA);
+        assert_eq!(l.usage.total(), 5000);
+        l.tick(2 * MS, JAN31, [9200, 0], [0; 2]);
+        assert_eq!(l.usage.total(), 5200);
     }
 
     #[test]

@@ -13,6 +13,8 @@ use std::{
     time::Duration,
 };
 
+use std::os::unix::fs::DirBuilderExt as _;
+
 use anyhow::Context as _;
 use rusqlite::{params, Connection};
 
@@ -84,7 +86,11 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store in `dir`, migrating it to this version's schema.
     pub fn open(dir: &Path) -> anyhow::Result<Store> {
-        std::fs::create_dir_all(dir)
+        // Only root reads who the users are and what they used.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
         let path = dir.join(FILE);
         let conn = Connection::open(&path)

@@ -1417,7 +1417,7 @@ fn run_user_limits() -> Vec<String> {
     let dp = Datapath::take(&mut bpf).expect("maps");
     dp.set_nexthop(0, &TO_UPSTREAM_HOP).unwrap();
     dp.set_nexthop(1, &TO_CLIENT_HOP).unwrap();
-    // User 2's association (record 8) and an unconfigured slot's (user 3, record 9).
+    // User 2's association (record 8) and one of user 3, who has no limits (record 9).
     let e = ends(SOCKS_CLIENT, SOCKS_FRONT, SOCKS_BACK, SOCKS_DEST);
     let rule = |user: u16| relay_common::session::RULE_SOCKS | user;
     dp.install(
@@ -1513,8 +1513,8 @@ fn run_user_limits() -> Vec<String> {
     )
     .unwrap();
     run("blocked", &up, Err(Reason::UserBlocked));
-    // A slot no controller configured (flags 0): carried, not counted.
-    run("an unconfigured user", &up6, Ok(()));
+    // A user without limits (flags 0): carried, not counted by the kernel.
+    run("a user without limits", &up6, Ok(()));
     let got = dp.user_spent(2);
     if got != [len, 3 * len_down] {
         failures.push(format!(

@@ -1850,10 +1850,21 @@ fn devices_are_limited_and_an_expired_users_association_is_closed() {
 }
 
 /// Usage lasts: what a user moved is in the store after a graceful restart exactly, and
-/// after SIGKILL up to what moved in the last second before it.
+/// after SIGKILL up to what moved in the last second before it. A user with a quota (the
+/// kernel counts its bytes itself)...
 #[test]
 fn usage_survives_a_restart_and_a_kill() {
-    let s = setup_with("udp_idle_timeout = \"30s\"\n", "quota = \"100 MB\"\n");
+    usage_lasts("quota = \"100 MB\"\n");
+}
+
+/// ... and one without limits (its usage comes from its flows' counters).
+#[test]
+fn usage_of_a_user_without_limits_survives_a_restart_and_a_kill() {
+    usage_lasts("");
+}
+
+fn usage_lasts(alice: &str) {
+    let s = setup_with("udp_idle_timeout = \"30s\"\n", alice);
     let (n, size) = (500u64, 1000u64);
     let want = |rounds: u64| [rounds * n * size, rounds * n * (size + 10)];
     let used = |s: &Setup| {

@@ -94,6 +94,10 @@ pub struct Account {
     pub over_limit: AtomicU64,
     /// The lease last written to `USER_LIMITS`.
     lease: Mutex<Option<relay_common::limits::UserLimit>>,
+    /// Record ids of the user's live fast-path flows: with `udp_xdp_bytes` (ended flows),
+    /// what XDP carried for a user the kernel does not count itself (no quota, no rate).
+    /// Changed together with `udp_xdp_bytes`, under this lock.
+    flows: Mutex<HashSet<u32>>,
 }
 
 /// The user's current block state, watched by its sessions.
@@ -231,6 +235,22 @@ impl Account {
         }
         self.device(ip, max_devices)
             .ok_or_else(|| format!("holds max_devices ({}) addresses", max_devices.unwrap_or(0)))
+    }
+
+    /// What XDP carried for the user, per direction: the kernel's own count (`spent`, read
+    /// from `USER_SPENT`) for a metered user, else the user's flows' counters.
+    fn kernel_bytes(
+        &self,
+        metered: bool,
+        spent: impl FnOnce() -> [u64; 2],
+        dp: &Datapath,
+    ) -> [u64; 2] {
+        if metered {
+            return spent();
+        }
+        let flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        let live = dp.socks_bytes(flows.iter());
+        [0, 1].map(|d| live[d].wrapping_add(self.udp_xdp_bytes[d].load(Ordering::Relaxed)))
     }
 
     /// The controller's byte counters of the user, per direction (CONNECT and UDP together).
@@ -602,14 +622,16 @@ impl Server {
             saved,
         });
         let cfg = server.cfg.clone();
-        server.set_up_limits(&cfg);
+        // The first tick waits for `adopt`: a handed-over association's flows count toward
+        // its user's usage from there on.
+        server.set_up_limits(&cfg, false);
         Ok(server)
     }
 
     /// Gives every configured user its limits: a new ledger (taking up the usage the store
-    /// had for the name) or new limits for the one it has. Then one tick, so that the kernel's
-    /// leases and who is blocked are right before the first request.
-    fn set_up_limits(&self, cfg: &Socks5Config) {
+    /// had for the name) or new limits for the one it has. Then, if `tick`, one tick, so that
+    /// the kernel's leases and who is blocked are right before the next request.
+    fn set_up_limits(&self, cfg: &Socks5Config, tick: bool) {
         let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
         let limits_of = |name: &str| {
             cfg.users
@@ -628,13 +650,18 @@ impl Server {
             match ledger.as_mut() {
                 Some(l) => l.set_limits(limits),
                 None => {
-                    let kernel = self.datapath.user_spent(i as u32);
+                    let spent = || self.datapath.user_spent(i as u32);
+                    let kernel = a.kernel_bytes(limits.meters_bytes(), spent, &self.datapath);
                     let user = a.user_bytes();
                     let saved = (i != 0).then(|| self.saved.get(&a.name)).flatten();
                     *ledger = Some(match saved {
                         // The counters the usage was counted up to are this slot's: what
                         // moved since (while this relay restarted) is counted too.
-                        Some(row) if row.slot == i as u32 => {
+                        Some(row)
+                            if row.slot == i as u32
+                                && (row.quota.is_some() || row.rate.is_some())
+                                    == limits.meters_bytes() =>
+                        {
                             Ledger::new(limits, row.usage, row.kernel_seen, row.user_seen)
                         }
                         Some(row) => Ledger::new(limits, row.usage, kernel, user),
@@ -644,7 +671,9 @@ impl Server {
             }
         }
         drop(accounts);
-        self.meter_once(true);
+        if tick {
+            self.meter_once(true);
+        }
     }
 
     /// Renews the users' leases and budgets every [`LIMITS_TICK`] and writes usage to the
@@ -685,12 +714,13 @@ impl Server {
             if live == 0 && !all {
                 continue;
             }
-            let kernel = self.datapath.user_spent(i as u32);
-            let user = a.user_bytes();
             let tick = {
                 let mut ledger = a.ledger.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(l) = ledger.as_mut() else { continue };
-                l.tick(mono, now, kernel, user)
+                let metered = l.limits.meters_bytes();
+                let spent = || self.datapath.user_spent(i as u32);
+                let kernel = a.kernel_bytes(metered, spent, &self.datapath);
+                l.tick(mono, now, kernel, a.user_bytes())
             };
             {
                 let mut lease = a.lease.lock().unwrap_or_else(|e| e.into_inner());
@@ -836,6 +866,9 @@ impl Server {
                 }
             }
         }
+        // The users' first limits tick: leases and blocks before the first request, usage
+        // counted from the counters as they are with the handed-over flows in.
+        self.meter_once(true);
         let swept = self.datapath.socks_sweep();
         if kept + assocs + closed > 0 {
             info!(
@@ -980,6 +1013,10 @@ impl Server {
                 None => Hops::none(),
             };
             acct.fast_flows.fetch_add(1, Ordering::Relaxed);
+            acct.flows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id);
             assoc.fast.push(FastFlow { id, _hops: hops });
         }
         let source = self.adopted_source(state.peer.ip())?;
@@ -1082,7 +1119,7 @@ impl Server {
             anonymous,
         });
         let cfg = self.current().cfg.clone();
-        self.set_up_limits(&cfg);
+        self.set_up_limits(&cfg, true);
         // After the swap, so that a handshake finishing now finds the new grants.
         for g in &revoked {
             g.revoke.send_replace(true);
@@ -1856,13 +1893,16 @@ impl Server {
         }
         // Out of the fast path first, so that nothing more is relayed for it, then account
         // what XDP carried (and let the flow's next hops go).
+        let mut live = acct.flows.lock().unwrap_or_else(|e| e.into_inner());
         for flow in assoc.fast.drain(..) {
             acct.fast_flows.fetch_sub(1, Ordering::Relaxed);
             for (d, t) in self.datapath.socks_close(flow.id).iter().enumerate() {
                 add(&acct.udp_xdp_packets[d], t.packets);
                 add(&acct.udp_xdp_bytes[d], t.bytes);
             }
+            live.remove(&flow.id);
         }
+        drop(live);
         drop(socket);
         self.release(assoc.port);
     }
@@ -2083,6 +2123,11 @@ impl Server {
         let hops = nexthops.ask(&ends).await;
         if let Some(id) = self.datapath.socks_open(ends, assoc.account, hops.slots()) {
             add(&account.fast_flows, 1);
+            account
+                .flows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id);
             assoc.fast.push(FastFlow { id, _hops: hops });
         }
     }
