@@ -54,15 +54,16 @@ pub fn check(limit: &UserLimit, spent: &UserSpent, direction: u32, len: u64) -> 
         return Err(Reason::UserBlocked);
     }
     let d = (direction & 1) as usize;
+    // Saturating: a sum past the top of u64 must not wrap round to look small.
     if limit.flags & LIMIT_QUOTA != 0
         && spent.bytes[0]
-            .wrapping_add(spent.bytes[1])
-            .wrapping_add(len)
+            .saturating_add(spent.bytes[1])
+            .saturating_add(len)
             > limit.quota_allow
     {
         return Err(Reason::UserOverQuota);
     }
-    if limit.flags & LIMIT_RATE != 0 && spent.bytes[d].wrapping_add(len) > limit.allow[d] {
+    if limit.flags & LIMIT_RATE != 0 && spent.bytes[d].saturating_add(len) > limit.allow[d] {
         return Err(Reason::UserOverRate);
     }
     Ok(())
@@ -125,18 +126,24 @@ mod tests {
     }
 
     #[test]
-    fn counters_near_wrap_compare_as_the_kernel_adds() {
-        // The kernel's counter and the lease both wrap the same way: a lease written just
-        // past the wrap still lets the user spend it.
+    fn sums_past_the_top_of_u64_are_refused_not_wrapped() {
         let spent = UserSpent {
-            bytes: [u64::MAX - 10, 0],
+            bytes: [u64::MAX - 10, 5],
         };
         let limit = UserLimit {
-            allow: [u64::MAX, 0],
+            allow: [u64::MAX - 1, u64::MAX],
+            quota_allow: u64::MAX - 1,
             flags: LIMIT_RATE,
             ..UserLimit::default()
         };
-        assert_eq!(check(&limit, &spent, 0, 10), Ok(()));
-        assert_eq!(check(&limit, &spent, 0, 11), Err(Reason::UserOverRate));
+        assert_eq!(check(&limit, &spent, 0, 9), Ok(()));
+        assert_eq!(check(&limit, &spent, 0, 10), Err(Reason::UserOverRate));
+        // Wrapped, MAX - 10 + 1000 would be 989: far below the lease.
+        assert_eq!(check(&limit, &spent, 0, 1000), Err(Reason::UserOverRate));
+        let quota = UserLimit {
+            flags: LIMIT_QUOTA,
+            ..limit
+        };
+        assert_eq!(check(&quota, &spent, 1, 1000), Err(Reason::UserOverQuota));
     }
 }

@@ -361,7 +361,7 @@ impl Ledger {
                     .saturating_add(refill)
                     .min(burst);
                 let (k, u) = split(self.pool[d]);
-                kernel_limit.allow[d] = kernel[d].wrapping_add(k);
+                kernel_limit.allow[d] = kernel[d].saturating_add(k);
                 budget.rate[d] = u;
             }
         }
@@ -371,7 +371,7 @@ impl Ledger {
                 .saturating_sub(self.usage.total())
                 .min(i64::MAX as u64) as i64;
             let (k, u) = split(left);
-            kernel_limit.quota_allow = kernel[0].wrapping_add(kernel[1]).wrapping_add(k);
+            kernel_limit.quota_allow = kernel[0].saturating_add(kernel[1]).saturating_add(k);
             budget.quota = u;
         }
         if blocked.is_some() {
