@@ -363,6 +363,12 @@ pub struct UserStats {
     /// Destinations left to the controller because the user held its share of the fast-path
     /// table already.
     pub fast_path_refused: u64,
+    /// Requests refused by the user's limits: blocked (expired, disabled, out of quota) or a
+    /// new address over `max_devices`.
+    pub limit_refused: u64,
+    /// UDP datagrams the controller dropped over the user's rate or quota (XDP's drops are
+    /// the `user_*` reasons).
+    pub over_limit: u64,
 }
 
 /// Capacity of `USERS`.

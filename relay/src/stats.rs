@@ -411,6 +411,10 @@ pub struct UserReport {
     pub refused: u64,
     pub udp_dropped: u64,
     pub fast_path_refused: u64,
+    /// Requests refused by the user's limits (blocked, or over `max_devices`).
+    pub limit_refused: u64,
+    /// UDP datagrams the controller dropped over the user's rate or quota.
+    pub over_limit: u64,
     /// The part of `udp` that XDP relayed (live and ended associations).
     pub udp_xdp: Directions,
 }
@@ -466,6 +470,8 @@ pub fn users(pin_dir: &Path) -> anyhow::Result<Vec<UserReport>> {
             refused: u.refused,
             udp_dropped: u.udp_dropped,
             fast_path_refused: u.fast_path_refused,
+            limit_refused: u.limit_refused,
+            over_limit: u.over_limit,
             udp_xdp,
         });
     }
@@ -540,7 +546,7 @@ impl Report {
             let _ = writeln!(out);
             let _ = writeln!(
                 out,
-                "{:<16} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}",
+                "{:<16} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
                 "socks5 user",
                 "tcp bytes ->",
                 "tcp bytes <-",
@@ -549,12 +555,14 @@ impl Report {
                 "conns",
                 "assocs",
                 "authfail",
-                "refused"
+                "refused",
+                "limited",
+                "overlim"
             );
             for u in &self.users {
                 let _ = writeln!(
                     out,
-                    "{:<16} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}",
+                    "{:<16} {:>12} {:>12} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
                     u.name,
                     u.connect_bytes_to_destination,
                     u.connect_bytes_to_client,
@@ -563,7 +571,9 @@ impl Report {
                     u.connections,
                     u.associations,
                     u.auth_failures,
-                    u.refused
+                    u.refused,
+                    u.limit_refused,
+                    u.over_limit
                 );
             }
         }

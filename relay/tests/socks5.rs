@@ -1848,6 +1848,9 @@ fn devices_are_limited_and_an_expired_users_association_is_closed() {
     thread::sleep(Duration::from_millis(1500));
     let report = users_report(&s);
     assert_eq!(usage(&report, "alice")["state"], "expired");
+    // Every refusal counted: two over max_devices, one expired.
+    let st = stats(&s.t.relay, "cli0", &s.pin);
+    assert_eq!(user(&st, "alice")["limit_refused"], 3, "{st}");
 }
 
 /// Usage lasts: what a user moved is in the store after a graceful restart exactly, and

@@ -2359,6 +2359,8 @@ impl Account {
         set(&self.refused, p.refused);
         set(&self.udp_dropped, p.udp_dropped);
         set(&self.fast_path_refused, p.fast_path_refused);
+        set(&self.limit_refused, p.limit_refused);
+        set(&self.over_limit, p.over_limit);
     }
 
     /// The pinned form of this account.
@@ -2385,6 +2387,8 @@ impl Account {
                 bytes: l(&self.udp_xdp_bytes[d]),
             }),
             fast_path_refused: l(&self.fast_path_refused),
+            limit_refused: l(&self.limit_refused),
+            over_limit: l(&self.over_limit),
         }
     }
 }
