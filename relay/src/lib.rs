@@ -1,6 +1,7 @@
 //! The relay's controller: loads and attaches the XDP program, owns the pinned maps and serves
 //! statistics. `main.rs` is a thin command-line shell around these modules.
 
+pub mod check;
 pub mod config;
 pub mod datapath;
 pub mod ebpf;

@@ -53,6 +53,13 @@ enum Command {
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
+    /// Check a configuration file and say what the relay would do with it, without touching
+    /// the kernel (exit status 1 if anything would stop it).
+    Check {
+        /// Configuration file (see examples/relay.toml).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// List the SOCKS5 users with their usage, quota left, expiry, rate and live
     /// connections, associations and devices (from the store the relay writes every second).
     Users {
@@ -133,13 +140,44 @@ struct RunArgs {
     /// /var/lib/relay/IFACE].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Log lines as text, or as one JSON object per line (`ts`, `level`, `msg`).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to standard error at `RUST_LOG`'s level (default info), as text or JSON lines.
+fn init_logging(format: LogFormat) {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    b.format_target(false);
+    if format == LogFormat::Json {
+        b.format(|buf, record| {
+            use std::io::Write as _;
+            let line = serde_json::json!({
+                "ts": buf.timestamp().to_string(),
+                "level": record.level().as_str(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    b.init();
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
-    let cli = match Cli::try_parse() {
+    let cli = Cli::try_parse();
+    init_logging(match &cli {
+        Ok(Cli {
+            command: Command::Run(args),
+        }) => args.log_format,
+        _ => LogFormat::Text,
+    });
+    let cli = match cli {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -209,6 +247,23 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 .block_on(run(ifaces, config, mode, dir, state, move || {
                     self::config(&args)
                 }))
+        }
+        Command::Check { config } => {
+            let cfg = Config::from_file(&config)?;
+            let checked = relay::check::check(&cfg);
+            print!("{}", checked.text);
+            if checked.problems.is_empty() {
+                println!("{}: OK", config.display());
+                return Ok(());
+            }
+            for p in &checked.problems {
+                eprintln!("relay: problem: {p}");
+            }
+            anyhow::bail!(
+                "{}: {} problem(s), see above",
+                config.display(),
+                checked.problems.len()
+            )
         }
         Command::Users {
             iface,

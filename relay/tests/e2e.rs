@@ -319,3 +319,88 @@ fn the_running_relay_keeps_only_the_capabilities_it_needs() {
     let s = stats(&t.relay, "cli0", &pin);
     assert!(s["controller"]["pid"].is_null(), "no controller runs: {s}");
 }
+
+/// `relay check` says what a configuration would do without root or the kernel, and a
+/// configuration with a problem ends with one line and exit status 1.
+#[test]
+fn check_describes_a_configuration_and_names_its_problems() {
+    let hash = relay::socks5::users::hash_password(b"pw").unwrap();
+    let text = |hash: &str| {
+        format!(
+            "[[forward]]\nlisten = \"0.0.0.0:51820\"\nupstream = \"198.51.100.7:51820\"\n\
+             [socks5]\nlisten = \"0.0.0.0:1080\"\n[[socks5.users]]\nname = \"alice\"\n\
+             password_hash = \"{hash}\"\nquota = \"10 GB\"\nquota_period = \"monthly\"\n"
+        )
+    };
+    let good = support::ConfigFile::new(&text(&hash));
+    // As nobody, without capabilities: the check needs neither.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(relay_bin())
+        .args(["check", "--config", good.arg()])
+        .output()
+        .expect("setpriv");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("forward0 [udp]: 0.0.0.0:51820 -> 198.51.100.7"),
+        "{said}"
+    );
+    assert!(
+        said.contains("user \"alice\": quota 10000.0 MB per period (monthly:1)"),
+        "{said}"
+    );
+    assert!(said.trim_end().ends_with(": OK"), "{said}");
+
+    let bad = support::ConfigFile::new(&text("hunter2"));
+    let out = Command::new(relay_bin())
+        .args(["check", "--config", bad.arg()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("relay hash-password"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `--log-format json`: every line the relay logs is one JSON object with a time, a level
+/// and the message.
+#[test]
+fn json_log_lines() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    let relay = Relay::start(
+        &t.relay,
+        &[
+            "--iface",
+            "cli0",
+            "--pin-dir",
+            pin.arg(),
+            "--log-format",
+            "json",
+        ],
+    );
+    let log = relay.log();
+    let mut lines = 0;
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(v["ts"].as_str().is_some_and(|t| t.ends_with('Z')), "{line}");
+        assert!(
+            ["INFO", "WARN", "ERROR", "DEBUG"].contains(&v["level"].as_str().unwrap()),
+            "{line}"
+        );
+        assert!(v["msg"].is_string(), "{line}");
+        lines += 1;
+    }
+    assert!(log.contains("relay running") && lines > 1, "{log}");
+}
