@@ -9,6 +9,7 @@ pub mod forward;
 pub mod handover;
 pub mod idle;
 pub mod limits;
+pub mod metrics;
 pub mod nexthop;
 pub mod pin;
 pub mod policy;

@@ -140,6 +140,9 @@ struct RunArgs {
     /// /var/lib/relay/IFACE].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// Log lines as text, or as one JSON object per line (`ts`, `level`, `msg`).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -240,11 +243,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let dir = pin_dir(&args.iface[0], args.pin_dir.clone())?;
             let state = state_dir(Some(&args.iface[0]), args.state_dir.clone())?;
             let mode = args.xdp_mode;
+            let metrics = args.metrics;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(run(ifaces, config, mode, dir, state, move || {
+                .block_on(run(ifaces, config, mode, dir, state, metrics, move || {
                     self::config(&args)
                 }))
         }
@@ -486,6 +490,7 @@ async fn run(
     mode: ebpf::AttachMode,
     dir: PathBuf,
     state: PathBuf,
+    metrics: Option<std::net::SocketAddr>,
     reread: impl Fn() -> anyhow::Result<Config>,
 ) -> anyhow::Result<()> {
     use ebpf::AttachMode;
@@ -747,9 +752,29 @@ async fn run(
             }
         }
     });
+    let metrics_listener = match metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics: cannot listen on {addr} (in use?)"))?,
+        ),
+        None => None,
+    };
     // Loaded, attached, listening: from here on only what running needs.
     relay::privileges::drop_to_runtime_set()?;
     forward.spawn();
+    if let Some(listener) = metrics_listener {
+        let sources = relay::metrics::Sources {
+            pin_dir: dir.clone(),
+            state_dir: socks5.as_ref().map(|_| state.clone()),
+            refusals: socks5.as_ref().map(|(s, _)| Arc::clone(&s.refusals)),
+        };
+        info!(
+            "Prometheus metrics on http://{}/metrics",
+            listener.local_addr()?
+        );
+        tokio::spawn(relay::metrics::serve(listener, Arc::new(sources)));
+    }
     let socks5 = socks5.map(|(server, listener)| {
         tokio::spawn(Arc::clone(&server).publish());
         tokio::spawn(Arc::clone(&server).meter());

@@ -81,11 +81,11 @@ fn config_text(socks_extra: &str, alice_extra: &str) -> String {
 }
 
 fn setup_with(socks_extra: &str, alice_extra: &str) -> Setup {
-    setup_env(socks_extra, alice_extra, &[])
+    setup_env(socks_extra, alice_extra, &[], &[])
 }
 
-/// [`setup_with`], the relay started with more environment variables.
-fn setup_env(socks_extra: &str, alice_extra: &str, env: &[(&str, &str)]) -> Setup {
+/// [`setup_with`], the relay started with more environment variables and arguments.
+fn setup_env(socks_extra: &str, alice_extra: &str, env: &[(&str, &str)], args: &[&str]) -> Setup {
     let t = Topology::new();
     let pin = PinDir::new();
     let dir = TempDir(std::env::temp_dir().join(support::unique("www")));
@@ -110,7 +110,7 @@ fn setup_env(socks_extra: &str, alice_extra: &str, env: &[(&str, &str)]) -> Setu
     );
     let echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
     let config = ConfigFile::new(&config_text(socks_extra, alice_extra));
-    let relay = Relay::with_config_env(&t.relay, &pin, &config, env);
+    let relay = Relay::with_config_env(&t.relay, &pin, &config, env, args);
     // The web server needs a moment to listen.
     for _ in 0..50 {
         if t.upstream
@@ -1925,6 +1925,7 @@ fn a_daily_quota_comes_back_at_midnight() {
             ("FAKETIME", "@2027-01-31 23:59:40"),
             ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
         ],
+        &[],
     );
     // 400 echoes (804,000 bytes counted) fit in the quota; a client that keeps sending is
     // stopped.
@@ -1946,4 +1947,103 @@ fn a_daily_quota_comes_back_at_midnight() {
     let u = usage(&report, "alice");
     assert_eq!(u["period_start"], "2027-02-01T00:00:00Z", "{u}");
     assert_eq!(u["used"], 10 * 2010, "{u}");
+}
+
+/// The value of the sample `name{labels}` in Prometheus text (labels in the encoder's order:
+/// by name).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// `--metrics`: a scrape during and after traffic passes `promtool check metrics`, and the
+/// per-user byte counters say what the test sent.
+#[test]
+fn metrics_pass_promtool_and_count_what_was_sent() {
+    let s = setup_env(
+        "udp_idle_timeout = \"30s\"\n",
+        "quota = \"100 MB\"\n",
+        &[],
+        &["--metrics", "127.0.0.1:9100"],
+    );
+    assert_eq!(
+        raw_login(&s.t.client, "alice", "wrong").err(),
+        Some(Some(1))
+    );
+    let scrape = || {
+        let out =
+            s.t.relay
+                .command("curl")
+                .args(["-sS", "--max-time", "5", "http://127.0.0.1:9100/metrics"])
+                .output()
+                .expect("curl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let promtool = |text: &str| {
+        let mut p = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian's prometheus package)");
+        p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "promtool: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // During traffic: an association held open.
+    let control = echoes(&s, 300, 1000).unwrap();
+    promtool(&scrape());
+    drop(control);
+    // The accounts are published once a second, the store written once a second.
+    thread::sleep(Duration::from_millis(2500));
+    let text = scrape();
+    promtool(&text);
+    let bytes = |dir: &str, path: &str| {
+        sample(
+            &text,
+            &format!(
+                "relay_socks5_user_bytes_total{{direction=\"{dir}\",path=\"{path}\",transport=\"udp\",user=\"alice\"}}"
+            ),
+        )
+        .unwrap_or_else(|| panic!("no alice {dir} {path} bytes in\n{text}"))
+    };
+    assert_eq!(
+        bytes("to_upstream", "xdp") + bytes("to_upstream", "controller"),
+        300_000.0
+    );
+    assert_eq!(
+        bytes("to_client", "xdp") + bytes("to_client", "controller"),
+        303_000.0
+    );
+    assert!(
+        bytes("to_upstream", "xdp") >= 299_000.0,
+        "XDP carried them:\n{text}"
+    );
+    let auth = "relay_socks5_user_requests_total{outcome=\"auth_failed\",user=\"alice\"}";
+    assert_eq!(sample(&text, auth), Some(1.0), "{text}");
+    let left = "relay_socks5_user_quota_remaining_bytes{user=\"alice\"}";
+    assert_eq!(
+        sample(&text, left),
+        Some(100_000_000.0 - 603_000.0),
+        "{text}"
+    );
+    // Between the relay's two links XDP redirects.
+    let relayed = "relay_xdp_packets_total{reason=\"relayed_redirect\",verdict=\"redirect\"}";
+    assert!(sample(&text, relayed).is_some_and(|v| v >= 598.0), "{text}");
 }

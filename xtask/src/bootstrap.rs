@@ -40,6 +40,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("/usr/sbin/haproxy", "haproxy"),
     // libfaketime: a relay whose wall clock crosses midnight (quota periods).
     ("/usr/bin/faketime", "faketime"),
+    // promtool checks the metrics endpoint's output (the Prometheus server is not started).
+    ("/usr/bin/promtool", "prometheus"),
     ("/usr/bin/python3", "python3"),
     ("/usr/lib/python3/dist-packages/socks.py", "python3-socks"),
 ];

@@ -380,14 +380,17 @@ impl Relay {
         Relay::start(ns, &config_args(pin, config))
     }
 
-    /// [`Relay::with_config`] with more environment variables.
+    /// [`Relay::with_config`] with more environment variables and arguments.
     pub fn with_config_env(
         ns: &Netns,
         pin: &PinDir,
         config: &ConfigFile,
         env: &[(&str, &str)],
+        extra: &[&str],
     ) -> Relay {
-        Relay::start_env(ns, &config_args(pin, config), env)
+        let mut args = config_args(pin, config);
+        args.extend_from_slice(extra);
+        Relay::start_env(ns, &args, env)
     }
 }
 
