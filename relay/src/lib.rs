@@ -14,6 +14,7 @@ pub mod nexthop;
 pub mod pin;
 pub mod policy;
 pub mod privileges;
+pub mod quickstart;
 pub mod sessions;
 pub mod socks5;
 pub mod stats;

@@ -106,7 +106,10 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Interface to attach to; repeat for several (the first names the pin directory).
-    #[arg(short, long, required = true)]
+    /// Without --iface, --config and --forward: the default route's interface, serving a
+    /// SOCKS5 proxy on its port 1080 with a user made at the first run (printed with links to
+    /// connect).
+    #[arg(short, long)]
     iface: Vec<String>,
     /// Configuration file (see examples/relay.toml).
     #[arg(short, long)]
@@ -143,6 +146,9 @@ struct RunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100) [default: off].
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Set when this run is the no-argument default (not a flag).
+    #[arg(skip)]
+    quickstart: bool,
     /// Log lines as text, or as one JSON object per line (`ts`, `level`, `msg`).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -218,6 +224,16 @@ fn state_dir(iface: Option<&str>, given: Option<PathBuf>) -> anyhow::Result<Path
 fn config(args: &RunArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
+        // The default proxy: the same user (and hash) at every read, so that a reload keeps
+        // its sessions.
+        None if args.quickstart => {
+            let state = state_dir(
+                args.iface.first().map(String::as_str),
+                args.state_dir.clone(),
+            )?;
+            let (c, _) = relay::quickstart::credentials(&state)?;
+            relay::quickstart::config(relay::quickstart::listen_on(&args.iface[0])?, &c)?
+        }
         None => Config::default(),
     };
     config.apply_flags(&relay::config::Flags {
@@ -233,13 +249,28 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
 
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run(args) => {
+        Command::Run(mut args) => {
             system::require_privileges()?;
+            // No interface, file or rule: the main job on an embedded default.
+            let quick = args.iface.is_empty() && args.config.is_none() && args.forward.is_empty();
+            if quick {
+                args.iface.push(system::default_route_interface()?);
+                args.quickstart = true;
+            }
             let mut ifaces = Vec::new();
             for name in &args.iface {
                 ifaces.push((name.clone(), system::ifindex(name)?));
             }
             let config = config(&args)?;
+            let banner = match quick {
+                true => {
+                    let state = state_dir(Some(&args.iface[0]), args.state_dir.clone())?;
+                    let (c, new) = relay::quickstart::credentials(&state)?;
+                    let at = config.socks5.as_ref().map(|s| s.listen).context("SOCKS5")?;
+                    Some(relay::quickstart::instructions(at, &c, new)?)
+                }
+                false => None,
+            };
             let dir = pin_dir(&args.iface[0], args.pin_dir.clone())?;
             let state = state_dir(Some(&args.iface[0]), args.state_dir.clone())?;
             let mode = args.xdp_mode;
@@ -248,9 +279,18 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(run(ifaces, config, mode, dir, state, metrics, move || {
-                    self::config(&args)
-                }))
+                .block_on(run(
+                    Plan {
+                        ifaces,
+                        config,
+                        mode,
+                        dir,
+                        state,
+                        metrics,
+                        banner,
+                    },
+                    move || self::config(&args),
+                ))
         }
         Command::Check { config } => {
             let cfg = Config::from_file(&config)?;
@@ -484,16 +524,30 @@ enum Exit {
     Stop(handover::Peer),
 }
 
-async fn run(
+/// What `relay run` was asked to do, checked.
+struct Plan {
     ifaces: Vec<(String, u32)>,
     config: Config,
     mode: ebpf::AttachMode,
+    /// The pin directory (bpffs) and the state directory (the store).
     dir: PathBuf,
     state: PathBuf,
     metrics: Option<std::net::SocketAddr>,
-    reread: impl Fn() -> anyhow::Result<Config>,
-) -> anyhow::Result<()> {
+    /// Printed once running (the no-argument run's instructions).
+    banner: Option<String>,
+}
+
+async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow::Result<()> {
     use ebpf::AttachMode;
+    let Plan {
+        ifaces,
+        config,
+        mode,
+        dir,
+        state,
+        metrics,
+        banner,
+    } = plan;
     pin::prepare(&dir)?;
     // Before any pinned map is opened: the directory's lock, or the running relay that holds
     // it, to take over from.
@@ -787,6 +841,11 @@ async fn run(
         names.join(", "),
         dir.display()
     );
+    if let Some(b) = &banner {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(b.as_bytes()).and_then(|()| out.flush());
+    }
     // Under systemd (Type=notify): ready, and the unit's main process from now on (a
     // successor started by `relay restart` replaces its predecessor there too).
     if let Err(e) = sd_notify::notify(&[

@@ -112,6 +112,15 @@ impl Policy {
 
 /// Every address configured on this host's interfaces (in this network namespace).
 pub fn local_addresses() -> Vec<IpAddr> {
+    addresses(None)
+}
+
+/// The addresses of interface `name`, in the order the kernel lists them.
+pub fn interface_addresses(name: &str) -> Vec<IpAddr> {
+    addresses(Some(name))
+}
+
+fn addresses(only: Option<&str>) -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `ifap` with a list we free below.
@@ -122,7 +131,9 @@ pub fn local_addresses() -> Vec<IpAddr> {
     while !p.is_null() {
         // SAFETY: `p` is a node of the list getifaddrs returned, valid until freeifaddrs.
         let ifa = unsafe { &*p };
-        if !ifa.ifa_addr.is_null() {
+        // SAFETY: `ifa_name` is the NUL-terminated name of the node's interface.
+        let named = || unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_bytes();
+        if !ifa.ifa_addr.is_null() && only.is_none_or(|n| named() == n.as_bytes()) {
             // SAFETY: `ifa_addr` points at a sockaddr of the family it declares, which is
             // no larger than sockaddr_storage for the families socket_addr accepts.
             let family = unsafe { (*ifa.ifa_addr).sa_family } as libc::c_int;

@@ -269,3 +269,42 @@ mod tests {
         );
     }
 }
+
+/// The interface of the IPv4 default route with the lowest metric (`/proc/net/route`).
+pub fn default_route_interface() -> anyhow::Result<String> {
+    let table = fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
+    default_route_in(&table)
+        .ok_or_else(|| anyhow::anyhow!("no IPv4 default route: name the interface with --iface"))
+}
+
+/// The default route's interface in a `/proc/net/route` table.
+fn default_route_in(table: &str) -> Option<String> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Iface Destination Gateway Flags RefCnt Use Metric Mask ...; RTF_UP = 1.
+            let up = u32::from_str_radix(f.get(3)?, 16).ok()? & 1 == 1;
+            (f.get(1)? == &"00000000" && f.get(7)? == &"00000000" && up)
+                .then(|| Some((f.get(6)?.parse::<u32>().ok()?, f[0].to_owned())))?
+        })
+        .min()
+        .map(|(_, iface)| iface)
+}
+
+#[cfg(test)]
+mod default_route_tests {
+    #[test]
+    fn the_default_route_with_the_lowest_metric_wins() {
+        let table =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth1\t00000000\t0102A8C0\t0003\t0\t0\t200\t00000000\t0\t0\t0\n\
+            eth0\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+            eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(super::default_route_in(table).as_deref(), Some("eth0"));
+        let none = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
+            eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n";
+        assert_eq!(super::default_route_in(none), None);
+    }
+}

@@ -404,3 +404,126 @@ fn json_log_lines() {
     }
     assert!(log.contains("relay running") && lines > 1, "{log}");
 }
+
+/// A child process killed (and reaped) on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `relay run` with no arguments (the test's pin and state directories aside) in a namespace
+/// whose default route leaves by a veth: a SOCKS5 proxy on that interface's port 1080 whose
+/// printed curl line works, with Telegram's links and a QR code; a second run keeps the user.
+#[test]
+fn without_arguments_a_socks5_proxy_that_curl_can_use() {
+    let t = Topology::new();
+    let pin = PinDir::new();
+    // The internet: a web server on a public address (TEST-NET-3, which exists only inside
+    // the upstream namespace), reached by the relay's default route out of up0.
+    t.relay
+        .ip(&["route", "add", "default", "via", UPSTREAM_V4, "dev", "up0"]);
+    t.upstream
+        .ip(&["addr", "add", "203.0.113.80/32", "dev", "eth0"]);
+    // A minimal web server (python's looks its own address up in DNS, which is not here).
+    let listener = t
+        .upstream
+        .run(|| std::net::TcpListener::bind("203.0.113.80:8080").unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        for mut c in listener.incoming().flatten() {
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = "hello through the default proxy\n";
+            let _ = write!(
+                c,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let state = pin.state();
+    let run = || {
+        let out = std::env::temp_dir().join(support::unique("stdout"));
+        let child = Child(
+            t.relay
+                .command(relay_bin())
+                .args(["run", "--pin-dir", pin.arg(), "--state-dir"])
+                .arg(&state)
+                .stdout(std::fs::File::create(&out).unwrap())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("relay run"),
+        );
+        let start = Instant::now();
+        let mut text = String::new();
+        while start.elapsed() < Duration::from_secs(20)
+            && !text.contains("QR")
+            && !text.contains('█')
+        {
+            std::thread::sleep(Duration::from_millis(100));
+            text = std::fs::read_to_string(&out).unwrap_or_default();
+        }
+        let _ = std::fs::remove_file(&out);
+        (child, text)
+    };
+    let (relay, text) = run();
+    let proxy = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("curl:"))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "--proxy").nth(1))
+        .unwrap_or_else(|| panic!("no curl line in:\n{text}"))
+        .to_owned();
+    assert!(
+        proxy.starts_with("socks5h://relay:") && proxy.ends_with("@198.18.2.1:1080"),
+        "{proxy}"
+    );
+    assert!(
+        text.contains("tg://socks?server=198.18.2.1&port=1080&user=relay&pass="),
+        "{text}"
+    );
+    assert!(
+        text.contains("https://t.me/socks?server=198.18.2.1"),
+        "{text}"
+    );
+    let mut fetched = String::new();
+    for _ in 0..20 {
+        let out = t
+            .client
+            .command("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "--proxy",
+                &proxy,
+                "http://203.0.113.80:8080/hello.txt",
+            ])
+            .output()
+            .expect("curl");
+        fetched = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(fetched, "hello through the default proxy\n");
+    drop(relay);
+    // A second run: the same user and password.
+    let (_relay, again) = run();
+    assert!(again.contains(&proxy), "{again}");
+    assert!(again.contains("the same as before"), "{again}");
+}

@@ -35,9 +35,10 @@ enum Cmd {
     },
     /// Build, load and attach to an interface, and run the controller in the foreground.
     Run {
-        /// Interface to attach to.
+        /// Interface to attach to [default: the default route's, with a SOCKS5 proxy on port
+        /// 1080 when no other arguments are given].
         #[arg(short, long)]
-        iface: String,
+        iface: Option<String>,
         /// Run inside this network namespace (from `ip netns add`).
         #[arg(long)]
         netns: Option<String>,
@@ -298,7 +299,11 @@ fn dispatch(command: Cmd) -> anyhow::Result<()> {
                 }
                 None => Command::new(&relay),
             };
-            cmd.args(["run", "--iface", &iface]).args(&relay_args);
+            cmd.arg("run");
+            if let Some(iface) = &iface {
+                cmd.args(["--iface", iface]);
+            }
+            cmd.args(&relay_args);
             eprintln!("[run] {}", describe(&cmd));
             status(cmd)
         }
