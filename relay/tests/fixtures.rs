@@ -1125,6 +1125,20 @@ fn sockets() -> Vec<std::net::UdpSocket> {
     .collect()
 }
 
+/// One frame through the program: its verdict and the frame as it left.
+fn test_run(prog: &aya::programs::Xdp, what: &str, input: &[u8]) -> (Option<Verdict>, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{what}: BPF_PROG_TEST_RUN failed: {e}"));
+    out.truncate(r.data_size_out as usize);
+    (Verdict::from_action(r.return_value), out)
+}
+
 #[test]
 fn fixtures_through_the_verified_program() {
     // A namespace of its own: BPF_PROG_TEST_RUN looks sockets up in the caller's.
@@ -1150,16 +1164,7 @@ fn run_fixtures() -> Vec<String> {
     fixtures.extend(socks_table());
     fixtures.extend(tcp_table());
     for f in &fixtures {
-        let mut out = vec![0u8; f.input.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&f.input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("{}: BPF_PROG_TEST_RUN failed: {e}", f.what));
-        out.truncate(r.data_size_out as usize);
-        let verdict = Verdict::from_action(r.return_value);
+        let (verdict, out) = test_run(prog, f.what, &f.input);
         let want_out = f.output.as_ref().unwrap_or(&f.input);
         if verdict != Some(f.verdict) {
             failures.push(format!(
@@ -1448,16 +1453,7 @@ fn run_user_limits() -> Vec<String> {
     let len = data.len() as u64;
     let mut failures = Vec::new();
     let mut run = |what: &str, f: &Fixture, want: Result<(), Reason>| {
-        let mut out = vec![0u8; f.input.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&f.input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .unwrap_or_else(|e| panic!("{what}: BPF_PROG_TEST_RUN failed: {e}"));
-        out.truncate(r.data_size_out as usize);
-        let verdict = Verdict::from_action(r.return_value);
+        let (verdict, out) = test_run(prog, what, &f.input);
         let (want_verdict, want_out) = match want {
             Ok(()) => (Some(Verdict::Tx), f.output.clone().unwrap()),
             Err(reason) => (Some(reason.verdict()), f.input.clone()),

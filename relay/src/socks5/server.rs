@@ -1355,14 +1355,27 @@ impl Server {
             .map_or((0, 0), |g| (g.max_connections, g.max_associations))
     }
 
-    /// The user's limits for a new request from `peer`: its device slot, or refused (counted
-    /// and logged; the caller replies "not allowed").
-    fn limits_admit<'a>(&self, acct: &'a Account, peer: SocketAddr) -> Result<Device<'a>, ()> {
-        acct.admit(peer.ip()).map_err(|why| {
-            add(&acct.refused, 1);
-            add(&acct.limit_refused, 1);
-            debug!("SOCKS5 {peer}: user {:?} refused: {why}", acct.name);
-        })
+    /// The user's limits for a new request from `peer`: its device slot, or `None` when they
+    /// refuse it (counted, logged, and answered "not allowed" on `stream`).
+    async fn limits_admit<'a>(
+        &self,
+        acct: &'a Account,
+        peer: SocketAddr,
+        stream: &mut TcpStream,
+    ) -> Option<Device<'a>> {
+        match acct.admit(peer.ip()) {
+            Ok(d) => Some(d),
+            Err(why) => {
+                add(&acct.refused, 1);
+                add(&acct.limit_refused, 1);
+                debug!("SOCKS5 {peer}: user {:?} refused: {why}", acct.name);
+                let unbound = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+                let _ = stream
+                    .write_all(&reply_bytes(reply::NOT_ALLOWED, unbound))
+                    .await;
+                None
+            }
+        }
     }
 
     async fn admit(&self, dest: &Dest) -> Result<Vec<SocketAddr>, u8> {
@@ -1403,14 +1416,8 @@ impl Server {
         let acct = &*acct;
         let unbound = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
         let Ok(peer) = client.peer_addr() else { return };
-        let _device = match self.limits_admit(acct, peer) {
-            Ok(d) => d,
-            Err(()) => {
-                let _ = client
-                    .write_all(&reply_bytes(reply::NOT_ALLOWED, unbound))
-                    .await;
-                return;
-            }
+        let Some(_device) = self.limits_admit(acct, peer, &mut client).await else {
+            return;
         };
         // The slot is taken before connecting, so that requests arriving together cannot all
         // pass the check; it is given back whatever happens next.
@@ -1766,14 +1773,8 @@ impl Server {
         let acct = self.account(account);
         let acct = &*acct;
         let unbound = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
-        let _device = match self.limits_admit(acct, peer) {
-            Ok(d) => d,
-            Err(()) => {
-                let _ = control
-                    .write_all(&reply_bytes(reply::NOT_ALLOWED, unbound))
-                    .await;
-                return;
-            }
+        let Some(_device) = self.limits_admit(acct, peer, &mut control).await else {
+            return;
         };
         // The slot is taken before anything is bound, as for CONNECT: associations requested
         // together cannot all pass the check; it is given back whatever happens next.
