@@ -84,6 +84,7 @@ impl Drop for RelayProc {
     fn drop(&mut self) {
         drop(self.proc.take());
         let _ = relay::pin::remove(&self.pins);
+        let _ = std::fs::remove_dir_all(lab::state_dir_for(&self.pins));
     }
 }
 

@@ -328,10 +328,16 @@ impl Drop for BpfMount {
 
 /// The relay state directory (its store) that goes with a pin directory in tests and
 /// benchmarks: one per pin directory, so that runs never share a store and a successor finds
-/// its predecessor's; removed with the mount.
+/// its predecessor's; removed with the mount, and named after it so that the sweep of a
+/// killed run ([`sweep`]) removes it too.
 pub fn state_dir_for(pin_dir: &std::path::Path) -> PathBuf {
+    let tmp = std::env::temp_dir();
+    // A pin directory inside a mount of ours (the benchmark's): named after both.
     let name = pin_dir
-        .file_name()
-        .map_or_else(|| "default".into(), |n| n.to_string_lossy().into_owned());
-    std::env::temp_dir().join(format!("relay-state-{name}"))
+        .strip_prefix(&tmp)
+        .unwrap_or(pin_dir)
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "-");
+    tmp.join(format!("{name}-state"))
 }

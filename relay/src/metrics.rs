@@ -86,7 +86,14 @@ pub fn render(src: &Sources) -> anyhow::Result<String> {
         bytes.set(&labels, c.bytes);
     }
 
-    let (_, rules) = stats::sessions_and_rules(&src.pin_dir)?;
+    let (live, rules) = stats::sessions_and_rules(&src.pin_dir)?;
+    let table = Gauges::new(
+        &r,
+        "sessions",
+        "Live sessions in the kernel's session table (forward rules and SOCKS5 fast-path flows)",
+        &[],
+    )?;
+    table.set(&[], live.len() as u64);
     let rule_proto = ["rule", "protocol"];
     let sessions = Gauges::new(
         &r,
