@@ -202,6 +202,32 @@ pub fn render(src: &Sources) -> anyhow::Result<String> {
             requests.set(&[name, outcome], n);
         }
     }
+    // Handshake outcomes over all users. Failed logins of names no user has are counted on
+    // the no-auth account (slot 0), as are handshakes refused before a user was known.
+    let anonymous = |u: &&stats::UserReport| u.name == crate::socks5::server::NO_AUTH;
+    let known = || users.iter().filter(|u| !anonymous(u));
+    let outcomes = Counters::new(
+        &r,
+        "socks5_handshake_outcomes",
+        "SOCKS5 handshakes by outcome: success (a CONNECT or association granted), \
+         wrong_password, unknown_user, refused (by the destination policy or a limit, after \
+         the login); refusals before a user is known are socks5_handshakes_refused",
+        &["outcome"],
+    )?;
+    outcomes.set(
+        &["success"],
+        users.iter().map(|u| u.connections + u.associations).sum(),
+    );
+    outcomes.set(&["wrong_password"], known().map(|u| u.auth_failures).sum());
+    outcomes.set(
+        &["unknown_user"],
+        users
+            .iter()
+            .filter(anonymous)
+            .map(|u| u.auth_failures)
+            .sum(),
+    );
+    outcomes.set(&["refused"], known().map(|u| u.refused).sum());
 
     if let Some(store) = src
         .state_dir

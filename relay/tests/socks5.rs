@@ -1976,6 +1976,7 @@ fn metrics_pass_promtool_and_count_what_was_sent() {
         raw_login(&s.t.client, "alice", "wrong").err(),
         Some(Some(1))
     );
+    assert_eq!(raw_login(&s.t.client, "mallory", "x").err(), Some(Some(1)));
     let scrape = || {
         let out =
             s.t.relay
@@ -2038,6 +2039,16 @@ fn metrics_pass_promtool_and_count_what_was_sent() {
     );
     let auth = "relay_socks5_user_requests_total{outcome=\"auth_failed\",user=\"alice\"}";
     assert_eq!(sample(&text, auth), Some(1.0), "{text}");
+    let outcome = |o: &str| {
+        sample(
+            &text,
+            &format!("relay_socks5_handshake_outcomes_total{{outcome=\"{o}\"}}"),
+        )
+    };
+    assert_eq!(outcome("success"), Some(1.0), "one association: {text}");
+    assert_eq!(outcome("wrong_password"), Some(1.0), "{text}");
+    assert_eq!(outcome("unknown_user"), Some(1.0), "{text}");
+    assert_eq!(outcome("refused"), Some(0.0), "{text}");
     let left = "relay_socks5_user_quota_remaining_bytes{user=\"alice\"}";
     assert_eq!(
         sample(&text, left),

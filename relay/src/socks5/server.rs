@@ -280,6 +280,10 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// The name of account 0: clients without authentication, and what happened before a user
+/// was known (failed logins of unknown names, refused handshakes).
+pub const NO_AUTH: &str = "(no auth)";
+
 fn add(a: &AtomicU64, n: u64) {
     a.fetch_add(n, Ordering::Relaxed);
 }
@@ -583,7 +587,7 @@ impl Server {
             by_name: HashMap::new(),
         };
         accounts.list.push(Arc::new(Account {
-            name: "(no auth)".into(),
+            name: NO_AUTH.into(),
             configured: AtomicBool::new(true),
             ..Account::default()
         }));
