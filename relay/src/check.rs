@@ -22,9 +22,7 @@ fn cidrs(list: &[crate::config::Cidr]) -> String {
         .join(", ")
 }
 
-fn mb(v: u64) -> String {
-    format!("{:.1} MB", v as f64 / 1e6)
-}
+use crate::stats::megabytes as mb;
 
 fn limits_text(l: &Limits) -> String {
     let mut parts = Vec::new();

@@ -324,7 +324,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             };
             let mut rows: Vec<_> = rows.into_values().collect();
             rows.sort_by(|a, b| a.user.cmp(&b.user));
-            let report = stats::UsersReport::new(&rows, unix_now());
+            let report = stats::UsersReport::new(&rows, system::unix_now());
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -505,13 +505,6 @@ fn restart(iface: &str, dir: &std::path::Path) -> anyhow::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-}
-
-/// Seconds since the Unix epoch.
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// How a run ends.

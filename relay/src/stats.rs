@@ -654,6 +654,11 @@ pub fn sessions_table(sessions: &[SessionReport]) -> String {
     out
 }
 
+/// Bytes as megabytes for a table (`12.3 MB`).
+pub fn megabytes(v: u64) -> String {
+    format!("{:.1} MB", v as f64 / 1e6)
+}
+
 /// One SOCKS5 user's usage and limits, as `relay users` shows them (from the store).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct UserUsage {
@@ -728,7 +733,7 @@ impl UsersReport {
 
     pub fn table(&self) -> String {
         use std::fmt::Write as _;
-        let mb = |v: u64| format!("{:.1} MB", v as f64 / 1e6);
+        let mb = megabytes;
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         let mut out = format!(
             "{:<16} {:>12} {:>12} {:>12} {:<10} {:<20} {:>12} {:>5} {:>5} {:>5} {}\n",

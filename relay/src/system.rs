@@ -98,6 +98,13 @@ pub fn alive(pid: u32) -> bool {
     !matches!(state, Some('Z') | Some('X') | None)
 }
 
+/// Seconds since the Unix epoch (the wall clock: quota periods, expiry, the store's times).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of the session records' `last_seen`.
 pub fn monotonic_ns() -> u64 {
     // SAFETY: all-zero is a valid timespec, which clock_gettime fills in.

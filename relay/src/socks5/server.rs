@@ -226,7 +226,7 @@ impl Account {
         let (blocked, max_devices) = {
             let ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
             match ledger.as_ref() {
-                Some(l) => (l.blocked(unix_now()), l.limits.max_devices),
+                Some(l) => (l.blocked(crate::system::unix_now()), l.limits.max_devices),
                 None => (None, None),
             }
         };
@@ -271,13 +271,6 @@ impl Account {
             .as_ref()
             .is_some_and(|l| l.limits.meters_bytes())
     }
-}
-
-/// Seconds since the Unix epoch (the wall clock: periods and expiry).
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The name of account 0: clients without authentication, and what happened before a user
@@ -704,14 +697,9 @@ impl Server {
     /// moved, and applies the ledger's decisions: the kernel's lease, the controller's budget,
     /// the block state (which ends the user's sessions).
     fn meter_once(&self, all: bool) {
-        let accounts: Vec<Arc<Account>> = self
-            .accounts
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .list
-            .clone();
+        let accounts = self.accounts();
         let mono = crate::system::monotonic_ns();
-        let now = unix_now();
+        let now = crate::system::unix_now();
         for (i, a) in accounts.iter().enumerate() {
             let live = a.active_connections.load(Ordering::Relaxed)
                 + a.active_associations.load(Ordering::Relaxed);
@@ -756,13 +744,8 @@ impl Server {
     /// Sends every configured user's usage and status to the store's writer.
     fn save_usage(&self) {
         let Some(store) = &self.store else { return };
-        let accounts: Vec<Arc<Account>> = self
-            .accounts
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .list
-            .clone();
-        let now = unix_now();
+        let accounts = self.accounts();
+        let now = crate::system::unix_now();
         let mut rows = Vec::new();
         for (i, a) in accounts.iter().enumerate().skip(1) {
             let ledger = a.ledger.lock().unwrap_or_else(|e| e.into_inner());
@@ -1047,6 +1030,12 @@ impl Server {
 
     fn current(&self) -> Arc<Current> {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Every account, by slot.
+    fn accounts(&self) -> Vec<Arc<Account>> {
+        let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
+        accounts.list.clone()
     }
 
     /// The account in slot `i` (every slot handed out exists for the process's life).
@@ -2416,12 +2405,7 @@ impl Server {
     /// Writes every account to `USERS`, and the live CONNECTs and associations to `META` (what
     /// a crash would lose, counted by the next controller).
     fn publish_once(&self) {
-        let accounts: Vec<Arc<Account>> = self
-            .accounts
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .list
-            .clone();
+        let accounts = self.accounts();
         let (mut connections, mut associations) = (0, 0);
         for (i, a) in accounts.iter().enumerate() {
             let snap = a.snapshot();
