@@ -125,6 +125,13 @@ pub fn check(cfg: &Config) -> Checked {
             if let Err(e) = crate::socks5::users::Users::new(s.users.clone()) {
                 problems.push(format!("SOCKS5 users: {e:#}"));
             }
+            if s.users.is_empty() && !s.allow_no_auth {
+                let _ = writeln!(
+                    out,
+                    "  no users in the file: clients are refused until users are added with \
+                     `relay users add` (or the management API)"
+                );
+            }
             for u in &s.users {
                 let _ = writeln!(
                     out,

@@ -155,6 +155,123 @@ impl RawUser {
     }
 }
 
+/// A user's settings as the management API and the store hold them (the same fields, names
+/// and meaning as in `[[socks5.users]]`; sizes are numbers of bytes).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_associations: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_period: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_devices: Option<u32>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for Spec {
+    fn default() -> Spec {
+        Spec {
+            max_connections: None,
+            max_associations: None,
+            quota: None,
+            quota_period: None,
+            expires: None,
+            rate: None,
+            burst: None,
+            max_devices: None,
+            enabled: true,
+        }
+    }
+}
+
+/// The longest user name and password SOCKS5 can carry (RFC 1929: one length byte).
+pub const MAX_NAME: usize = 255;
+
+/// Checks a user name: 1 to 255 bytes, no control characters, no surrounding spaces.
+pub fn check_user_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        bail!("a user name is 1 to {MAX_NAME} bytes");
+    }
+    if name.chars().any(char::is_control) || name.trim() != name {
+        bail!("a user name has no control characters and no leading or trailing spaces");
+    }
+    Ok(())
+}
+
+impl Spec {
+    /// A configured user's settings in this form.
+    pub fn of(u: &crate::socks5::users::User) -> Spec {
+        let l = &u.limits;
+        Spec {
+            max_connections: Some(u.max_connections),
+            max_associations: Some(u.max_associations),
+            quota: l.quota,
+            quota_period: l.quota.map(|_| l.period.to_string()),
+            expires: l.expires.map(crate::limits::format_time),
+            rate: l.rate,
+            burst: l.rate.map(|_| l.burst),
+            max_devices: l.max_devices,
+            enabled: l.enabled,
+        }
+    }
+
+    /// The user these settings make, checked as the file's users are; `expires` comes back
+    /// in one form (RFC 3339, UTC).
+    pub fn user(
+        &self,
+        name: &str,
+        password_hash: &str,
+    ) -> anyhow::Result<(crate::socks5::users::User, Spec)> {
+        check_user_name(name)?;
+        let raw = RawUser {
+            name: name.to_owned(),
+            password_hash: password_hash.to_owned(),
+            max_associations: self.max_associations,
+            max_connections: self.max_connections,
+            quota: self.quota.map(Size::Bytes),
+            quota_period: self.quota_period.clone(),
+            expires: self.expires.clone(),
+            rate: self.rate.map(Size::Bytes),
+            burst: self.burst.map(Size::Bytes),
+            max_devices: self.max_devices,
+            enabled: self.enabled,
+        };
+        let limits = raw.limits()?;
+        for (what, v) in [
+            ("max_connections", self.max_connections),
+            ("max_associations", self.max_associations),
+        ] {
+            if v == Some(0) {
+                bail!("{what}: must be at least 1 (set enabled = false to stop a user)");
+            }
+        }
+        let mut spec = self.clone();
+        spec.expires = limits.expires.map(crate::limits::format_time);
+        let user = crate::socks5::users::User {
+            name: raw.name,
+            password_hash: raw.password_hash,
+            max_associations: self.max_associations.unwrap_or(DEFAULT_MAX_ASSOCIATIONS),
+            max_connections: self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            limits,
+            origin: crate::socks5::users::Origin::Api,
+            password: None,
+        };
+        Ok((user, spec))
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
@@ -230,8 +347,9 @@ impl RawSocks5 {
                     name: u.name,
                     password_hash: u.password_hash,
                     max_associations: u.max_associations.unwrap_or(DEFAULT_MAX_ASSOCIATIONS),
-                    max_connections: u.max_connections.unwrap_or(256),
+                    max_connections: u.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
                     limits,
+                    ..Default::default()
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -263,9 +381,8 @@ impl RawSocks5 {
         if connect_idle_timeout < Duration::from_secs(1) {
             bail!("connect_idle_timeout: at least 1s");
         }
-        if users.is_empty() && !self.allow_no_auth {
-            bail!("no users: add [[socks5.users]] (or set allow_no_auth = true for an open proxy, which is not recommended)");
-        }
+        // No users in the file is allowed: they may all come from the store (`relay users
+        // add`, the management API). Until there is one, every client is refused.
         Ok(Socks5Config {
             listen,
             public_address: self
@@ -293,6 +410,9 @@ impl RawSocks5 {
         })
     }
 }
+
+/// CONNECTs at once per user when the user's settings give none.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
 
 /// Handshakes at once, all sources together.
 pub const DEFAULT_MAX_HANDSHAKES: u32 = 256;

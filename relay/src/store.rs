@@ -13,8 +13,6 @@ use std::{
     time::Duration,
 };
 
-use std::os::unix::fs::DirBuilderExt as _;
-
 use anyhow::Context as _;
 use rusqlite::{params, Connection};
 
@@ -24,7 +22,9 @@ use crate::limits::Usage;
 pub const FILE: &str = "relay.sqlite";
 
 /// Migrations, in order; `user_version` is how many have run.
-const MIGRATIONS: &[&str] = &["CREATE TABLE usage (
+const MIGRATIONS: &[&str] = &[
+    // 1: usage and status, per user.
+    "CREATE TABLE usage (
         user TEXT PRIMARY KEY NOT NULL,
         period_start INTEGER NOT NULL,
         bytes_up INTEGER NOT NULL,
@@ -45,7 +45,17 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE usage (
         associations INTEGER NOT NULL,
         devices INTEGER NOT NULL,
         updated INTEGER NOT NULL
-    )"];
+    )",
+    // 2: users added through the management API or `relay users add`.
+    "CREATE TABLE users (
+        name TEXT PRIMARY KEY NOT NULL,
+        password TEXT NOT NULL,
+        password_hash TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        updated INTEGER NOT NULL
+    )",
+];
 
 /// One user's row.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -71,6 +81,32 @@ pub struct Row {
     pub updated: i64,
 }
 
+/// A user kept in the store (added through the management API or `relay users add`). The
+/// password is kept in clear, like the no-argument run's, so that its links can be shown again
+/// (the store is root's alone); logins check the hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredUser {
+    pub name: String,
+    pub password: crate::socks5::users::Secret,
+    pub password_hash: String,
+    pub spec: crate::config::Spec,
+    /// Unix seconds.
+    pub created: i64,
+    pub updated: i64,
+}
+
+impl StoredUser {
+    /// The user it makes: checked, with its password kept for links.
+    pub fn user(&self) -> anyhow::Result<crate::socks5::users::User> {
+        let (mut u, _) = self
+            .spec
+            .user(&self.name, &self.password_hash)
+            .with_context(|| format!("stored user {:?}", self.name))?;
+        u.password = Some(self.password.clone());
+        Ok(u)
+    }
+}
+
 /// SQLite integers are signed 64-bit: counters are stored as their bit pattern.
 fn s(v: u64) -> i64 {
     v as i64
@@ -86,12 +122,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store in `dir`, migrating it to this version's schema.
     pub fn open(dir: &Path) -> anyhow::Result<Store> {
-        // Only root reads who the users are and what they used.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+        crate::system::private_dir(dir)?;
         let path = dir.join(FILE);
         let conn = Connection::open(&path)
             .with_context(|| format!("cannot open the store {}", path.display()))?;
@@ -184,6 +215,70 @@ impl Store {
         Ok(out)
     }
 
+    /// The users kept in the store, by name.
+    pub fn users(&self) -> anyhow::Result<Vec<StoredUser>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name, password, password_hash, spec, created, updated FROM users ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, password, password_hash, spec, created, updated) = row?;
+            let spec = serde_json::from_str(&spec)
+                .with_context(|| format!("stored user {name:?}: its settings are damaged"))?;
+            out.push(StoredUser {
+                name,
+                password: crate::socks5::users::Secret(password),
+                password_hash,
+                spec,
+                created,
+                updated,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Adds or replaces a user.
+    pub fn put_user(&mut self, u: &StoredUser) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO users VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                u.name,
+                u.password.0,
+                u.password_hash,
+                serde_json::to_string(&u.spec)?,
+                u.created,
+                u.updated
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a user and its usage; whether it was there.
+    pub fn delete_user(&mut self, name: &str) -> anyhow::Result<bool> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute("DELETE FROM users WHERE name = ?1", params![name])?;
+        tx.execute("DELETE FROM usage WHERE user = ?1", params![name])?;
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    /// Forgets a user's usage (the relay is not running: it starts from zero at the next).
+    pub fn reset_usage(&mut self, name: &str) -> anyhow::Result<()> {
+        self.conn
+            .execute("DELETE FROM usage WHERE user = ?1", params![name])?;
+        Ok(())
+    }
+
     /// Writes `rows` in one transaction.
     pub fn save(&mut self, rows: &[Row]) -> anyhow::Result<()> {
         let tx = self.conn.transaction()?;
@@ -225,14 +320,20 @@ impl Store {
 
 /// The store's writer thread: rows sent to it are written in order; a flush waits until what
 /// was sent before it is on disk. SQLite blocks, so it never runs on the async threads.
+#[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Job>,
     path: PathBuf,
 }
 
+/// Work on the store other than usage (the users' changes), run on the writer's thread in
+/// order with the usage writes; it sends its own result.
+type Change = Box<dyn FnOnce(&mut Store) + Send>;
+
 enum Job {
     Save(Vec<Row>),
     Flush(mpsc::Sender<()>),
+    Change(Change),
 }
 
 impl Writer {
@@ -262,6 +363,7 @@ impl Writer {
                         Job::Flush(done) => {
                             let _ = done.send(());
                         }
+                        Job::Change(change) => change(&mut store),
                     }
                 }
             })
@@ -271,6 +373,23 @@ impl Writer {
 
     pub fn save(&self, rows: Vec<Row>) {
         let _ = self.tx.send(Job::Save(rows));
+    }
+
+    /// Runs `change` on the writer's thread after what was sent before, and waits (blocking)
+    /// for its result: one writer for the store, whoever changes it.
+    pub fn change<T: Send + 'static>(
+        &self,
+        change: impl FnOnce(&mut Store) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let (tx, rx) = mpsc::channel();
+        let job = move |st: &mut Store| {
+            let _ = tx.send(change(st));
+        };
+        self.tx
+            .send(Job::Change(Box::new(job)))
+            .map_err(|_| anyhow::anyhow!("the store's writer has stopped"))?;
+        rx.recv()
+            .map_err(|_| anyhow::anyhow!("the store's writer has stopped"))?
     }
 
     /// Waits (blocking, at most `wait`) until everything sent so far is written.

@@ -315,3 +315,15 @@ mod default_route_tests {
         assert_eq!(super::default_route_in(none), None);
     }
 }
+
+/// Creates the state directory (and its parents) if needed, readable by root only: it holds
+/// who the users are, what they used, their passwords and the API's token.
+pub fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))
+}

@@ -253,6 +253,7 @@ mod tests {
                         max_associations: 1,
                         max_connections: 1,
                         limits: Default::default(),
+                        ..User::default()
                     })
                     .collect(),
             )

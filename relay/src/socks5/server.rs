@@ -457,6 +457,19 @@ pub struct Server {
     store: Option<crate::store::Writer>,
     /// The rows read from the store at start, for users not set up yet.
     saved: HashMap<String, crate::store::Row>,
+    /// Held while usage rows are made and sent to the writer, and while a user's usage is
+    /// forgotten: a row made before cannot be written after.
+    save_lock: Mutex<()>,
+}
+
+/// A configured user as the management API shows it.
+pub struct UserView {
+    pub origin: super::users::Origin,
+    pub spec: crate::config::Spec,
+    /// Usage and status, as written to the store.
+    pub row: crate::store::Row,
+    /// Client addresses of the user's live sessions.
+    pub clients: Vec<IpAddr>,
 }
 
 /// How often the users' leases and budgets are renewed while they have live sessions (users
@@ -617,6 +630,7 @@ impl Server {
             tasks: Arc::default(),
             store,
             saved,
+            save_lock: Mutex::new(()),
         });
         let cfg = server.cfg.clone();
         // The first tick waits for `adopt`: a handed-over association's flows count toward
@@ -741,9 +755,22 @@ impl Server {
         }
     }
 
-    /// Sends every configured user's usage and status to the store's writer.
+    /// Sends every user's usage and status to the store's writer (a user removed since the
+    /// start is written while it has usage: it keeps it if it comes back).
     fn save_usage(&self) {
         let Some(store) = &self.store else { return };
+        let _held = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let rows = self
+            .rows()
+            .into_iter()
+            .filter_map(|(row, configured)| (configured || row.usage.total() > 0).then_some(row))
+            .collect();
+        store.save(rows);
+    }
+
+    /// Every user's usage and status (users with a ledger: configured now or since the start),
+    /// with whether the user is configured now.
+    fn rows(&self) -> Vec<(crate::store::Row, bool)> {
         let accounts = self.accounts();
         let now = crate::system::unix_now();
         let mut rows = Vec::new();
@@ -751,26 +778,111 @@ impl Server {
             let ledger = a.ledger.lock().unwrap_or_else(|e| e.into_inner());
             let Some(l) = ledger.as_ref() else { continue };
             let lim = &l.limits;
-            rows.push(crate::store::Row {
-                user: a.name.clone(),
-                usage: l.usage,
-                slot: i as u32,
-                kernel_seen: l.kernel_seen,
-                user_seen: l.user_seen,
-                quota: lim.quota,
-                period: lim.period.to_string(),
-                expires: lim.expires,
-                rate: lim.rate,
-                max_devices: lim.max_devices,
-                enabled: lim.enabled && a.configured.load(Ordering::Relaxed),
-                blocked: a.blocked.now().map(|b| b.name().to_owned()),
-                connections: a.active_connections.load(Ordering::Relaxed),
-                associations: a.active_associations.load(Ordering::Relaxed),
-                devices: a.devices.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
-                updated: now,
+            let configured = a.configured.load(Ordering::Relaxed);
+            rows.push((
+                crate::store::Row {
+                    user: a.name.clone(),
+                    usage: l.usage,
+                    slot: i as u32,
+                    kernel_seen: l.kernel_seen,
+                    user_seen: l.user_seen,
+                    quota: lim.quota,
+                    period: lim.period.to_string(),
+                    expires: lim.expires,
+                    rate: lim.rate,
+                    max_devices: lim.max_devices,
+                    enabled: lim.enabled && a.configured.load(Ordering::Relaxed),
+                    blocked: a.blocked.now().map(|b| b.name().to_owned()),
+                    connections: a.active_connections.load(Ordering::Relaxed),
+                    associations: a.active_associations.load(Ordering::Relaxed),
+                    devices: a.devices.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
+                    updated: now,
+                },
+                configured,
+            ));
+        }
+        rows
+    }
+
+    /// The configured users with their settings, usage, status and live clients, by name.
+    pub fn users_view(&self) -> Vec<UserView> {
+        let current = self.current();
+        let mut out = Vec::new();
+        for (row, configured) in self.rows() {
+            let Some((_, user)) = current.users.get(&row.user).filter(|_| configured) else {
+                continue;
+            };
+            let clients = {
+                let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
+                let a = accounts.by_name.get(&row.user).map(|i| &accounts.list[*i]);
+                let mut c: Vec<IpAddr> = a
+                    .map(|a| {
+                        let d = a.devices.lock().unwrap_or_else(|e| e.into_inner());
+                        d.keys().copied().collect()
+                    })
+                    .unwrap_or_default();
+                c.sort();
+                c
+            };
+            out.push(UserView {
+                origin: user.origin,
+                spec: crate::config::Spec::of(user),
+                row,
+                clients,
             });
         }
-        store.save(rows);
+        out.sort_by(|a, b| a.row.user.cmp(&b.row.user));
+        out
+    }
+
+    /// The users of the store take effect now: the file's users as last loaded, with
+    /// `stored` (whose names the file does not have). Users gone or with a new password have
+    /// their sessions ended, as by a reload.
+    pub fn set_stored_users(&self, stored: Vec<super::users::User>) -> anyhow::Result<()> {
+        let mut cfg = self.current().cfg.clone();
+        for name in super::users::merge(&mut cfg.users, stored) {
+            warn!("SOCKS5: user {name:?} is in the file and in the store; the file's is used");
+        }
+        let policy = self
+            .policy
+            .configured
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone();
+        self.reload(cfg, policy)
+    }
+
+    /// Starts the user's usage from zero now (the quota is whole again), running `then` (the
+    /// store's change) before any later usage row is written. Whether the user is known.
+    pub fn reset_usage(
+        &self,
+        name: &str,
+        then: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<bool> {
+        let account = {
+            let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
+            accounts
+                .by_name
+                .get(name)
+                .map(|i| Arc::clone(&accounts.list[*i]))
+        };
+        {
+            let _held = self.save_lock.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(a) = &account {
+                let mut ledger = a.ledger.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(l) = ledger.as_mut() {
+                    l.usage.bytes = [0, 0];
+                }
+            }
+            then()?;
+        }
+        if account.is_some() {
+            info!("SOCKS5 user {name:?}: usage reset to zero");
+            self.meter_once(true);
+            self.save_usage();
+        }
+        Ok(account.is_some())
     }
 
     /// Counts what moved since the last tick and writes it to the store, waiting (at most

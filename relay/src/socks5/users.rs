@@ -12,9 +12,14 @@ use argon2::{
     Argon2,
 };
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct User {
     pub name: String,
+    /// Where the user is kept: the configuration file, or the store (the management API).
+    pub origin: Origin,
+    /// The password itself, where the relay keeps it to hand out links (the API's users and
+    /// the no-argument run's); the file's users are known only by their hash.
+    pub password: Option<Secret>,
     /// Argon2id hash in PHC form (`$argon2id$v=19$...`).
     pub password_hash: String,
     /// At most this many UDP associations at once.
@@ -23,6 +28,42 @@ pub struct User {
     pub max_connections: u32,
     /// Quota, expiry, rate, devices, enabled.
     pub limits: crate::limits::Limits,
+}
+
+/// Where a user is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// The configuration file (changed by editing it and reloading).
+    #[default]
+    File,
+    /// The store, changed through the management API or `relay users`.
+    Api,
+}
+
+/// A password kept in memory: never in a log line or a `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// `users` (the file's, and the store's as they were) with the store's users replaced by
+/// `stored`; a stored user whose name the file has is left out. Returns the names left out.
+pub fn merge(users: &mut Vec<User>, stored: Vec<User>) -> Vec<String> {
+    users.retain(|u| u.origin == Origin::File);
+    let mut shadowed = Vec::new();
+    for u in stored {
+        if users.iter().any(|f| f.name == u.name) {
+            shadowed.push(u.name);
+        } else {
+            users.push(u);
+        }
+    }
+    shadowed
 }
 
 /// Accepted Argon2 memory sizes in KiB: 8 MiB to 256 MiB (the default is 19 MiB).
@@ -162,6 +203,7 @@ mod tests {
             max_associations: 4,
             max_connections: 64,
             limits: Default::default(),
+            ..User::default()
         }])
         .unwrap();
         assert!(users.verify("alice", b"correct horse"));
@@ -178,6 +220,7 @@ mod tests {
             max_associations: 1,
             max_connections: 1,
             limits: Default::default(),
+            ..User::default()
         };
         let e = Users::new(vec![user("alice", "hunter2")]).unwrap_err();
         assert!(format!("{e:#}").contains("relay hash-password"), "{e}");
@@ -193,6 +236,7 @@ mod tests {
             max_associations: 1,
             max_connections: 1,
             limits: Default::default(),
+            ..User::default()
         };
         // What `relay hash-password` makes passes.
         let ours = hash_password(b"x").unwrap();
