@@ -1,6 +1,7 @@
 //! The relay's controller: loads and attaches the XDP program, owns the pinned maps and serves
 //! statistics. `main.rs` is a thin command-line shell around these modules.
 
+pub mod api;
 pub mod check;
 pub mod config;
 pub mod datapath;
@@ -21,3 +22,4 @@ pub mod stats;
 pub mod store;
 pub mod system;
 pub mod udp;
+pub mod users_cli;

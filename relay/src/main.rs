@@ -60,17 +60,21 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// List the SOCKS5 users with their usage, quota left, expiry, rate and live
-    /// connections, associations and devices (from the store the relay writes every second).
+    /// List, add, change and delete SOCKS5 users (through the running relay's management
+    /// API, or in its store when none answers); without a subcommand, list them with their
+    /// usage, quota left, expiry, rate and live connections, associations and devices.
     Users {
         /// Interface the relay runs on (names the state directory).
-        #[arg(short, long, required_unless_present = "state_dir")]
+        #[arg(short, long, global = true)]
         iface: Option<String>,
-        #[arg(long)]
+        /// Print the answer as JSON.
+        #[arg(long, global = true)]
         json: bool,
         /// The relay's state directory [default: /var/lib/relay/IFACE].
-        #[arg(long)]
+        #[arg(long, global = true)]
         state_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<relay::users_cli::Action>,
     },
     /// Print an Argon2id hash of a password read from standard input, for
     /// `[[socks5.users]] password_hash`.
@@ -146,6 +150,10 @@ struct RunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100) [default: off].
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// The management API (HTTP, JSON, a bearer token kept in the state directory), or `off`
+    /// [default: 127.0.0.1:1090].
+    #[arg(long, value_name = "ADDR|off")]
+    api: Option<String>,
     /// Set when this run is the no-argument default (not a flag).
     #[arg(skip)]
     quickstart: bool,
@@ -236,6 +244,28 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
         }
         None => Config::default(),
     };
+    if let Some(s) = config.socks5.as_mut() {
+        let state = state_dir(
+            args.iface.first().map(String::as_str),
+            args.state_dir.clone(),
+        )?;
+        if args.quickstart && args.config.is_none() {
+            // Its password is known: the API can hand out its links.
+            let (c, _) = relay::quickstart::credentials(&state)?;
+            for u in &mut s.users {
+                u.password = Some(relay::socks5::users::Secret(c.password.clone()));
+            }
+        }
+        // The users added with `relay users add` or the management API.
+        let stored = relay::store::Store::open(&state)?.users()?;
+        let stored = stored
+            .iter()
+            .map(relay::store::StoredUser::user)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for name in relay::socks5::users::merge(&mut s.users, stored) {
+            warn!("SOCKS5: user {name:?} is in the file and in the store; the file's is used");
+        }
+    }
     config.apply_flags(&relay::config::Flags {
         session_capacity: args.session_capacity,
         session_ports: args.session_ports.as_deref(),
@@ -275,6 +305,15 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             let state = state_dir(Some(&args.iface[0]), args.state_dir.clone())?;
             let mode = args.xdp_mode;
             let metrics = args.metrics;
+            let api = match args.api.as_deref() {
+                Some("off") => None,
+                Some(a) => Some((
+                    a.parse()
+                        .with_context(|| format!("--api: {a:?} is not ADDR:PORT or off"))?,
+                    true,
+                )),
+                None => Some((relay::api::DEFAULT_LISTEN, false)),
+            };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -287,6 +326,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                         dir,
                         state,
                         metrics,
+                        api,
                         banner,
                     },
                     move || self::config(&args),
@@ -313,24 +353,11 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             iface,
             json,
             state_dir: dir,
+            action,
         } => {
             let dir = state_dir(iface.as_deref(), dir)?;
-            let rows = match relay::store::Store::open_existing(&dir)? {
-                Some(store) => store.load()?,
-                None => anyhow::bail!(
-                    "no store in {} (has a relay with [socks5] run there?)",
-                    dir.display()
-                ),
-            };
-            let mut rows: Vec<_> = rows.into_values().collect();
-            rows.sort_by(|a, b| a.user.cmp(&b.user));
-            let report = stats::UsersReport::new(&rows, system::unix_now());
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            Ok(())
+            let action = action.unwrap_or(relay::users_cli::Action::List);
+            relay::users_cli::run(&dir, action, json)
         }
         Command::Stats {
             iface,
@@ -526,6 +553,9 @@ struct Plan {
     dir: PathBuf,
     state: PathBuf,
     metrics: Option<std::net::SocketAddr>,
+    /// The management API's address, and whether it was given (a default that is in use is
+    /// a warning, not an error).
+    api: Option<(std::net::SocketAddr, bool)>,
     /// Printed once running (the no-argument run's instructions).
     banner: Option<String>,
 }
@@ -539,6 +569,7 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
         dir,
         state,
         metrics,
+        api,
         banner,
     } = plan;
     pin::prepare(&dir)?;
@@ -738,26 +769,28 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
             let store = relay::store::Store::open(&state)?;
             let saved = store.load()?;
             let writer = relay::store::Writer::spawn(store, &state)?;
+            let at = share_address(&cfg, &ifaces[0].0);
             let server = relay::socks5::server::Server::new(
                 cfg,
                 config.policy,
                 Arc::clone(&datapath),
                 nexthops.clone(),
                 splicer.clone(),
-                Some(writer),
+                Some(writer.clone()),
                 saved,
             )?;
             server.adopt(
                 std::mem::take(&mut received.connects),
                 std::mem::take(&mut received.associations),
             );
-            Some((server, listener))
+            Some((server, listener, writer, at))
         }
         None => {
             datapath.socks_sweep();
             None
         }
     };
+    let takeover = predecessor.is_some();
     drop(pinned_slots);
     let names: Vec<String> = ifaces.iter().map(|(n, _)| n.clone()).collect();
     let mut program = ebpf::Attachment::new(bpf, &dir);
@@ -800,11 +833,45 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
         }
     });
     let metrics_listener = match metrics {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("metrics: cannot listen on {addr} (in use?)"))?,
-        ),
+        Some(addr) => Some(http_listener(addr, "metrics", takeover).await?),
+        None => None,
+    };
+    let (reload_tx, mut reload_requests) = tokio::sync::mpsc::channel(1);
+    let api = match api {
+        Some((addr, given)) => match http_listener(addr, "management API", takeover).await {
+            Ok(l) => {
+                let token = relay::api::token(&state)?;
+                let socks = socks5
+                    .as_ref()
+                    .map(|(server, _, writer, at)| relay::api::Socks {
+                        server: Arc::clone(server),
+                        store: writer.clone(),
+                        changing: tokio::sync::Mutex::new(()),
+                        at: *at,
+                    });
+                let about = serde_json::json!({
+                    "url": format!("http://{addr}"),
+                    "socks5": socks.as_ref().map(|s| s.at.to_string()),
+                });
+                relay::api::write_private(
+                    &relay::api::url_file(&state),
+                    &serde_json::to_string_pretty(&about)?,
+                )?;
+                let api = relay::api::Api {
+                    token,
+                    socks,
+                    reload: reload_tx,
+                    version: env!("CARGO_PKG_VERSION"),
+                    started: system::unix_now(),
+                };
+                Some((l, addr, Arc::new(api)))
+            }
+            Err(e) if !given => {
+                warn!("{e:#}; no management API (give --api ADDR or --api off)");
+                None
+            }
+            Err(e) => return Err(e),
+        },
         None => None,
     };
     // Loaded, attached, listening: from here on only what running needs.
@@ -814,15 +881,28 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
         let sources = relay::metrics::Sources {
             pin_dir: dir.clone(),
             state_dir: socks5.as_ref().map(|_| state.clone()),
-            refusals: socks5.as_ref().map(|(s, _)| Arc::clone(&s.refusals)),
+            refusals: socks5.as_ref().map(|(s, ..)| Arc::clone(&s.refusals)),
         };
-        info!(
-            "Prometheus metrics on http://{}/metrics",
-            listener.local_addr()?
-        );
-        tokio::spawn(relay::metrics::serve(listener, Arc::new(sources)));
+        let addr = metrics.context("metrics")?;
+        tokio::spawn(async move {
+            if let Some(l) = listener.await {
+                info!("Prometheus metrics on http://{addr}/metrics");
+                relay::metrics::serve(l, Arc::new(sources)).await;
+            }
+        });
     }
-    let socks5 = socks5.map(|(server, listener)| {
+    if let Some((listener, addr, api)) = api {
+        tokio::spawn(async move {
+            if let Some(l) = listener.await {
+                info!(
+                    "management API on http://{addr}/v1/ (token in {})",
+                    relay::api::TOKEN_FILE
+                );
+                relay::api::serve(l, api).await;
+            }
+        });
+    }
+    let socks5 = socks5.map(|(server, listener, ..)| {
         tokio::spawn(Arc::clone(&server).publish());
         tokio::spawn(Arc::clone(&server).meter());
         tokio::spawn(Arc::clone(&server).serve(listener));
@@ -887,26 +967,18 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
             }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                match reread() {
-                    Err(e) => warn!("reload failed, keeping the running configuration: {e:#}"),
-                    Ok(c) => {
-                        if let Err(e) = forward.reload(&c) {
-                            warn!("forward rules not reloaded, keeping the running ones: {e:#}");
-                        }
-                        let r = match (&socks5, c.socks5) {
-                            (Some(s), Some(cfg)) => s.reload(cfg, c.policy),
-                            (None, None) => Ok(()),
-                            _ => Err(anyhow::anyhow!("adding or removing [socks5] needs a restart")),
-                        };
-                        if let Err(e) = r {
-                            warn!("SOCKS5 not reloaded, keeping the running users and policy: {e:#}");
-                        }
-                    }
-                }
+                let _ = reload_all(&reread, &forward, socks5.as_deref());
+            }
+            Some(reply) = reload_requests.recv() => {
+                info!("management API: reloading the configuration");
+                let r = tokio::task::block_in_place(|| reload_all(&reread, &forward, socks5.as_deref()));
+                let _ = reply.send(r);
             }
         }
     };
     if !matches!(exit, Exit::HandedOver) {
+        // `relay users` goes to the store directly from now on.
+        let _ = std::fs::remove_file(relay::api::url_file(&state));
         if let Some(s) = &socks5 {
             tokio::task::block_in_place(|| s.save_now(std::time::Duration::from_secs(2)));
         }
@@ -947,6 +1019,81 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
         }
     }
     Ok(())
+}
+
+/// Re-reads the configuration (the file and the store's users) and applies it; what was not
+/// applied is logged and returned.
+fn reload_all(
+    reread: &impl Fn() -> anyhow::Result<Config>,
+    forward: &Forward,
+    socks5: Option<&relay::socks5::server::Server>,
+) -> Result<(), String> {
+    let c = match reread() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("reload failed, keeping the running configuration: {e:#}");
+            return Err(format!("{e:#}"));
+        }
+    };
+    let mut failed = Vec::new();
+    if let Err(e) = forward.reload(&c) {
+        warn!("forward rules not reloaded, keeping the running ones: {e:#}");
+        failed.push(format!("forward rules: {e:#}"));
+    }
+    let r = match (socks5, c.socks5) {
+        (Some(s), Some(cfg)) => s.reload(cfg, c.policy),
+        (None, None) => Ok(()),
+        _ => Err(anyhow::anyhow!(
+            "adding or removing [socks5] needs a restart"
+        )),
+    };
+    if let Err(e) = r {
+        warn!("SOCKS5 not reloaded, keeping the running users and policy: {e:#}");
+        failed.push(format!("SOCKS5: {e:#}"));
+    }
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(failed.join("; ")),
+    }
+}
+
+/// The address share links name: `public_address`, else the listen address, else (listening
+/// on every address) the interface's.
+fn share_address(cfg: &relay::config::Socks5Config, iface: &str) -> std::net::SocketAddr {
+    let ip = cfg.public_address.unwrap_or(cfg.listen.ip());
+    if !ip.is_unspecified() {
+        return std::net::SocketAddr::new(ip, cfg.listen.port());
+    }
+    relay::quickstart::listen_on(iface)
+        .map(|a| std::net::SocketAddr::new(a.ip(), cfg.listen.port()))
+        .unwrap_or(cfg.listen)
+}
+
+/// A local HTTP service's listener. When taking over, the predecessor may hold the address
+/// until it exits: then it is bound again every 100 ms, for 5 s, in the background.
+async fn http_listener(
+    addr: std::net::SocketAddr,
+    what: &'static str,
+    takeover: bool,
+) -> anyhow::Result<
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<tokio::net::TcpListener>> + Send>>,
+> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Ok(Box::pin(async move { Some(l) })),
+        Err(e) if takeover && e.kind() == std::io::ErrorKind::AddrInUse => {
+            Ok(Box::pin(async move {
+                for _ in 0..50 {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    if let Ok(l) = tokio::net::TcpListener::bind(addr).await {
+                        return Some(l);
+                    }
+                }
+                warn!("{what}: {addr} is still in use after the takeover; not serving it");
+                None
+            }))
+        }
+        Err(e) => Err(e).with_context(|| format!("{what}: cannot listen on {addr} (in use?)")),
+    }
 }
 
 /// The old process's side of a takeover: stops every service, sends what they hand over,

@@ -6,7 +6,7 @@
 use std::{
     io::Write as _,
     net::{IpAddr, SocketAddr},
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    os::unix::fs::OpenOptionsExt as _,
     path::Path,
 };
 
@@ -30,7 +30,7 @@ pub struct Credentials {
 
 /// A password of `n` letters and digits from the kernel's random bytes (rejection sampling:
 /// no letter is likelier than another).
-fn password(n: usize) -> anyhow::Result<String> {
+pub fn password(n: usize) -> anyhow::Result<String> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut out = String::with_capacity(n);
     while out.len() < n {
@@ -64,11 +64,7 @@ pub fn credentials(state: &Path) -> anyhow::Result<(Credentials, bool)> {
         password_hash: crate::socks5::users::hash_password(password.as_bytes())?,
         password,
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(state)
-        .with_context(|| format!("cannot create the state directory {}", state.display()))?;
+    crate::system::private_dir(state)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -101,26 +97,39 @@ pub fn config(listen: SocketAddr, c: &Credentials) -> anyhow::Result<Config> {
     ))
 }
 
-/// Telegram's proxy link (`tg://`) and its web form (`https://t.me/`).
-pub fn links(at: SocketAddr, c: &Credentials) -> [String; 2] {
+/// Characters left as they are in a link's user name and password; the rest is
+/// percent-encoded.
+const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+fn enc(s: &str) -> percent_encoding::PercentEncode<'_> {
+    percent_encoding::utf8_percent_encode(s, KEEP)
+}
+
+/// The links that hand a user to a client: Telegram's (`tg://` and its `https://t.me/` form)
+/// and a `socks5h://` URL (curl, tun2socks, browsers' proxy settings).
+pub fn share_links(at: SocketAddr, user: &str, password: &str) -> crate::api::Links {
     let query = format!(
         "server={}&port={}&user={}&pass={}",
         at.ip(),
         at.port(),
-        c.user,
-        c.password
+        enc(user),
+        enc(password)
     );
-    [
-        format!("tg://socks?{query}"),
-        format!("https://t.me/socks?{query}"),
-    ]
+    crate::api::Links {
+        tg: format!("tg://socks?{query}"),
+        tme: format!("https://t.me/socks?{query}"),
+        url: format!("socks5h://{}:{}@{at}", enc(user), enc(password)),
+    }
 }
 
-/// What the operator needs to connect: the address and user, the links, a curl line and the
-/// link as a QR code.
-pub fn instructions(at: SocketAddr, c: &Credentials, new: bool) -> anyhow::Result<String> {
-    let [tg, web] = links(at, c);
-    let qr = qrcode::QrCode::new(tg.as_bytes())
+/// The links, a curl line, the settings for any client and the `tg://` link as a QR code.
+pub fn share_text(at: SocketAddr, user: &str, password: &str) -> anyhow::Result<String> {
+    let l = share_links(at, user, password);
+    let qr = qrcode::QrCode::new(l.tg.as_bytes())
         .context("making the QR code")?
         .render::<qrcode::render::unicode::Dense1x2>()
         .dark_color(qrcode::render::unicode::Dense1x2::Light)
@@ -128,11 +137,22 @@ pub fn instructions(at: SocketAddr, c: &Credentials, new: bool) -> anyhow::Resul
         .quiet_zone(true)
         .build();
     Ok(format!(
-        "\nSOCKS5 proxy on {at}, user {user:?}, password {pass} ({kept})\n\n\
-         Telegram:  {tg}\n           {web}\n\
-         curl:      curl --proxy socks5h://{user}:{pass}@{at} https://example.org/\n\
+        "Telegram:  {tg}\n           {web}\n\
+         curl:      curl --proxy {url} https://example.org/\n\
          Any SOCKS5 client (tun2socks, browsers): server {ip}, port {port}, user {user}, \
-         password {pass}\n\n{qr}\n",
+         password {password}\n\n{qr}\n",
+        tg = l.tg,
+        web = l.tme,
+        url = l.url,
+        ip = at.ip(),
+        port = at.port(),
+    ))
+}
+
+/// What the operator needs to connect: the address and user, then [`share_text`].
+pub fn instructions(at: SocketAddr, c: &Credentials, new: bool) -> anyhow::Result<String> {
+    Ok(format!(
+        "\nSOCKS5 proxy on {at}, user {user:?}, password {pass} ({kept})\n\n{share}",
         user = c.user,
         pass = c.password,
         kept = if new {
@@ -140,8 +160,7 @@ pub fn instructions(at: SocketAddr, c: &Credentials, new: bool) -> anyhow::Resul
         } else {
             "the same as before"
         },
-        ip = at.ip(),
-        port = at.port(),
+        share = share_text(at, &c.user, &c.password)?,
     ))
 }
 
@@ -186,18 +205,29 @@ mod tests {
             password_hash: String::new(),
         };
         let at = SocketAddr::from(([203, 0, 113, 5], PORT));
-        let [tg, web] = links(at, &c);
+        let l = share_links(at, &c.user, &c.password);
         assert_eq!(
-            tg,
+            l.tg,
             "tg://socks?server=203.0.113.5&port=1080&user=relay&pass=abc123"
         );
         assert_eq!(
-            web,
+            l.tme,
             "https://t.me/socks?server=203.0.113.5&port=1080&user=relay&pass=abc123"
+        );
+        // Names and passwords with spaces, '@', ':' or '&' stay one value each.
+        let l = share_links(at, "ana maria", "p@ss:w&rd");
+        assert_eq!(
+            l.url,
+            "socks5h://ana%20maria:p%40ss%3Aw%26rd@203.0.113.5:1080"
+        );
+        assert!(
+            l.tg.ends_with("user=ana%20maria&pass=p%40ss%3Aw%26rd"),
+            "{}",
+            l.tg
         );
         let text = instructions(at, &c, true).unwrap();
         assert!(
-            text.contains("curl --proxy socks5h://relay:abc123@203.0.113.5:1080"),
+            text.contains("curl --proxy socks5h://relay:abc123@203.0.113.5:1080 "),
             "{text}"
         );
         assert!(

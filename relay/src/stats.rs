@@ -660,7 +660,7 @@ pub fn megabytes(v: u64) -> String {
 }
 
 /// One SOCKS5 user's usage and limits, as `relay users` shows them (from the store).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct UserUsage {
     pub name: String,
     /// Payload bytes this period: client to destination, back, and both.

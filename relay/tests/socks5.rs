@@ -1571,10 +1571,10 @@ fn users_report(s: &Setup) -> Value {
 }
 
 fn usage<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["users"]
+    &report
         .as_array()
         .and_then(|u| u.iter().find(|u| u["name"] == name))
-        .unwrap_or_else(|| panic!("no user {name} in {report}"))
+        .unwrap_or_else(|| panic!("no user {name} in {report}"))["usage"]
 }
 
 /// Echoes `n` datagrams of `size` bytes through a new association of alice's from the client
@@ -2060,4 +2060,402 @@ fn metrics_pass_promtool_and_count_what_was_sent() {
     // Between the relay's two links XDP redirects.
     let relayed = "relay_xdp_packets_total{reason=\"relayed_redirect\",verdict=\"redirect\"}";
     assert!(sample(&text, relayed).is_some_and(|v| v >= 598.0), "{text}");
+
+    // A restart: the successor serves the metrics on the same address once its predecessor
+    // has let go of it, and the counters go on.
+    let (status, out, _successor) = support::relay_restart(&s.t.relay, &s.pin);
+    assert!(status.success(), "{out}");
+    // The predecessor has left by then: what answers is the successor.
+    thread::sleep(Duration::from_secs(1));
+    let after = (0..50)
+        .find_map(|_| {
+            thread::sleep(Duration::from_millis(100));
+            let out =
+                s.t.relay
+                    .command("curl")
+                    .args(["-sS", "--max-time", "5", "http://127.0.0.1:9100/metrics"])
+                    .output()
+                    .expect("curl");
+            let text = String::from_utf8(out.stdout).unwrap();
+            (out.status.success()
+                && text.contains("relay_controller_starts_total{kind=\"handover\"} 1"))
+            .then_some(text)
+        })
+        .expect("the successor serves metrics on the same address");
+    promtool(&after);
+    assert_eq!(
+        sample(&after, left),
+        Some(100_000_000.0 - 603_000.0),
+        "{after}"
+    );
+}
+
+// ---- The management API and `relay users` ----
+
+/// The API's token for the relay of `s`.
+fn api_token(s: &Setup) -> String {
+    std::fs::read_to_string(s.pin.state().join(relay::api::TOKEN_FILE))
+        .expect("the relay writes its API token")
+        .trim()
+        .to_owned()
+}
+
+/// One request to the management API of the relay in `ns` (on its default address): the
+/// status and the JSON answer (`null` for none). Connection errors are retried for 5 s (a
+/// successor binds the address once its predecessor has left).
+fn api(
+    ns: &Netns,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let (method, path, token) = (method.to_owned(), path.to_owned(), token.map(str::to_owned));
+    ns.run(move || {
+        let start = std::time::Instant::now();
+        loop {
+            let mut req = ureq::request(&method, &format!("http://127.0.0.1:1090{path}"))
+                .timeout(Duration::from_secs(10));
+            if let Some(t) = &token {
+                req = req.set("Authorization", &format!("Bearer {t}"));
+            }
+            let r = match &body {
+                Some(b) => req.send_json(b.clone()),
+                None => req.call(),
+            };
+            let json = |r: ureq::Response| {
+                let text = r.into_string().unwrap_or_default();
+                serde_json::from_str(&text).unwrap_or(Value::Null)
+            };
+            match r {
+                Ok(r) => return (r.status(), json(r)),
+                Err(ureq::Error::Status(code, r)) => return (code, json(r)),
+                Err(e) if start.elapsed() < Duration::from_secs(5) => {
+                    let _ = e;
+                    thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("{method} {path}: {e}"),
+            }
+        }
+    })
+}
+
+/// curl through the proxy URL `url` (with its credentials): the page, or curl's error.
+fn fetch_via(s: &Setup, url: &str) -> Result<Vec<u8>, String> {
+    let out = curl(
+        &s.t.client,
+        &["--proxy", url, "http://198.18.2.2:8080/page.txt"],
+    );
+    match out.status.success() {
+        true => Ok(out.stdout),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+/// A CONNECT of `user` to the web server, established (and idle).
+fn live_connect(s: &Setup, user: &str, password: &str) -> TcpStream {
+    let mut c = raw_login(&s.t.client, user, password).expect("logs in");
+    let reply = send_request(&mut c, &connect_request([198, 18, 2, 2], 8080));
+    assert_eq!(reply.get(1), Some(&0), "CONNECT of {user}: {reply:?}");
+    c
+}
+
+/// Every endpoint refuses a request without the token or with a wrong one; a user added over
+/// HTTP connects at once with the returned password and links; disabling it closes its live
+/// connection and refuses new requests; the user and its usage outlive a restart; a file's
+/// user cannot be changed through the API; deleting a user ends its session.
+#[test]
+fn the_management_api_manages_users_at_once_and_keeps_them() {
+    let s = setup();
+    let token = api_token(&s);
+    let ns = &s.t.relay;
+    let doc: Value = serde_json::from_str(relay::api::OPENAPI).unwrap();
+    let mut tried = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let path = path.replace("{name}", "alice");
+        for method in ["get", "post", "patch", "delete"] {
+            if ops.get(method).is_none() {
+                continue;
+            }
+            let m = method.to_uppercase();
+            let body = matches!(method, "post" | "patch").then(|| serde_json::json!({}));
+            for t in [
+                None,
+                Some("0123456789abcdef0123456789abcdef0123456789abcdef"),
+            ] {
+                let (code, answer) = api(ns, &m, &path, t, body.clone());
+                assert_eq!(code, 401, "{m} {path} with token {t:?}: {answer}");
+                assert!(answer["error"].is_string(), "{answer}");
+                tried += 1;
+            }
+        }
+    }
+    assert_eq!(tried, 22, "every operation of the document was tried");
+    let t = Some(token.as_str());
+    let (code, served) = api(ns, "GET", "/v1/openapi.json", t, None);
+    assert_eq!(
+        (code, &served),
+        (200, &doc),
+        "the document served is the repository's"
+    );
+
+    // Added over HTTP; the password and the link work at once.
+    let (code, bob) = api(
+        ns,
+        "POST",
+        "/v1/users",
+        t,
+        Some(serde_json::json!({ "name": "bob", "settings": { "quota": 500_000_000u64 } })),
+    );
+    assert_eq!(code, 201, "{bob}");
+    let password = bob["password"].as_str().unwrap().to_owned();
+    let url = bob["links"]["url"].as_str().unwrap().to_owned();
+    assert!(
+        bob["links"]["tg"]
+            .as_str()
+            .unwrap()
+            .starts_with("tg://socks?server=198.18.1.1&port=1080&user=bob&pass="),
+        "{bob}"
+    );
+    assert_eq!(fetch_via(&s, &url).as_deref(), Ok(&page()[..]));
+    let (code, again) = api(
+        ns,
+        "POST",
+        "/v1/users",
+        t,
+        Some(serde_json::json!({ "name": "bob" })),
+    );
+    assert_eq!(code, 409, "{again}");
+
+    // Disabled: the live connection is closed and new requests are refused.
+    let mut live = live_connect(&s, "bob", &password);
+    let (code, changed) = api(
+        ns,
+        "PATCH",
+        "/v1/users/bob",
+        t,
+        Some(serde_json::json!({ "enabled": false })),
+    );
+    assert_eq!(code, 200, "{changed}");
+    assert_eq!(changed["usage"]["state"], "disabled", "{changed}");
+    assert!(
+        closed_within(&mut live, Duration::from_secs(2)),
+        "bob's connection ends"
+    );
+    let mut c = raw_login(&s.t.client, "bob", &password).expect("logs in");
+    let reply = send_request(&mut c, &connect_request([198, 18, 2, 2], 8080));
+    assert_eq!(
+        reply.get(1),
+        Some(&2),
+        "a disabled user's request: {reply:?}"
+    );
+    let (code, _) = api(
+        ns,
+        "PATCH",
+        "/v1/users/bob",
+        t,
+        Some(serde_json::json!({ "enabled": true })),
+    );
+    assert_eq!(code, 200);
+    assert_eq!(
+        fetch_via(&s, &url).as_deref(),
+        Ok(&page()[..]),
+        "enabled again"
+    );
+
+    // Bad requests are refused with JSON errors.
+    for (body, want) in [
+        (serde_json::json!({ "name": "eve", "colour": "red" }), 422),
+        (
+            serde_json::json!({ "name": "eve", "settings": { "rate": 0 } }),
+            422,
+        ),
+        (serde_json::json!({ "name": "" }), 422),
+        (serde_json::json!(["eve"]), 422),
+    ] {
+        let (code, answer) = api(ns, "POST", "/v1/users", t, Some(body.clone()));
+        assert_eq!(code, want, "{body}: {answer}");
+        assert!(answer["error"].is_string(), "{answer}");
+    }
+    // The file's user is shown but changes only in the file.
+    let (code, alice) = api(ns, "GET", "/v1/users/alice", t, None);
+    assert_eq!(
+        (code, &alice["origin"]),
+        (200, &Value::from("file")),
+        "{alice}"
+    );
+    for (m, path) in [
+        ("PATCH", "/v1/users/alice"),
+        ("DELETE", "/v1/users/alice"),
+        ("GET", "/v1/users/alice/links"),
+    ] {
+        let body = (m == "PATCH").then(|| serde_json::json!({ "quota": 1 }));
+        let (code, answer) = api(ns, m, path, t, body);
+        assert_eq!(code, 409, "{m} {path}: {answer}");
+    }
+
+    // The user and its usage outlive a restart (written at the handover).
+    thread::sleep(Duration::from_millis(1500));
+    let (_, before) = api(ns, "GET", "/v1/users/bob", t, None);
+    let used = before["usage"]["used"].as_u64().unwrap();
+    assert!(used > 2 * page().len() as u64, "{before}");
+    let (status, out, _successor) = support::relay_restart(ns, &s.pin);
+    assert!(status.success(), "{out}");
+    let (code, after) = api(ns, "GET", "/v1/users/bob", t, None);
+    assert_eq!(code, 200, "{after}");
+    assert_eq!(after["usage"]["used"].as_u64(), Some(used), "{after}");
+    assert_eq!(after["settings"]["quota"], 500_000_000u64, "{after}");
+    assert_eq!(
+        fetch_via(&s, &url).as_deref(),
+        Ok(&page()[..]),
+        "after the restart"
+    );
+
+    // Deleted: its live session ends, it is gone.
+    let mut live = live_connect(&s, "bob", &password);
+    let (code, _) = api(ns, "DELETE", "/v1/users/bob", t, None);
+    assert_eq!(code, 204);
+    assert!(
+        closed_within(&mut live, Duration::from_secs(2)),
+        "a deleted user's connection ends"
+    );
+    let (code, _) = api(ns, "GET", "/v1/users/bob", t, None);
+    assert_eq!(code, 404);
+    assert!(raw_login(&s.t.client, "bob", &password).is_err());
+}
+
+/// `relay users add|set|link|del` through the running relay's API, and on the store when no
+/// relay runs (the next start serves the user).
+#[test]
+fn relay_users_commands_add_change_and_delete_users() {
+    let mut s = setup();
+    let state = s.pin.state();
+    let users = |args: &[&str]| {
+        let mut all = vec!["users", "--state-dir", state.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = support::relay_cmd(&s.t.relay, &all);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = users(&["add", "carol", "--quota", "1GB", "--rate", "10MB"]);
+    assert!(ok, "{err}");
+    let password = out
+        .lines()
+        .find_map(|l| l.split("password: ").nth(1))
+        .unwrap_or_else(|| panic!("{out}"))
+        .trim()
+        .to_owned();
+    assert!(
+        out.contains("tg://socks?server=198.18.1.1&port=1080&user=carol"),
+        "{out}"
+    );
+    let url = format!("socks5h://carol:{password}@{PROXY}");
+    assert_eq!(fetch_via(&s, &url).as_deref(), Ok(&page()[..]));
+    let (ok, out, err) = users(&["set", "carol", "--quota", "none", "--max-devices", "3"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("changed"), "{out}");
+    let (ok, list, err) = users(&["--json"]);
+    assert!(ok, "{err}");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let carol = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "carol")
+        .unwrap();
+    assert_eq!(carol["settings"]["max_devices"], 3, "{carol}");
+    assert!(carol["settings"]["quota"].is_null(), "{carol}");
+    assert!(carol["usage"]["used"].as_u64().unwrap() > 0, "{carol}");
+    let (ok, out, _) = users(&["link", "carol"]);
+    assert!(ok && out.contains(&format!("pass={password}")), "{out}");
+    let (ok, _, err) = users(&["set", "alice", "--quota", "1GB"]);
+    assert!(!ok && err.contains("configuration file"), "{err}");
+    let (ok, _, err) = users(&["del", "carol"]);
+    assert!(ok, "{err}");
+    assert!(fetch_via(&s, &url).is_err(), "carol is gone");
+    let (ok, _, err) = users(&["del", "carol"]);
+    assert!(!ok && err.contains("no user"), "{err}");
+
+    // No relay: the store itself; the next start serves the user.
+    let args: Vec<String> = support::config_args(&s.pin, &s.config)
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(s.relay.child.id() as i32, libc::SIGTERM) };
+    assert!(s.relay.child.wait().unwrap().success());
+    assert!(
+        !state.join(relay::api::URL_FILE).exists(),
+        "a stopped relay's API is not named"
+    );
+    let (ok, out, err) = users(&["add", "dave", "--password", "dave's secret"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("added"), "{out}");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    s.relay = Relay::start(&s.t.relay, &args);
+    let url = format!("socks5h://dave:dave%27s%20secret@{PROXY}");
+    assert_eq!(
+        fetch_via(&s, &url).as_deref(),
+        Ok(&page()[..]),
+        "dave after the start"
+    );
+}
+
+/// schemathesis drives every operation of the API's document (valid and invalid requests,
+/// sequences of them) and checks each answer against the document: no 5xx, documented
+/// statuses and bodies, refusals of invalid data and of requests without the token.
+#[test]
+fn the_management_api_passes_schemathesis() {
+    let s = setup();
+    let token = api_token(&s);
+    let st = "/usr/local/lib/relay-tests/venv/bin/schemathesis";
+    assert!(
+        std::path::Path::new(st).exists(),
+        "{st} is missing: `cargo xtask test` installs it"
+    );
+    let dir = TempDir(std::env::temp_dir().join(support::unique("schemathesis")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let doc = dir.0.join("openapi.json");
+    std::fs::write(&doc, relay::api::OPENAPI).unwrap();
+    let out =
+        s.t.relay
+            .command(st)
+            .current_dir(&dir.0)
+            .args([
+                "run",
+                doc.to_str().unwrap(),
+                "--url",
+                "http://127.0.0.1:1090",
+            ])
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .args([
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance",
+            ])
+            .args([
+                "--max-examples",
+                "40",
+                "--workers",
+                "1",
+                "--request-timeout",
+                "20",
+            ])
+            .env("SCHEMATHESIS_HOOKS", "")
+            .output()
+            .expect("schemathesis");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Still serving, the file's user untouched.
+    let (code, _) = api(&s.t.relay, "GET", "/v1/status", Some(&token), None);
+    assert_eq!(code, 200);
+    raw_login(&s.t.client, "alice", PASSWORD).expect("alice still logs in");
 }

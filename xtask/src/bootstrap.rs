@@ -43,6 +43,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // promtool checks the metrics endpoint's output (the Prometheus server is not started).
     ("/usr/bin/promtool", "prometheus"),
     ("/usr/bin/python3", "python3"),
+    // A virtual environment for schemathesis (from PyPI), which fuzzes the management API.
+    ("/usr/lib/python3.11/venv/__init__.py", "python3-venv"),
     ("/usr/lib/python3/dist-packages/socks.py", "python3-socks"),
 ];
 
@@ -219,7 +221,37 @@ pub fn test_prerequisites() -> anyhow::Result<()> {
     if !missing.is_empty() {
         say(&format!("installing test tools: {}", missing.join(" ")));
     }
-    apt_install(&missing)
+    apt_install(&missing)?;
+    schemathesis()
+}
+
+/// Where the tests find schemathesis (its own virtual environment, outside the system's
+/// Python packages).
+pub const SCHEMATHESIS_VENV: &str = "/usr/local/lib/relay-tests/venv";
+/// The version the API's document was last checked with.
+const SCHEMATHESIS_VERSION: &str = "4.32.5";
+
+/// Installs schemathesis from PyPI into [`SCHEMATHESIS_VENV`] (once per version).
+fn schemathesis() -> anyhow::Result<()> {
+    let venv = Path::new(SCHEMATHESIS_VENV);
+    let bin = venv.join("bin/schemathesis");
+    let have = output(Command::new(venv.join("bin/python3")).args([
+        "-c",
+        "import importlib.metadata as m; print(m.version('schemathesis'))",
+    ]));
+    if bin.exists() && have.as_deref().map(str::trim) == Some(SCHEMATHESIS_VERSION) {
+        return Ok(());
+    }
+    say(&format!(
+        "installing schemathesis {SCHEMATHESIS_VERSION} into {SCHEMATHESIS_VENV} (fuzzes the management API)"
+    ));
+    run(Command::new("python3").args(["-m", "venv", SCHEMATHESIS_VENV]))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("schemathesis=={SCHEMATHESIS_VERSION}"),
+    ]))
 }
 
 /// Checks only, installs nothing: used to say what is missing.

@@ -1,0 +1,702 @@
+//! The management API: HTTP with JSON, on a local address by default, every request
+//! authenticated with a bearer token the relay generates into its state directory.
+//!
+//! Users added here are kept in the store (`store::StoredUser`) and take effect at once, as a
+//! reload would apply them; the configuration file's users are shown too (origin `file`) but
+//! change only in the file. The document of record is `docs/api/openapi.json`, served at
+//! `/v1/openapi.json`; the tests check the server against it.
+
+use std::{
+    net::SocketAddr,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use axum::{
+    extract::{FromRequest, Path as UrlPath, Request, State},
+    http::{header, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use log::{info, warn};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq as _;
+
+use crate::{
+    config::Spec,
+    socks5::{
+        server::{Server, UserView},
+        users::{Origin, Secret},
+    },
+    store::{StoredUser, Writer},
+};
+
+/// Where the API listens unless `--api` says otherwise.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1090);
+/// The token's file in the state directory (0600).
+pub const TOKEN_FILE: &str = "api-token";
+/// The running relay's API address, for `relay users` (written at start).
+pub const URL_FILE: &str = "api-url";
+/// The OpenAPI document, served as it is in the repository.
+pub const OPENAPI: &str = include_str!("../../docs/api/openapi.json");
+/// The largest request body read (a user's settings are a few hundred bytes).
+pub const BODY_LIMIT: usize = 16 * 1024;
+
+/// The API's bearer token, made (64 hex digits from the kernel's random bytes, readable by
+/// root only) at the first call.
+pub fn token(state: &Path) -> anyhow::Result<String> {
+    let path = state.join(TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if t.trim().len() >= 32 => return Ok(t.trim().to_owned()),
+        Ok(_) => anyhow::bail!("{} is damaged; remove it for a new token", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    crate::system::private_dir(state)?;
+    let t: String = crate::socks5::users::random::<32>()?
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    write_private(&path, &t)?;
+    Ok(t)
+}
+
+/// Writes `text` to a new file readable by root only (replacing what was there).
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// A reload request to the main loop, answered with what happened.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// What the handlers share.
+pub struct Api {
+    pub token: String,
+    /// `None`: this relay serves no SOCKS5, so it has no users.
+    pub socks: Option<Socks>,
+    pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    pub version: &'static str,
+    /// Unix seconds of the start.
+    pub started: i64,
+}
+
+/// The SOCKS5 side of the API: the server, the store and where clients connect.
+pub struct Socks {
+    pub server: Arc<Server>,
+    pub store: Writer,
+    /// Orders changes one at a time.
+    pub changing: tokio::sync::Mutex<()>,
+    /// The address share links name.
+    pub at: SocketAddr,
+}
+
+/// An error answer: a status and `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl Into<String>) -> ApiError {
+        ApiError(status, msg.into())
+    }
+    fn not_found(name: &str) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, format!("no user {name:?}"))
+    }
+    fn internal(e: anyhow::Error) -> ApiError {
+        warn!("API: {e:#}");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+/// A JSON body whose rejections (bad JSON, unknown fields, wrong content type, too large) are
+/// answered as JSON errors too.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<Value>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(object(v)?)),
+            Err(r) => Err(ApiError::new(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// `v` read as `T` if it is a JSON object (serde would also read a struct from an array of
+/// its fields in order, which no client means).
+fn object<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
+    if !v.is_object() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "a JSON object is expected",
+        ));
+    }
+    serde_json::from_value(v)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+}
+
+/// A user as the API shows it.
+#[derive(Serialize)]
+pub struct UserOut {
+    pub name: String,
+    pub origin: Origin,
+    pub settings: Spec,
+    pub usage: crate::stats::UserUsage,
+    /// Client addresses of its live sessions.
+    pub clients: Vec<String>,
+}
+
+impl UserOut {
+    fn new(v: UserView, now: i64) -> UserOut {
+        let mut usage = crate::stats::UsersReport::new(std::slice::from_ref(&v.row), now);
+        UserOut {
+            name: v.row.user.clone(),
+            origin: v.origin,
+            settings: v.spec,
+            usage: usage.users.remove(0),
+            clients: v.clients.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+/// Links a user hands to a client.
+#[derive(Serialize)]
+pub struct Links {
+    pub tg: String,
+    pub tme: String,
+    pub url: String,
+}
+
+/// A new user or a new password: shown once.
+#[derive(Serialize)]
+struct Credentials {
+    user: UserOut,
+    password: String,
+    links: Links,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    name: String,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    settings: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewPassword {
+    #[serde(default)]
+    password: Option<String>,
+}
+
+/// Serves the API until the listener fails.
+pub async fn serve(listener: tokio::net::TcpListener, api: Arc<Api>) {
+    let app = router(Arc::clone(&api));
+    if let Err(e) = axum::serve(listener, app).await {
+        warn!("management API stopped: {e}");
+    }
+}
+
+/// The routes, every one behind the token.
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/reload", post(reload))
+        .route("/v1/users", get(list).post(add))
+        .route("/v1/users/{name}", get(show).patch(change).delete(remove))
+        .route("/v1/users/{name}/password", post(password))
+        .route("/v1/users/{name}/reset-usage", post(reset_usage))
+        .route("/v1/users/{name}/links", get(links))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(Arc::clone(&api), authorize))
+        .with_state(api)
+}
+
+/// Lets a request through only with `Authorization: Bearer <token>`.
+async fn authorize(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if bool::from(t.as_bytes().ct_eq(api.token.as_bytes())) => next.run(req).await,
+        _ => {
+            let mut r = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "a bearer token is needed (the relay's state directory has it: api-token)",
+            )
+            .into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+    }
+}
+
+fn socks(api: &Api) -> Result<&Socks, ApiError> {
+    api.socks.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "this relay serves no SOCKS5 ([socks5] is not configured), so it has no users",
+        )
+    })
+}
+
+/// Runs blocking work (the store, Argon2, reloads) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("task failed: {e}")))?
+}
+
+async fn status(State(api): State<Arc<Api>>) -> Json<Value> {
+    let users = api.socks.as_ref().map(|s| s.server.users_view().len());
+    Json(json!({
+        "version": api.version,
+        "started": crate::limits::format_time(api.started),
+        "socks5": api.socks.as_ref().map(|s| s.server.listen_addr().to_string()),
+        "users": users,
+    }))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn reload(State(api): State<Arc<Api>>) -> Result<Json<Value>, ApiError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    api.reload
+        .send(tx)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the relay is stopping"))?;
+    match rx.await {
+        Ok(Ok(())) => Ok(Json(json!({ "reloaded": true }))),
+        Ok(Err(e)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e)),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the relay is stopping",
+        )),
+    }
+}
+
+fn view(s: &Socks, name: &str) -> Result<UserOut, ApiError> {
+    let now = crate::system::unix_now();
+    s.server
+        .users_view()
+        .into_iter()
+        .find(|v| v.row.user == name)
+        .map(|v| UserOut::new(v, now))
+        .ok_or_else(|| ApiError::not_found(name))
+}
+
+async fn list(State(api): State<Arc<Api>>) -> Result<Json<Vec<UserOut>>, ApiError> {
+    let s = socks(&api)?;
+    let now = crate::system::unix_now();
+    Ok(Json(
+        s.server
+            .users_view()
+            .into_iter()
+            .map(|v| UserOut::new(v, now))
+            .collect(),
+    ))
+}
+
+async fn show(
+    State(api): State<Arc<Api>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<UserOut>, ApiError> {
+    Ok(Json(view(socks(&api)?, &name)?))
+}
+
+/// A password to keep: given (checked) or generated.
+fn new_password(given: Option<String>) -> Result<String, ApiError> {
+    match given {
+        Some(p) if p.is_empty() || p.len() > crate::config::MAX_NAME => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "a password is 1 to 255 bytes",
+        )),
+        Some(p) => Ok(p),
+        None => crate::quickstart::password(20).map_err(ApiError::internal),
+    }
+}
+
+/// The store's users (as they are in the store now) with `change` made, kept in the store and
+/// applied to the server; on a refusal neither changes.
+async fn apply<T: Send + 'static>(
+    api: &Arc<Api>,
+    change: impl FnOnce(&Socks, &mut Vec<StoredUser>) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let s = socks(api)?;
+    let _one_at_a_time = s.changing.lock().await;
+    let api = Arc::clone(api);
+    blocking(move || {
+        let s = socks(&api)?;
+        let before = s
+            .store
+            .change(|st| st.users())
+            .map_err(ApiError::internal)?;
+        let mut after = before.clone();
+        let out = change(s, &mut after)?;
+        let users = after
+            .iter()
+            .map(StoredUser::user)
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+        // The store first: a change the server took but the store lost would be undone by
+        // the next restart.
+        let (b, a) = (before.clone(), after.clone());
+        s.store
+            .change(move |st| sync_users(st, &b, &a))
+            .map_err(ApiError::internal)?;
+        if let Err(e) = s.server.set_stored_users(users) {
+            let _ = s.store.change(move |st| sync_users(st, &after, &before));
+            return Err(ApiError::new(StatusCode::CONFLICT, format!("{e:#}")));
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// Writes the difference between two lists of stored users.
+fn sync_users(
+    st: &mut crate::store::Store,
+    before: &[StoredUser],
+    after: &[StoredUser],
+) -> anyhow::Result<()> {
+    for b in before {
+        if !after.iter().any(|a| a.name == b.name) {
+            st.delete_user(&b.name)?;
+        }
+    }
+    for a in after {
+        if !before.contains(a) {
+            st.put_user(a)?;
+        }
+    }
+    Ok(())
+}
+
+fn credentials(s: &Socks, name: &str, password: String) -> Result<Credentials, ApiError> {
+    Ok(Credentials {
+        user: view(s, name)?,
+        links: crate::quickstart::share_links(s.at, name, &password),
+        password,
+    })
+}
+
+async fn add(
+    State(api): State<Arc<Api>>,
+    Body(new): Body<NewUser>,
+) -> Result<(StatusCode, Json<Credentials>), ApiError> {
+    let s = socks(&api)?;
+    let spec: Spec = match new.settings {
+        Some(v) => object(v)?,
+        None => Spec::default(),
+    };
+    let password = new_password(new.password)?;
+    let name = new.name;
+    // Checked before the (slow) hash.
+    spec.user(&name, "")
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+    let hash = {
+        let p = password.clone();
+        blocking(move || {
+            crate::socks5::users::hash_password(p.as_bytes()).map_err(ApiError::internal)
+        })
+        .await?
+    };
+    let (_, spec) = spec
+        .user(&name, &hash)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+    let now = crate::system::unix_now();
+    let user = StoredUser {
+        name: name.clone(),
+        password: Secret(password.clone()),
+        password_hash: hash,
+        spec,
+        created: now,
+        updated: now,
+    };
+    apply(&api, move |s, users| {
+        let exists = users.iter().any(|u| u.name == user.name)
+            || s.server
+                .users_view()
+                .iter()
+                .any(|v| v.row.user == user.name);
+        if exists {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("user {:?} exists", user.name),
+            ));
+        }
+        users.push(user);
+        users.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(())
+    })
+    .await?;
+    info!("API: added user {name:?}");
+    Ok((StatusCode::CREATED, Json(credentials(s, &name, password)?)))
+}
+
+/// The stored user `name`, or why it cannot be changed here.
+fn stored_mut<'a>(
+    users: &'a mut [StoredUser],
+    s: &Socks,
+    name: &str,
+) -> Result<&'a mut StoredUser, ApiError> {
+    match users.iter_mut().find(|u| u.name == name) {
+        Some(u) => Ok(u),
+        None if s.server.users_view().iter().any(|v| v.row.user == name) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("user {name:?} is in the configuration file: change it there and reload"),
+        )),
+        None => Err(ApiError::not_found(name)),
+    }
+}
+
+/// RFC 7386 JSON merge patch: `patch`'s members replace `target`'s; `null` removes.
+pub fn merge_patch(target: &mut Value, patch: Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(&k);
+                } else {
+                    merge_patch(t.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p,
+    }
+}
+
+async fn change(
+    State(api): State<Arc<Api>>,
+    UrlPath(name): UrlPath<String>,
+    Body(patch): Body<Value>,
+) -> Result<Json<UserOut>, ApiError> {
+    let s = socks(&api)?;
+    if !patch.is_object() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the body is a JSON object of settings to change (null removes one)",
+        ));
+    }
+    let n = name.clone();
+    apply(&api, move |s, users| {
+        let u = stored_mut(users, s, &n)?;
+        let mut spec = serde_json::to_value(&u.spec).map_err(|e| ApiError::internal(e.into()))?;
+        merge_patch(&mut spec, patch);
+        let spec: Spec = object(spec)?;
+        let (_, spec) = spec
+            .user(&u.name, &u.password_hash)
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+        u.spec = spec;
+        u.updated = crate::system::unix_now();
+        Ok(())
+    })
+    .await?;
+    info!("API: changed user {name:?}");
+    Ok(Json(view(s, &name)?))
+}
+
+async fn remove(
+    State(api): State<Arc<Api>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let n = name.clone();
+    apply(&api, move |s, users| {
+        stored_mut(users, s, &n)?;
+        users.retain(|u| u.name != n);
+        Ok(())
+    })
+    .await?;
+    // Its usage goes with it: a user added again under the name starts from zero.
+    let api2 = Arc::clone(&api);
+    blocking(move || {
+        let s = socks(&api2)?;
+        let store = s.store.clone();
+        let n = name.clone();
+        s.server
+            .reset_usage(&name, move || store.change(move |st| st.reset_usage(&n)))
+            .map_err(ApiError::internal)?;
+        info!("API: deleted user {name:?}");
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn password(
+    State(api): State<Arc<Api>>,
+    UrlPath(name): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Credentials>, ApiError> {
+    let s = socks(&api)?;
+    // The body is optional: none (or empty) generates a password.
+    let given = match body.is_empty() {
+        true => None,
+        false => {
+            let v: Value = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+            object::<NewPassword>(v)?.password
+        }
+    };
+    let password = new_password(given)?;
+    let hash = {
+        let p = password.clone();
+        blocking(move || {
+            crate::socks5::users::hash_password(p.as_bytes()).map_err(ApiError::internal)
+        })
+        .await?
+    };
+    let (n, p) = (name.clone(), password.clone());
+    apply(&api, move |s, users| {
+        let u = stored_mut(users, s, &n)?;
+        u.password = Secret(p);
+        u.password_hash = hash;
+        u.updated = crate::system::unix_now();
+        Ok(())
+    })
+    .await?;
+    info!("API: new password for user {name:?}; its sessions were ended");
+    Ok(Json(credentials(s, &name, password)?))
+}
+
+async fn reset_usage(
+    State(api): State<Arc<Api>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<UserOut>, ApiError> {
+    let s = socks(&api)?;
+    view(s, &name)?;
+    let api2 = Arc::clone(&api);
+    let n = name.clone();
+    blocking(move || {
+        let s = socks(&api2)?;
+        let store = s.store.clone();
+        let n2 = n.clone();
+        s.server
+            .reset_usage(&n, move || store.change(move |st| st.reset_usage(&n2)))
+            .map_err(ApiError::internal)
+    })
+    .await?;
+    Ok(Json(view(s, &name)?))
+}
+
+async fn links(
+    State(api): State<Arc<Api>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Credentials>, ApiError> {
+    let s = socks(&api)?;
+    let store = s.store.clone();
+    let stored =
+        blocking(move || store.change(|st| st.users()).map_err(ApiError::internal)).await?;
+    match stored.into_iter().find(|u| u.name == name) {
+        Some(u) => Ok(Json(credentials(s, &name, u.password.0)?)),
+        None => {
+            view(s, &name)?;
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "user {name:?} is in the configuration file, which keeps only its password's \
+                     hash: no link can be made"
+                ),
+            ))
+        }
+    }
+}
+
+/// Where the running relay's API is (written at start for `relay users`).
+pub fn url_file(state: &Path) -> PathBuf {
+    state.join(URL_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patch_replaces_and_removes() {
+        let mut v = json!({"quota": 5, "rate": 7, "enabled": true});
+        merge_patch(&mut v, json!({"quota": null, "rate": 9, "max_devices": 2}));
+        assert_eq!(v, json!({"rate": 9, "enabled": true, "max_devices": 2}));
+    }
+
+    #[test]
+    fn the_token_is_made_once_and_private() {
+        let dir = std::env::temp_dir().join(format!("relay-api-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = token(&dir).unwrap();
+        assert_eq!(t.len(), 64);
+        assert!(t.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(token(&dir).unwrap(), t);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.join(TOKEN_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_document_is_json_and_names_every_route() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for p in [
+            "/v1/status",
+            "/v1/openapi.json",
+            "/v1/reload",
+            "/v1/users",
+            "/v1/users/{name}",
+            "/v1/users/{name}/password",
+            "/v1/users/{name}/reset-usage",
+            "/v1/users/{name}/links",
+        ] {
+            assert!(paths.contains_key(p), "{p} is not in docs/api/openapi.json");
+        }
+        assert_eq!(
+            paths.len(),
+            8,
+            "a route in the document that the server lacks"
+        );
+    }
+}
