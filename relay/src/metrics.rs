@@ -94,6 +94,20 @@ pub fn render(src: &Sources) -> anyhow::Result<String> {
         &[],
     )?;
     table.set(&[], live.len() as u64);
+    // Occupancy is relay_sessions / relay_session_capacity.
+    if let Some(max) = aya::maps::MapData::from_pin(src.pin_dir.join(relay_common::maps::SESSIONS))
+        .ok()
+        .and_then(|m| m.info().ok())
+        .map(|i| i.max_entries())
+    {
+        Gauges::new(
+            &r,
+            "session_capacity",
+            "Sessions the kernel's session table holds (session_capacity plus SOCKS5 fast_path_flows)",
+            &[],
+        )?
+        .set(&[], u64::from(max));
+    }
     let rule_proto = ["rule", "protocol"];
     let sessions = Gauges::new(
         &r,

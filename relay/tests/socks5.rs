@@ -2057,6 +2057,12 @@ fn metrics_pass_promtool_and_count_what_was_sent() {
     );
     // No association is live any more: its fast-path flow left the table.
     assert_eq!(sample(&text, "relay_sessions"), Some(0.0), "{text}");
+    // The default session_capacity (10,000) and fast_path_flows (4,096).
+    assert_eq!(
+        sample(&text, "relay_session_capacity"),
+        Some(14_096.0),
+        "{text}"
+    );
     // Between the relay's two links XDP redirects.
     let relayed = "relay_xdp_packets_total{reason=\"relayed_redirect\",verdict=\"redirect\"}";
     assert!(sample(&text, relayed).is_some_and(|v| v >= 598.0), "{text}");
