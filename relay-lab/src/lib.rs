@@ -26,6 +26,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
+pub mod postgres;
 pub mod sweep;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);

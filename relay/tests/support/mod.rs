@@ -592,3 +592,28 @@ impl Iperf3 {
         (sent, lost, sum)
     }
 }
+
+/// A PostgreSQL server of the test's own (see `relay_lab::postgres`); set-up errors panic.
+pub struct Postgres(lab::postgres::Postgres);
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        Postgres(lab::postgres::Postgres::start("rlyt").unwrap_or_else(|e| panic!("{e:#}")))
+    }
+
+    pub fn resume(&mut self) {
+        self.0.resume().unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    pub fn pause(&mut self) {
+        self.0.pause();
+    }
+
+    pub fn conn(&self) -> String {
+        self.0.conn()
+    }
+
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        self.0.psql(db, sql).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+}
