@@ -1178,6 +1178,7 @@ fn nft(t: &Topology, rules: &str) -> anyhow::Result<()> {
 /// The peers measured.
 pub const RELAY_XDP: &str = "relay (XDP)";
 pub const RELAY_OFF: &str = "relay without XDP (userspace)";
+pub const RELAY_FLEET: &str = "relay (XDP, fleet store in PostgreSQL)";
 pub const NAT: &str = "stateless XDP NAT (minimal)";
 pub const NFT: &str = "nftables DNAT + masquerade";
 pub const SOCAT: &str = "socat (userspace forwarder)";
@@ -1383,6 +1384,29 @@ pub fn run(relay_bin: &Path, pins: &BpfMount, smoke: bool) -> anyhow::Result<E2e
         )?;
         r.measure(peer, SOCKS, &flows, 60)?;
     }
+    // The same with a fleet store (PostgreSQL, synced every second): the database is off the
+    // packet path.
+    {
+        let pg = lab::postgres::Postgres::start(PREFIX)?;
+        let config = socks_config_then(
+            "",
+            &format!("[fleet]\ndatabase = \"{}\"\nname = \"bench\"\n", pg.conn()),
+        )?;
+        let _relay = relay_with(
+            relay_bin,
+            &t.relay,
+            &pins.dir("socks-fleet"),
+            &config,
+            "auto",
+        )?;
+        let (_controls, flows) = socks_flows(
+            &t,
+            "198.18.1.1:1080".parse()?,
+            Some(("bench", SOCKS_PASSWORD)),
+            n,
+        )?;
+        r.measure(RELAY_FLEET, SOCKS, &flows, 60)?;
+    }
     let mut tcp = tcp_peers(&t, relay_bin, pins, smoke)?;
     tcp.extend(connect_peers(&t, relay_bin, pins, smoke)?);
     Ok(E2e {
@@ -1409,6 +1433,11 @@ impl Drop for TempFile {
 /// The relay's configuration for the SOCKS5 runs: one user, the sink's network allowed.
 /// The SOCKS5 server's configuration (`extra`: more `[socks5]` settings).
 fn socks_config(extra: &str) -> anyhow::Result<TempFile> {
+    socks_config_then(extra, "")
+}
+
+/// [`socks_config`] with `tail` (more sections) at the end.
+fn socks_config_then(extra: &str, tail: &str) -> anyhow::Result<TempFile> {
     let hash = relay::socks5::users::hash_password(SOCKS_PASSWORD.as_bytes())?;
     let f = TempFile(std::env::temp_dir().join(format!("{}.toml", lab::unique(PREFIX, "cfg"))));
     std::fs::write(
@@ -1416,7 +1445,7 @@ fn socks_config(extra: &str) -> anyhow::Result<TempFile> {
         format!(
             "[socks5]\nlisten = \"198.18.1.1:1080\"\n{extra}\
              [[socks5.users]]\nname = \"bench\"\npassword_hash = \"{hash}\"\nmax_associations = 64\n\
-             [policy]\nallow = [\"198.18.2.0/24\"]\n"
+             [policy]\nallow = [\"198.18.2.0/24\"]\n{tail}"
         ),
     )?;
     Ok(f)

@@ -419,6 +419,14 @@ fn targets(r: &Results) -> Vec<Target> {
     for (target, kind, peer, ok) in peers {
         ratio(target, e2e_ratio(e, kind, peer), ok, "x");
     }
+    // The relay's own rate over the fleet-store relay's: the fleet's per-packet cost relative
+    // to the embedded store's.
+    ratio(
+        "per-packet cost with a fleet store ≤ 1.1x the embedded store's (SOCKS5 UDP, 64 B)",
+        e2e_ratio(e, SOCKS, e2e::RELAY_FLEET),
+        |v| v <= 1.1,
+        "x",
+    );
     ratio(
         "≥ 500k new sessions per second through one rule (TCP, opened in the kernel)",
         (kernel.flows > 0).then_some(kernel.sessions_per_second),

@@ -106,6 +106,8 @@ pub struct Socks {
     pub changing: tokio::sync::Mutex<()>,
     /// The address share links name.
     pub at: SocketAddr,
+    /// With a fleet, users live in its database: changes go there first.
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 /// An error answer: a status and `{"error": "..."}`.
@@ -235,6 +237,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/users/{name}/password", post(password))
         .route("/v1/users/{name}/reset-usage", post(reset_usage))
         .route("/v1/users/{name}/links", get(links))
+        .route("/v1/fleet", get(fleet))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
@@ -267,6 +270,13 @@ async fn authorize(State(api): State<Arc<Api>>, req: Request, next: Next) -> Res
             r
         }
     }
+}
+
+fn unreachable_fleet(e: anyhow::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the fleet's database: {e:#} (users cannot change until it is reachable)"),
+    )
 }
 
 fn socks(api: &Api) -> Result<&Socks, ApiError> {
@@ -366,6 +376,23 @@ async fn apply<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let s = socks(api)?;
     let _one_at_a_time = s.changing.lock().await;
+    if let Some(fleet) = &s.fleet {
+        let r = fleet
+            .change_users(&s.server, |users| {
+                let out = change(s, users)?;
+                for u in users.iter() {
+                    u.user().map_err(|e| {
+                        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}"))
+                    })?;
+                }
+                Ok(out)
+            })
+            .await;
+        return match r {
+            Ok(r) => r,
+            Err(e) => Err(unreachable_fleet(e)),
+        };
+    }
     let api = Arc::clone(api);
     blocking(move || {
         let s = socks(&api)?;
@@ -549,7 +576,11 @@ async fn remove(
         Ok(())
     })
     .await?;
-    // Its usage goes with it: a user added again under the name starts from zero.
+    // Its usage goes with it: a user added again under the name starts from zero (the fleet
+    // deleted its usage with it).
+    if let Some(f) = &socks(&api)?.fleet {
+        f.reset_usage(&name).await.map_err(unreachable_fleet)?;
+    }
     let api2 = Arc::clone(&api);
     blocking(move || {
         let s = socks(&api2)?;
@@ -607,6 +638,9 @@ async fn reset_usage(
 ) -> Result<Json<UserOut>, ApiError> {
     let s = socks(&api)?;
     view(s, &name)?;
+    if let Some(f) = &s.fleet {
+        f.reset_usage(&name).await.map_err(unreachable_fleet)?;
+    }
     let api2 = Arc::clone(&api);
     let n = name.clone();
     blocking(move || {
@@ -642,6 +676,20 @@ async fn links(
             ))
         }
     }
+}
+
+async fn fleet(State(api): State<Arc<Api>>) -> Result<Json<Value>, ApiError> {
+    let f = api
+        .socks
+        .as_ref()
+        .and_then(|s| s.fleet.as_ref())
+        .ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "this relay is in no fleet"))?;
+    let nodes = f.nodes().await.map_err(unreachable_fleet)?;
+    Ok(Json(json!({
+        "name": f.cfg.name,
+        "backlog_bytes": f.backlog(),
+        "relays": nodes,
+    })))
 }
 
 /// Where the running relay's API is (written at start for `relay users`).
@@ -690,12 +738,13 @@ mod tests {
             "/v1/users/{name}/password",
             "/v1/users/{name}/reset-usage",
             "/v1/users/{name}/links",
+            "/v1/fleet",
         ] {
             assert!(paths.contains_key(p), "{p} is not in docs/api/openapi.json");
         }
         assert_eq!(
             paths.len(),
-            8,
+            9,
             "a route in the document that the server lacks"
         );
     }

@@ -144,6 +144,14 @@ pub fn check(cfg: &Config) -> Checked {
             }
         }
     }
+    if let Some(f) = &cfg.fleet {
+        let _ = writeln!(
+            out,
+            "fleet: this relay is {:?}; users, limits and usage shared through PostgreSQL \
+             (the connection is not tried here; `relay fleet status` does)",
+            f.name
+        );
+    }
     let p = &cfg.policy;
     let _ = writeln!(
         out,

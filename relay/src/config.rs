@@ -44,6 +44,56 @@ struct RawConfig {
     socks5: Option<RawSocks5>,
     #[serde(default)]
     policy: RawPolicy,
+    fleet: Option<RawFleet>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    database: String,
+    name: Option<String>,
+}
+
+/// A fleet of relays sharing users, quotas and usage through PostgreSQL (`[fleet]`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// A libpq-style connection string (`host=/run/postgresql dbname=relay user=relay` or
+    /// `postgresql://relay:PASSWORD@db.internal/relay`).
+    pub database: String,
+    /// This relay's name in the fleet (default: the host name).
+    pub name: String,
+}
+
+impl std::fmt::Debug for FleetConfig {
+    // The connection string may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetConfig")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawFleet {
+    fn check(self) -> anyhow::Result<FleetConfig> {
+        if self.database.trim().is_empty() {
+            bail!("database: a PostgreSQL connection string is needed");
+        }
+        let name = match self.name {
+            Some(n) => n,
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .context("name: the host has no name; give one")?,
+        };
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            bail!("name: 1 to 64 bytes without control characters");
+        }
+        Ok(FleetConfig {
+            database: self.database,
+            name,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -736,6 +786,8 @@ pub struct Config {
     pub forward: Vec<ForwardRule>,
     pub socks5: Option<Socks5Config>,
     pub policy: crate::policy::Policy,
+    /// Users and usage shared with other relays through PostgreSQL.
+    pub fleet: Option<FleetConfig>,
 }
 
 impl Default for Config {
@@ -746,6 +798,7 @@ impl Default for Config {
             forward: Vec::new(),
             socks5: None,
             policy: crate::policy::Policy::default(),
+            fleet: None,
         }
     }
 }
@@ -939,12 +992,21 @@ impl Config {
             .map(RawSocks5::check)
             .transpose()
             .context("socks5")?;
+        let fleet = raw
+            .fleet
+            .map(RawFleet::check)
+            .transpose()
+            .context("fleet")?;
+        if fleet.is_some() && socks5.is_none() {
+            bail!("fleet: shares SOCKS5 users; it needs a [socks5] section");
+        }
         let config = Config {
             session_capacity: capacity,
             session_ports,
             forward,
             socks5,
             policy,
+            fleet,
         };
         config.check_overlaps()?;
         Ok(config)

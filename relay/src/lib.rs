@@ -6,6 +6,7 @@ pub mod check;
 pub mod config;
 pub mod datapath;
 pub mod ebpf;
+pub mod fleet;
 pub mod forward;
 pub mod handover;
 pub mod idle;

@@ -53,6 +53,12 @@ enum Command {
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
+    /// The fleet the configuration's `[fleet]` names: its relays, their last contact and
+    /// traffic (read from its database).
+    Fleet {
+        #[command(subcommand)]
+        action: FleetAction,
+    },
     /// Check a configuration file and say what the relay would do with it, without touching
     /// the kernel (exit status 1 if anything would stop it).
     Check {
@@ -104,6 +110,18 @@ enum Command {
         iface: String,
         #[arg(long)]
         pin_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetAction {
+    /// List the fleet's relays.
+    Status {
+        /// Configuration file with the `[fleet]` section.
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -331,6 +349,29 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     },
                     move || self::config(&args),
                 ))
+        }
+        Command::Fleet {
+            action: FleetAction::Status { config, json },
+        } => {
+            let cfg = Config::from_file(&config)?;
+            let fleet = cfg
+                .fleet
+                .with_context(|| format!("{}: no [fleet] section", config.display()))?;
+            let nodes = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(async {
+                    let c = relay::fleet::connect(&fleet.database).await?;
+                    relay::fleet::nodes(&c, system::unix_now()).await
+                })
+                .context("the fleet's database")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                print!("{}", relay::fleet::nodes_table(&nodes));
+            }
+            Ok(())
         }
         Command::Check { config } => {
             let cfg = Config::from_file(&config)?;
@@ -770,6 +811,16 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
             let saved = store.load()?;
             let writer = relay::store::Writer::spawn(store, &state)?;
             let at = share_address(&cfg, &ifaces[0].0);
+            let fleet = match config.fleet.clone() {
+                Some(f) => {
+                    info!(
+                        "fleet {:?}: users and usage shared through PostgreSQL",
+                        f.name
+                    );
+                    Some(relay::fleet::Fleet::new(f, at.to_string(), writer.clone())?)
+                }
+                None => None,
+            };
             let server = relay::socks5::server::Server::new(
                 cfg,
                 config.policy,
@@ -783,7 +834,7 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
                 std::mem::take(&mut received.connects),
                 std::mem::take(&mut received.associations),
             );
-            Some((server, listener, writer, at))
+            Some((server, listener, writer, at, fleet))
         }
         None => {
             datapath.socks_sweep();
@@ -841,14 +892,16 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
         Some((addr, given)) => match http_listener(addr, "management API", takeover).await {
             Ok(l) => {
                 let token = relay::api::token(&state)?;
-                let socks = socks5
-                    .as_ref()
-                    .map(|(server, _, writer, at)| relay::api::Socks {
-                        server: Arc::clone(server),
-                        store: writer.clone(),
-                        changing: tokio::sync::Mutex::new(()),
-                        at: *at,
-                    });
+                let socks =
+                    socks5
+                        .as_ref()
+                        .map(|(server, _, writer, at, fleet)| relay::api::Socks {
+                            server: Arc::clone(server),
+                            store: writer.clone(),
+                            changing: tokio::sync::Mutex::new(()),
+                            at: *at,
+                            fleet: fleet.clone(),
+                        });
                 let about = serde_json::json!({
                     "url": format!("http://{addr}"),
                     "socks5": socks.as_ref().map(|s| s.at.to_string()),
@@ -902,6 +955,11 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
             }
         });
     }
+    let fleet = socks5.as_ref().and_then(|(server, _, _, _, fleet)| {
+        let f = fleet.clone()?;
+        tokio::spawn(Arc::clone(&f).run(Arc::clone(server)));
+        Some(f)
+    });
     let socks5 = socks5.map(|(server, listener, ..)| {
         tokio::spawn(Arc::clone(&server).publish());
         tokio::spawn(Arc::clone(&server).meter());
@@ -958,6 +1016,9 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
                         info!("relay {version} is taking over: handing everything over");
                         // The successor accepts on the control socket from now on.
                         control_task.abort();
+                        if let Some(f) = &fleet {
+                            tokio::task::block_in_place(|| f.stop());
+                        }
                         hand_over(peer, &forward, socks5.as_deref(), nexthops.as_deref(), &_lock, control_fd, &port_ranges).await;
                         break Exit::HandedOver;
                     }
@@ -979,6 +1040,9 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
     if !matches!(exit, Exit::HandedOver) {
         // `relay users` goes to the store directly from now on.
         let _ = std::fs::remove_file(relay::api::url_file(&state));
+        if let Some(f) = &fleet {
+            tokio::task::block_in_place(|| f.stop());
+        }
         if let Some(s) = &socks5 {
             tokio::task::block_in_place(|| s.save_now(std::time::Duration::from_secs(2)));
         }

@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension as _};
 
 use crate::limits::Usage;
 
@@ -54,6 +54,11 @@ const MIGRATIONS: &[&str] = &[
         spec TEXT NOT NULL,
         created INTEGER NOT NULL,
         updated INTEGER NOT NULL
+    )",
+    // 3: a fleet member's usage not yet in the fleet's database (fleet::Book, as JSON).
+    "CREATE TABLE fleet (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        book TEXT NOT NULL
     )",
 ];
 
@@ -260,6 +265,41 @@ impl Store {
                 u.updated
             ],
         )?;
+        Ok(())
+    }
+
+    /// Makes the stored users exactly `users` (the fleet's, cached here), in one transaction.
+    pub fn replace_users(&mut self, users: &[StoredUser]) -> anyhow::Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM users", [])?;
+        for u in users {
+            tx.execute(
+                "INSERT INTO users VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    u.name,
+                    u.password.0,
+                    u.password_hash,
+                    serde_json::to_string(&u.spec)?,
+                    u.created,
+                    u.updated
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The fleet book kept at the last sync or stop.
+    pub fn fleet_book(&mut self) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT book FROM fleet WHERE id = 1", [], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_fleet_book(&mut self, book: &str) -> anyhow::Result<()> {
+        self.conn
+            .execute("INSERT OR REPLACE INTO fleet VALUES (1, ?1)", params![book])?;
         Ok(())
     }
 

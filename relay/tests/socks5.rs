@@ -86,6 +86,17 @@ fn setup_with(socks_extra: &str, alice_extra: &str) -> Setup {
 
 /// [`setup_with`], the relay started with more environment variables and arguments.
 fn setup_env(socks_extra: &str, alice_extra: &str, env: &[(&str, &str)], args: &[&str]) -> Setup {
+    setup_full(socks_extra, alice_extra, "", env, args)
+}
+
+/// [`setup_env`] with `tail` at the end of the configuration (more sections).
+fn setup_full(
+    socks_extra: &str,
+    alice_extra: &str,
+    tail: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Setup {
     let t = Topology::new();
     let pin = PinDir::new();
     let dir = TempDir(std::env::temp_dir().join(support::unique("www")));
@@ -109,7 +120,7 @@ fn setup_env(socks_extra: &str, alice_extra: &str, env: &[(&str, &str)], args: &
             .expect("http.server"),
     );
     let echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
-    let config = ConfigFile::new(&config_text(socks_extra, alice_extra));
+    let config = ConfigFile::new(&format!("{}{tail}", config_text(socks_extra, alice_extra)));
     let relay = Relay::with_config_env(&t.relay, &pin, &config, env, args);
     // The web server needs a moment to listen.
     for _ in 0..50 {
@@ -2196,7 +2207,7 @@ fn the_management_api_manages_users_at_once_and_keeps_them() {
             }
         }
     }
-    assert_eq!(tried, 22, "every operation of the document was tried");
+    assert_eq!(tried, 24, "every operation of the document was tried");
     let t = Some(token.as_str());
     let (code, served) = api(ns, "GET", "/v1/openapi.json", t, None);
     assert_eq!(
@@ -2464,4 +2475,228 @@ fn the_management_api_passes_schemathesis() {
     let (code, _) = api(&s.t.relay, "GET", "/v1/status", Some(&token), None);
     assert_eq!(code, 200);
     raw_login(&s.t.client, "alice", PASSWORD).expect("alice still logs in");
+}
+
+// ---- A fleet: two relays sharing one PostgreSQL ----
+
+/// Reads from the firehose through `user`'s CONNECT until the relay closes it: the bytes.
+fn download_until_closed(s: &Setup, user: &str, password: &str) -> u64 {
+    let (_written, _end, _server) = firehose(s);
+    let mut c = raw_login(&s.t.client, user, password).expect("logs in");
+    let reply = send_request(&mut c, &connect_request([198, 18, 2, 2], 7002));
+    assert_eq!(reply.get(..2), Some(&[5, 0][..]), "{reply:?}");
+    c.write_all(b"g").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut read = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => read += k as u64,
+        }
+    }
+    read
+}
+
+/// Two relays (each in namespaces of its own) with one PostgreSQL: a user added through A
+/// connects through B within two seconds; disabling it on A closes its live connection on B;
+/// a 20 MB fleet quota consumed through both at once stops it on both within the documented
+/// overshoot; the database stopped for 30 s under traffic: forwarding never stops and the
+/// totals afterwards are the bytes sent, each counted once.
+#[test]
+fn a_fleet_shares_users_quotas_and_usage_through_postgresql() {
+    let mut pg = support::Postgres::start();
+    let fleet = |name: &str| format!("[fleet]\ndatabase = \"{}\"\nname = \"{name}\"\n", pg.conn());
+    let socks = "udp_idle_timeout = \"30s\"\n";
+    let a = setup_full(socks, "", &fleet("a"), &[], &[]);
+    let mut b = setup_full(socks, "", &fleet("b"), &[], &[]);
+    let (ta, tb) = (api_token(&a), api_token(&b));
+    let (ta, tb) = (Some(ta.as_str()), Some(tb.as_str()));
+
+    // Added through A; B lets it in within two seconds.
+    let (code, carol) = api(
+        &a.t.relay,
+        "POST",
+        "/v1/users",
+        ta,
+        Some(serde_json::json!({
+            "name": "carol",
+            "settings": { "quota": 20_000_000u64, "rate": 2_000_000u64 }
+        })),
+    );
+    assert_eq!(code, 201, "{carol}");
+    let password = carol["password"].as_str().unwrap().to_owned();
+    let start = std::time::Instant::now();
+    while raw_login(&b.t.client, "carol", &password).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "B let carol in too late"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    // Disabled on A: its live connection on B ends.
+    let mut live = live_connect(&b, "carol", &password);
+    let patch = |enabled: bool| {
+        let (code, v) = api(
+            &a.t.relay,
+            "PATCH",
+            "/v1/users/carol",
+            ta,
+            Some(serde_json::json!({ "enabled": enabled })),
+        );
+        assert_eq!(code, 200, "{v}");
+    };
+    patch(false);
+    assert!(
+        closed_within(&mut live, Duration::from_secs(3)),
+        "B ends carol's connection"
+    );
+    patch(true);
+    thread::sleep(Duration::from_secs(2));
+
+    // The fleet quota, consumed through both at once at 2 MB/s each.
+    let (via_a, via_b) = thread::scope(|sc| {
+        let ja = sc.spawn(|| download_until_closed(&a, "carol", &password));
+        let jb = sc.spawn(|| download_until_closed(&b, "carol", &password));
+        (ja.join().unwrap(), jb.join().unwrap())
+    });
+    let carried = via_a + via_b;
+    // docs/fleet.md: each relay stops within its own bound (1 MB here, as on one relay), and
+    // the others' bytes reach it at most a sync (1 s) late: 2 relays x 2 MB/s x 1 s.
+    assert!(
+        (19_000_000..=20_000_000 + 1_000_000 + 4_000_000).contains(&carried),
+        "carried {carried} ({via_a} through A, {via_b} through B) for a 20 MB fleet quota"
+    );
+    assert!(
+        via_a > 3_000_000 && via_b > 3_000_000,
+        "{via_a} / {via_b}: both carried"
+    );
+    thread::sleep(Duration::from_secs(2));
+    for s in [&a, &b] {
+        let (_c, reply) = raw_request_as(&s.t.client, "carol", &password);
+        assert_eq!(
+            reply.get(1),
+            Some(&2),
+            "carol is out of quota everywhere: {reply:?}"
+        );
+    }
+    let stored: u64 = pg
+        .psql(
+            "relay",
+            "SELECT sum(bytes_up + bytes_down) FROM relay_usage WHERE name = 'carol'",
+        )
+        .parse()
+        .unwrap();
+    assert!(
+        stored.abs_diff(carried + 2) <= 256 * 1024,
+        "the database holds {stored} for carol; {carried} were carried"
+    );
+
+    // The database stops for 30 s under traffic (alice, configured on both, no limits).
+    let (n, size) = (100u64, 1000u64);
+    let before: Vec<String> = ["up", "down"]
+        .iter()
+        .map(|d| {
+            pg.psql(
+                "relay",
+                &format!(
+                    "SELECT coalesce(sum(bytes_{d}), 0) FROM relay_usage WHERE name = 'alice'"
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(before, ["0", "0"]);
+    pg.pause();
+    let outage = std::time::Instant::now();
+    let mut rounds = 0;
+    while outage.elapsed() < Duration::from_secs(30) {
+        for s in [&a, &b] {
+            drop(
+                echoes(s, n as usize, size as usize)
+                    .expect("forwarding goes on without the database"),
+            );
+        }
+        rounds += 1;
+        thread::sleep(Duration::from_secs(2));
+    }
+    pg.resume();
+    // Pushed within a few syncs of the database's return.
+    let want = [2 * rounds * n * size, 2 * rounds * n * (size + 10)];
+    let start = std::time::Instant::now();
+    loop {
+        let got: Vec<u64> = ["up", "down"]
+            .iter()
+            .map(|d| {
+                pg.psql(
+                    "relay",
+                    &format!(
+                        "SELECT coalesce(sum(bytes_{d}), 0) FROM relay_usage WHERE name = 'alice'"
+                    ),
+                )
+                .parse()
+                .unwrap()
+            })
+            .collect();
+        if got == want {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10) && got[0] <= want[0] && got[1] <= want[1],
+            "alice's usage in the database: {got:?}, sent: {want:?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    // Each relay shows the fleet's total; `relay fleet status` shows both relays.
+    thread::sleep(Duration::from_secs(2));
+    for (s, t) in [(&a, ta), (&b, tb)] {
+        let (_, alice) = api(&s.t.relay, "GET", "/v1/users/alice", t, None);
+        assert_eq!(
+            alice["usage"]["used_to_destination"].as_u64(),
+            Some(want[0]),
+            "{alice}"
+        );
+    }
+    let out = support::relay_cmd(
+        &a.t.relay,
+        &["fleet", "status", "--config", a.config.arg(), "--json"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b"], "{nodes}");
+    for n in nodes.as_array().unwrap() {
+        assert!(n["seconds_since"].as_i64() <= Some(3), "{n}");
+    }
+
+    // A relay that starts while the database is away serves the users it cached, and says so.
+    pg.pause();
+    let args: Vec<String> = support::config_args(&b.pin, &b.config)
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(b.relay.child.id() as i32, libc::SIGTERM) };
+    assert!(b.relay.child.wait().unwrap().success());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    b.relay = Relay::start(&b.t.relay, &args);
+    b.relay
+        .wait_for_log("fleet database unreachable", Duration::from_secs(10));
+    raw_login(&b.t.client, "carol", &password).expect("carol, cached, logs in on B");
+}
+
+/// [`raw_request`] for another user: a CONNECT to the web server.
+fn raw_request_as(ns: &Netns, user: &str, password: &str) -> (TcpStream, Vec<u8>) {
+    let mut c = raw_login(ns, user, password).expect("logs in");
+    let reply = send_request(&mut c, &connect_request([198, 18, 2, 2], 8080));
+    (c, reply)
 }

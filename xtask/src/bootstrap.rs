@@ -43,8 +43,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // promtool checks the metrics endpoint's output (the Prometheus server is not started).
     ("/usr/bin/promtool", "prometheus"),
     ("/usr/bin/python3", "python3"),
+    // A PostgreSQL server for the fleet tests (each test runs a cluster of its own).
+    ("/usr/lib/postgresql/15/bin/postgres", "postgresql-15"),
     // A virtual environment for schemathesis (from PyPI), which fuzzes the management API.
-    ("/usr/lib/python3.11/venv/__init__.py", "python3-venv"),
+    ("/usr/lib/python3.11/ensurepip/__init__.py", "python3-venv"),
     ("/usr/lib/python3/dist-packages/socks.py", "python3-socks"),
 ];
 
@@ -222,6 +224,17 @@ pub fn test_prerequisites() -> anyhow::Result<()> {
         say(&format!("installing test tools: {}", missing.join(" ")));
     }
     apt_install(&missing)?;
+    if missing.contains(&"postgresql-15") {
+        // The package makes and starts a cluster "main" on port 5432; the tests run clusters
+        // of their own on unix sockets, so that one only takes a port: removed.
+        if output(Command::new("pg_lsclusters").args(["-h"])).is_some_and(|o| {
+            o.lines()
+                .any(|l| l.split_whitespace().take(2).eq(["15", "main"]))
+        }) {
+            say("removing the cluster 15/main the package made (the tests make their own)");
+            run(Command::new("pg_dropcluster").args(["--stop", "15", "main"]))?;
+        }
+    }
     schemathesis()
 }
 

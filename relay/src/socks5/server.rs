@@ -835,6 +835,20 @@ impl Server {
         out
     }
 
+    /// Calls `f` with each configured user's name and usage (under its ledger's lock): the
+    /// fleet counts what moved and sets the fleet's totals.
+    pub fn with_usages(&self, mut f: impl FnMut(&str, &mut crate::limits::Usage)) {
+        for a in self.accounts().iter().skip(1) {
+            if !a.configured.load(Ordering::Relaxed) {
+                continue;
+            }
+            let mut ledger = a.ledger.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(l) = ledger.as_mut() {
+                f(&a.name, &mut l.usage);
+            }
+        }
+    }
+
     /// The users of the store take effect now: the file's users as last loaded, with
     /// `stored` (whose names the file does not have). Users gone or with a new password have
     /// their sessions ended, as by a reload.
