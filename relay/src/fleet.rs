@@ -118,8 +118,8 @@ pub struct Book {
     pub inflight: Option<Batch>,
     /// Counted since, by (user, period start).
     outbox: BTreeMap<String, BTreeMap<i64, [u64; 2]>>,
-    /// Each user's usage when last looked at (period start, bytes).
-    #[serde(skip)]
+    /// Each user's usage when last looked at (period start, bytes): kept too, so that what a
+    /// stopping relay counts after its last look is counted by the next one.
     seen: HashMap<String, (i64, [u64; 2])>,
 }
 
@@ -413,9 +413,14 @@ impl Fleet {
         self.store.change(move |st| st.set_fleet_book(&text))
     }
 
-    /// Stops syncing and saves the book (before a handover or a stop; blocking).
-    pub fn stop(&self) {
+    /// Stops syncing, counts what moved since the last sync and saves the book (before a
+    /// handover or a stop; blocking).
+    pub fn stop(&self, server: &Server) {
         self.stopped.store(true, Ordering::SeqCst);
+        {
+            let mut book = self.book();
+            server.with_usages(|n, usage| book.collect(n, usage));
+        }
         if let Err(e) = self.save_book() {
             warn!("fleet: saving the usage not yet pushed: {e:#}");
         }
@@ -741,7 +746,7 @@ mod tests {
     }
 
     #[test]
-    fn the_book_survives_a_restart_but_not_what_was_seen() {
+    fn the_book_survives_a_restart_with_what_was_seen() {
         let mut b = Book::new("e".into());
         b.collect("bob", &usage(0, 0, 0));
         b.collect("bob", &usage(0, 7, 0));
@@ -749,11 +754,12 @@ mod tests {
         let mut again: Book = serde_json::from_str(&text).unwrap();
         assert_eq!(again.epoch, "e");
         assert_eq!(again.backlog(), 7);
-        // The restarted relay's usage (from the store) is the new baseline.
-        again.collect("bob", &usage(0, 7, 0));
+        // The next relay's usage (from the store, written after the book) holds 5 bytes
+        // counted after the last look: they are counted, the 7 are not counted twice.
+        again.collect("bob", &usage(0, 12, 0));
         assert_eq!(
             again.batch().unwrap().rows,
-            vec![("bob".to_owned(), 0, [7, 0])]
+            vec![("bob".to_owned(), 0, [12, 0])]
         );
     }
 }

@@ -1016,8 +1016,8 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
                         info!("relay {version} is taking over: handing everything over");
                         // The successor accepts on the control socket from now on.
                         control_task.abort();
-                        if let Some(f) = &fleet {
-                            tokio::task::block_in_place(|| f.stop());
+                        if let (Some(f), Some(s)) = (&fleet, &socks5) {
+                            tokio::task::block_in_place(|| f.stop(s));
                         }
                         hand_over(peer, &forward, socks5.as_deref(), nexthops.as_deref(), &_lock, control_fd, &port_ranges).await;
                         break Exit::HandedOver;
@@ -1040,8 +1040,8 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
     if !matches!(exit, Exit::HandedOver) {
         // `relay users` goes to the store directly from now on.
         let _ = std::fs::remove_file(relay::api::url_file(&state));
-        if let Some(f) = &fleet {
-            tokio::task::block_in_place(|| f.stop());
+        if let (Some(f), Some(s)) = (&fleet, &socks5) {
+            tokio::task::block_in_place(|| f.stop(s));
         }
         if let Some(s) = &socks5 {
             tokio::task::block_in_place(|| s.save_now(std::time::Duration::from_secs(2)));

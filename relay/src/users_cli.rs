@@ -257,6 +257,12 @@ fn direct(dir: &Path, action: &Action) -> anyhow::Result<Value> {
         );
     }
     let mut store = Store::open(dir)?;
+    if !matches!(action, Action::List) && store.fleet_book()?.is_some() {
+        bail!(
+            "this relay is in a fleet: its users live in the fleet's database; change them \
+             through a running relay's API (`relay users` on a relay that runs) or in the database"
+        );
+    }
     let users = store.users()?;
     let find =
         |name: &str| -> anyhow::Result<StoredUser> {

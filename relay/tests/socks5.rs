@@ -2621,32 +2621,42 @@ fn a_fleet_shares_users_quotas_and_usage_through_postgresql() {
         thread::sleep(Duration::from_secs(2));
     }
     pg.resume();
-    // Pushed within a few syncs of the database's return.
-    let want = [2 * rounds * n * size, 2 * rounds * n * (size + 10)];
-    let start = std::time::Instant::now();
-    loop {
-        let got: Vec<u64> = ["up", "down"]
-            .iter()
-            .map(|d| {
-                pg.psql(
-                    "relay",
-                    &format!(
-                        "SELECT coalesce(sum(bytes_{d}), 0) FROM relay_usage WHERE name = 'alice'"
-                    ),
-                )
-                .parse()
-                .unwrap()
-            })
-            .collect();
-        if got == want {
-            break;
+    // Pushed within a few syncs of the database's return, each byte once.
+    let alice_in_db = |want: [u64; 2]| {
+        let start = std::time::Instant::now();
+        loop {
+            let got: Vec<u64> = ["up", "down"]
+                .iter()
+                .map(|d| {
+                    pg.psql(
+                        "relay",
+                        &format!("SELECT coalesce(sum(bytes_{d}), 0) FROM relay_usage WHERE name = 'alice'"),
+                    )
+                    .parse()
+                    .unwrap()
+                })
+                .collect();
+            if got == want {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10) && got[0] <= want[0] && got[1] <= want[1],
+                "alice's usage in the database: {got:?}, sent: {want:?}"
+            );
+            thread::sleep(Duration::from_millis(200));
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(10) && got[0] <= want[0] && got[1] <= want[1],
-            "alice's usage in the database: {got:?}, sent: {want:?}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+    };
+    let mut want = [2 * rounds * n * size, 2 * rounds * n * (size + 10)];
+    alice_in_db(want);
+    // A handover of A while an association carries: still each byte once.
+    let control = echoes(&a, n as usize, size as usize).unwrap();
+    let (status, out, _successor) = support::relay_restart(&a.t.relay, &a.pin);
+    assert!(status.success(), "{out}");
+    drop(echoes(&a, n as usize, size as usize).unwrap());
+    drop(control);
+    want[0] += 2 * n * size;
+    want[1] += 2 * n * (size + 10);
+    alice_in_db(want);
     // Each relay shows the fleet's total; `relay fleet status` shows both relays.
     thread::sleep(Duration::from_secs(2));
     for (s, t) in [(&a, ta), (&b, tb)] {
