@@ -1367,15 +1367,20 @@ pub fn run(relay_bin: &Path, pins: &BpfMount, smoke: bool) -> anyhow::Result<E2e
     drop(pass);
 
     // The relay's SOCKS5 UDP ASSOCIATE, with XDP and without.
-    let config = socks_config("")?;
-    for (peer, mode) in [(RELAY_XDP, "auto"), (RELAY_OFF, "off")] {
-        let _relay = relay_with(
-            relay_bin,
-            &t.relay,
-            &pins.dir(&format!("socks-{mode}")),
-            &config,
-            mode,
-        )?;
+    // And with XDP and a fleet store (PostgreSQL, synced every second: the database is off
+    // the packet path), measured next to the embedded store's run.
+    let pg = lab::postgres::Postgres::start(PREFIX)?;
+    let embedded = socks_config("")?;
+    let fleet = socks_config_then(
+        "",
+        &format!("[fleet]\ndatabase = \"{}\"\nname = \"bench\"\n", pg.conn()),
+    )?;
+    for (peer, mode, config, dir) in [
+        (RELAY_XDP, "auto", &embedded, "socks-auto"),
+        (RELAY_FLEET, "auto", &fleet, "socks-fleet"),
+        (RELAY_OFF, "off", &embedded, "socks-off"),
+    ] {
+        let _relay = relay_with(relay_bin, &t.relay, &pins.dir(dir), config, mode)?;
         let (_controls, flows) = socks_flows(
             &t,
             "198.18.1.1:1080".parse()?,
@@ -1384,29 +1389,7 @@ pub fn run(relay_bin: &Path, pins: &BpfMount, smoke: bool) -> anyhow::Result<E2e
         )?;
         r.measure(peer, SOCKS, &flows, 60)?;
     }
-    // The same with a fleet store (PostgreSQL, synced every second): the database is off the
-    // packet path.
-    {
-        let pg = lab::postgres::Postgres::start(PREFIX)?;
-        let config = socks_config_then(
-            "",
-            &format!("[fleet]\ndatabase = \"{}\"\nname = \"bench\"\n", pg.conn()),
-        )?;
-        let _relay = relay_with(
-            relay_bin,
-            &t.relay,
-            &pins.dir("socks-fleet"),
-            &config,
-            "auto",
-        )?;
-        let (_controls, flows) = socks_flows(
-            &t,
-            "198.18.1.1:1080".parse()?,
-            Some(("bench", SOCKS_PASSWORD)),
-            n,
-        )?;
-        r.measure(RELAY_FLEET, SOCKS, &flows, 60)?;
-    }
+    drop(pg);
     let mut tcp = tcp_peers(&t, relay_bin, pins, smoke)?;
     tcp.extend(connect_peers(&t, relay_bin, pins, smoke)?);
     Ok(E2e {

@@ -576,24 +576,29 @@ async fn remove(
         Ok(())
     })
     .await?;
-    // Its usage goes with it: a user added again under the name starts from zero (the fleet
-    // deleted its usage with it).
-    if let Some(f) = &socks(&api)?.fleet {
-        f.reset_usage(&name).await.map_err(unreachable_fleet)?;
+    // Its usage goes with it: a user added again under the name starts from zero.
+    forget_usage(&api, &name).await?;
+    info!("API: deleted user {name:?}");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts `name`'s usage from zero: in the fleet's database, in the store, in the ledger.
+async fn forget_usage(api: &Arc<Api>, name: &str) -> Result<(), ApiError> {
+    if let Some(f) = &socks(api)?.fleet {
+        f.reset_usage(name).await.map_err(unreachable_fleet)?;
     }
-    let api2 = Arc::clone(&api);
+    let api = Arc::clone(api);
+    let name = name.to_owned();
     blocking(move || {
-        let s = socks(&api2)?;
+        let s = socks(&api)?;
         let store = s.store.clone();
         let n = name.clone();
         s.server
             .reset_usage(&name, move || store.change(move |st| st.reset_usage(&n)))
             .map_err(ApiError::internal)?;
-        info!("API: deleted user {name:?}");
         Ok(())
     })
-    .await?;
-    Ok(StatusCode::NO_CONTENT)
+    .await
 }
 
 async fn password(
@@ -638,20 +643,7 @@ async fn reset_usage(
 ) -> Result<Json<UserOut>, ApiError> {
     let s = socks(&api)?;
     view(s, &name)?;
-    if let Some(f) = &s.fleet {
-        f.reset_usage(&name).await.map_err(unreachable_fleet)?;
-    }
-    let api2 = Arc::clone(&api);
-    let n = name.clone();
-    blocking(move || {
-        let s = socks(&api2)?;
-        let store = s.store.clone();
-        let n2 = n.clone();
-        s.server
-            .reset_usage(&n, move || store.change(move |st| st.reset_usage(&n2)))
-            .map_err(ApiError::internal)
-    })
-    .await?;
+    forget_usage(&api, &name).await?;
     Ok(Json(view(s, &name)?))
 }
 

@@ -254,18 +254,7 @@ impl Store {
 
     /// Adds or replaces a user.
     pub fn put_user(&mut self, u: &StoredUser) -> anyhow::Result<()> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO users VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                u.name,
-                u.password.0,
-                u.password_hash,
-                serde_json::to_string(&u.spec)?,
-                u.created,
-                u.updated
-            ],
-        )?;
-        Ok(())
+        put_user(&self.conn, u)
     }
 
     /// Makes the stored users exactly `users` (the fleet's, cached here), in one transaction.
@@ -273,17 +262,7 @@ impl Store {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM users", [])?;
         for u in users {
-            tx.execute(
-                "INSERT INTO users VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    u.name,
-                    u.password.0,
-                    u.password_hash,
-                    serde_json::to_string(&u.spec)?,
-                    u.created,
-                    u.updated
-                ],
-            )?;
+            put_user(&tx, u)?;
         }
         tx.commit()?;
         Ok(())
@@ -356,6 +335,21 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+}
+
+fn put_user(conn: &Connection, u: &StoredUser) -> anyhow::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO users VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            u.name,
+            u.password.0,
+            u.password_hash,
+            serde_json::to_string(&u.spec)?,
+            u.created,
+            u.updated
+        ],
+    )?;
+    Ok(())
 }
 
 /// The store's writer thread: rows sent to it are written in order; a flush waits until what

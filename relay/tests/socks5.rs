@@ -1646,19 +1646,7 @@ fn a_quota_stops_connect_and_udp_within_its_bound() {
     let mut control = echoes(&s, n, size).expect("echoes within the quota");
     let udp_bytes = (n * (2 * size + 10)) as u64;
     // Then the firehose through CONNECT until the relay stops it.
-    let (_written, _end, _server) = firehose(&s);
-    let (mut c, reply) = raw_request(&s.t.client, connect_request([198, 18, 2, 2], 7002));
-    assert_eq!(reply.get(..2), Some(&[5, 0][..]), "{reply:?}");
-    c.write_all(b"g").unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut read = 0u64;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        match c.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => read += k as u64,
-        }
-    }
+    let read = download_until_closed(&s, "alice", PASSWORD);
     let carried = udp_bytes + 1 + read;
     assert!(
         (QUOTA - 1_000_000..=QUOTA + 1_000_000).contains(&carried),
@@ -1988,20 +1976,19 @@ fn metrics_pass_promtool_and_count_what_was_sent() {
         Some(Some(1))
     );
     assert_eq!(raw_login(&s.t.client, "mallory", "x").err(), Some(Some(1)));
-    let scrape = || {
+    let try_scrape = || {
         let out =
             s.t.relay
                 .command("curl")
                 .args(["-sS", "--max-time", "5", "http://127.0.0.1:9100/metrics"])
                 .output()
                 .expect("curl");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        match out.status.success() {
+            true => Ok(String::from_utf8(out.stdout).unwrap()),
+            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        }
     };
+    let scrape = || try_scrape().unwrap_or_else(|e| panic!("{e}"));
     let promtool = |text: &str| {
         let mut p = std::process::Command::new("promtool")
             .args(["check", "metrics"])
@@ -2087,16 +2074,9 @@ fn metrics_pass_promtool_and_count_what_was_sent() {
     let after = (0..50)
         .find_map(|_| {
             thread::sleep(Duration::from_millis(100));
-            let out =
-                s.t.relay
-                    .command("curl")
-                    .args(["-sS", "--max-time", "5", "http://127.0.0.1:9100/metrics"])
-                    .output()
-                    .expect("curl");
-            let text = String::from_utf8(out.stdout).unwrap();
-            (out.status.success()
-                && text.contains("relay_controller_starts_total{kind=\"handover\"} 1"))
-            .then_some(text)
+            try_scrape()
+                .ok()
+                .filter(|t| t.contains("relay_controller_starts_total{kind=\"handover\"} 1"))
         })
         .expect("the successor serves metrics on the same address");
     promtool(&after);
@@ -2341,22 +2321,40 @@ fn the_management_api_manages_users_at_once_and_keeps_them() {
     assert!(raw_login(&s.t.client, "bob", &password).is_err());
 }
 
+/// `relay users ARGS` for the relay of `s`: success, stdout, stderr.
+fn users_cmd(s: &Setup, args: &[&str]) -> (bool, String, String) {
+    let state = s.pin.state();
+    let mut all = vec!["users", "--state-dir", state.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = support::relay_cmd(&s.t.relay, &all);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Stops the relay of `s` (SIGTERM: a clean exit), runs `meanwhile`, and starts a new one
+/// with the same arguments.
+fn stop_then_start(s: &mut Setup, meanwhile: impl FnOnce(&Setup)) {
+    let args: Vec<String> = support::config_args(&s.pin, &s.config)
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(s.relay.child.id() as i32, libc::SIGTERM) };
+    assert!(s.relay.child.wait().unwrap().success(), "a clean exit");
+    meanwhile(s);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    s.relay = Relay::start(&s.t.relay, &args);
+}
+
 /// `relay users add|set|link|del` through the running relay's API, and on the store when no
 /// relay runs (the next start serves the user).
 #[test]
 fn relay_users_commands_add_change_and_delete_users() {
     let mut s = setup();
-    let state = s.pin.state();
-    let users = |args: &[&str]| {
-        let mut all = vec!["users", "--state-dir", state.to_str().unwrap()];
-        all.extend_from_slice(args);
-        let out = support::relay_cmd(&s.t.relay, &all);
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let users = |args: &[&str]| users_cmd(&s, args);
     let (ok, out, err) = users(&["add", "carol", "--quota", "1GB", "--rate", "10MB"]);
     assert!(ok, "{err}");
     let password = out
@@ -2397,22 +2395,15 @@ fn relay_users_commands_add_change_and_delete_users() {
     assert!(!ok && err.contains("no user"), "{err}");
 
     // No relay: the store itself; the next start serves the user.
-    let args: Vec<String> = support::config_args(&s.pin, &s.config)
-        .iter()
-        .map(|a| (*a).to_owned())
-        .collect();
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(s.relay.child.id() as i32, libc::SIGTERM) };
-    assert!(s.relay.child.wait().unwrap().success());
-    assert!(
-        !state.join(relay::api::URL_FILE).exists(),
-        "a stopped relay's API is not named"
-    );
-    let (ok, out, err) = users(&["add", "dave", "--password", "dave's secret"]);
-    assert!(ok, "{err}");
-    assert!(out.contains("added"), "{out}");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    s.relay = Relay::start(&s.t.relay, &args);
+    stop_then_start(&mut s, |s| {
+        assert!(
+            !s.pin.state().join(relay::api::URL_FILE).exists(),
+            "a stopped relay's API is not named"
+        );
+        let (ok, out, err) = users_cmd(s, &["add", "dave", "--password", "dave's secret"]);
+        assert!(ok, "{err}");
+        assert!(out.contains("added"), "{out}");
+    });
     let url = format!("socks5h://dave:dave%27s%20secret@{PROXY}");
     assert_eq!(
         fetch_via(&s, &url).as_deref(),
@@ -2689,16 +2680,7 @@ fn a_fleet_shares_users_quotas_and_usage_through_postgresql() {
     }
 
     // A relay that starts while the database is away serves the users it cached, and says so.
-    pg.pause();
-    let args: Vec<String> = support::config_args(&b.pin, &b.config)
-        .iter()
-        .map(|a| (*a).to_owned())
-        .collect();
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(b.relay.child.id() as i32, libc::SIGTERM) };
-    assert!(b.relay.child.wait().unwrap().success());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    b.relay = Relay::start(&b.t.relay, &args);
+    stop_then_start(&mut b, |_| pg.pause());
     b.relay
         .wait_for_log("fleet database unreachable", Duration::from_secs(10));
     raw_login(&b.t.client, "carol", &password).expect("carol, cached, logs in on B");
