@@ -161,6 +161,23 @@ fn object<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
 }
 
+/// The `{name}` of a path; a path that does not decode (bad UTF-8) is a JSON 400.
+pub struct Name(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Name {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match UrlPath::<String>::from_request_parts(parts, state).await {
+            Ok(UrlPath(n)) => Ok(Name(n)),
+            Err(r) => Err(ApiError::new(StatusCode::BAD_REQUEST, r.body_text())),
+        }
+    }
+}
+
 /// A user as the API shows it.
 #[derive(Serialize)]
 pub struct UserOut {
@@ -218,10 +235,21 @@ struct NewPassword {
     password: Option<String>,
 }
 
-/// Serves the API until the listener fails.
-pub async fn serve(listener: tokio::net::TcpListener, api: Arc<Api>) {
+/// Serves the API until `stop` turns true (before a handover: the successor serves the
+/// users from then on) or the listener fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let app = router(Arc::clone(&api));
-    if let Err(e) = axum::serve(listener, app).await {
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stopped)
+        .await
+    {
         warn!("management API stopped: {e}");
     }
 }
@@ -349,10 +377,7 @@ async fn list(State(api): State<Arc<Api>>) -> Result<Json<Vec<UserOut>>, ApiErro
     ))
 }
 
-async fn show(
-    State(api): State<Arc<Api>>,
-    UrlPath(name): UrlPath<String>,
-) -> Result<Json<UserOut>, ApiError> {
+async fn show(State(api): State<Arc<Api>>, Name(name): Name) -> Result<Json<UserOut>, ApiError> {
     Ok(Json(view(socks(&api)?, &name)?))
 }
 
@@ -377,16 +402,9 @@ async fn apply<T: Send + 'static>(
     let s = socks(api)?;
     let _one_at_a_time = s.changing.lock().await;
     if let Some(fleet) = &s.fleet {
+        // The handlers check the user they change; others are as the fleet has them.
         let r = fleet
-            .change_users(&s.server, |users| {
-                let out = change(s, users)?;
-                for u in users.iter() {
-                    u.user().map_err(|e| {
-                        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}"))
-                    })?;
-                }
-                Ok(out)
-            })
+            .change_users(&s.server, |users| change(s, users))
             .await;
         return match r {
             Ok(r) => r,
@@ -396,17 +414,17 @@ async fn apply<T: Send + 'static>(
     let api = Arc::clone(api);
     blocking(move || {
         let s = socks(&api)?;
+        // No reload reads the store and applies it meanwhile.
+        let _users = s.server.users_lock();
         let before = s
             .store
             .change(|st| st.users())
             .map_err(ApiError::internal)?;
         let mut after = before.clone();
         let out = change(s, &mut after)?;
-        let users = after
-            .iter()
-            .map(StoredUser::user)
-            .collect::<anyhow::Result<Vec<_>>>()
-            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+        // The handlers check the user they change; one the store has that this version
+        // cannot take (written by another) is left out, as at a start.
+        let users = crate::store::usable_users(&after);
         // The store first: a change the server took but the store lost would be undone by
         // the next restart.
         let (b, a) = (before.clone(), after.clone());
@@ -537,7 +555,7 @@ pub fn merge_patch(target: &mut Value, patch: Value) {
 
 async fn change(
     State(api): State<Arc<Api>>,
-    UrlPath(name): UrlPath<String>,
+    Name(name): Name,
     Body(patch): Body<Value>,
 ) -> Result<Json<UserOut>, ApiError> {
     let s = socks(&api)?;
@@ -565,10 +583,7 @@ async fn change(
     Ok(Json(view(s, &name)?))
 }
 
-async fn remove(
-    State(api): State<Arc<Api>>,
-    UrlPath(name): UrlPath<String>,
-) -> Result<StatusCode, ApiError> {
+async fn remove(State(api): State<Arc<Api>>, Name(name): Name) -> Result<StatusCode, ApiError> {
     let n = name.clone();
     apply(&api, move |s, users| {
         stored_mut(users, s, &n)?;
@@ -576,15 +591,17 @@ async fn remove(
         Ok(())
     })
     .await?;
-    // Its usage goes with it: a user added again under the name starts from zero.
-    forget_usage(&api, &name).await?;
+    // Its usage goes with it: a user added again under the name starts from zero (a fleet's
+    // database dropped it with the user, in the same transaction).
+    forget_usage(&api, &name, false).await?;
     info!("API: deleted user {name:?}");
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Starts `name`'s usage from zero: in the fleet's database, in the store, in the ledger.
-async fn forget_usage(api: &Arc<Api>, name: &str) -> Result<(), ApiError> {
-    if let Some(f) = &socks(api)?.fleet {
+/// Starts `name`'s usage from zero: in the fleet's database (if `fleet_too`), in the store,
+/// in the ledger.
+async fn forget_usage(api: &Arc<Api>, name: &str, fleet_too: bool) -> Result<(), ApiError> {
+    if let Some(f) = socks(api)?.fleet.as_ref().filter(|_| fleet_too) {
         f.reset_usage(name).await.map_err(unreachable_fleet)?;
     }
     let api = Arc::clone(api);
@@ -603,10 +620,11 @@ async fn forget_usage(api: &Arc<Api>, name: &str) -> Result<(), ApiError> {
 
 async fn password(
     State(api): State<Arc<Api>>,
-    UrlPath(name): UrlPath<String>,
-    body: axum::body::Bytes,
+    Name(name): Name,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Credentials>, ApiError> {
     let s = socks(&api)?;
+    let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
     // The body is optional: none (or empty) generates a password.
     let given = match body.is_empty() {
         true => None,
@@ -639,17 +657,17 @@ async fn password(
 
 async fn reset_usage(
     State(api): State<Arc<Api>>,
-    UrlPath(name): UrlPath<String>,
+    Name(name): Name,
 ) -> Result<Json<UserOut>, ApiError> {
     let s = socks(&api)?;
     view(s, &name)?;
-    forget_usage(&api, &name).await?;
+    forget_usage(&api, &name, true).await?;
     Ok(Json(view(s, &name)?))
 }
 
 async fn links(
     State(api): State<Arc<Api>>,
-    UrlPath(name): UrlPath<String>,
+    Name(name): Name,
 ) -> Result<Json<Credentials>, ApiError> {
     let s = socks(&api)?;
     let store = s.store.clone();

@@ -299,21 +299,25 @@ pub async fn users(c: &impl GenericClient) -> anyhow::Result<Vec<StoredUser>> {
             &[],
         )
         .await?;
-    rows.iter()
-        .map(|r| {
-            let name: String = r.get(0);
-            let settings: String = r.get(3);
-            Ok(StoredUser {
-                spec: serde_json::from_str(&settings)
-                    .with_context(|| format!("fleet user {name:?}: its settings are damaged"))?,
+    let mut out = Vec::new();
+    for r in &rows {
+        let name: String = r.get(0);
+        let settings: String = r.get(3);
+        // A row this version cannot read (written by hand, or by a newer relay) is left out;
+        // the others are served.
+        match serde_json::from_str(&settings) {
+            Ok(spec) => out.push(StoredUser {
+                spec,
                 name,
                 password: Secret(r.get(1)),
                 password_hash: r.get(2),
                 created: r.get(4),
                 updated: r.get(5),
-            })
-        })
-        .collect()
+            }),
+            Err(e) => warn!("fleet user {name:?}: settings not understood ({e}); left out"),
+        }
+    }
+    Ok(out)
 }
 
 /// The relays of the fleet.
@@ -413,16 +417,21 @@ impl Fleet {
         self.store.change(move |st| st.set_fleet_book(&text))
     }
 
-    /// Stops syncing, counts what moved since the last sync and saves the book (before a
-    /// handover or a stop; blocking).
-    pub fn stop(&self, server: &Server) {
-        self.stopped.store(true, Ordering::SeqCst);
+    /// Stops syncing (after the sync under way, if any), counts what moved since the last
+    /// sync and saves the book: before a handover or a stop.
+    pub async fn stop(self: &Arc<Self>, server: &Arc<Server>) {
         {
+            // A sync holds the connection while it runs: none runs after this.
+            let _connection = self.client.lock().await;
+            self.stopped.store(true, Ordering::SeqCst);
             let mut book = self.book();
             server.with_usages(|n, usage| book.collect(n, usage));
         }
-        if let Err(e) = self.save_book() {
-            warn!("fleet: saving the usage not yet pushed: {e:#}");
+        let me = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || me.save_book()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("fleet: saving the usage not yet pushed: {e:#}"),
+            Err(e) => warn!("fleet: saving the usage not yet pushed: {e}"),
         }
     }
 
@@ -484,6 +493,9 @@ impl Fleet {
     /// One sync: register, users, push, totals.
     async fn sync(&self, server: &Arc<Server>, generation: &mut Option<i64>) -> anyhow::Result<()> {
         let mut c = self.client().await?;
+        if self.stopped.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let now = crate::system::unix_now();
         let epoch = self.book().epoch.clone();
         c.execute(
@@ -511,7 +523,11 @@ impl Fleet {
             .get(0);
         if *generation != Some(g) {
             let list = users(&*c).await?;
-            self.take_users(server, list).await?;
+            // Users that cannot be taken here (more names than this process has slots for)
+            // do not stop the usage from going up.
+            if let Err(e) = self.take_users(server, list).await {
+                warn!("fleet: the users of generation {g} not applied: {e:#}");
+            }
             *generation = Some(g);
         }
         let batch = {
@@ -523,10 +539,18 @@ impl Fleet {
             push(&mut c, &self.cfg.name, &b).await?;
             self.book().pushed(b.seq);
         }
+        // Only the current periods of the users this relay serves.
+        let (mut names, mut periods) = (Vec::new(), Vec::new());
+        server.with_usages(|n, usage| {
+            names.push(n.to_owned());
+            periods.push(usage.period_start);
+        });
         let rows = c
             .query(
-                "SELECT name, period_start, bytes_up, bytes_down FROM relay_usage",
-                &[],
+                "SELECT u.name, u.period_start, u.bytes_up, u.bytes_down FROM relay_usage u
+                 JOIN unnest($1::text[], $2::bigint[]) AS w(name, period_start)
+                 ON u.name = w.name AND u.period_start = w.period_start",
+                &[&names, &periods],
             )
             .await?;
         let totals: HashMap<(String, i64), [u64; 2]> = rows
@@ -549,19 +573,12 @@ impl Fleet {
     /// The fleet's users become this relay's (cached in the store for a start without the
     /// database).
     async fn take_users(&self, server: &Arc<Server>, list: Vec<StoredUser>) -> anyhow::Result<()> {
-        let users = list
-            .iter()
-            .filter_map(|u| match u.user() {
-                Ok(user) => Some(user),
-                Err(e) => {
-                    warn!("fleet: {e:#}; left out");
-                    None
-                }
-            })
-            .collect::<Vec<_>>();
+        let users = crate::store::usable_users(&list);
         let store = self.store.clone();
         let server = Arc::clone(server);
         tokio::task::spawn_blocking(move || {
+            // The cache and the server change together, with no reload in between.
+            let _users = server.users_lock();
             store.change(move |st| st.replace_users(&list))?;
             server.set_stored_users(users)
         })
@@ -572,6 +589,16 @@ impl Fleet {
     /// Changes the fleet's users in one transaction (serialised with every other relay's
     /// changes), then applies them here at once. The database must be reachable.
     pub async fn change_users<T, E>(
+        &self,
+        server: &Arc<Server>,
+        change: impl FnOnce(&mut Vec<StoredUser>) -> Result<T, E>,
+    ) -> anyhow::Result<Result<T, E>> {
+        tokio::time::timeout(TIMEOUT, self.change_users_now(server, change))
+            .await
+            .context("timed out")?
+    }
+
+    async fn change_users_now<T, E>(
         &self,
         server: &Arc<Server>,
         change: impl FnOnce(&mut Vec<StoredUser>) -> Result<T, E>,
@@ -592,6 +619,7 @@ impl Fleet {
                     .await?;
                 tx.execute("DELETE FROM relay_usage WHERE name = $1", &[&b.name])
                     .await?;
+                self.book().forget(&b.name);
             }
         }
         for a in &after {
@@ -621,17 +649,25 @@ impl Fleet {
 
     /// Forgets a user's usage fleet-wide (reset or deleted).
     pub async fn reset_usage(&self, name: &str) -> anyhow::Result<()> {
-        let c = self.client().await?;
-        c.execute("DELETE FROM relay_usage WHERE name = $1", &[&name])
-            .await?;
-        self.book().forget(name);
-        Ok(())
+        tokio::time::timeout(TIMEOUT, async {
+            let c = self.client().await?;
+            c.execute("DELETE FROM relay_usage WHERE name = $1", &[&name])
+                .await?;
+            self.book().forget(name);
+            anyhow::Ok(())
+        })
+        .await
+        .context("timed out")?
     }
 
     /// The fleet's relays.
     pub async fn nodes(&self) -> anyhow::Result<Vec<Node>> {
-        let c = self.client().await?;
-        nodes(&*c, crate::system::unix_now()).await
+        tokio::time::timeout(TIMEOUT, async {
+            let c = self.client().await?;
+            nodes(&*c, crate::system::unix_now()).await
+        })
+        .await
+        .context("timed out")?
     }
 
     /// Bytes waiting for the database.

@@ -276,10 +276,7 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
         }
         // The users added with `relay users add` or the management API.
         let stored = relay::store::Store::open(&state)?.users()?;
-        let stored = stored
-            .iter()
-            .map(relay::store::StoredUser::user)
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let stored = relay::store::usable_users(&stored);
         for name in relay::socks5::users::merge(&mut s.users, stored) {
             warn!("SOCKS5: user {name:?} is in the file and in the store; the file's is used");
         }
@@ -944,14 +941,21 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
             }
         });
     }
+    let (api_stop, api_stopped) = tokio::sync::watch::channel(false);
     if let Some((listener, addr, api)) = api {
+        if !addr.ip().is_loopback() {
+            warn!(
+                "management API on {addr}, not a loopback address: it speaks plain HTTP and holds \
+                 idle connections; put TLS and a firewall in front of it"
+            );
+        }
         tokio::spawn(async move {
             if let Some(l) = listener.await {
                 info!(
                     "management API on http://{addr}/v1/ (token in {})",
                     relay::api::TOKEN_FILE
                 );
-                relay::api::serve(l, api).await;
+                relay::api::serve(l, api, api_stopped).await;
             }
         });
     }
@@ -1016,8 +1020,10 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
                         info!("relay {version} is taking over: handing everything over");
                         // The successor accepts on the control socket from now on.
                         control_task.abort();
+                        // The successor serves the users from now on.
+                        api_stop.send_replace(true);
                         if let (Some(f), Some(s)) = (&fleet, &socks5) {
-                            tokio::task::block_in_place(|| f.stop(s));
+                            f.stop(s).await;
                         }
                         hand_over(peer, &forward, socks5.as_deref(), nexthops.as_deref(), &_lock, control_fd, &port_ranges).await;
                         break Exit::HandedOver;
@@ -1041,7 +1047,7 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
         // `relay users` goes to the store directly from now on.
         let _ = std::fs::remove_file(relay::api::url_file(&state));
         if let (Some(f), Some(s)) = (&fleet, &socks5) {
-            tokio::task::block_in_place(|| f.stop(s));
+            f.stop(s).await;
         }
         if let Some(s) = &socks5 {
             tokio::task::block_in_place(|| s.save_now(std::time::Duration::from_secs(2)));
@@ -1092,6 +1098,8 @@ fn reload_all(
     forward: &Forward,
     socks5: Option<&relay::socks5::server::Server>,
 ) -> Result<(), String> {
+    // The store's users are read and applied while no change of users runs.
+    let _users = socks5.map(|s| s.users_lock());
     let c = match reread() {
         Ok(c) => c,
         Err(e) => {

@@ -112,6 +112,21 @@ impl StoredUser {
     }
 }
 
+/// The users `stored` makes; one that cannot be taken (settings this version does not accept)
+/// is left out with a warning rather than stopping the others.
+pub fn usable_users(stored: &[StoredUser]) -> Vec<crate::socks5::users::User> {
+    stored
+        .iter()
+        .filter_map(|u| match u.user() {
+            Ok(user) => Some(user),
+            Err(e) => {
+                log::warn!("{e:#}; left out");
+                None
+            }
+        })
+        .collect()
+}
+
 /// SQLite integers are signed 64-bit: counters are stored as their bit pattern.
 fn s(v: u64) -> i64 {
     v as i64

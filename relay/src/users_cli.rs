@@ -141,7 +141,7 @@ pub fn run(dir: &Path, action: Action, json: bool) -> anyhow::Result<()> {
         })
         .transpose()?;
     let out = match running {
-        Some(r) => match via_api(&r, &action) {
+        Some(r) => match with_retries(&r, &action) {
             Err(Fallback::NotRunning(e)) => {
                 eprintln!(
                     "relay: no relay answers at {} ({e}): changing the store in {} directly; a \
@@ -157,6 +157,20 @@ pub fn run(dir: &Path, action: Action, json: bool) -> anyhow::Result<()> {
         None => direct(dir, &action)?,
     };
     print(&action, &out, at, json)
+}
+
+/// [`via_api`], tried again for a few seconds while nothing answers: the relay wrote its
+/// address, so it runs, or is handing over to a successor that binds it in a moment.
+fn with_retries(r: &Running, action: &Action) -> Result<Value, Fallback> {
+    let start = std::time::Instant::now();
+    loop {
+        match via_api(r, action) {
+            Err(Fallback::NotRunning(_)) if start.elapsed() < std::time::Duration::from_secs(3) => {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
 }
 
 enum Fallback {
@@ -190,7 +204,15 @@ fn call(r: &Running, method: &str, path: &str, body: Option<Value>) -> Result<Va
                 .unwrap_or_else(|| format!("HTTP {code}"));
             Err(Fallback::Failed(anyhow::anyhow!("{msg}")))
         }
-        Err(e) => Err(Fallback::NotRunning(e.to_string())),
+        // Nothing listens there: no relay runs (or not with its API).
+        Err(e) if e.kind() == ureq::ErrorKind::ConnectionFailed => {
+            Err(Fallback::NotRunning(e.to_string()))
+        }
+        // Anything else (a timeout after the request went out) may have changed the users:
+        // never also change the store.
+        Err(e) => Err(Fallback::Failed(anyhow::anyhow!(
+            "{e}; the relay may or may not have made the change: `relay users` shows"
+        ))),
     }
 }
 

@@ -2274,6 +2274,10 @@ fn the_management_api_manages_users_at_once_and_keeps_them() {
         assert_eq!(code, want, "{body}: {answer}");
         assert!(answer["error"].is_string(), "{answer}");
     }
+    // A name that does not decode is refused in JSON too.
+    let (code, answer) = api(ns, "GET", "/v1/users/%FF", t, None);
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer["error"].is_string(), "{answer}");
     // The file's user is shown but changes only in the file.
     let (code, alice) = api(ns, "GET", "/v1/users/alice", t, None);
     assert_eq!(
@@ -2544,6 +2548,37 @@ fn a_fleet_shares_users_quotas_and_usage_through_postgresql() {
         "B ends carol's connection"
     );
     patch(true);
+    // Straight in the database: a row no relay can read is left out (with a warning), and a
+    // change made there reaches both relays (a disabled carol), then the API's again.
+    pg.psql(
+        "relay",
+        "INSERT INTO relay_users VALUES ('mallory', 'x', 'y', 'not json', 0, 0)",
+    );
+    let mut live = live_connect(&a, "carol", &password);
+    pg.psql(
+        "relay",
+        "UPDATE relay_users SET settings = '{\"enabled\": false}' WHERE name = 'carol'",
+    );
+    assert!(
+        closed_within(&mut live, Duration::from_secs(3)),
+        "A ends carol's connection"
+    );
+    for s in [&a, &b] {
+        let (_c, reply) = raw_request_as(&s.t.client, "carol", &password);
+        assert_eq!(
+            reply.get(1),
+            Some(&2),
+            "carol is disabled everywhere: {reply:?}"
+        );
+    }
+    let (code, v) = api(
+        &a.t.relay,
+        "PATCH",
+        "/v1/users/carol",
+        ta,
+        Some(serde_json::json!({ "quota": 20_000_000u64, "rate": 2_000_000u64, "enabled": true })),
+    );
+    assert_eq!(code, 200, "{v}");
     thread::sleep(Duration::from_secs(2));
 
     // The fleet quota, consumed through both at once at 2 MB/s each.

@@ -460,6 +460,10 @@ pub struct Server {
     /// Held while usage rows are made and sent to the writer, and while a user's usage is
     /// forgotten: a row made before cannot be written after.
     save_lock: Mutex<()>,
+    /// Held by whoever reads the users' sources (the file, the store, the fleet) and applies
+    /// them: a reload and a change of users, one at a time, so that neither applies a list
+    /// older than the other's.
+    users_lock: Mutex<()>,
 }
 
 /// A configured user as the management API shows it.
@@ -631,6 +635,7 @@ impl Server {
             store,
             saved,
             save_lock: Mutex::new(()),
+            users_lock: Mutex::new(()),
         });
         let cfg = server.cfg.clone();
         // The first tick waits for `adopt`: a handed-over association's flows count toward
@@ -847,6 +852,11 @@ impl Server {
                 f(&a.name, &mut l.usage);
             }
         }
+    }
+
+    /// Serialises reading the users' sources and applying them (see `users_lock`).
+    pub fn users_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.users_lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The users of the store take effect now: the file's users as last loaded, with
