@@ -235,22 +235,52 @@ struct NewPassword {
     password: Option<String>,
 }
 
+/// Connections the API holds at once; one more is closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A client has this long to send a request's headers, also while a connection is idle
+/// between requests: a connection that says nothing does not hold a slot.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves the API until `stop` turns true (before a handover: the successor serves the
-/// users from then on) or the listener fails.
+/// users from then on). HTTP/1 through hyper with a header deadline and a cap on connections
+/// (axum's own `serve` has neither).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     api: Arc<Api>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let app = router(Arc::clone(&api));
-    let stopped = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stopped)
-        .await
-    {
-        warn!("management API stopped: {e}");
+    let app = router(api);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!("management API: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = async {
+                // The guard `wait_for` returns is not kept (it may not cross threads).
+                let _ = stop.wait_for(|s| *s).await.map(|_| ());
+            } => return,
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            log::debug!("management API: {MAX_CONNECTIONS} connections open; one more closed");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                log::debug!("management API connection: {e}");
+            }
+        });
     }
 }
 

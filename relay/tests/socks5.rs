@@ -2727,3 +2727,36 @@ fn raw_request_as(ns: &Netns, user: &str, password: &str) -> (TcpStream, Vec<u8>
     let reply = send_request(&mut c, &connect_request([198, 18, 2, 2], 8080));
     (c, reply)
 }
+
+/// The API holds at most `MAX_CONNECTIONS` connections (one more is closed at once), and one
+/// that sends no request within `HEADER_TIMEOUT` is closed: connections that say nothing
+/// cannot keep the API from its operator.
+#[test]
+fn the_management_api_bounds_connections_that_say_nothing() {
+    use relay::api::{HEADER_TIMEOUT, MAX_CONNECTIONS};
+    let s = setup();
+    let token = api_token(&s);
+    let (at_once, later) = s.t.relay.run(|| {
+        let mut idle: Vec<TcpStream> = (0..MAX_CONNECTIONS + 4)
+            .map(|_| TcpStream::connect("127.0.0.1:1090").expect("connect"))
+            .collect();
+        let at_once = idle[MAX_CONNECTIONS..]
+            .iter_mut()
+            .map(|c| closed_within(c, Duration::from_secs(1)))
+            .filter(|closed| *closed)
+            .count();
+        let later = idle[..MAX_CONNECTIONS]
+            .iter_mut()
+            .map(|c| closed_within(c, HEADER_TIMEOUT + Duration::from_secs(2)))
+            .filter(|closed| *closed)
+            .count();
+        (at_once, later)
+    });
+    assert_eq!(at_once, 4, "connections over the cap are closed at once");
+    assert_eq!(
+        later, MAX_CONNECTIONS,
+        "silent connections are closed at the deadline"
+    );
+    let (code, answer) = api(&s.t.relay, "GET", "/v1/status", Some(&token), None);
+    assert_eq!(code, 200, "{answer}");
+}
