@@ -378,6 +378,8 @@ pub struct Fleet {
     book: Mutex<Book>,
     /// Set before handing over or stopping: no more syncs (the book is saved for the next).
     stopped: AtomicBool,
+    /// Whether the last sync succeeded.
+    up: AtomicBool,
     store: Writer,
     started: i64,
 }
@@ -402,6 +404,7 @@ impl Fleet {
             client: tokio::sync::Mutex::new(None),
             book: Mutex::new(book),
             stopped: AtomicBool::new(false),
+            up: AtomicBool::new(false),
             store,
             started: crate::system::unix_now(),
         }))
@@ -452,6 +455,7 @@ impl Fleet {
                     Ok(Err(e)) => Some(format!("{e:#}")),
                     Err(_) => Some("timed out".to_owned()),
                 };
+            self.up.store(error.is_none(), Ordering::Relaxed);
             match error {
                 None if failing => {
                     failing = false;
@@ -459,6 +463,11 @@ impl Fleet {
                 }
                 None => {}
                 Some(e) => {
+                    // Counted here meanwhile: what waits for the database (and its metric).
+                    {
+                        let mut book = self.book();
+                        server.with_usages(|n, usage| book.collect(n, usage));
+                    }
                     *self.client.lock().await = None;
                     if !failing {
                         failing = true;
@@ -668,6 +677,11 @@ impl Fleet {
         })
         .await
         .context("timed out")?
+    }
+
+    /// Whether the last sync with the database succeeded.
+    pub fn database_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
     }
 
     /// Bytes waiting for the database.

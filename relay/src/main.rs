@@ -932,6 +932,7 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
             pin_dir: dir.clone(),
             state_dir: socks5.as_ref().map(|_| state.clone()),
             refusals: socks5.as_ref().map(|(s, ..)| Arc::clone(&s.refusals)),
+            fleet: socks5.as_ref().and_then(|(.., f)| f.clone()),
         };
         let addr = metrics.context("metrics")?;
         tokio::spawn(async move {

@@ -19,6 +19,8 @@ pub struct Sources {
     pub state_dir: Option<PathBuf>,
     /// The SOCKS5 server's handshake refusals (kept in the process, not pinned).
     pub refusals: Option<Arc<Refusals>>,
+    /// The fleet membership, with `[fleet]`.
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 /// Registers `c` (names and labels are this module's constants: a failure is a bug, reported
@@ -288,6 +290,23 @@ pub fn render(src: &Sources) -> anyhow::Result<String> {
             let reason = why.name().replace([' ', '-'], "_");
             hs.set(&[&reason], refusals.get(why));
         }
+    }
+
+    if let Some(f) = &src.fleet {
+        Gauges::new(
+            &r,
+            "fleet_database_up",
+            "1 if the last sync with the fleet's database succeeded, else 0",
+            &[],
+        )?
+        .set(&[], u64::from(f.database_up()));
+        Gauges::new(
+            &r,
+            "fleet_backlog_bytes",
+            "Usage counted here and not yet in the fleet's database",
+            &[],
+        )?
+        .set(&[], f.backlog());
     }
 
     if let Some(c) = stats::controller(&src.pin_dir) {

@@ -2503,7 +2503,13 @@ fn a_fleet_shares_users_quotas_and_usage_through_postgresql() {
     let mut pg = support::Postgres::start();
     let fleet = |name: &str| format!("[fleet]\ndatabase = \"{}\"\nname = \"{name}\"\n", pg.conn());
     let socks = "udp_idle_timeout = \"30s\"\n";
-    let a = setup_full(socks, "", &fleet("a"), &[], &[]);
+    let a = setup_full(
+        socks,
+        "",
+        &fleet("a"),
+        &[],
+        &["--metrics", "127.0.0.1:9100"],
+    );
     let mut b = setup_full(socks, "", &fleet("b"), &[], &[]);
     let (ta, tb) = (api_token(&a), api_token(&b));
     let (ta, tb) = (Some(ta.as_str()), Some(tb.as_str()));
@@ -2646,6 +2652,26 @@ fn a_fleet_shares_users_quotas_and_usage_through_postgresql() {
         rounds += 1;
         thread::sleep(Duration::from_secs(2));
     }
+    // The operator sees it: the database down, usage waiting.
+    let scrape_a = || {
+        let out =
+            a.t.relay
+                .command("curl")
+                .args(["-sS", "--max-time", "5", "http://127.0.0.1:9100/metrics"])
+                .output()
+                .expect("curl");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = scrape_a();
+    assert_eq!(
+        sample(&text, "relay_fleet_database_up"),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "relay_fleet_backlog_bytes").is_some_and(|v| v > 0.0),
+        "{text}"
+    );
     pg.resume();
     // Pushed within a few syncs of the database's return, each byte once.
     let alice_in_db = |want: [u64; 2]| {
@@ -2674,6 +2700,20 @@ fn a_fleet_shares_users_quotas_and_usage_through_postgresql() {
     };
     let mut want = [2 * rounds * n * size, 2 * rounds * n * (size + 10)];
     alice_in_db(want);
+    let caught_up = (0..30).any(|_| {
+        let text = scrape_a();
+        let done = sample(&text, "relay_fleet_database_up") == Some(1.0)
+            && sample(&text, "relay_fleet_backlog_bytes") == Some(0.0);
+        if !done {
+            thread::sleep(Duration::from_millis(100));
+        }
+        done
+    });
+    assert!(
+        caught_up,
+        "the database up again and nothing waiting:\n{}",
+        scrape_a()
+    );
     // A handover of A while an association carries: still each byte once.
     let control = echoes(&a, n as usize, size as usize).unwrap();
     let (status, out, _successor) = support::relay_restart(&a.t.relay, &a.pin);
