@@ -8,7 +8,6 @@
 
 use std::{
     net::SocketAddr,
-    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -31,7 +30,7 @@ use crate::{
     config::Spec,
     socks5::{
         server::{Server, UserView},
-        users::{Origin, Secret},
+        users::Origin,
     },
     store::{StoredUser, Writer},
 };
@@ -58,30 +57,9 @@ pub fn token(state: &Path) -> anyhow::Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    crate::system::private_dir(state)?;
-    let t: String = crate::socks5::users::random::<32>()?
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    write_private(&path, &t)?;
+    let t = crate::socks5::users::random_hex::<32>()?;
+    crate::system::write_private(&path, &t)?;
     Ok(t)
-}
-
-/// Writes `text` to a new file readable by root only (replacing what was there).
-pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("new");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A reload request to the main loop, answered with what happened.
@@ -191,12 +169,11 @@ pub struct UserOut {
 
 impl UserOut {
     fn new(v: UserView, now: i64) -> UserOut {
-        let mut usage = crate::stats::UsersReport::new(std::slice::from_ref(&v.row), now);
         UserOut {
             name: v.row.user.clone(),
             origin: v.origin,
             settings: v.spec,
-            usage: usage.users.remove(0),
+            usage: crate::stats::UserUsage::of(&v.row, now),
             clients: v.clients.iter().map(ToString::to_string).collect(),
         }
     }
@@ -330,6 +307,10 @@ async fn authorize(State(api): State<Arc<Api>>, req: Request, next: Next) -> Res
     }
 }
 
+fn unprocessable(e: anyhow::Error) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}"))
+}
+
 fn unreachable_fleet(e: anyhow::Error) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -411,18 +392,6 @@ async fn show(State(api): State<Arc<Api>>, Name(name): Name) -> Result<Json<User
     Ok(Json(view(socks(&api)?, &name)?))
 }
 
-/// A password to keep: given (checked) or generated.
-fn new_password(given: Option<String>) -> Result<String, ApiError> {
-    match given {
-        Some(p) if p.is_empty() || p.len() > crate::config::MAX_NAME => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "a password is 1 to 255 bytes",
-        )),
-        Some(p) => Ok(p),
-        None => crate::quickstart::password(20).map_err(ApiError::internal),
-    }
-}
-
 /// The store's users (as they are in the store now) with `change` made, kept in the store and
 /// applied to the server; on a refusal neither changes.
 async fn apply<T: Send + 'static>(
@@ -457,36 +426,16 @@ async fn apply<T: Send + 'static>(
         let users = crate::store::usable_users(&after);
         // The store first: a change the server took but the store lost would be undone by
         // the next restart.
-        let (b, a) = (before.clone(), after.clone());
         s.store
-            .change(move |st| sync_users(st, &b, &a))
+            .change(move |st| st.replace_users(&after))
             .map_err(ApiError::internal)?;
         if let Err(e) = s.server.set_stored_users(users) {
-            let _ = s.store.change(move |st| sync_users(st, &after, &before));
+            let _ = s.store.change(move |st| st.replace_users(&before));
             return Err(ApiError::new(StatusCode::CONFLICT, format!("{e:#}")));
         }
         Ok(out)
     })
     .await
-}
-
-/// Writes the difference between two lists of stored users.
-fn sync_users(
-    st: &mut crate::store::Store,
-    before: &[StoredUser],
-    after: &[StoredUser],
-) -> anyhow::Result<()> {
-    for b in before {
-        if !after.iter().any(|a| a.name == b.name) {
-            st.delete_user(&b.name)?;
-        }
-    }
-    for a in after {
-        if !before.contains(a) {
-            st.put_user(a)?;
-        }
-    }
-    Ok(())
 }
 
 fn credentials(s: &Socks, name: &str, password: String) -> Result<Credentials, ApiError> {
@@ -506,30 +455,12 @@ async fn add(
         Some(v) => object(v)?,
         None => Spec::default(),
     };
-    let password = new_password(new.password)?;
-    let name = new.name;
-    // Checked before the (slow) hash.
-    spec.user(&name, "")
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
-    let hash = {
-        let p = password.clone();
-        blocking(move || {
-            crate::socks5::users::hash_password(p.as_bytes()).map_err(ApiError::internal)
-        })
-        .await?
-    };
-    let (_, spec) = spec
-        .user(&name, &hash)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+    let (name, given) = (new.name.clone(), new.password);
     let now = crate::system::unix_now();
-    let user = StoredUser {
-        name: name.clone(),
-        password: Secret(password.clone()),
-        password_hash: hash,
-        spec,
-        created: now,
-        updated: now,
-    };
+    let user =
+        blocking(move || StoredUser::create(&new.name, given, spec, now).map_err(unprocessable))
+            .await?;
+    let password = user.password.0.clone();
     apply(&api, move |s, users| {
         let exists = users.iter().any(|u| u.name == user.name)
             || s.server
@@ -567,46 +498,17 @@ fn stored_mut<'a>(
     }
 }
 
-/// RFC 7386 JSON merge patch: `patch`'s members replace `target`'s; `null` removes.
-pub fn merge_patch(target: &mut Value, patch: Value) {
-    match (target, patch) {
-        (Value::Object(t), Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(&k);
-                } else {
-                    merge_patch(t.entry(k).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p,
-    }
-}
-
 async fn change(
     State(api): State<Arc<Api>>,
     Name(name): Name,
-    Body(patch): Body<Value>,
+    Body(patch): Body<serde_json::Map<String, Value>>,
 ) -> Result<Json<UserOut>, ApiError> {
     let s = socks(&api)?;
-    if !patch.is_object() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "the body is a JSON object of settings to change (null removes one)",
-        ));
-    }
     let n = name.clone();
     apply(&api, move |s, users| {
         let u = stored_mut(users, s, &n)?;
-        let mut spec = serde_json::to_value(&u.spec).map_err(|e| ApiError::internal(e.into()))?;
-        merge_patch(&mut spec, patch);
-        let spec: Spec = object(spec)?;
-        let (_, spec) = spec
-            .user(&u.name, &u.password_hash)
-            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
-        u.spec = spec;
-        u.updated = crate::system::unix_now();
-        Ok(())
+        u.patch(patch, crate::system::unix_now())
+            .map_err(unprocessable)
     })
     .await?;
     info!("API: changed user {name:?}");
@@ -664,18 +566,12 @@ async fn password(
             object::<NewPassword>(v)?.password
         }
     };
-    let password = new_password(given)?;
-    let hash = {
-        let p = password.clone();
-        blocking(move || {
-            crate::socks5::users::hash_password(p.as_bytes()).map_err(ApiError::internal)
-        })
-        .await?
-    };
-    let (n, p) = (name.clone(), password.clone());
+    let (secret, hash) =
+        blocking(move || crate::store::hashed_password(given).map_err(unprocessable)).await?;
+    let (n, password) = (name.clone(), secret.0.clone());
     apply(&api, move |s, users| {
         let u = stored_mut(users, s, &n)?;
-        u.password = Secret(p);
+        u.password = secret;
         u.password_hash = hash;
         u.updated = crate::system::unix_now();
         Ok(())
@@ -740,13 +636,6 @@ pub fn url_file(state: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn merge_patch_replaces_and_removes() {
-        let mut v = json!({"quota": 5, "rate": 7, "enabled": true});
-        merge_patch(&mut v, json!({"quota": null, "rate": 9, "max_devices": 2}));
-        assert_eq!(v, json!({"rate": 9, "enabled": true, "max_devices": 2}));
-    }
 
     #[test]
     fn the_token_is_made_once_and_private() {

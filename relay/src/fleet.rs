@@ -90,13 +90,8 @@ const MIGRATIONS: &[&str] = &["
     );
 "];
 
-/// Counters are stored as their bit pattern (PostgreSQL has no unsigned 64-bit integer).
-fn s(v: u64) -> i64 {
-    v as i64
-}
-fn u(v: i64) -> u64 {
-    v as u64
-}
+// Counters are stored as their bit pattern (PostgreSQL has no unsigned 64-bit integer either).
+use crate::store::{s, u};
 
 /// One push: usage counted here, by user and period.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -390,13 +385,7 @@ impl Fleet {
         let book = store.change(|st| st.fleet_book())?;
         let book = match book {
             Some(text) => serde_json::from_str(&text).context("the store's fleet book")?,
-            None => {
-                let epoch: String = crate::socks5::users::random::<16>()?
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                Book::new(epoch)
-            }
+            None => Book::new(crate::socks5::users::random_hex::<16>()?),
         };
         Ok(Arc::new(Fleet {
             cfg,

@@ -277,9 +277,7 @@ fn config(args: &RunArgs) -> anyhow::Result<Config> {
         // The users added with `relay users add` or the management API.
         let stored = relay::store::Store::open(&state)?.users()?;
         let stored = relay::store::usable_users(&stored);
-        for name in relay::socks5::users::merge(&mut s.users, stored) {
-            warn!("SOCKS5: user {name:?} is in the file and in the store; the file's is used");
-        }
+        relay::socks5::users::merge(&mut s.users, stored);
     }
     config.apply_flags(&relay::config::Flags {
         session_capacity: args.session_capacity,
@@ -903,7 +901,7 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
                     "url": format!("http://{addr}"),
                     "socks5": socks.as_ref().map(|s| s.at.to_string()),
                 });
-                relay::api::write_private(
+                system::write_private(
                     &relay::api::url_file(&state),
                     &serde_json::to_string_pretty(&about)?,
                 )?;

@@ -4,9 +4,7 @@
 //! links, a curl line, and the link as a QR code.
 
 use std::{
-    io::Write as _,
     net::{IpAddr, SocketAddr},
-    os::unix::fs::OpenOptionsExt as _,
     path::Path,
 };
 
@@ -64,16 +62,7 @@ pub fn credentials(state: &Path) -> anyhow::Result<(Credentials, bool)> {
         password_hash: crate::socks5::users::hash_password(password.as_bytes())?,
         password,
     };
-    crate::system::private_dir(state)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(serde_json::to_string_pretty(&c)?.as_bytes())
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
+    crate::system::write_private(&path, &serde_json::to_string_pretty(&c)?)?;
     Ok((c, true))
 }
 

@@ -688,6 +688,39 @@ pub struct UserUsage {
     pub running: bool,
 }
 
+impl UserUsage {
+    /// A user's row of the store as `relay users` and the API show it, at `now` (live figures
+    /// count only when the row was written in the last few seconds).
+    pub fn of(r: &crate::store::Row, now: i64) -> UserUsage {
+        use crate::limits::format_time;
+        let running = now.saturating_sub(r.updated) <= 5;
+        let live = |v: u64| if running { v } else { 0 };
+        UserUsage {
+            name: r.user.clone(),
+            used_to_destination: r.usage.bytes[0],
+            used_to_client: r.usage.bytes[1],
+            used: r.usage.total(),
+            quota: r.quota,
+            quota_left: r.quota.map(|q| q.saturating_sub(r.usage.total())),
+            period: r.period.clone(),
+            period_start: (r.usage.period_start != 0).then(|| format_time(r.usage.period_start)),
+            expires: r.expires.map(format_time),
+            rate: r.rate,
+            max_devices: r.max_devices,
+            state: match (&r.blocked, r.enabled) {
+                (Some(b), _) => b.clone(),
+                (None, false) => "disabled".into(),
+                (None, true) => "ok".into(),
+            },
+            connections: live(r.connections),
+            associations: live(r.associations),
+            devices: live(r.devices),
+            updated: format_time(r.updated),
+            running,
+        }
+    }
+}
+
 /// `relay users`.
 #[derive(Clone, Debug, Serialize)]
 pub struct UsersReport {
@@ -695,42 +728,6 @@ pub struct UsersReport {
 }
 
 impl UsersReport {
-    pub fn new(rows: &[crate::store::Row], now: i64) -> UsersReport {
-        use crate::limits::format_time;
-        let users = rows
-            .iter()
-            .map(|r| {
-                let running = now.saturating_sub(r.updated) <= 5;
-                let live = |v: u64| if running { v } else { 0 };
-                UserUsage {
-                    name: r.user.clone(),
-                    used_to_destination: r.usage.bytes[0],
-                    used_to_client: r.usage.bytes[1],
-                    used: r.usage.total(),
-                    quota: r.quota,
-                    quota_left: r.quota.map(|q| q.saturating_sub(r.usage.total())),
-                    period: r.period.clone(),
-                    period_start: (r.usage.period_start != 0)
-                        .then(|| format_time(r.usage.period_start)),
-                    expires: r.expires.map(format_time),
-                    rate: r.rate,
-                    max_devices: r.max_devices,
-                    state: match (&r.blocked, r.enabled) {
-                        (Some(b), _) => b.clone(),
-                        (None, false) => "disabled".into(),
-                        (None, true) => "ok".into(),
-                    },
-                    connections: live(r.connections),
-                    associations: live(r.associations),
-                    devices: live(r.devices),
-                    updated: format_time(r.updated),
-                    running,
-                }
-            })
-            .collect();
-        UsersReport { users }
-    }
-
     pub fn table(&self) -> String {
         use std::fmt::Write as _;
         let mb = megabytes;

@@ -101,6 +101,44 @@ pub struct StoredUser {
 }
 
 impl StoredUser {
+    /// A new user with `settings` (checked as the file's users are) and `password` (given, or
+    /// generated): Argon2 hashing makes it slow, so call it off the async threads.
+    pub fn create(
+        name: &str,
+        password: Option<String>,
+        settings: crate::config::Spec,
+        now: i64,
+    ) -> anyhow::Result<StoredUser> {
+        // Checked before the slow hash.
+        settings.user(name, "")?;
+        let (password, password_hash) = hashed_password(password)?;
+        let (_, spec) = settings.user(name, &password_hash)?;
+        Ok(StoredUser {
+            name: name.to_owned(),
+            password,
+            password_hash,
+            spec,
+            created: now,
+            updated: now,
+        })
+    }
+
+    /// Its settings changed by `patch`, a JSON merge patch (RFC 7386: a member replaces the
+    /// setting, `null` removes it), checked.
+    pub fn patch(
+        &mut self,
+        patch: serde_json::Map<String, serde_json::Value>,
+        now: i64,
+    ) -> anyhow::Result<()> {
+        let mut spec = serde_json::to_value(&self.spec)?;
+        merge_patch(&mut spec, serde_json::Value::Object(patch));
+        let spec: crate::config::Spec = serde_json::from_value(spec)?;
+        let (_, spec) = spec.user(&self.name, &self.password_hash)?;
+        self.spec = spec;
+        self.updated = now;
+        Ok(())
+    }
+
     /// The user it makes: checked, with its password kept for links.
     pub fn user(&self) -> anyhow::Result<crate::socks5::users::User> {
         let (mut u, _) = self
@@ -109,6 +147,39 @@ impl StoredUser {
             .with_context(|| format!("stored user {:?}", self.name))?;
         u.password = Some(self.password.clone());
         Ok(u)
+    }
+}
+
+/// A password to keep and its Argon2id hash (slow): `given` (1 to 255 bytes, what SOCKS5
+/// carries) or 20 random letters and digits.
+pub fn hashed_password(
+    given: Option<String>,
+) -> anyhow::Result<(crate::socks5::users::Secret, String)> {
+    let password = match given {
+        Some(p) if p.is_empty() || p.len() > crate::config::MAX_NAME => {
+            anyhow::bail!("a password is 1 to {} bytes", crate::config::MAX_NAME)
+        }
+        Some(p) => p,
+        None => crate::quickstart::password(20)?,
+    };
+    let hash = crate::socks5::users::hash_password(password.as_bytes())?;
+    Ok((crate::socks5::users::Secret(password), hash))
+}
+
+/// RFC 7386 JSON merge patch: `patch`'s members replace `target`'s; `null` removes.
+fn merge_patch(target: &mut serde_json::Value, patch: serde_json::Value) {
+    use serde_json::Value;
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(&k);
+                } else {
+                    merge_patch(t.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p,
     }
 }
 
@@ -128,10 +199,10 @@ pub fn usable_users(stored: &[StoredUser]) -> Vec<crate::socks5::users::User> {
 }
 
 /// SQLite integers are signed 64-bit: counters are stored as their bit pattern.
-fn s(v: u64) -> i64 {
+pub(crate) fn s(v: u64) -> i64 {
     v as i64
 }
-fn u(v: i64) -> u64 {
+pub(crate) fn u(v: i64) -> u64 {
     v as u64
 }
 
@@ -498,6 +569,45 @@ mod tests {
         let ro = Store::open_existing(&dir).unwrap().unwrap();
         assert_eq!(ro.load().unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_merge_patch_replaces_and_removes_settings_and_checks_them() {
+        let mut v = serde_json::json!({"quota": 5, "rate": 7, "enabled": true});
+        merge_patch(
+            &mut v,
+            serde_json::json!({"quota": null, "rate": 9, "max_devices": 2}),
+        );
+        assert_eq!(
+            v,
+            serde_json::json!({"rate": 9, "enabled": true, "max_devices": 2})
+        );
+        let mut u = StoredUser {
+            name: "bob".into(),
+            password: crate::socks5::users::Secret("pw".into()),
+            password_hash: String::new(),
+            spec: crate::config::Spec {
+                quota: Some(100),
+                ..Default::default()
+            },
+            created: 1,
+            updated: 1,
+        };
+        let patch = |v: serde_json::Value| v.as_object().unwrap().clone();
+        u.patch(patch(serde_json::json!({"quota": null, "rate": 1000})), 2)
+            .unwrap();
+        assert_eq!(
+            (u.spec.quota, u.spec.rate, u.updated),
+            (None, Some(1000), 2)
+        );
+        // A setting out of range changes nothing.
+        let e = u
+            .patch(patch(serde_json::json!({"rate": 0})), 3)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("rate"), "{e:#}");
+        assert_eq!((u.spec.rate, u.updated), (Some(1000), 2));
+        assert!(crate::store::hashed_password(Some(String::new())).is_err());
+        assert!(crate::store::hashed_password(Some("x".repeat(256))).is_err());
     }
 
     #[test]

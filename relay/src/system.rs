@@ -327,3 +327,25 @@ pub fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         .create(dir)
         .with_context(|| format!("cannot create the state directory {}", dir.display()))
 }
+
+/// Writes `text` to `path` (in a directory it creates as [`private_dir`]) readable by root
+/// only, through a new file renamed over the old: a crash leaves the old or the new, whole.
+pub fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    if let Some(dir) = path.parent() {
+        private_dir(dir)?;
+    }
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
+}

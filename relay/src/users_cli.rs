@@ -329,22 +329,9 @@ fn direct(dir: &Path, action: &Action) -> anyhow::Result<Value> {
             let mut patch = settings.patch()?;
             patch.retain(|_, v| !v.is_null());
             let spec: Spec = serde_json::from_value(Value::Object(patch))?;
-            spec.user(name, "")?;
-            let password = match password {
-                Some(p) => p.clone(),
-                None => crate::quickstart::password(20)?,
-            };
-            let hash = crate::socks5::users::hash_password(password.as_bytes())?;
-            let (_, spec) = spec.user(name, &hash)?;
-            store.put_user(&StoredUser {
-                name: name.clone(),
-                password: crate::socks5::users::Secret(password.clone()),
-                password_hash: hash,
-                spec,
-                created: now,
-                updated: now,
-            })?;
-            Ok(json!({ "user": { "name": name }, "password": password }))
+            let user = StoredUser::create(name, password.clone(), spec, now)?;
+            store.put_user(&user)?;
+            Ok(json!({ "user": { "name": name }, "password": user.password.0 }))
         }
         Action::Set {
             name,
@@ -352,15 +339,9 @@ fn direct(dir: &Path, action: &Action) -> anyhow::Result<Value> {
             new_password,
         } => {
             let mut u = find(name)?;
-            let mut spec = serde_json::to_value(&u.spec)?;
-            crate::api::merge_patch(&mut spec, Value::Object(settings.patch()?));
-            let (_, spec) = serde_json::from_value::<Spec>(spec)?.user(name, &u.password_hash)?;
-            u.spec = spec;
-            u.updated = now;
+            u.patch(settings.patch()?, now)?;
             if *new_password {
-                let p = crate::quickstart::password(20)?;
-                u.password_hash = crate::socks5::users::hash_password(p.as_bytes())?;
-                u.password = crate::socks5::users::Secret(p);
+                (u.password, u.password_hash) = crate::store::hashed_password(None)?;
             }
             store.put_user(&u)?;
             Ok(match new_password {
@@ -382,8 +363,7 @@ fn direct(dir: &Path, action: &Action) -> anyhow::Result<Value> {
 }
 
 fn usage_json(row: &Row, now: i64) -> Value {
-    let mut r = crate::stats::UsersReport::new(std::slice::from_ref(row), now);
-    serde_json::to_value(r.users.remove(0)).unwrap_or(Value::Null)
+    serde_json::to_value(crate::stats::UserUsage::of(row, now)).unwrap_or(Value::Null)
 }
 
 /// Prints the answer: JSON as it is, or for people.

@@ -768,14 +768,16 @@ impl Server {
         let rows = self
             .rows()
             .into_iter()
-            .filter_map(|(row, configured)| (configured || row.usage.total() > 0).then_some(row))
+            .filter_map(|(row, a)| {
+                (a.configured.load(Ordering::Relaxed) || row.usage.total() > 0).then_some(row)
+            })
             .collect();
         store.save(rows);
     }
 
     /// Every user's usage and status (users with a ledger: configured now or since the start),
-    /// with whether the user is configured now.
-    fn rows(&self) -> Vec<(crate::store::Row, bool)> {
+    /// with its account.
+    fn rows(&self) -> Vec<(crate::store::Row, Arc<Account>)> {
         let accounts = self.accounts();
         let now = crate::system::unix_now();
         let mut rows = Vec::new();
@@ -783,7 +785,6 @@ impl Server {
             let ledger = a.ledger.lock().unwrap_or_else(|e| e.into_inner());
             let Some(l) = ledger.as_ref() else { continue };
             let lim = &l.limits;
-            let configured = a.configured.load(Ordering::Relaxed);
             rows.push((
                 crate::store::Row {
                     user: a.name.clone(),
@@ -803,7 +804,7 @@ impl Server {
                     devices: a.devices.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
                     updated: now,
                 },
-                configured,
+                Arc::clone(a),
             ));
         }
         rows
@@ -813,22 +814,16 @@ impl Server {
     pub fn users_view(&self) -> Vec<UserView> {
         let current = self.current();
         let mut out = Vec::new();
-        for (row, configured) in self.rows() {
+        for (row, a) in self.rows() {
+            let configured = a.configured.load(Ordering::Relaxed);
             let Some((_, user)) = current.users.get(&row.user).filter(|_| configured) else {
                 continue;
             };
-            let clients = {
-                let accounts = self.accounts.read().unwrap_or_else(|e| e.into_inner());
-                let a = accounts.by_name.get(&row.user).map(|i| &accounts.list[*i]);
-                let mut c: Vec<IpAddr> = a
-                    .map(|a| {
-                        let d = a.devices.lock().unwrap_or_else(|e| e.into_inner());
-                        d.keys().copied().collect()
-                    })
-                    .unwrap_or_default();
-                c.sort();
-                c
+            let mut clients: Vec<IpAddr> = {
+                let d = a.devices.lock().unwrap_or_else(|e| e.into_inner());
+                d.keys().copied().collect()
             };
+            clients.sort();
             out.push(UserView {
                 origin: user.origin,
                 spec: crate::config::Spec::of(user),
@@ -864,9 +859,7 @@ impl Server {
     /// their sessions ended, as by a reload.
     pub fn set_stored_users(&self, stored: Vec<super::users::User>) -> anyhow::Result<()> {
         let mut cfg = self.current().cfg.clone();
-        for name in super::users::merge(&mut cfg.users, stored) {
-            warn!("SOCKS5: user {name:?} is in the file and in the store; the file's is used");
-        }
+        super::users::merge(&mut cfg.users, stored);
         let policy = self
             .policy
             .configured

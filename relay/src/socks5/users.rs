@@ -52,18 +52,19 @@ impl std::fmt::Debug for Secret {
 }
 
 /// `users` (the file's, and the store's as they were) with the store's users replaced by
-/// `stored`; a stored user whose name the file has is left out. Returns the names left out.
-pub fn merge(users: &mut Vec<User>, stored: Vec<User>) -> Vec<String> {
+/// `stored`; a stored user whose name the file has is left out, with a warning.
+pub fn merge(users: &mut Vec<User>, stored: Vec<User>) {
     users.retain(|u| u.origin == Origin::File);
-    let mut shadowed = Vec::new();
     for u in stored {
         if users.iter().any(|f| f.name == u.name) {
-            shadowed.push(u.name);
+            log::warn!(
+                "SOCKS5: user {:?} is in the file and in the store; the file's is used",
+                u.name
+            );
         } else {
             users.push(u);
         }
     }
-    shadowed
 }
 
 /// Accepted Argon2 memory sizes in KiB: 8 MiB to 256 MiB (the default is 19 MiB).
@@ -166,6 +167,11 @@ pub fn hash_password(password: &[u8]) -> anyhow::Result<String> {
         .map(|h| h.to_string())
         .map_err(|e| anyhow!("hashing: {e}"))
         .context("hashing the password")
+}
+
+/// `N` random bytes from the kernel as 2N hex digits (tokens, identifiers).
+pub fn random_hex<const N: usize>() -> anyhow::Result<String> {
+    Ok(random::<N>()?.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Random bytes from the kernel (getrandom(2), which blocks only until the pool is
