@@ -969,6 +969,14 @@ fn count(reason: Reason, len: usize) {
 #[stream_verdict]
 pub fn splice(ctx: SkBuffContext) -> u32 {
     let len = u64::from(ctx.len());
+    if len == 0 {
+        // A chunk without bytes: a FIN that came alone. Redirected, it would reach the
+        // peer's send path as a zero-byte send, which the kernel takes for a broken pipe
+        // (EPIPE on the peer socket, and nothing more sent out of it: the bytes redirected
+        // after it would be lost). Passed, it ends the stream in this socket's own queue,
+        // where the controller reads the end and shuts the peer's writing half itself.
+        return SK_PASS;
+    }
     // SAFETY: the helper reads the socket of the skb this program was called for.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let Some(count) = SPLICE_COUNTS.get_ptr_mut(cookie) else {

@@ -784,6 +784,63 @@ fn connect_survives_a_half_close() {
     assert_eq!(alice["active_connections"], 0, "{alice}");
 }
 
+/// A client's FIN that arrives alone (everything it sent was acknowledged before) on the
+/// kernel path ends that direction only: the destination keeps talking for a while after it
+/// and the client reads all of it. (Redirected, the empty chunk made the kernel report a
+/// broken pipe on the destination's socket: the relay then reset both sides, or the bytes
+/// after it were lost.)
+#[test]
+fn a_lone_fin_on_the_kernel_path_ends_one_direction_only() {
+    let s = setup_kernel();
+    let listener =
+        s.t.upstream
+            .run(|| std::net::TcpListener::bind("198.18.2.2:7000").unwrap());
+    const TAIL: usize = 40;
+    let server = thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut ping = [0u8; 4096];
+        c.read_exact(&mut ping).unwrap();
+        c.write_all(&ping).unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "nothing after the ping");
+        // Two seconds of talk after the client's half-close.
+        for i in 0..TAIL {
+            c.write_all(&[i as u8; 10_000]).unwrap();
+            thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let (mut c, reply) = raw_request(&s.t.client, vec![5, 1, 0, 1, 198, 18, 2, 2, 0x1b, 0x58]);
+    assert_eq!(reply.get(..2), Some(&[5, 0][..]), "{reply:?}");
+    let ping: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    c.write_all(&ping).unwrap();
+    let mut echo = vec![0u8; ping.len()];
+    c.read_exact(&mut echo).unwrap();
+    assert!(echo == ping, "the ping came back");
+    // Everything the client sent is acknowledged: its FIN goes alone.
+    thread::sleep(Duration::from_millis(200));
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tail = Vec::new();
+    c.read_to_end(&mut tail)
+        .expect("the destination's talk after the half-close arrives, then its end");
+    server.join().unwrap();
+    let want: Vec<u8> = (0..TAIL).flat_map(|i| [i as u8; 10_000]).collect();
+    assert_eq!(tail.len(), want.len());
+    assert!(tail == want, "every byte, in order");
+    let st = published_stats(&s);
+    assert!(
+        st["connect_kernel"]["redirected_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            > 300_000,
+        "the kernel carried it: {st}"
+    );
+    let alice = user(&st, "alice");
+    assert_eq!(alice["connect_bytes_to_destination"], 4096, "{alice}");
+    assert_eq!(alice["connect_bytes_to_client"], 4096 + 400_000, "{alice}");
+}
+
 #[test]
 fn connect_reaches_an_ipv6_destination() {
     let s = setup();
