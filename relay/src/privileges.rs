@@ -138,6 +138,19 @@ fn threads() -> anyhow::Result<Vec<(libc::pid_t, ThreadCaps)>> {
     Ok(out)
 }
 
+/// A thread's id, name and scheduler state (for an error naming it).
+fn describe(tid: libc::pid_t) -> String {
+    let status = fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap_or_default();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map_or("?", str::trim)
+            .to_owned()
+    };
+    format!("{tid} ({}, {})", field("Name:"), field("State:"))
+}
+
 /// Keeps only [`RUNTIME_SET`] (of what the process has) on every thread, with an empty
 /// bounding set where the process may change it, and no_new_privs. Checks the result on
 /// every thread and fails if one did not follow.
@@ -172,7 +185,9 @@ pub fn drop_to_runtime_set() -> anyhow::Result<()> {
     };
     // SAFETY: getpid(2) and gettid(2) cannot fail.
     let (pid, me) = unsafe { (libc::getpid(), libc::gettid()) };
-    let deadline = Instant::now() + Duration::from_secs(2);
+    // A thread takes the signal when it next returns from the kernel: one in a long system
+    // call (a program being verified, a busy machine's scheduler) is waited for.
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let pending: Vec<libc::pid_t> = threads()?
             .into_iter()
@@ -183,8 +198,10 @@ pub fn drop_to_runtime_set() -> anyhow::Result<()> {
             break;
         }
         if Instant::now() > deadline {
+            let named: Vec<String> = pending.iter().map(|tid| describe(*tid)).collect();
             bail!(
-                "could not drop privileges on threads {pending:?} (they kept their capabilities)"
+                "could not drop privileges on threads {} (they kept their capabilities)",
+                named.join(", ")
             );
         }
         for tid in pending {
