@@ -281,7 +281,10 @@ impl Relay {
             .arg("run")
             .args(&args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("RELAY_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -333,7 +336,13 @@ impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
+        // RELAY_TEST_KEEP_LOGS=1 keeps every relay's log (with RELAY_TEST_RUST_LOG=debug, say)
+        // for a failure that needs a predecessor's log too.
+        if std::env::var_os("RELAY_TEST_KEEP_LOGS").is_some() {
+            eprintln!("relay log kept in {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
@@ -423,7 +432,10 @@ pub fn relay_restart(ns: &Netns, pin: &PinDir) -> (std::process::ExitStatus, Str
     let status = ns
         .command(relay_bin())
         .args(["restart", "--iface", "cli0", "--pin-dir", pin.arg()])
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("RELAY_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(file.try_clone().unwrap())
         .stderr(file)
         .status()
