@@ -35,7 +35,8 @@ pub mod maps {
     pub const NEXTHOP_KEYS: &str = "NEXTHOP_KEYS";
     pub const META: &str = "META";
     pub const LISTEN: &str = "LISTEN";
-    pub const POOL: &str = "POOL";
+    /// `session::POOLS` queues, one per pool.
+    pub const POOLS: [&str; crate::session::POOLS] = ["POOL0", "POOL1", "POOL2", "POOL3"];
     pub const SOURCE_FULL: &str = "SOURCE_FULL";
     pub const ALLOW: &str = "ALLOW";
     pub const RATE: &str = "RATE";
@@ -62,7 +63,10 @@ pub mod maps {
         NEXTHOP_KEYS,
         META,
         LISTEN,
-        POOL,
+        POOLS[0],
+        POOLS[1],
+        POOLS[2],
+        POOLS[3],
         SOURCE_FULL,
         ALLOW,
         RATE,

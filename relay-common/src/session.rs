@@ -70,6 +70,44 @@ pub struct Listen {
     pub cost_ns: u64,
     /// The most credit a CPU's bucket holds (the burst), in nanoseconds.
     pub burst_ns: u64,
+    /// The pool (`POOLS[pool]`) whose ids and ports this rule's sessions take: the one of its
+    /// upstream, [`pool_of`].
+    pub pool: u16,
+    pub _pad: [u16; 3],
+}
+
+/// Pools of free session ids and relay ports lent to the kernel (`POOL0`..`POOL3`). A relay
+/// port must be unique only among the sessions to one upstream address and port (the
+/// upstream's replies are told apart by it), so each pool lends every port of the range
+/// once, and the sessions of an upstream take theirs from its pool: upstreams in different
+/// pools use the same ports, and the table holds more sessions than there are ports.
+pub const POOLS: usize = 4;
+
+/// Slots of each pool's queue for a table of `capacity` sessions: half the table (the
+/// controller keeps that much lent while rules open sessions in the kernel, split between the
+/// pools in use), so that the controller finds room for the sessions the kernel leaves to it.
+pub const fn pool_slots(capacity: u32) -> u32 {
+    let half = capacity / 2;
+    if half == 0 {
+        1
+    } else {
+        half
+    }
+}
+
+/// The pool of an upstream address (16 bytes as the maps hold it) and port: a fixed mix,
+/// so that an upstream's sessions always share one pool, whoever opened them and whenever.
+pub const fn pool_of(upstream: &[u8; 16], port: u16) -> u16 {
+    // FNV-1a over the address and the port.
+    let mut h: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < 16 {
+        h = (h ^ upstream[i] as u32).wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    h = (h ^ (port >> 8) as u32).wrapping_mul(0x0100_0193);
+    h = (h ^ (port & 0xff) as u32).wrapping_mul(0x0100_0193);
+    (h % POOLS as u32) as u16
 }
 
 /// Value of the `POOL` queue: a free session id with the relay port it uses. The controller
@@ -428,7 +466,7 @@ pub struct Meta {
 pub const META_MAGIC: u64 = u64::from_le_bytes(*b"relaymap");
 
 /// Bump when a map's meaning changes without its size changing.
-const LAYOUT_REVISION: u64 = 3;
+const LAYOUT_REVISION: u64 = 4;
 
 /// The layout of the pinned maps this build reads and writes: every shared type's size and
 /// the manual revision, mixed (FNV-1a). A controller refuses maps stamped with another.
@@ -531,11 +569,29 @@ mod tests {
             64 + 8 + 4 + 2 + 1 + 1 + 1 + 1 + 2 + 1 + 3 + 8 + 32
         );
         assert_eq!(size_of::<ListenKey>(), 16 + 2 + 1 + 1 + 4);
-        assert_eq!(size_of::<Listen>(), 32 + 8 + 8 + 8);
+        assert_eq!(size_of::<Listen>(), 32 + 8 + 8 + 8 + 8);
         assert_eq!(size_of::<PoolSlot>(), 8);
         assert_eq!(size_of::<SourceKey>(), 16 + 4);
         assert_eq!(size_of::<AllowKey>(), 4 + 16);
         assert_eq!(size_of::<Bucket>(), 16);
         assert_eq!(align_of::<Session>(), 8);
+    }
+
+    #[test]
+    fn upstreams_spread_over_every_pool_and_keep_theirs() {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[198, 18, 2, 2]);
+        let pools: [u16; 16] = core::array::from_fn(|i| pool_of(&addr, 6000 + i as u16));
+        for p in 0..POOLS as u16 {
+            assert!(pools.contains(&p), "pool {p} unused by 16 ports: {pools:?}");
+        }
+        assert!(pools.iter().all(|p| usize::from(*p) < POOLS));
+        assert_eq!(
+            pool_of(&addr, 6000),
+            pools[0],
+            "the same upstream, the same pool"
+        );
+        assert_eq!(pool_slots(0), 1);
+        assert_eq!(pool_slots(10_000), 5_000);
     }
 }

@@ -102,10 +102,42 @@ static LISTEN: HashMap<ListenKey, Listen> = HashMap::pinned(RULE_SLOTS, 0);
 #[map]
 static RULE_PORTS: Array<u8> = Array::pinned(PORT_SLOTS, 0);
 
-/// Free session ids with their relay ports, pushed by the controller, popped by XDP when it
-/// opens a session. Sized by the controller.
+/// Free session ids with their relay ports, one queue per pool (`session::POOLS`; a rule's
+/// is `Listen::pool`), pushed by the controller, popped by XDP when it opens a session. A
+/// pool lends each port once: ports are unique among the sessions of the upstreams whose
+/// pool it is. Sized by the controller.
 #[map]
-static POOL: Queue<PoolSlot> = Queue::pinned(1, 0);
+static POOL0: Queue<PoolSlot> = Queue::pinned(1, 0);
+#[map]
+static POOL1: Queue<PoolSlot> = Queue::pinned(1, 0);
+#[map]
+static POOL2: Queue<PoolSlot> = Queue::pinned(1, 0);
+#[map]
+static POOL3: Queue<PoolSlot> = Queue::pinned(1, 0);
+
+/// Takes a free id and port from pool `i` (`Listen::pool`). The queue is chosen in each arm
+/// and only the slot leaves: the verifier then follows one path after it, not one per queue.
+#[inline(always)]
+fn pool_pop(i: u16) -> Option<PoolSlot> {
+    let popped = match i {
+        1 => POOL1.pop(),
+        2 => POOL2.pop(),
+        3 => POOL3.pop(),
+        _ => POOL0.pop(),
+    };
+    popped.ok().flatten()
+}
+
+/// Gives a slot back to pool `i` (a session that could not be opened after all).
+#[inline(always)]
+fn pool_push(i: u16, slot: PoolSlot) {
+    let _ = match i {
+        1 => POOL1.push(slot, 0),
+        2 => POOL2.push(slot, 0),
+        3 => POOL3.push(slot, 0),
+        _ => POOL0.push(slot, 0),
+    };
+}
 
 /// Client addresses that hold their rule's `max_sessions_per_source` (the controller's).
 #[map]
@@ -347,7 +379,7 @@ fn note_tcp_state(h: &Headers, found: &Found) {
 /// The first packet of a flow (a TCP SYN, a UDP datagram) addressed to a rule the kernel
 /// opens sessions for: `None` if no rule listens there. If the rule's allow list, its limits
 /// and the client's share admit it, the session is opened here: an id and relay port from
-/// `POOL`, the record and both flows written, the controller told through `EVENTS`, and the
+/// its rule's pool, the record and both flows written, the controller told through `EVENTS`, and the
 /// packet relayed. What the kernel cannot open (no free port, next hop unresolved, the ring
 /// full) passes to the controller's listening socket, which opens the session (UDP) or
 /// relays the connection (TCP) itself.
@@ -425,14 +457,15 @@ fn open_with(
     let mut event = EVENTS
         .reserve::<Event>(0)
         .ok_or_else(|| to_controller(Open::RingFull))?;
-    let Ok(Some(slot)) = POOL.pop() else {
+    let pool = l.pool;
+    let Some(slot) = pool_pop(pool) else {
         event.discard(0);
         return Err(to_controller(Open::PoolEmpty));
     };
     let (Some(record), Some(hop)) = (SESSIONS.get_ptr_mut(slot.id), HOPS.get_ptr_mut(slot.id))
     else {
         event.discard(0);
-        let _ = POOL.push(slot, 0);
+        pool_push(pool, slot);
         return Err(to_controller(Open::PoolEmpty));
     };
     // SAFETY: pointers into the SESSIONS and HOPS array values of an id this program took
@@ -482,7 +515,7 @@ fn open_with(
     let undo = |slot: PoolSlot| {
         // SAFETY: as above; the record is this program's until it is back in the pool.
         unsafe { (*record).state = STATE_FREE };
-        let _ = POOL.push(slot, 0);
+        pool_push(pool, slot);
     };
     if FLOWS.insert(client, to_upstream, BPF_NOEXIST).is_err() {
         // Another CPU opened this flow a moment ago (a retransmitted SYN, a burst of

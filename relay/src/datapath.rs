@@ -21,11 +21,11 @@
 //!   `forward::rules` (start, reload); `LISTEN`'s full flag by [`Datapath::set_listen_full`]
 //!   from `forward::sessions` as sessions come and go.
 //! - `SOURCE_FULL`: [`Datapath::set_source_full`] by `forward::sessions`.
-//! - `POOL`: [`Datapath::pool_push`] (free ids and ports lent to the kernel) and
+//! - `POOL0`..`POOL3`: [`Datapath::pool_push`] (free ids and ports lent to the kernel) and
 //!   [`Datapath::pool_drain`] by `forward::sessions`; XDP pops.
 //!
 //! XDP itself writes the records, `HOPS` entries and flows of the sessions it opens (ids it
-//! popped from `POOL`, which nobody else writes until the controller closes them), `RATE`,
+//! popped from a pool, which nobody else writes until the controller closes them), `RATE`,
 //! `KERNEL_OPENS` and `EVENTS` (read by `forward::sessions`).
 //!
 //! `COUNTERS` is written by the XDP program alone, which also adds to the traffic counters of
@@ -86,6 +86,14 @@ pub fn addr16(ip: IpAddr) -> [u8; 16] {
         }
         IpAddr::V6(a) => a.octets(),
     }
+}
+
+/// The pool (`relay_common::session::POOLS`) whose ports the sessions to `upstream` take.
+pub fn pool_of(upstream: SocketAddr) -> usize {
+    usize::from(relay_common::session::pool_of(
+        &addr16(upstream.ip().to_canonical()),
+        upstream.port(),
+    ))
 }
 
 pub fn ip_of(family: u8, a: &[u8; 16]) -> IpAddr {
@@ -208,7 +216,7 @@ struct Maps {
     nexthop_keys: Array<MapData, NexthopKey>,
     meta: Array<MapData, Meta>,
     listen: HashMap<MapData, ListenKey, Listen>,
-    pool: Queue<MapData, PoolSlot>,
+    pools: Vec<Queue<MapData, PoolSlot>>,
     source_full: HashMap<MapData, SourceKey, u8>,
     allow: LpmTrie<MapData, AllowKey, u8>,
     hops: Array<MapData, Nexthop>,
@@ -254,7 +262,10 @@ impl Datapath {
                 nexthop_keys: take(ebpf, maps::NEXTHOP_KEYS)?,
                 meta: take(ebpf, maps::META)?,
                 listen: take(ebpf, maps::LISTEN)?,
-                pool: take(ebpf, maps::POOL)?,
+                pools: maps::POOLS
+                    .iter()
+                    .map(|name| take(ebpf, name))
+                    .collect::<anyhow::Result<_>>()?,
                 source_full: take(ebpf, maps::SOURCE_FULL)?,
                 allow: take(ebpf, maps::ALLOW)?,
                 hops: take(ebpf, maps::HOPS)?,
@@ -544,10 +555,13 @@ impl Datapath {
         }
     }
 
-    /// Lends free session ids and ports to the kernel; returns how many it took (the pool
-    /// may be full).
-    pub fn pool_push(&self, slots: &[(u32, u16)]) -> usize {
+    /// Lends free session ids and ports to the kernel's pool `pool`; returns how many it took
+    /// (the pool may be full).
+    pub fn pool_push(&self, pool: usize, slots: &[(u32, u16)]) -> usize {
         let mut m = self.lock();
+        let Some(queue) = m.pools.get_mut(pool) else {
+            return 0;
+        };
         slots
             .iter()
             .take_while(|(id, port)| {
@@ -556,15 +570,18 @@ impl Datapath {
                     port: *port,
                     _pad: 0,
                 };
-                m.pool.push(slot, 0).is_ok()
+                queue.push(slot, 0).is_ok()
             })
             .count()
     }
 
-    /// Takes every id and port back from the kernel's pool.
-    pub fn pool_drain(&self) -> Vec<PoolSlot> {
+    /// Takes every id and port back from the kernel's queue of pool `pool`.
+    pub fn pool_drain(&self, pool: usize) -> Vec<PoolSlot> {
         let mut m = self.lock();
-        std::iter::from_fn(|| m.pool.pop(0).ok()).collect()
+        let Some(queue) = m.pools.get_mut(pool) else {
+            return Vec::new();
+        };
+        std::iter::from_fn(|| queue.pop(0).ok()).collect()
     }
 
     /// Makes `ifindex` a possible redirect target.

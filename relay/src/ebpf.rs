@@ -73,6 +73,7 @@ pub fn load_maps(opts: &LoadOptions) -> anyhow::Result<Ebpf> {
     let (first, last) = opts.session_ports.unwrap_or((0, 0));
     let (socks_first, socks_last) = opts.socks_ports.unwrap_or((0, 0));
     let flows = opts.capacity.saturating_mul(2);
+    let pool = relay_common::session::pool_slots(opts.capacity);
     let ebpf = EbpfLoader::new()
         .default_map_pin_directory(&opts.pin_dir)
         .override_global(aya_log::LEVEL, &opts.log_level, false)
@@ -84,7 +85,10 @@ pub fn load_maps(opts: &LoadOptions) -> anyhow::Result<Ebpf> {
         .map_max_entries(maps::SESSIONS, opts.capacity)
         .map_max_entries(maps::SLOWPATH, opts.capacity)
         .map_max_entries(maps::HOPS, opts.capacity)
-        .map_max_entries(maps::POOL, opts.capacity)
+        .map_max_entries(maps::POOLS[0], pool)
+        .map_max_entries(maps::POOLS[1], pool)
+        .map_max_entries(maps::POOLS[2], pool)
+        .map_max_entries(maps::POOLS[3], pool)
         .load(OBJECT)
         .map_err(|e| match e {
             EbpfError::MapError(e) => anyhow!(e).context(format!(

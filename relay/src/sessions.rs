@@ -6,6 +6,7 @@
 //! fifth of the fast path): the table learns that XDP carried a session's packets from its
 //! packet counters changing.
 
+use relay_common::session::POOLS;
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
@@ -64,6 +65,8 @@ pub struct Entry {
     pub answered: bool,
     /// TCP: when both FINs or a RST were seen (0: not yet); closed [`Table::linger`] later.
     pub closing: u64,
+    /// The pool its port came from (its upstream's, `relay_common::session::pool_of`).
+    pub pool: usize,
 }
 
 impl Entry {
@@ -73,6 +76,7 @@ impl Entry {
             rule,
             client,
             port,
+            pool: 0,
             last_seen: now,
             checked: now,
             kernel_packets: 0,
@@ -80,6 +84,11 @@ impl Entry {
             answered: false,
             closing: 0,
         }
+    }
+
+    /// The same entry, with its port from pool `pool`.
+    pub fn in_pool(self, pool: usize) -> Entry {
+        Entry { pool, ..self }
     }
 }
 
@@ -119,48 +128,97 @@ pub struct Observed {
 /// (late datagrams of an old session then rarely reach a new one).
 #[derive(Debug)]
 pub struct PortPool {
+    /// Free ports in the order they are handed out. A port claimed while it waits here stays
+    /// until `take` passes it (so that a claim costs no search).
     free: VecDeque<u16>,
+    first: u16,
+    /// Per port of the range: in use (taken or claimed).
+    used: Vec<bool>,
+    /// Per port of the range: somewhere in `free`.
+    queued: Vec<bool>,
+    available: usize,
 }
 
 impl PortPool {
     pub fn new(range: PortRange) -> PortPool {
+        let n = usize::from(range.last - range.first) + 1;
         PortPool {
             free: (range.first..=range.last).collect(),
+            first: range.first,
+            used: vec![false; n],
+            queued: vec![true; n],
+            available: n,
         }
     }
 
+    fn slot(&self, port: u16) -> Option<usize> {
+        let i = usize::from(port.checked_sub(self.first)?);
+        (i < self.used.len()).then_some(i)
+    }
+
+    /// Takes the port that has been free longest.
     pub fn take(&mut self) -> Option<u16> {
-        self.free.pop_front()
+        while let Some(port) = self.free.pop_front() {
+            if let Some(p) = self.use_popped(port) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// A port just removed from `free`: taken if it is not in use.
+    fn use_popped(&mut self, port: u16) -> Option<u16> {
+        let i = self.slot(port)?;
+        self.queued[i] = false;
+        if self.used[i] {
+            return None;
+        }
+        self.used[i] = true;
+        self.available -= 1;
+        Some(port)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.free.is_empty()
+        self.available == 0
     }
 
-    /// Takes the free port at position `pick` modulo the number of free ports (a random
+    /// Takes the free port at position `pick` modulo the number of waiting ports (a random
     /// `pick` makes the port unpredictable).
     pub fn take_nth(&mut self, pick: u64) -> Option<u16> {
-        if self.free.is_empty() {
-            return None;
+        while !self.free.is_empty() {
+            let at = (pick % self.free.len() as u64) as usize;
+            let port = self.free.remove(at)?;
+            if let Some(p) = self.use_popped(port) {
+                return Some(p);
+            }
         }
-        let at = (pick % self.free.len() as u64) as usize;
-        self.free.remove(at)
+        None
     }
 
     /// Returns a port to the pool (a closed session's, or one another socket holds: it is
     /// tried again last).
     pub fn put(&mut self, port: u16) {
-        self.free.push_back(port);
+        let Some(i) = self.slot(port) else { return };
+        if !self.used[i] {
+            return;
+        }
+        self.used[i] = false;
+        self.available += 1;
+        if !self.queued[i] {
+            self.queued[i] = true;
+            self.free.push_back(port);
+        }
     }
 
     /// Takes a specific port out of the pool (a session recovered after a restart).
     pub fn claim(&mut self, port: u16) -> bool {
-        match self.free.iter().position(|p| *p == port) {
-            Some(i) => {
-                self.free.remove(i);
+        match self.slot(port) {
+            Some(i) if !self.used[i] => {
+                self.used[i] = true;
+                self.available -= 1;
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 }
@@ -182,11 +240,18 @@ pub struct Table {
     unanswered: BTreeSet<(u64, u32)>,
     /// Closing TCP sessions by when they started to close.
     closing: BTreeSet<(u64, u32)>,
-    /// Ids with their ports lent to the kernel's pool (it opens sessions with them).
-    lent: HashMap<u32, u16>,
+    /// Ids with their pools and ports lent to the kernel (it opens sessions with them).
+    lent: HashMap<u32, (usize, u16)>,
+    /// How many of `lent` each pool holds.
+    lent_per_pool: [usize; POOLS],
+    /// Sessions by relay port and pool (a port is in use at most once per pool).
+    by_port: HashMap<(u16, usize), u32>,
+    /// Sessions per pool.
+    per_pool: [usize; POOLS],
     /// How long a closing session stays.
     linger: u64,
-    pub ports: PortPool,
+    /// One per pool: a port is unique among the sessions to the upstreams of a pool.
+    pub ports: Vec<PortPool>,
 }
 
 /// Limits that apply to one rule.
@@ -243,6 +308,14 @@ impl Bucket {
     }
 }
 
+/// Which sessions an eviction may close: of one rule, of one pool (it frees a port there),
+/// or (both `None`) any.
+#[derive(Clone, Copy, Debug)]
+struct Only {
+    rule: Option<u16>,
+    pool: Option<usize>,
+}
+
 /// Eviction candidates looked at per new session, at most: a bounded cost per packet even
 /// when the table believes many sessions unanswered that the kernel has seen answered.
 const EVICTION_TRIES: usize = 8;
@@ -261,43 +334,67 @@ impl Table {
             unanswered: BTreeSet::new(),
             closing: BTreeSet::new(),
             lent: HashMap::new(),
+            lent_per_pool: [0; POOLS],
+            by_port: HashMap::new(),
+            per_pool: [0; POOLS],
             linger: crate::config::TCP_LINGER.as_nanos() as u64,
-            ports: PortPool::new(ports),
+            ports: (0..POOLS).map(|_| PortPool::new(ports)).collect(),
         }
     }
 
-    /// Lends up to `n` free ids, each with a free port, to the kernel's pool. They count as
-    /// used until the kernel opens a session with one ([`Table::adopt`]) or they come back
-    /// ([`Table::unlend`]).
-    pub fn lend(&mut self, n: usize) -> Vec<(u32, u16)> {
+    /// Lends up to `n` free ids, each with a free port of pool `pool`, to the kernel's queue
+    /// of that pool. They count as used until the kernel opens a session with one
+    /// ([`Table::adopt`]) or they come back ([`Table::unlend`]).
+    pub fn lend(&mut self, pool: usize, n: usize) -> Vec<(u32, u16)> {
         let mut out = Vec::with_capacity(n);
+        if pool >= POOLS {
+            return out;
+        }
         while out.len() < n && (self.entries.len() + self.lent.len()) < self.capacity as usize {
-            let Some(port) = self.ports.take() else {
+            let Some(port) = self.ports[pool].take() else {
                 break;
             };
             let Some(id) = self.alloc_id() else {
-                self.ports.put(port);
+                self.ports[pool].put(port);
                 break;
             };
-            self.lent.insert(id, port);
+            self.lent.insert(id, (pool, port));
+            self.lent_per_pool[pool] += 1;
             out.push((id, port));
         }
         out
     }
 
-    /// Ids and ports lent to the kernel and not used by it.
-    pub fn lent(&self) -> usize {
-        self.lent.len()
+    /// Ids and ports lent to the kernel's queue of pool `pool` and not used by it.
+    pub fn lent(&self, pool: usize) -> usize {
+        self.lent_per_pool.get(pool).copied().unwrap_or(0)
+    }
+
+    /// Takes a lent id back from `lent`, with its pool and port.
+    fn take_lent(&mut self, id: u32) -> Option<(usize, u16)> {
+        let (pool, port) = self.lent.remove(&id)?;
+        self.lent_per_pool[pool] -= 1;
+        Some((pool, port))
     }
 
     /// Takes lent ids back (the pool was drained, or refused them).
     pub fn unlend(&mut self, ids: impl IntoIterator<Item = u32>) {
         for id in ids {
-            if let Some(port) = self.lent.remove(&id) {
+            if let Some((pool, port)) = self.take_lent(id) {
                 self.free_ids.push(id);
-                self.ports.put(port);
+                self.ports[pool].put(port);
             }
         }
+    }
+
+    /// Sessions whose ports come from pool `pool`.
+    pub fn held(&self, pool: usize) -> usize {
+        self.per_pool.get(pool).copied().unwrap_or(0)
+    }
+
+    /// A session on relay port `port`, if any holds it (in any pool).
+    pub fn on_port(&self, port: u16) -> Option<u32> {
+        (0..POOLS).find_map(|pool| self.by_port.get(&(port, pool)).copied())
     }
 
     /// A session the kernel opened (its allow list and limits were checked there), with an
@@ -308,12 +405,12 @@ impl Table {
             return false;
         }
         match self.lent.get(&entry.id) {
-            Some(port) if *port == entry.port => {
-                self.lent.remove(&entry.id);
+            Some(&lent) if lent == (entry.pool, entry.port) => {
+                self.take_lent(entry.id);
             }
             Some(_) => return false,
             None => {
-                if !self.ports.claim(entry.port) {
+                if !self.claim_port(&entry) {
                     return false;
                 }
                 self.free_ids.retain(|id| *id != entry.id);
@@ -401,19 +498,22 @@ impl Table {
         self.per_source.get(&(rule, client)).copied().unwrap_or(0)
     }
 
-    /// Opens a session for `client` on `rule`, given whether the client is allowed. The caller
-    /// has checked [`Table::find`] first. The port is a candidate: if the I/O layer cannot
-    /// bind it, it calls [`Table::replace_port`].
+    /// Opens a session for `client` on `rule`, with a port of pool `pool` (its upstream's),
+    /// given whether the client is allowed. The caller has checked [`Table::find`] first. The
+    /// port is a candidate: if the I/O layer cannot bind it, it calls [`Table::replace_port`].
     ///
     /// Refusals come in this order: not allowed, the client address's share, the rule's
     /// new-session rate, and then room: when the rule is at `max_sessions`, the table is full
-    /// or no port is free, the oldest session whose upstream never answered (of the rule, or
-    /// of any rule when the table is full) is evicted to make room; sessions that were
+    /// or no port of the pool is free, the oldest session whose upstream never answered (of
+    /// the rule, of any rule when the table is full, of the pool when its ports are) is
+    /// evicted to make room; sessions that were
     /// answered are never evicted. `observe` confirms that a candidate is still unanswered
     /// (the kernel may have carried a reply the table has not heard of yet).
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         &mut self,
         rule: u16,
+        pool: usize,
         limits: RuleLimits,
         client: SocketAddr,
         allowed: bool,
@@ -438,29 +538,34 @@ impl Table {
         ) {
             return Err(Refusal::RateLimited);
         }
+        let pool = pool.min(POOLS - 1);
         let mut evicted = None;
         let rule_full = self.sessions_of(rule) >= limits.max_sessions;
-        let table_full =
-            (self.entries.len() + self.lent.len()) as u32 >= self.capacity || self.ports.is_empty();
-        if rule_full || table_full {
-            let only = rule_full.then_some(rule);
+        let table_full = (self.entries.len() + self.lent.len()) as u32 >= self.capacity;
+        let no_port = self.ports[pool].is_empty();
+        if rule_full || table_full || no_port {
+            // Room where it is missing: in the rule, in the pool (for a port), or anywhere.
+            let only = Only {
+                rule: rule_full.then_some(rule),
+                pool: no_port.then_some(pool),
+            };
             evicted = self.evict_unanswered(only, &mut observe);
             if evicted.is_none() {
                 return Err(if rule_full {
                     Refusal::RuleLimit
-                } else if (self.entries.len() + self.lent.len()) as u32 >= self.capacity {
+                } else if table_full {
                     Refusal::Full
                 } else {
                     Refusal::NoPort
                 });
             }
         }
-        let port = self.ports.take().ok_or(Refusal::NoPort)?;
+        let port = self.ports[pool].take().ok_or(Refusal::NoPort)?;
         let Some(id) = self.alloc_id() else {
-            self.ports.put(port);
+            self.ports[pool].put(port);
             return Err(Refusal::Full);
         };
-        let entry = Entry::new(id, rule, client, port, now);
+        let entry = Entry::new(id, rule, client, port, now).in_pool(pool);
         self.insert(entry.clone());
         Ok(Opened { entry, evicted })
     }
@@ -470,14 +575,17 @@ impl Table {
     /// more than [`EVICTION_TRIES`] candidates.
     fn evict_unanswered(
         &mut self,
-        rule: Option<u16>,
+        only: Only,
         observe: &mut impl FnMut(u32) -> Observed,
     ) -> Option<Entry> {
+        let fits = |e: &Entry| {
+            only.rule.is_none_or(|r| e.rule == r) && only.pool.is_none_or(|p| e.pool == p)
+        };
         let candidates: Vec<u32> = self
             .unanswered
             .iter()
             .map(|&(_, id)| id)
-            .filter(|id| rule.is_none_or(|r| self.entries.get(id).is_some_and(|e| e.rule == r)))
+            .filter(|id| self.entries.get(id).is_some_and(fits))
             .take(EVICTION_TRIES)
             .collect();
         for id in candidates {
@@ -525,17 +633,30 @@ impl Table {
         if !entry.answered {
             self.unanswered.insert((entry.opened, entry.id));
         }
+        self.by_port.insert((entry.port, entry.pool), entry.id);
+        self.per_pool[entry.pool] += 1;
         self.entries.insert(entry.id, entry);
     }
 
     /// Gives session `id` another port because its candidate was taken by another socket.
     /// The taken port goes to the back of the pool.
     pub fn replace_port(&mut self, id: u32) -> Option<u16> {
-        let next = self.ports.take()?;
+        let pool = self.entries.get(&id)?.pool;
+        let next = self.ports[pool].take()?;
         let entry = self.entries.get_mut(&id)?;
         let old = std::mem::replace(&mut entry.port, next);
-        self.ports.put(old);
+        self.by_port.remove(&(old, pool));
+        self.by_port.insert((next, pool), id);
+        self.ports[pool].put(old);
         Some(next)
+    }
+
+    /// Takes an entry's port out of its pool (a session found after a restart, or opened with
+    /// an id this controller did not lend).
+    fn claim_port(&mut self, entry: &Entry) -> bool {
+        self.ports
+            .get_mut(entry.pool)
+            .is_some_and(|ports| ports.claim(entry.port))
     }
 
     /// Re-creates a session found in the pinned maps after a restart.
@@ -543,7 +664,7 @@ impl Table {
         if entry.id >= self.capacity || self.entries.contains_key(&entry.id) {
             return false;
         }
-        if !self.ports.claim(entry.port) {
+        if !self.claim_port(&entry) {
             return false;
         }
         self.next_id = self.next_id.max(entry.id + 1);
@@ -583,7 +704,9 @@ impl Table {
             self.closing.remove(&(entry.closing, id));
         }
         self.free_ids.push(id);
-        self.ports.put(entry.port);
+        self.by_port.remove(&(entry.port, entry.pool));
+        self.per_pool[entry.pool] -= 1;
+        self.ports[entry.pool].put(entry.port);
         Some(entry)
     }
 
@@ -713,7 +836,7 @@ mod tests {
     fn opens_finds_and_closes() {
         let mut t = table(10, (20000, 20009));
         let e = t
-            .open(0, limits(10), client(1), true, 5, silent)
+            .open(0, 0, limits(10), client(1), true, 5, silent)
             .map(|o| o.entry)
             .unwrap();
         assert_eq!((e.id, e.port), (0, 20000));
@@ -731,11 +854,11 @@ mod tests {
     fn refusals_are_explicit_and_never_evict() {
         let mut t = table(3, (20000, 20009));
         let open = |t: &mut Table, rule, max, n| {
-            t.open(rule, limits(max), client(n), true, 0, answered)
+            t.open(rule, 0, limits(max), client(n), true, 0, answered)
                 .map(|o| o.entry)
         };
         assert_eq!(
-            t.open(0, limits(10), client(1), false, 0, answered)
+            t.open(0, 0, limits(10), client(1), false, 0, answered)
                 .map(|o| o.entry),
             Err(Refusal::NotAllowed)
         );
@@ -759,25 +882,25 @@ mod tests {
             ..limits(100)
         };
         for n in 0..3 {
-            t.open(0, l, client(n), true, 0, silent).unwrap();
+            t.open(0, 0, l, client(n), true, 0, silent).unwrap();
         }
         assert_eq!(
-            t.open(0, l, client(3), true, 0, silent).map(|o| o.entry),
+            t.open(0, 0, l, client(3), true, 0, silent).map(|o| o.entry),
             Err(Refusal::SourceLimit),
             "a fourth port of the same address"
         );
         let other = SocketAddr::from(([198, 51, 100, 2], 40000));
         assert!(
-            t.open(0, l, other, true, 0, silent).is_ok(),
+            t.open(0, 0, l, other, true, 0, silent).is_ok(),
             "another address"
         );
         assert!(
-            t.open(1, l, client(3), true, 0, silent).is_ok(),
+            t.open(1, 0, l, client(3), true, 0, silent).is_ok(),
             "the share is per rule"
         );
         t.close(t.find(0, client(0)).unwrap());
         assert!(
-            t.open(0, l, client(3), true, 0, silent).is_ok(),
+            t.open(0, 0, l, client(3), true, 0, silent).is_ok(),
             "a closed session gives its share back"
         );
     }
@@ -793,7 +916,7 @@ mod tests {
         let mut n = 0;
         let mut open = |t: &mut Table, rule: u16, now: u64| {
             n += 1;
-            t.open(rule, l, client(n), true, now, silent)
+            t.open(rule, 0, l, client(n), true, now, silent)
                 .map(|o| o.entry.id)
         };
         for _ in 0..5 {
@@ -818,7 +941,7 @@ mod tests {
         let l = limits(100);
         let ids: Vec<u32> = (0..4)
             .map(|n| {
-                t.open(0, l, client(n), true, u64::from(n) * SEC, silent)
+                t.open(0, 0, l, client(n), true, u64::from(n) * SEC, silent)
                     .unwrap()
                     .entry
                     .id
@@ -829,7 +952,7 @@ mod tests {
             answered: id == ids[0],
             ..Observed::default()
         };
-        let o = t.open(0, l, client(9), true, 10 * SEC, observe).unwrap();
+        let o = t.open(0, 0, l, client(9), true, 10 * SEC, observe).unwrap();
         let evicted = o.evicted.expect("room was made");
         assert_eq!(evicted.id, ids[1], "the oldest still unanswered");
         assert_eq!(t.find(0, client(1)), None);
@@ -838,7 +961,7 @@ mod tests {
         t.mark_answered(ids[3]);
         t.mark_answered(o.entry.id);
         assert_eq!(
-            t.open(0, l, client(10), true, 11 * SEC, silent)
+            t.open(0, 0, l, client(10), true, 11 * SEC, silent)
                 .map(|o| o.entry),
             Err(Refusal::Full),
             "answered sessions stay"
@@ -846,10 +969,11 @@ mod tests {
         assert_eq!(t.len(), 4);
         // A rule at max_sessions evicts only its own unanswered sessions.
         let mut t = table(10, (20000, 20099));
-        t.open(1, l, client(1), true, 0, silent).unwrap();
-        t.open(0, limits(1), client(2), true, SEC, silent).unwrap();
+        t.open(1, 0, l, client(1), true, 0, silent).unwrap();
+        t.open(0, 0, limits(1), client(2), true, SEC, silent)
+            .unwrap();
         let o = t
-            .open(0, limits(1), client(3), true, 2 * SEC, silent)
+            .open(0, 0, limits(1), client(3), true, 2 * SEC, silent)
             .unwrap();
         assert_eq!(o.evicted.map(|e| e.client), Some(client(2)));
         assert!(t.find(1, client(1)).is_some());
@@ -859,13 +983,16 @@ mod tests {
     fn sessions_a_new_allow_list_refuses_are_revoked() {
         let mut t = table(10, (20000, 20009));
         let a = t
-            .open(0, limits(10), client(1), true, 0, silent)
+            .open(0, 0, limits(10), client(1), true, 0, silent)
             .unwrap()
             .entry;
         let other = SocketAddr::from(([203, 0, 113, 9], 5));
-        let b = t.open(0, limits(10), other, true, 0, silent).unwrap().entry;
+        let b = t
+            .open(0, 0, limits(10), other, true, 0, silent)
+            .unwrap()
+            .entry;
         let c = t
-            .open(1, limits(10), client(2), true, 0, silent)
+            .open(1, 0, limits(10), client(2), true, 0, silent)
             .unwrap()
             .entry;
         assert_eq!(t.revoked(|_, _| true), Vec::<u32>::new());
@@ -882,8 +1009,16 @@ mod tests {
             unanswered_timeout: Duration::from_secs(30),
             ..limits(10)
         };
-        let quiet = t.open(0, l, client(1), true, 0, silent).unwrap().entry.id;
-        let replied = t.open(0, l, client(2), true, 0, silent).unwrap().entry.id;
+        let quiet = t
+            .open(0, 0, l, client(1), true, 0, silent)
+            .unwrap()
+            .entry
+            .id;
+        let replied = t
+            .open(0, 0, l, client(2), true, 0, silent)
+            .unwrap()
+            .entry
+            .id;
         let rules = |_: u16| Some(l);
         // The client keeps sending (XDP counts), the upstream never answers.
         let observe = |id: u32| Observed {
@@ -927,12 +1062,12 @@ mod tests {
     fn ports_are_reused_as_late_as_possible() {
         let mut t = table(10, (20000, 20002));
         let a = t
-            .open(0, limits(10), client(1), true, 0, silent)
+            .open(0, 0, limits(10), client(1), true, 0, silent)
             .map(|o| o.entry)
             .unwrap();
         t.close(a.id);
         let b = t
-            .open(0, limits(10), client(2), true, 0, silent)
+            .open(0, 0, limits(10), client(2), true, 0, silent)
             .map(|o| o.entry)
             .unwrap();
         assert_eq!(
@@ -941,9 +1076,9 @@ mod tests {
         );
         assert_eq!(t.replace_port(b.id), Some(20002));
         assert_eq!(t.get(b.id).unwrap().port, 20002);
-        assert_eq!(t.ports.take(), Some(20000));
+        assert_eq!(t.ports[0].take(), Some(20000));
         assert_eq!(
-            t.ports.take(),
+            t.ports[0].take(),
             Some(20001),
             "the port another socket held is tried last"
         );
@@ -953,15 +1088,15 @@ mod tests {
     fn expiry_follows_the_kernel_counters_and_the_slow_path() {
         let mut t = table(10, (20000, 20009));
         let a = t
-            .open(0, limits(10), client(1), true, 0, silent)
+            .open(0, 0, limits(10), client(1), true, 0, silent)
             .map(|o| o.entry)
             .unwrap();
         let b = t
-            .open(0, limits(10), client(2), true, 0, silent)
+            .open(0, 0, limits(10), client(2), true, 0, silent)
             .map(|o| o.entry)
             .unwrap();
         let c = t
-            .open(7, limits(10), client(3), true, 0, silent)
+            .open(7, 0, limits(10), client(3), true, 0, silent)
             .map(|o| o.entry)
             .unwrap();
         let rules = |r: u16| (r == 0).then(|| limits(10));
@@ -1037,7 +1172,7 @@ mod tests {
         let mut ports = Vec::new();
         for n in 0..9 {
             let e = t
-                .open(0, limits(100), client(10 + n), true, 0, silent)
+                .open(0, 0, limits(100), client(10 + n), true, 0, silent)
                 .map(|o| o.entry)
                 .unwrap();
             ids.push(e.id);
@@ -1045,32 +1180,111 @@ mod tests {
         }
         assert!(!ids.contains(&4) && !ports.contains(&20005));
         assert_eq!(
-            t.open(0, limits(100), client(99), true, 0, answered)
+            t.open(0, 0, limits(100), client(99), true, 0, answered)
                 .map(|o| o.entry),
             Err(Refusal::Full)
         );
     }
 
     #[test]
+    fn sessions_to_upstreams_of_different_pools_share_ports() {
+        // Two ports, four sessions: two to an upstream of pool 0, two to one of pool 1.
+        let mut t = table(10, (20000, 20001));
+        let mut open = |pool: usize, n: u16, observe: fn(u32) -> Observed| {
+            t.open(0, pool, limits(100), client(n), true, 0, observe)
+                .map(|o| o.entry)
+        };
+        let a = open(0, 1, silent).unwrap();
+        let b = open(0, 2, silent).unwrap();
+        assert_eq!(
+            open(0, 3, answered),
+            Err(Refusal::NoPort),
+            "pool 0 has no port left (and its sessions were answered)"
+        );
+        let c = open(1, 4, silent).unwrap();
+        let d = open(1, 5, silent).unwrap();
+        assert_eq!(
+            [a.port, b.port],
+            [c.port, d.port],
+            "the same ports, in pool 1"
+        );
+        assert_eq!(t.len(), 4);
+        // A closed session's port comes back to its own pool only.
+        t.close(a.id);
+        assert_eq!(
+            t.on_port(a.port),
+            Some(c.id),
+            "the other pool's session holds it"
+        );
+        assert_eq!(t.ports[1].take(), None);
+        let e = t
+            .open(0, 0, limits(100), client(6), true, 0, silent)
+            .map(|o| o.entry)
+            .unwrap();
+        assert_eq!((e.port, e.pool), (a.port, 0));
+        // When a pool's ports are all held, only an unanswered session of that pool is
+        // evicted for a port: pool 1's older unanswered session would free nothing there.
+        let f = t
+            .open(0, 0, limits(100), client(7), true, 0, silent)
+            .map(|o| o.entry);
+        assert!(
+            f.as_ref().is_ok_and(|o| o.pool == 0 && o.port == e.port),
+            "{f:?}: the unanswered session of pool 0 gave its port"
+        );
+        assert!(t.find(0, client(6)).is_none(), "e was evicted");
+        assert!(t.get(c.id).is_some() && t.get(b.id).is_some());
+        // Lending takes from the pool asked for.
+        t.close(d.id);
+        assert_eq!(t.lend(0, 5), vec![]);
+        assert_eq!(
+            t.lend(1, 5).iter().map(|l| l.1).collect::<Vec<_>>(),
+            vec![d.port]
+        );
+        assert_eq!((t.lent(0), t.lent(1)), (0, 1));
+    }
+
+    #[test]
+    fn a_claimed_port_is_skipped_and_comes_back_once() {
+        let mut pool = PortPool::new(PortRange {
+            first: 100,
+            last: 103,
+        });
+        assert!(pool.claim(101) && !pool.claim(101), "claimed once");
+        assert_eq!(pool.take(), Some(100));
+        assert_eq!(pool.take(), Some(102), "the claimed port is passed over");
+        pool.put(101);
+        pool.put(101);
+        pool.put(100);
+        assert!(!pool.claim(99) && !pool.claim(104), "outside the range");
+        let rest: Vec<u16> = std::iter::from_fn(|| pool.take()).collect();
+        assert_eq!(
+            rest,
+            vec![103, 101, 100],
+            "each free port once, freed last, taken last"
+        );
+        assert!(pool.is_empty());
+    }
+
+    #[test]
     fn ids_lent_to_the_kernel_are_neither_handed_out_nor_lost() {
         let mut t = table(4, (20000, 20009));
-        let lent = t.lend(3);
+        let lent = t.lend(0, 3);
         assert_eq!(lent.len(), 3);
-        assert_eq!(t.lent(), 3);
+        assert_eq!(t.lent(0), 3);
         // One id left for the controller's own sessions; then the table is full.
         let own = t
-            .open(0, limits(100), client(1), true, 0, silent)
+            .open(0, 0, limits(100), client(1), true, 0, silent)
             .map(|o| o.entry)
             .unwrap();
         assert!(lent
             .iter()
             .all(|(id, port)| *id != own.id && *port != own.port));
         assert_eq!(
-            t.open(0, limits(100), client(2), true, 0, answered)
+            t.open(0, 0, limits(100), client(2), true, 0, answered)
                 .map(|o| o.entry),
             Err(Refusal::Full)
         );
-        assert!(t.lend(1).is_empty(), "nothing left to lend");
+        assert!(t.lend(0, 1).is_empty(), "nothing left to lend");
         // The kernel opened a session with the first id: it counts like any other.
         let (id, port) = lent[0];
         assert!(t.adopt(Entry::new(id, 1, client(3), port, 0)));
@@ -1078,20 +1292,20 @@ mod tests {
             !t.adopt(Entry::new(id, 1, client(4), port, 0)),
             "adopted once"
         );
-        assert_eq!((t.lent(), t.len(), t.sessions_of(1)), (2, 2, 1));
+        assert_eq!((t.lent(0), t.len(), t.sessions_of(1)), (2, 2, 1));
         // A wrong port for a lent id is refused.
         assert!(!t.adopt(Entry::new(lent[1].0, 1, client(5), 29999, 0)));
         // The rest come back (the pool was drained) and can be handed out again.
         t.unlend(lent.iter().map(|(id, _)| *id));
-        assert_eq!(t.lent(), 0);
+        assert_eq!(t.lent(0), 0);
         let again = t
-            .open(0, limits(100), client(6), true, 0, silent)
+            .open(0, 0, limits(100), client(6), true, 0, silent)
             .map(|o| o.entry)
             .unwrap();
         assert!(lent[1..].iter().any(|(id, _)| *id == again.id));
         // Closing an adopted session frees its id and port.
         assert!(t.close(id).is_some());
-        assert_eq!(t.lend(10).len(), 2);
+        assert_eq!(t.lend(0, 10).len(), 2);
     }
 
     #[test]
@@ -1100,7 +1314,7 @@ mod tests {
         t.finish_recovery();
         // Opened by the kernel from a pool this controller never filled (a takeover).
         assert!(t.adopt(Entry::new(5, 1, client(1), 20007, 0)));
-        let lent = t.lend(10);
+        let lent = t.lend(0, 10);
         assert!(lent.iter().all(|(id, port)| *id != 5 && *port != 20007));
         assert_eq!(lent.len(), 7);
     }
@@ -1109,11 +1323,11 @@ mod tests {
     fn closing_tcp_sessions_end_after_the_linger_not_the_idle_timeout() {
         let mut t = table(8, (20000, 20009));
         let a = t
-            .open(0, limits(100), client(1), true, 0, answered)
+            .open(0, 0, limits(100), client(1), true, 0, answered)
             .map(|o| o.entry)
             .unwrap();
         let b = t
-            .open(0, limits(100), client(2), true, 0, answered)
+            .open(0, 0, limits(100), client(2), true, 0, answered)
             .map(|o| o.entry)
             .unwrap();
         let rules = |_| Some(limits(100));
@@ -1142,7 +1356,7 @@ mod tests {
     fn a_closing_session_the_kernel_reopened_lives_on_as_a_new_connection() {
         let mut t = table(8, (20000, 20009));
         let a = t
-            .open(0, limits(100), client(1), true, 0, answered)
+            .open(0, 0, limits(100), client(1), true, 0, answered)
             .map(|o| o.entry)
             .unwrap();
         let rules = |_| {

@@ -232,6 +232,23 @@ const TCP6_UPSTREAM: &str = "[fd00:5a:2::2]:8443";
 const TCP_RATE_FRONT: &str = "198.18.1.1:444";
 const TCP_FULL_FRONT: &str = "198.18.1.1:445";
 const TCP_ALLOW_FRONT: &str = "198.18.1.1:446";
+/// A rule to an upstream of another pool than `TCP_UPSTREAM`'s (see `other_pool_upstream`).
+const TCP_OTHER_FRONT: &str = "198.18.1.1:447";
+const TCP_OTHER_CLIENT: &str = "198.18.1.8:50000";
+/// The id its first session takes; its port is `POOL[0]`'s, which the first IPv4 session
+/// holds too (toward `TCP_UPSTREAM`).
+const OTHER_POOL_SLOT: (u32, u16) = (11, 21000);
+
+/// The upstream address and port of `TCP_OTHER_FRONT`'s rule: on `TCP_UPSTREAM`'s host, the
+/// first port whose pool is not `TCP_UPSTREAM`'s.
+fn other_pool_upstream() -> String {
+    let first = datapath::pool_of(sa(TCP_UPSTREAM));
+    (9000..)
+        .map(|port| format!("198.18.2.2:{port}"))
+        .find(|u| datapath::pool_of(sa(u)) != first)
+        .unwrap()
+}
+
 /// A client address holding its share of the rules.
 const TCP_GREEDY: &str = "198.18.1.7:50000";
 /// The ids and relay ports the pool lends, in order.
@@ -266,6 +283,8 @@ fn install_tcp(dp: &Datapath) {
             flags,
             cost_ns: cost,
             burst_ns: cost,
+            pool: datapath::pool_of(u) as u16,
+            _pad: [0; 3],
         };
         dp.set_listen(key, Some(&value)).unwrap();
     };
@@ -289,10 +308,24 @@ fn install_tcp(dp: &Datapath) {
         LISTEN_ALLOW_LIST,
         0,
     );
+    listen(
+        TCP_OTHER_FRONT,
+        &other_pool_upstream(),
+        TCP_BACK_IP,
+        6,
+        0,
+        0,
+    );
     let allowed: relay::config::Cidr = "198.18.1.0/30".parse().unwrap();
     dp.set_allow(5, &[], &[allowed]).unwrap();
     dp.set_source_full(1, sa(TCP_GREEDY).ip(), true).unwrap();
-    assert_eq!(dp.pool_push(&POOL), POOL.len());
+    // Each into its upstream's pool: the IPv6 rule's session takes the second.
+    for (i, slot) in POOL.iter().enumerate() {
+        let upstream = if i == 1 { TCP6_UPSTREAM } else { TCP_UPSTREAM };
+        assert_eq!(dp.pool_push(datapath::pool_of(sa(upstream)), &[*slot]), 1);
+    }
+    let other = datapath::pool_of(sa(&other_pool_upstream()));
+    assert_eq!(dp.pool_push(other, &[OTHER_POOL_SLOT]), 1);
 }
 
 /// A TCP segment from `src` to `dst`.
@@ -375,6 +408,9 @@ fn tcp_table() -> Vec<Fixture> {
         |what, input: Frame, src: &str, dst: &str| relayed(what, input, src, dst, &TO_UPSTREAM_HOP);
     let down = |what, input: Frame, src: &str, dst: &str| relayed(what, input, src, dst, &BACK_HOP);
     let syn = seg(TCP_CLIENT, TCP_FRONT, SYN, b"").tcp_options(&mss);
+    let other = other_pool_upstream();
+    let shared = with_port(TCP_BACK_IP, OTHER_POOL_SLOT.1);
+    assert_eq!(shared, back, "the same relay port as the first session");
     vec![
         up(
             "TCP SYN opens a session (IPv4)",
@@ -383,6 +419,20 @@ fn tcp_table() -> Vec<Fixture> {
             TCP_UPSTREAM,
         )
         .of(12, 0),
+        up(
+            "TCP SYN to an upstream of another pool: a session on the same relay port",
+            seg(TCP_OTHER_CLIENT, TCP_OTHER_FRONT, SYN, b""),
+            &shared,
+            &other,
+        )
+        .of(OTHER_POOL_SLOT.0, 0),
+        down(
+            "TCP SYN-ACK from that upstream to the shared port: to its own client",
+            seg(&other, &shared, SYN | ACK, b""),
+            TCP_OTHER_FRONT,
+            TCP_OTHER_CLIENT,
+        )
+        .of(OTHER_POOL_SLOT.0, 1),
         up(
             "TCP SYN retransmitted: the same session",
             syn.clone(),
@@ -1277,12 +1327,24 @@ fn run_fixtures() -> Vec<String> {
     ) {
         failures.push(format!("TCP session 13: endpoints {e:?}"));
     }
+    let shared = datapath::endpoints(&dp.session(OTHER_POOL_SLOT.0).expect("session"));
+    if shared
+        != ends(
+            TCP_OTHER_CLIENT,
+            TCP_OTHER_FRONT,
+            &with_port(TCP_BACK_IP, OTHER_POOL_SLOT.1),
+            &other_pool_upstream(),
+        )
+    {
+        failures.push(format!("TCP session of another pool: endpoints {shared:?}"));
+    }
 
     let snapshot = Snapshot::from_ebpf(&bpf).expect("counters");
     {
         use relay_common::counters::Open;
         let want = [
-            (Open::Opened, 4),
+            // The four of `POOL`, and the one of another pool on a shared port.
+            (Open::Opened, 5),
             (Open::SourceFull, 1),
             (Open::Rate, 1),
             (Open::RuleFull, 1),
@@ -1385,7 +1447,10 @@ fn the_relay_object_is_the_relays_only() {
             "META",
             "NEXTHOPS",
             "NEXTHOP_KEYS",
-            "POOL",
+            "POOL0",
+            "POOL1",
+            "POOL2",
+            "POOL3",
             "PORTS",
             "RATE",
             "RULES",

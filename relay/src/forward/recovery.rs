@@ -113,7 +113,8 @@ impl Sessions {
             return None;
         }
         // A restart does not count as idle time.
-        let mut entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
+        let mut entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now)
+            .in_pool(datapath::pool_of(ends.upstream));
         let slow = self.datapath.slow(id).unwrap_or_default();
         entry.answered = record.answered() || slow.traffic[TO_CLIENT as usize].packets > 0;
         if !self.reserve_recovered(entry) {
@@ -122,7 +123,7 @@ impl Sessions {
         let socket = match handed {
             Some(fd) => crate::handover::socket::<std::net::UdpSocket>(fd)
                 .map_err(|e| warn!("session {id}: handed-over socket: {e:#}")),
-            None => udp::bind(ends.back, false)
+            None => udp::bind(ends.back, super::sessions::SHARED_PORTS)
                 .and_then(|s| s.connect(ends.upstream).map(|()| s))
                 .map_err(|e| warn!("session {id}: cannot re-bind {}: {e}", ends.back)),
         };

@@ -196,6 +196,8 @@ impl Rule {
             },
             cost_ns,
             burst_ns,
+            pool: datapath::pool_of(upstream) as u16,
+            _pad: [0; 3],
         };
         let key = self.listen_key();
         datapath.set_listen(key, Some(&value))?;

@@ -23,7 +23,7 @@ use log::{debug, warn};
 use relay_common::{
     packet::PROTO_TCP,
     session::{
-        Event, Session, SlowPath, Traffic, EVENT_CLOSING, EVENT_OPENED, ORIGIN_KERNEL,
+        Event, Session, SlowPath, Traffic, EVENT_CLOSING, EVENT_OPENED, ORIGIN_KERNEL, POOLS,
         STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
     },
 };
@@ -202,7 +202,9 @@ impl Sessions {
     /// Takes back every id a predecessor lent to the kernel's pool (they are free unless a
     /// session holds them, which recovery finds). Call before recovery.
     pub(super) async fn drain_pool(&self) {
-        let drained = self.datapath.pool_drain().len();
+        let drained: usize = (0..POOLS)
+            .map(|pool| self.datapath.pool_drain(pool).len())
+            .sum();
         if drained > 0 {
             debug!("took {drained} ids back from the kernel's pool");
             // A SYN that popped an id just before writes its record within microseconds;
@@ -211,21 +213,60 @@ impl Sessions {
         }
     }
 
-    /// Keeps the kernel's pool of free ids and ports filled while rules open sessions
-    /// there.
+    /// Keeps the kernel's pools of free ids and ports filled while rules open sessions
+    /// there: the pools of those rules' upstreams share the target in proportion to the
+    /// sessions each holds (equally at first), so that a pool nobody uses does not keep ids
+    /// the busy ones need. A pool holding far more than its share is drained and lent its
+    /// share again.
     pub(super) fn refill(&self) {
-        if self.pool_target == 0 || !self.rules.iter().any(Rule::in_kernel) {
+        if self.pool_target == 0 {
+            return;
+        }
+        let pools: std::collections::BTreeSet<usize> = self
+            .rules
+            .iter()
+            .filter(|r| r.in_kernel())
+            .map(|r| datapath::pool_of(r.current().upstream))
+            .collect();
+        if pools.is_empty() {
             return;
         }
         let mut st = self.lock();
-        let have = st.table.lent();
-        if have >= self.pool_target / 2 {
-            return;
+        let weight = |st: &State, pool: usize| st.table.held(pool) + 1;
+        let total: usize = pools.iter().map(|&p| weight(&st, p)).sum();
+        let targets: Vec<usize> = (0..POOLS)
+            .map(|pool| {
+                if pools.contains(&pool) {
+                    (self.pool_target * weight(&st, pool) / total).max(1)
+                } else {
+                    // No rule takes sessions from it (any more): its slots come back.
+                    0
+                }
+            })
+            .collect();
+        // Taken back first, so that what is lent next fits beside what stays.
+        for (pool, &target) in targets.iter().enumerate() {
+            if st.table.lent(pool) > 2 * target + 64 {
+                let back: Vec<u32> = self
+                    .datapath
+                    .pool_drain(pool)
+                    .iter()
+                    .map(|s| s.id)
+                    .collect();
+                // Slots XDP popped just before stay lent: their sessions' events adopt them.
+                st.table.unlend(back);
+            }
         }
-        let slots = st.table.lend(self.pool_target - have);
-        let pushed = self.datapath.pool_push(&slots);
-        if pushed < slots.len() {
-            st.table.unlend(slots[pushed..].iter().map(|(id, _)| *id));
+        for (pool, &target) in targets.iter().enumerate() {
+            let have = st.table.lent(pool);
+            if target == 0 || have >= target.div_ceil(2) {
+                continue;
+            }
+            let slots = st.table.lend(pool, target - have);
+            let pushed = self.datapath.pool_push(pool, &slots);
+            if pushed < slots.len() {
+                st.table.unlend(slots[pushed..].iter().map(|(id, _)| *id));
+            }
         }
     }
 
@@ -283,7 +324,8 @@ impl Sessions {
         let ends = datapath::endpoints(&record);
         let rule = self.rules.get(record.rule)?;
         let mut st = self.lock();
-        let entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
+        let entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now)
+            .in_pool(datapath::pool_of(ends.upstream));
         if !st.table.adopt(entry) {
             // Recovered already (an event from before a restart).
             return st.live.get(&id).map(|l| Arc::clone(&l.io));
@@ -327,7 +369,7 @@ impl Sessions {
         }
         let socket = udp::bind(
             SocketAddr::new(unspecified(ends.upstream.is_ipv4()), ends.back.port()),
-            false,
+            SHARED_PORTS,
         )
         .and_then(|s| s.connect(ends.upstream).map(|()| s));
         let socket = match socket {
@@ -455,7 +497,8 @@ impl Sessions {
         if !rule.current().config.client_allowed(ends.client.ip()) {
             return false;
         }
-        let mut entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now);
+        let mut entry = Entry::new(id, rule.index, ends.client, ends.back.port(), now)
+            .in_pool(datapath::pool_of(ends.upstream));
         entry.answered = record.answered();
         let mut st = self.lock();
         if !st.table.recover(entry) {
@@ -716,9 +759,16 @@ impl Sessions {
         let mut st = self.lock();
         let opened = {
             let State { table, live, .. } = &mut *st;
-            table.open(rule.index, rule.limits(), client, allowed, now, |id| {
-                observe(&self.datapath, live, id)
-            })
+            let pool = datapath::pool_of(current.upstream);
+            table.open(
+                rule.index,
+                pool,
+                rule.limits(),
+                client,
+                allowed,
+                now,
+                |id| observe(&self.datapath, live, id),
+            )
         };
         let entry = match opened {
             Ok(o) => {
@@ -948,6 +998,11 @@ impl Sessions {
             }
             Err(e) => warn!("session {id}: removing from the maps: {e:#}"),
         }
+        // Sessions to other upstreams may share the port (one per pool): strangers'
+        // datagrams to it are still dropped while one of them lives.
+        if let Some(other) = st.table.on_port(entry.port) {
+            let _ = self.datapath.set_port(entry.port, other);
+        }
         let _ = self.datapath.update_rule(entry.rule, |r| {
             r.closed += 1;
             for (total, t) in r.retired.iter_mut().zip(retired) {
@@ -1062,6 +1117,12 @@ fn send_upstream(io: &SessionIo, data: &[u8], now: u64) {
 }
 
 /// A socket bound to the session's port (or the next free one) and connected upstream.
+/// Session sockets bind with SO_REUSEADDR: sessions to upstreams of different pools share
+/// relay ports, each socket connected to its own upstream (the kernel delivers a datagram to
+/// the socket connected to its sender). A port another program holds without it stays
+/// refused.
+pub(super) const SHARED_PORTS: bool = true;
+
 fn session_socket(
     table: &mut Table,
     entry: &Entry,
@@ -1071,7 +1132,7 @@ fn session_socket(
     for _ in 0..64 {
         match udp::bind(
             SocketAddr::new(unspecified(upstream.is_ipv4()), port),
-            false,
+            SHARED_PORTS,
         ) {
             Ok(s) => {
                 s.connect(upstream)
