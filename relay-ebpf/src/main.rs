@@ -15,13 +15,14 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS,
+    bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_get_socket_cookie,
-    macros::{map, stream_verdict, xdp},
+    macros::{map, sk_lookup, stream_verdict, xdp},
     maps::{
         lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, Queue, RingBuf, SockHash,
+        SockMap,
     },
-    programs::{SkBuffContext, XdpContext},
+    programs::{SkBuffContext, SkLookupContext, XdpContext},
     Global,
 };
 use aya_log_ebpf::debug;
@@ -1051,6 +1052,83 @@ fn total(slot: u32, n: u64) {
     if let Some(t) = SPLICE_TOTALS.get_ptr_mut(slot) {
         // SAFETY: this CPU's slot; the verdict is not preempted on its CPU.
         unsafe { *t += n };
+    }
+}
+
+/// The running controller's socket for what XDP declines of the UDP sessions it opened
+/// (which have no socket of their own): index 0 IPv4, 1 IPv6. Not pinned: each controller
+/// loads its own with the lookup program that uses it, and its socket leaves the map when
+/// it closes.
+#[map]
+static SLOW_SOCKETS: SockMap = SockMap::with_max_entries(2, 0);
+
+/// Socket lookup (attached to the namespace while a controller runs): a UDP datagram the
+/// host's stack is to deliver to a session port, from the upstream of a session XDP opened,
+/// goes to the controller's socket (`SLOW_SOCKETS`), which relays it to the client as it
+/// relays what reaches a session socket. Connected sockets (the sessions the controller
+/// opened) are found before this runs; anything else is left to the normal lookup.
+#[sk_lookup]
+pub fn session_port(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // The verifier takes only loads at constant offsets of the context itself: each field is
+    // read on its own, through a volatile load the compiler cannot merge or offset.
+    macro_rules! field {
+        ($($f:tt)+) => {
+            // SAFETY: the context points at the kernel's lookup description for this run;
+            // the field is a plain integer.
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*l).$($f)+)) }
+        };
+    }
+    if field!(protocol) != u32::from(PROTO_UDP) {
+        return SK_PASS;
+    }
+    let local_port = field!(local_port);
+    let port = local_port as u16;
+    let (first, last) = (SESSION_PORT_FIRST.load(), SESSION_PORT_LAST.load());
+    if first == 0 || port < first || port > last || local_port > 0xffff {
+        return SK_PASS;
+    }
+    let mut remote = [0u8; 16];
+    let family = field!(family);
+    let (family, slot) = if family == 2 {
+        remote[..4].copy_from_slice(&field!(remote_ip4).to_ne_bytes());
+        (FAMILY_V4, 0)
+    } else if family == 10 {
+        let words = [
+            field!(remote_ip6[0]),
+            field!(remote_ip6[1]),
+            field!(remote_ip6[2]),
+            field!(remote_ip6[3]),
+        ];
+        // SAFETY: four network-order words are sixteen address bytes.
+        remote = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) };
+        (FAMILY_V6, 1)
+    } else {
+        return SK_PASS;
+    };
+    let key = FlowKey {
+        remote,
+        remote_port: u16::from_be(field!(remote_port)),
+        local_port: port,
+        family,
+        proto: PROTO_UDP,
+        _pad: [0; 2],
+    };
+    // SAFETY: references into map values, valid for this program run.
+    let Some(flow) = (unsafe { FLOWS.get(key) }) else {
+        return SK_PASS;
+    };
+    if flow.direction != TO_CLIENT {
+        return SK_PASS;
+    }
+    match SESSIONS.get(flow.session) {
+        Some(s) if s.state == STATE_ACTIVE && s.origin == ORIGIN_KERNEL => {}
+        _ => return SK_PASS,
+    }
+    // No controller socket (none runs): dropped here, not answered with a port-unreachable.
+    match SLOW_SOCKETS.redirect_sk_lookup(&ctx, slot, 0) {
+        Ok(()) => SK_PASS,
+        Err(_) => SK_DROP,
     }
 }
 

@@ -779,6 +779,19 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
     } else {
         None
     };
+    // What XDP declines of the UDP sessions it opens reaches the controller through a socket
+    // lookup program (attached while this controller runs).
+    let steering = if fast_path {
+        match relay::forward::steer::Steering::attach(&mut bpf) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!("{e:#}; what XDP declines of the sessions it opens is dropped");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let forward = Forward::start(
         &config,
         Arc::clone(&datapath),
@@ -786,6 +799,7 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
         std::mem::take(&mut received.forward),
         std::mem::take(&mut received.sessions),
         events,
+        steering,
     )
     .await?;
     let socks5 = match config.socks5 {

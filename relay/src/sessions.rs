@@ -392,6 +392,11 @@ impl Table {
         self.per_pool.get(pool).copied().unwrap_or(0)
     }
 
+    /// The session on relay port `port` in pool `pool`, if one holds it.
+    pub fn on_port_in(&self, port: u16, pool: usize) -> Option<u32> {
+        self.by_port.get(&(port, pool)).copied()
+    }
+
     /// A session on relay port `port`, if any holds it (in any pool).
     pub fn on_port(&self, port: u16) -> Option<u32> {
         (0..POOLS).find_map(|pool| self.by_port.get(&(port, pool)).copied())

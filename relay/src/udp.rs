@@ -14,7 +14,8 @@ use std::{
 pub const BATCH: usize = 32;
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_536;
-const CONTROL: usize = 64;
+/// Room for packet info and an original destination address, IPv6's included.
+const CONTROL: usize = 128;
 
 fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 {
@@ -73,6 +74,14 @@ pub fn bind(addr: SocketAddr, reuse: bool) -> io::Result<UdpSocket> {
     // SAFETY: `storage` holds a valid sockaddr of length `len`.
     cvt(unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) })?;
     Ok(socket)
+}
+
+/// Sends one datagram from `from` (an address and port of this host, which other sockets
+/// bound with SO_REUSEADDR may hold too) to `to`, through a socket made for it and closed at
+/// once: the slow path of a session that has no socket of its own.
+pub fn send_from(from: SocketAddr, to: SocketAddr, data: &[u8]) -> io::Result<()> {
+    let socket = bind(from, true)?;
+    socket.send_to(data, to).map(drop)
 }
 
 pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -152,6 +161,9 @@ pub struct Datagram<'a> {
     pub peer: SocketAddr,
     /// The address it was sent to (from packet info), if known.
     pub local: Option<IpAddr>,
+    /// The port it was sent to, on a socket that asked for it
+    /// ([`recv_original_destination`]).
+    pub local_port: Option<u16>,
     /// The datagram was larger than the buffer (never with 64 KiB buffers).
     pub truncated: bool,
 }
@@ -175,6 +187,47 @@ thread_local! {
         lens: [0; BATCH],
         flags: [0; BATCH],
     });
+}
+
+/// Asks for each datagram's original destination address and port (IP_RECVORIGDSTADDR /
+/// IPV6_RECVORIGDSTADDR): a socket that datagrams to other ports are handed to learns which.
+pub fn recv_original_destination(socket: &UdpSocket) -> io::Result<()> {
+    let fd = socket.as_raw_fd();
+    match local_addr(socket)? {
+        SocketAddr::V4(_) => setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR, 1),
+        SocketAddr::V6(_) => setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVORIGDSTADDR, 1),
+    }
+}
+
+/// The destination port of a datagram, from its IP_ORIGDSTADDR / IPV6_ORIGDSTADDR message.
+fn local_port_from_control(control: &[u8], len: usize) -> Option<u16> {
+    // SAFETY: all-zero is a valid msghdr; only the control fields are used by the CMSG macros.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_control = control.as_ptr() as *mut libc::c_void;
+    msg.msg_controllen = len;
+    // SAFETY: `msg` describes `control`, which the kernel filled with `len` bytes of
+    // well-formed cmsgs; the CMSG macros stay inside that buffer, and each message's data is
+    // the socket address its type says.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
+            if level == libc::IPPROTO_IP && kind == libc::IP_ORIGDSTADDR {
+                let sin = libc::CMSG_DATA(cmsg)
+                    .cast::<libc::sockaddr_in>()
+                    .read_unaligned();
+                return Some(u16::from_be(sin.sin_port));
+            }
+            if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_ORIGDSTADDR {
+                let sin6 = libc::CMSG_DATA(cmsg)
+                    .cast::<libc::sockaddr_in6>()
+                    .read_unaligned();
+                return Some(u16::from_be(sin6.sin6_port));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    None
 }
 
 fn local_addr_from_control(control: &[u8], len: usize) -> Option<IpAddr> {
@@ -246,7 +299,9 @@ pub fn recv_batch(fd: RawFd, f: impl FnOnce(&[Datagram<'_>])) -> io::Result<usiz
         }
         let mut batch = Vec::with_capacity(n);
         for i in 0..n {
-            let local = local_addr_from_control(&b.control[i], hdrs[i].msg_hdr.msg_controllen);
+            let control_len = hdrs[i].msg_hdr.msg_controllen;
+            let local = local_addr_from_control(&b.control[i], control_len);
+            let local_port = local_port_from_control(&b.control[i], control_len);
             let Some(peer) = socket_addr(&b.names[i]) else {
                 continue;
             };
@@ -255,6 +310,7 @@ pub fn recv_batch(fd: RawFd, f: impl FnOnce(&[Datagram<'_>])) -> io::Result<usiz
                 data: &b.data[i * MAX_DATAGRAM..i * MAX_DATAGRAM + len],
                 peer,
                 local,
+                local_port,
                 truncated: b.flags[i] & libc::MSG_TRUNC != 0,
             });
         }

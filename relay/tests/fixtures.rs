@@ -1425,7 +1425,7 @@ fn the_relay_object_is_the_relays_only() {
     let bpf = load(&pin);
     let mut programs: Vec<&str> = bpf.programs().map(|(name, _)| name).collect();
     programs.sort_unstable();
-    assert_eq!(programs, ["relay", "splice"]);
+    assert_eq!(programs, ["relay", "session_port", "splice"]);
     let mut maps: Vec<&str> = bpf
         .maps()
         .map(|(name, _)| name)
@@ -1457,6 +1457,7 @@ fn the_relay_object_is_the_relays_only() {
             "RULE_PORTS",
             "SESSIONS",
             "SLOWPATH",
+            "SLOW_SOCKETS",
             "SOURCE_FULL",
             "SPLICE",
             "SPLICE_COUNTS",

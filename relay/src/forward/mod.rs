@@ -2,9 +2,11 @@
 //!
 //! - [`rules`]: the listening sockets of the rules (one per listen port), their current
 //!   settings and `RULES` labels, and reload;
-//! - [`sessions`]: the session table with one socket per session (its reserved relay port, and
-//!   the slow path for replies): opening, the controller's own relaying, expiry, closing, and
-//!   ([`recovery`]) taking over the sessions a previous controller left in the pinned maps.
+//! - [`sessions`]: the session table with one socket per session the controller opened (its
+//!   reserved relay port, and the slow path for replies; the sessions XDP opens have none, and
+//!   [`steer`] hands what XDP declines of them to the controller): opening, the controller's
+//!   own relaying, expiry, closing, and ([`recovery`]) taking over the sessions a previous
+//!   controller left in the pinned maps.
 //!
 //! Whether XDP or this code moves a session's bytes, the session is the same: opened, limited,
 //! accounted and expired by [`crate::sessions::Table`]. The maps are written through
@@ -13,6 +15,7 @@
 mod recovery;
 mod rules;
 mod sessions;
+pub mod steer;
 pub mod tcp;
 
 use std::{
@@ -39,6 +42,9 @@ pub struct Forward {
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// The kernel's event ring, until [`Forward::spawn`] starts reading it.
     events: Mutex<Option<aya::maps::RingBuf<aya::maps::MapData>>>,
+    /// The socket lookup that hands the controller what XDP declines of the UDP sessions
+    /// it opened (none without XDP).
+    steering: Mutex<Option<steer::Steering>>,
 }
 
 impl Forward {
@@ -58,6 +64,7 @@ impl Forward {
         listeners: HashMap<(u8, SocketAddr), OwnedFd>,
         handed: HashMap<u32, OwnedFd>,
         events: Option<aya::maps::RingBuf<aya::maps::MapData>>,
+        steering: Option<steer::Steering>,
     ) -> anyhow::Result<Forward> {
         datapath.clear_kernel_rules();
         let rules = Arc::new(Rules::bind(config, Arc::clone(&datapath), listeners)?);
@@ -79,6 +86,7 @@ impl Forward {
             sessions,
             tasks: Mutex::new(Vec::new()),
             events: Mutex::new(events.filter(|_| nexthops.is_some())),
+            steering: Mutex::new(steering),
         })
     }
 
@@ -90,6 +98,15 @@ impl Forward {
         }
         if let Some(ring) = self.events.lock().unwrap_or_else(|e| e.into_inner()).take() {
             tasks.push(tokio::spawn(Arc::clone(&self.sessions).events(ring)).abort_handle());
+        }
+        if let Some(steering) = &mut *self.steering.lock().unwrap_or_else(|e| e.into_inner()) {
+            for socket in steering.sockets.drain(..) {
+                match tokio::net::UdpSocket::from_std(socket) {
+                    Ok(s) => tasks
+                        .push(tokio::spawn(Arc::clone(&self.sessions).steered(s)).abort_handle()),
+                    Err(e) => warn!("registering the steered-datagram socket: {e}"),
+                }
+            }
         }
         let sessions = Arc::clone(&self.sessions);
         let housekeeping = tokio::spawn(async move {
@@ -112,6 +129,9 @@ impl Forward {
             .drain(..)
         {
             t.abort();
+        }
+        if let Some(steering) = &mut *self.steering.lock().unwrap_or_else(|e| e.into_inner()) {
+            steering.detach();
         }
         let mut out = self.rules.hand_over()?;
         out.extend(self.sessions.hand_over()?);

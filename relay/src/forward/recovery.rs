@@ -32,8 +32,9 @@ impl Sessions {
                 continue;
             }
             let ends = datapath::endpoints(&record);
-            // A TCP session the kernel opened has no socket; a UDP one gets its socket back
-            // below, like the controller's own.
+            // A TCP session the kernel opened has no socket and no relay of its own in the
+            // controller; a UDP one has no socket either (what XDP declines of it reaches the
+            // controller's steered socket) but is restored below, for what it sends.
             if super::sessions::kernel_opened(&record)
                 && record.proto == relay_common::packet::PROTO_TCP
             {
@@ -94,7 +95,8 @@ impl Sessions {
     }
 
     /// Takes pinned session `id` back into the table with its socket (`handed`, or bound
-    /// again); `None` if no rule matches it any more or its port cannot be had.
+    /// again; none for a session XDP opened); `None` if no rule matches it any more or its
+    /// port cannot be had.
     fn reclaim(
         &self,
         id: u32,
@@ -102,7 +104,7 @@ impl Sessions {
         ends: &Endpoints,
         handed: Option<OwnedFd>,
         now: u64,
-    ) -> Option<(u16, std::net::UdpSocket)> {
+    ) -> Option<(u16, Option<std::net::UdpSocket>)> {
         let rule =
             self.rules
                 .matching(record.rule, record.proto, ends.front.port(), ends.upstream)?;
@@ -120,6 +122,9 @@ impl Sessions {
         if !self.reserve_recovered(entry) {
             return None;
         }
+        if super::sessions::kernel_opened(record) {
+            return Some((rule.index, None));
+        }
         let socket = match handed {
             Some(fd) => crate::handover::socket::<std::net::UdpSocket>(fd)
                 .map_err(|e| warn!("session {id}: handed-over socket: {e:#}")),
@@ -128,7 +133,7 @@ impl Sessions {
                 .map_err(|e| warn!("session {id}: cannot re-bind {}: {e}", ends.back)),
         };
         match socket {
-            Ok(s) => Some((rule.index, s)),
+            Ok(s) => Some((rule.index, Some(s))),
             Err(()) => {
                 self.forget(id);
                 None

@@ -102,7 +102,11 @@ struct SessionIo {
     id: u32,
     rule: u16,
     ends: Endpoints,
-    socket: UdpSocket,
+    /// The session's own socket (bound to its relay port, connected to the upstream); none
+    /// for a UDP session XDP opened: what XDP declines of its upstream's datagrams reaches
+    /// the controller's steered socket ([`Sessions::steered`]), and what it declines of its
+    /// client's is sent from its port by [`send_upstream`].
+    socket: Option<UdpSocket>,
     slow: SlowCounters,
     opened: u64,
     /// The next-hop slots its record refers to; released when the session is gone (after
@@ -112,7 +116,8 @@ struct SessionIo {
 
 struct Live {
     io: Arc<SessionIo>,
-    task: AbortHandle,
+    /// The relay of its socket's datagrams (a session with a socket).
+    task: Option<AbortHandle>,
 }
 
 struct State {
@@ -130,7 +135,7 @@ pub(super) struct Start {
     pub id: u32,
     pub rule: u16,
     pub ends: Endpoints,
-    pub socket: std::net::UdpSocket,
+    pub socket: Option<std::net::UdpSocket>,
     pub hops: Hops,
     /// The controller's counters so far (and when the session was opened).
     pub slow: SlowPath,
@@ -367,28 +372,14 @@ impl Sessions {
         if record.proto == PROTO_TCP {
             return None;
         }
-        let socket = udp::bind(
-            SocketAddr::new(unspecified(ends.upstream.is_ipv4()), ends.back.port()),
-            SHARED_PORTS,
-        )
-        .and_then(|s| s.connect(ends.upstream).map(|()| s));
-        let socket = match socket {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(
-                    "session {id}: its relay port {} cannot be held ({e}); XDP relays it, \
-                     but what XDP declines for it is lost",
-                    ends.back.port()
-                );
-                return None;
-            }
-        };
+        // No socket of its own: a session the kernel opens costs the controller no system
+        // call and no descriptor (a burst of them would otherwise hit the open-file limit).
         let _ = self.datapath.set_port(ends.back.port(), id);
         let start = Start {
             id,
             rule: rule.index,
             ends,
-            socket,
+            socket: None,
             // The rule holds the slot to the upstream; the way back is the record's own.
             hops: crate::nexthop::Hops::none(),
             slow: SlowPath {
@@ -716,7 +707,7 @@ impl Sessions {
             id,
             rule: rule.index,
             ends,
-            socket,
+            socket: Some(socket),
             hops,
             slow: SlowPath {
                 opened: unix_seconds(),
@@ -839,12 +830,19 @@ impl Sessions {
             id: s.id,
             rule: s.rule,
             ends: s.ends,
-            socket: UdpSocket::from_std(s.socket).context("registering a session socket")?,
+            socket: s
+                .socket
+                .map(UdpSocket::from_std)
+                .transpose()
+                .context("registering a session socket")?,
             slow: SlowCounters::continuing(&s.slow),
             opened: s.slow.opened,
             _hops: s.hops,
         });
-        let task = tokio::spawn(Arc::clone(self).replies(Arc::clone(&io))).abort_handle();
+        let task = io
+            .socket
+            .is_some()
+            .then(|| tokio::spawn(Arc::clone(self).replies(Arc::clone(&io))).abort_handle());
         st.live.insert(
             s.id,
             Live {
@@ -866,12 +864,13 @@ impl Sessions {
         else {
             return;
         };
-        let fd = io.socket.as_raw_fd();
+        let Some(socket) = &io.socket else { return };
+        let fd = socket.as_raw_fd();
         loop {
-            if io.socket.readable().await.is_err() {
+            if socket.readable().await.is_err() {
                 return;
             }
-            let r = io.socket.try_io(Interest::READABLE, || {
+            let r = socket.try_io(Interest::READABLE, || {
                 udp::recv_batch(fd, |batch| {
                     let now = monotonic_ns();
                     let out: Vec<udp::Outgoing<'_>> = batch
@@ -898,6 +897,64 @@ impl Sessions {
                     debug!("session {}: receiving: {e}", io.id);
                 }
             }
+        }
+    }
+
+    /// Relays what reaches the steered socket ([`super::steer`]), forever: datagrams from the
+    /// upstreams of the UDP sessions XDP opened that it declined. Each goes to its session's
+    /// client, from the address the client sends to; one that matches no session (it ended
+    /// meanwhile) is dropped.
+    pub(super) async fn steered(self: Arc<Self>, socket: UdpSocket) {
+        let fd = socket.as_raw_fd();
+        loop {
+            if socket.readable().await.is_err() {
+                return;
+            }
+            let r = socket.try_io(Interest::READABLE, || {
+                udp::recv_batch(fd, |batch| {
+                    let now = monotonic_ns();
+                    for d in batch.iter().filter(|d| !d.truncated) {
+                        let Some(port) = d.local_port else { continue };
+                        let io = {
+                            let st = self.lock();
+                            st.table
+                                .on_port_in(port, datapath::pool_of(d.peer))
+                                .and_then(|id| st.live.get(&id))
+                                .map(|l| Arc::clone(&l.io))
+                        };
+                        let Some(io) = io.filter(|io| io.ends.upstream == d.peer) else {
+                            debug!(
+                                "steered datagram from {} to port {port}: no session",
+                                d.peer
+                            );
+                            continue;
+                        };
+                        self.to_client(&io, d.data, now);
+                    }
+                })
+            });
+            if let Err(e) = r {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    debug!("steered datagrams: {e}");
+                }
+            }
+        }
+    }
+
+    /// Sends a datagram of session `io`'s upstream to its client through the rule's listening
+    /// socket, from the address the client sends to.
+    fn to_client(&self, io: &SessionIo, data: &[u8], now: u64) {
+        let Some(listener) = self.rules.get(io.rule).and_then(|r| r.socket.udp()) else {
+            return;
+        };
+        let out = [udp::Outgoing {
+            data,
+            to: Some(io.ends.client),
+            from: Some(io.ends.front.ip()),
+        }];
+        match udp::send_batch(listener.as_raw_fd(), &out) {
+            Ok(_) => io.slow.add(TO_CLIENT, data.len(), now),
+            Err(e) => debug!("session {}: sending to the client: {e}", io.id),
         }
     }
 
@@ -970,8 +1027,8 @@ impl Sessions {
         match st.table.close(id) {
             Some(entry) => self.close_entry(st, entry, why),
             None => {
-                if let Some(l) = st.live.remove(&id) {
-                    l.task.abort();
+                if let Some(task) = st.live.remove(&id).and_then(|l| l.task) {
+                    task.abort();
                 }
             }
         }
@@ -981,8 +1038,8 @@ impl Sessions {
     fn close_entry(&self, st: &mut State, entry: Entry, why: &str) {
         let id = entry.id;
         let live = st.live.remove(&id);
-        if let Some(l) = &live {
-            l.task.abort();
+        if let Some(task) = live.as_ref().and_then(|l| l.task.as_ref()) {
+            task.abort();
         }
         let mut retired = [Traffic::default(); 2];
         match self.datapath.remove(id) {
@@ -1030,20 +1087,25 @@ impl Sessions {
     }
 
     /// Stops relaying (a successor takes over): every session task ends, the controller's
-    /// counters are published, and the session sockets are returned, duplicated, by id.
+    /// counters are published, and the session sockets are returned, duplicated, by id (the
+    /// sessions XDP opened have none: the successor finds them in the maps).
     pub fn hand_over(&self) -> anyhow::Result<Vec<(crate::handover::Item, std::os::fd::OwnedFd)>> {
         use std::os::fd::AsFd as _;
         let st = self.lock();
         let mut out = Vec::with_capacity(st.live.len());
         for live in st.live.values() {
-            live.task.abort();
+            if let Some(task) = &live.task {
+                task.abort();
+            }
             let _ = self
                 .datapath
                 .set_slow(live.io.id, &live.io.slow.snapshot(live.io.opened));
-            out.push((
-                crate::handover::Item::Session { id: live.io.id },
-                crate::handover::dup(live.io.socket.as_fd())?,
-            ));
+            if let Some(socket) = &live.io.socket {
+                out.push((
+                    crate::handover::Item::Session { id: live.io.id },
+                    crate::handover::dup(socket.as_fd())?,
+                ));
+            }
         }
         Ok(out)
     }
@@ -1101,17 +1163,24 @@ pub(super) fn kernel_opened(record: &Session) -> bool {
     record.origin == ORIGIN_KERNEL
 }
 
-/// Relays a client's datagram to the upstream through the session's socket. A plain
+/// Relays a client's datagram to the upstream through the session's socket (a plain
 /// non-blocking send: tokio's `try_send` refuses until the reactor has seen the socket
-/// writable, which a brand-new socket has not.
+/// writable, which a brand-new socket has not), or, for a session XDP opened, from its relay
+/// port through a socket made for the send.
 fn send_upstream(io: &SessionIo, data: &[u8], now: u64) {
-    let out = [udp::Outgoing {
-        data,
-        to: None,
-        from: None,
-    }];
-    match udp::send_batch(io.socket.as_raw_fd(), &out) {
-        Ok(_) => io.slow.add(TO_UPSTREAM, data.len(), now),
+    let sent = match &io.socket {
+        Some(socket) => {
+            let out = [udp::Outgoing {
+                data,
+                to: None,
+                from: None,
+            }];
+            udp::send_batch(socket.as_raw_fd(), &out).map(drop)
+        }
+        None => udp::send_from(io.ends.back, io.ends.upstream, data),
+    };
+    match sent {
+        Ok(()) => io.slow.add(TO_UPSTREAM, data.len(), now),
         Err(e) => debug!("session {}: sending upstream: {e}", io.id),
     }
 }
