@@ -424,10 +424,14 @@ fn fragments_and_expiring_ttls_are_relayed_by_the_controller() {
     let t = Topology::new();
     let pin = PinDir::new();
     let _echo = Echo::start(&t.upstream, "198.18.2.2:6000".parse().unwrap());
+    let _echo6 = Echo::start(&t.upstream, "[fd00:5a:2::2]:6000".parse().unwrap());
     let mut relay = start_two_nic(&t, &pin, &[]);
     let socks = clients(&t.client, "198.18.1.2", 2);
     let to: SocketAddr = FRONT_V4.parse().unwrap();
     open_sessions(&socks, to);
+    let socks6 = clients(&t.client, "fd00:5a:1::2", 1);
+    let to6: SocketAddr = "[fd00:5a:1::1]:5000".parse().unwrap();
+    open_sessions(&socks6, to6);
     let before = stats(&t.relay, "cli0", &pin);
 
     // 3000 bytes over a 1500-byte MTU: the client's kernel fragments it, XDP declines the
@@ -437,11 +441,13 @@ fn fragments_and_expiring_ttls_are_relayed_by_the_controller() {
     let big: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
     let mut buf = [0u8; 4096];
     let mut big_round_trip = |what: &str| {
-        socks[0].send_to(&big, to).expect("send");
-        let (n, from) = socks[0]
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("the fragmented datagram comes back ({what}): {e}"));
-        assert_eq!((&buf[..n], from), (&big[..], to));
+        for (s, to) in [(&socks[0], to), (&socks6[0], to6)] {
+            s.send_to(&big, to).expect("send");
+            let (n, from) = s.recv_from(&mut buf).unwrap_or_else(|e| {
+                panic!("the fragmented datagram comes back ({what}, to {to}): {e}")
+            });
+            assert_eq!((&buf[..n], from), (&big[..], to));
+        }
     };
     big_round_trip("first");
     // A successor takes over (the predecessor's lookup program goes with it): the same.
