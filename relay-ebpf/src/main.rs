@@ -15,7 +15,7 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
+    bindings::sk_action::SK_PASS,
     helpers::bpf_get_socket_cookie,
     macros::{map, sk_lookup, stream_verdict, xdp},
     maps::{
@@ -1088,10 +1088,11 @@ pub fn session_port(ctx: SkLookupContext) -> u32 {
     if first == 0 || port < first || port > last || local_port > 0xffff {
         return SK_PASS;
     }
-    let mut remote = [0u8; 16];
+    let (mut remote, mut local) = ([0u8; 16], [0u8; 16]);
     let family = field!(family);
     let (family, slot) = if family == 2 {
         remote[..4].copy_from_slice(&field!(remote_ip4).to_ne_bytes());
+        local[..4].copy_from_slice(&field!(local_ip4).to_ne_bytes());
         (FAMILY_V4, 0)
     } else if family == 10 {
         let words = [
@@ -1100,8 +1101,16 @@ pub fn session_port(ctx: SkLookupContext) -> u32 {
             field!(remote_ip6[2]),
             field!(remote_ip6[3]),
         ];
+        let local_words = [
+            field!(local_ip6[0]),
+            field!(local_ip6[1]),
+            field!(local_ip6[2]),
+            field!(local_ip6[3]),
+        ];
         // SAFETY: four network-order words are sixteen address bytes.
         remote = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) };
+        // SAFETY: as above.
+        local = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(local_words) };
         (FAMILY_V6, 1)
     } else {
         return SK_PASS;
@@ -1122,14 +1131,18 @@ pub fn session_port(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     match SESSIONS.get(flow.session) {
-        Some(s) if s.state == STATE_ACTIVE && s.origin == ORIGIN_KERNEL => {}
+        Some(s) if s.state == STATE_ACTIVE && s.origin == ORIGIN_KERNEL && same(s.back, local) => {}
         _ => return SK_PASS,
     }
-    // No controller socket (none runs): dropped here, not answered with a port-unreachable.
-    match SLOW_SOCKETS.redirect_sk_lookup(&ctx, slot, 0) {
-        Ok(()) => SK_PASS,
-        Err(_) => SK_DROP,
-    }
+    // Replacing what an earlier program chose: during a handover the predecessor's program,
+    // attached before this one, runs until it exits, and this controller's socket takes
+    // over at once. With no socket here (this controller is going), nothing is chosen and
+    // the normal lookup finds none: XDP, which looks sockets up the same way before it
+    // passes anything of these sessions, drops and counts such a datagram as `no_socket`.
+    // (SK_DROP would end the whole lookup, a successor's choice included.)
+    const BPF_SK_LOOKUP_F_REPLACE: u64 = 1;
+    let _ = SLOW_SOCKETS.redirect_sk_lookup(&ctx, slot, BPF_SK_LOOKUP_F_REPLACE);
+    SK_PASS
 }
 
 #[unsafe(link_section = "license")]

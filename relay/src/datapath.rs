@@ -774,7 +774,7 @@ impl Maps {
                 let _ = self.flows.remove(&key);
             }
             let port = u32::from(s.back_port);
-            if s.proto == PROTO_UDP && self.ports.get(&port, 0).is_ok_and(|v| v == id + 1) {
+            if self.ports.get(&port, 0).is_ok_and(|v| v == id + 1) {
                 let _ = self.ports.set(port, 0, 0);
             }
         }

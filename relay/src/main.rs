@@ -670,6 +670,23 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
     let datapath = Arc::new(Datapath::take(&mut bpf)?.with_socks_ids(socks_ids));
     datapath.check_layout(had_pins, &dir)?;
     let splicer = connect_path(&mut bpf, mode, predecessor.is_none())?;
+    // What XDP declines of the UDP sessions it opens reaches the controller through a socket
+    // lookup program, attached while this controller runs: before a predecessor hands over,
+    // so that its socket takes such datagrams over from the predecessor's at once (they wait
+    // in it until the sessions are taken over).
+    let steering = if fast_path {
+        match relay::forward::steer::Steering::attach(&mut bpf) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(
+                    "{e:#}; the UDP sessions XDP opens get a socket each, as the controller's own"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     // Everything is loaded and verified: only now is the running relay asked to hand over
     // (a new program the kernel refuses leaves it running as it was).
     let mut received = match &predecessor {
@@ -776,19 +793,6 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
             .take_map(relay_common::maps::EVENTS)
             .context("the XDP object has no EVENTS map")?;
         Some(aya::maps::RingBuf::try_from(map).context("map EVENTS has an unexpected type")?)
-    } else {
-        None
-    };
-    // What XDP declines of the UDP sessions it opens reaches the controller through a socket
-    // lookup program (attached while this controller runs).
-    let steering = if fast_path {
-        match relay::forward::steer::Steering::attach(&mut bpf) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                warn!("{e:#}; what XDP declines of the sessions it opens is dropped");
-                None
-            }
-        }
     } else {
         None
     };

@@ -182,6 +182,11 @@ impl PortPool {
         self.available == 0
     }
 
+    /// Ports in the range, free or not.
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
     /// Takes the free port at position `pick` modulo the number of waiting ports (a random
     /// `pick` makes the port unpredictable).
     pub fn take_nth(&mut self, pick: u64) -> Option<u16> {
@@ -350,7 +355,10 @@ impl Table {
         if pool >= POOLS {
             return out;
         }
-        while out.len() < n && (self.entries.len() + self.lent.len()) < self.capacity as usize {
+        // An eighth of the table is never lent: the sessions the kernel leaves to the
+        // controller still find an id while other pools hold lent ones.
+        let room = (self.capacity - self.capacity / 8) as usize;
+        while out.len() < n && (self.entries.len() + self.lent.len()) < room {
             let Some(port) = self.ports[pool].take() else {
                 break;
             };
@@ -387,6 +395,11 @@ impl Table {
         }
     }
 
+    /// How many ports each pool has (the session port range).
+    pub fn ports_per_pool(&self) -> usize {
+        self.ports.first().map_or(0, PortPool::len)
+    }
+
     /// Sessions whose ports come from pool `pool`.
     pub fn held(&self, pool: usize) -> usize {
         self.per_pool.get(pool).copied().unwrap_or(0)
@@ -395,11 +408,6 @@ impl Table {
     /// The session on relay port `port` in pool `pool`, if one holds it.
     pub fn on_port_in(&self, port: u16, pool: usize) -> Option<u32> {
         self.by_port.get(&(port, pool)).copied()
-    }
-
-    /// A session on relay port `port`, if any holds it (in any pool).
-    pub fn on_port(&self, port: u16) -> Option<u32> {
-        (0..POOLS).find_map(|pool| self.by_port.get(&(port, pool)).copied())
     }
 
     /// A session the kernel opened (its allow list and limits were checked there), with an
@@ -586,9 +594,12 @@ impl Table {
         let fits = |e: &Entry| {
             only.rule.is_none_or(|r| e.rule == r) && only.pool.is_none_or(|p| e.pool == p)
         };
+        // The oldest few hundred only: a bounded cost per new session even when few of them
+        // are the rule's or the pool's.
         let candidates: Vec<u32> = self
             .unanswered
             .iter()
+            .take(EVICTION_TRIES * 32)
             .map(|&(_, id)| id)
             .filter(|id| self.entries.get(id).is_some_and(fits))
             .take(EVICTION_TRIES)
@@ -1216,8 +1227,9 @@ mod tests {
         assert_eq!(t.len(), 4);
         // A closed session's port comes back to its own pool only.
         t.close(a.id);
+        assert_eq!(t.on_port_in(a.port, 0), None);
         assert_eq!(
-            t.on_port(a.port),
+            t.on_port_in(a.port, 1),
             Some(c.id),
             "the other pool's session holds it"
         );
@@ -1321,7 +1333,11 @@ mod tests {
         assert!(t.adopt(Entry::new(5, 1, client(1), 20007, 0)));
         let lent = t.lend(0, 10);
         assert!(lent.iter().all(|(id, port)| *id != 5 && *port != 20007));
-        assert_eq!(lent.len(), 7);
+        assert_eq!(
+            lent.len(),
+            6,
+            "the table's last eighth (one id) is never lent"
+        );
     }
 
     #[test]

@@ -985,7 +985,10 @@ fn a_burst_of_100000_new_udp_flows_is_opened_none_lost() {
             .as_object()
             .map_or(0, |m| m.values().filter_map(Value::as_u64).sum())
     });
-    assert_eq!(refused, 0, "nothing refused: {s}");
+    let why: Vec<String> = (0..4)
+        .map(|i| rule(&s, &format!("r{i}"))["refused"].to_string())
+        .collect();
+    assert_eq!(refused, 0, "nothing refused: {why:?}");
     let in_kernel = sum(&|r| r["opened_in_kernel"].as_u64().unwrap_or(0));
     eprintln!("{in_kernel} opened in the kernel");
     assert!(

@@ -73,6 +73,7 @@ impl Forward {
             Arc::clone(&rules),
             datapath,
             nexthops.clone(),
+            steering.is_some(),
         ));
         sessions.drain_pool().await;
         sessions.recover(handed).await;
@@ -130,9 +131,8 @@ impl Forward {
         {
             t.abort();
         }
-        if let Some(steering) = &mut *self.steering.lock().unwrap_or_else(|e| e.into_inner()) {
-            steering.detach();
-        }
+        // The socket-lookup program stays attached until this process exits: the successor's,
+        // attached before it asked for the handover, replaces its choice meanwhile.
         let mut out = self.rules.hand_over()?;
         out.extend(self.sessions.hand_over()?);
         Ok(out)

@@ -122,7 +122,7 @@ impl Sessions {
         if !self.reserve_recovered(entry) {
             return None;
         }
-        if super::sessions::kernel_opened(record) {
+        if super::sessions::kernel_opened(record) && self.socketless_kernel_sessions() {
             return Some((rule.index, None));
         }
         let socket = match handed {

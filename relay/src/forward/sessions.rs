@@ -21,7 +21,7 @@ use std::{
 use anyhow::{anyhow, Context as _};
 use log::{debug, warn};
 use relay_common::{
-    packet::PROTO_TCP,
+    packet::{PROTO_TCP, PROTO_UDP},
     session::{
         Event, Session, SlowPath, Traffic, EVENT_CLOSING, EVENT_OPENED, ORIGIN_KERNEL, POOLS,
         STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM,
@@ -178,6 +178,10 @@ pub struct Sessions {
     proxied: Arc<tcp::Proxied>,
     /// Ids and ports kept lent to the kernel's pool while a rule opens sessions there.
     pool_target: usize,
+    /// What XDP declines of the UDP sessions it opens reaches the controller's steered
+    /// sockets ([`super::steer`]); without them (the kernel refused the lookup program),
+    /// each such session gets a socket of its own, as the controller's do.
+    steered: bool,
 }
 
 impl Sessions {
@@ -186,11 +190,13 @@ impl Sessions {
         rules: Arc<Rules>,
         datapath: Arc<Datapath>,
         nexthops: Option<Arc<NextHops>>,
+        steered: bool,
     ) -> Sessions {
         Sessions {
             rules,
             datapath,
             nexthops,
+            steered,
             ports: config.session_ports,
             state: Mutex::new(State {
                 table: Table::new(config.session_capacity, config.session_ports),
@@ -233,35 +239,39 @@ impl Sessions {
             .filter(|r| r.in_kernel())
             .map(|r| datapath::pool_of(r.current().upstream))
             .collect();
-        if pools.is_empty() {
-            return;
-        }
-        let mut st = self.lock();
-        let weight = |st: &State, pool: usize| st.table.held(pool) + 1;
-        let total: usize = pools.iter().map(|&p| weight(&st, p)).sum();
-        let targets: Vec<usize> = (0..POOLS)
-            .map(|pool| {
-                if pools.contains(&pool) {
-                    (self.pool_target * weight(&st, pool) / total).max(1)
-                } else {
-                    // No rule takes sessions from it (any more): its slots come back.
-                    0
-                }
-            })
-            .collect();
-        // Taken back first, so that what is lent next fits beside what stays.
+        let targets: Vec<usize> = {
+            let st = self.lock();
+            let weight = |pool: usize| st.table.held(pool) + 1;
+            let total: usize = pools.iter().map(|&p| weight(p)).sum();
+            // At most half a pool's ports: the controller's own sessions of the pool need some.
+            let cap = (st.table.ports_per_pool() / 2).max(1);
+            (0..POOLS)
+                .map(|pool| {
+                    if pools.contains(&pool) {
+                        (self.pool_target * weight(pool) / total).clamp(1, cap)
+                    } else {
+                        // No rule takes sessions from it (any more): its slots come back.
+                        0
+                    }
+                })
+                .collect()
+        };
+        // Taken back first (outside the lock: a drain is a system call per slot), so that
+        // what is lent next fits beside what stays. Slots XDP popped just before stay lent:
+        // their sessions' events adopt them.
         for (pool, &target) in targets.iter().enumerate() {
-            if st.table.lent(pool) > 2 * target + 64 {
+            let have = self.lock().table.lent(pool);
+            if (target == 0 && have > 0) || have > 2 * target + 64 {
                 let back: Vec<u32> = self
                     .datapath
                     .pool_drain(pool)
                     .iter()
                     .map(|s| s.id)
                     .collect();
-                // Slots XDP popped just before stay lent: their sessions' events adopt them.
-                st.table.unlend(back);
+                self.lock().table.unlend(back);
             }
         }
+        let mut st = self.lock();
         for (pool, &target) in targets.iter().enumerate() {
             let have = st.table.lent(pool);
             if target == 0 || have >= target.div_ceil(2) {
@@ -374,12 +384,27 @@ impl Sessions {
         }
         // No socket of its own: a session the kernel opens costs the controller no system
         // call and no descriptor (a burst of them would otherwise hit the open-file limit).
+        let socket = if self.steered {
+            None
+        } else {
+            match own_socket(ends.back.port(), ends.upstream) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    warn!(
+                        "session {id}: its relay port {} cannot be held ({e}); XDP relays it, \
+                         but what XDP declines of its upstream's datagrams is lost",
+                        ends.back.port()
+                    );
+                    None
+                }
+            }
+        };
         let _ = self.datapath.set_port(ends.back.port(), id);
         let start = Start {
             id,
             rule: rule.index,
             ends,
-            socket: None,
+            socket,
             // The rule holds the slot to the upstream; the way back is the record's own.
             hops: crate::nexthop::Hops::none(),
             slow: SlowPath {
@@ -463,6 +488,11 @@ impl Sessions {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock is a bug; the state is still the best we have.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the UDP sessions XDP opens go without a socket of their own.
+    pub(super) fn socketless_kernel_sessions(&self) -> bool {
+        self.steered
     }
 
     /// Takes session `entry` (found in the pinned maps) into the table; false if it cannot be.
@@ -747,10 +777,9 @@ impl Sessions {
     ) -> Option<(u32, Endpoints, std::net::UdpSocket)> {
         let current = rule.current();
         let allowed = current.config.client_allowed(client.ip());
-        let mut st = self.lock();
-        let opened = {
-            let State { table, live, .. } = &mut *st;
-            let pool = datapath::pool_of(current.upstream);
+        let pool = datapath::pool_of(current.upstream);
+        let open = |st: &mut State| {
+            let State { table, live, .. } = st;
             table.open(
                 rule.index,
                 pool,
@@ -761,6 +790,27 @@ impl Sessions {
                 |id| observe(&self.datapath, live, id),
             )
         };
+        let mut opened = open(&mut self.lock());
+        if matches!(opened, Err(Refusal::NoPort | Refusal::Full)) {
+            // The ports or ids it needs may be lent to the kernel, which handed this client
+            // over while its pool was dry for a moment (and full again since): take them
+            // back and try once more.
+            let lent: Vec<usize> = {
+                let st = self.lock();
+                (0..POOLS)
+                    .filter(|&p| opened == Err(Refusal::Full) || p == pool)
+                    .filter(|&p| st.table.lent(p) > 0)
+                    .collect()
+            };
+            for p in &lent {
+                let back: Vec<u32> = self.datapath.pool_drain(*p).iter().map(|s| s.id).collect();
+                self.lock().table.unlend(back);
+            }
+            if !lent.is_empty() {
+                opened = open(&mut self.lock());
+            }
+        }
+        let mut st = self.lock();
         let entry = match opened {
             Ok(o) => {
                 if let Some(evicted) = o.evicted {
@@ -1055,9 +1105,18 @@ impl Sessions {
             }
             Err(e) => warn!("session {id}: removing from the maps: {e:#}"),
         }
-        // Sessions to other upstreams may share the port (one per pool): strangers'
+        // UDP sessions to other upstreams may share the port (one per pool): strangers'
         // datagrams to it are still dropped while one of them lives.
-        if let Some(other) = st.table.on_port(entry.port) {
+        let udp = |id: &u32| {
+            st.table
+                .get(*id)
+                .and_then(|e| self.rules.get(e.rule))
+                .is_some_and(|r| r.proto == PROTO_UDP)
+        };
+        if let Some(other) = (0..POOLS)
+            .filter_map(|pool| st.table.on_port_in(entry.port, pool))
+            .find(udp)
+        {
             let _ = self.datapath.set_port(entry.port, other);
         }
         let _ = self.datapath.update_rule(entry.rule, |r| {
@@ -1183,6 +1242,16 @@ fn send_upstream(io: &SessionIo, data: &[u8], now: u64) {
         Ok(()) => io.slow.add(TO_UPSTREAM, data.len(), now),
         Err(e) => debug!("session {}: sending upstream: {e}", io.id),
     }
+}
+
+/// A socket of a session the kernel opened, on its relay port, connected to its upstream.
+pub(super) fn own_socket(port: u16, upstream: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let s = udp::bind(
+        SocketAddr::new(unspecified(upstream.is_ipv4()), port),
+        SHARED_PORTS,
+    )?;
+    s.connect(upstream)?;
+    Ok(s)
 }
 
 /// A socket bound to the session's port (or the next free one) and connected upstream.

@@ -12,6 +12,8 @@
 
 use std::os::fd::AsRawFd as _;
 
+use log::warn;
+
 use crate::udp;
 use anyhow::{anyhow, Context as _};
 use aya::{
@@ -23,12 +25,15 @@ use aya::{
 /// The socket-lookup program's name in the object.
 const PROGRAM: &str = "session_port";
 const MAP: &str = "SLOW_SOCKETS";
+/// Receive buffer of each steered socket.
+const STEERED_BUFFER: i32 = 8 << 20;
 
 /// The attached lookup program and the sockets it hands datagrams to.
 pub struct Steering {
     /// IPv4, then IPv6 (when this host has IPv6).
     pub sockets: Vec<std::net::UdpSocket>,
-    link: Option<SkLookupLink>,
+    /// Detached when dropped (when this process exits).
+    _link: SkLookupLink,
 }
 
 impl Steering {
@@ -41,13 +46,18 @@ impl Steering {
             .try_into()?;
         let mut sockets = Vec::new();
         for (slot, local) in [(0u32, "127.0.0.1:0"), (1, "[::1]:0")] {
+            // Loopback, so that nothing from outside reaches the socket by its own port.
             let socket = match udp::bind(local.parse()?, false) {
                 Ok(s) => s,
-                // No IPv6 on this host: no IPv6 session either.
-                Err(_) if slot == 1 => break,
+                Err(e) if slot == 1 => {
+                    warn!("no IPv6 loopback ({e}): what XDP declines of IPv6 sessions it opens is dropped");
+                    break;
+                }
                 Err(e) => return Err(anyhow!(e).context("binding the steered-datagram socket")),
             };
             udp::recv_original_destination(&socket)?;
+            // Room for a burst while the controller is busy (or taking over).
+            udp::set_receive_buffer(&socket, STEERED_BUFFER);
             map.set(slot, &socket.as_raw_fd(), 0)
                 .with_context(|| format!("writing {MAP}"))?;
             sockets.push(socket);
@@ -61,12 +71,10 @@ impl Steering {
         let id = prog
             .attach(netns)
             .context("attaching the socket-lookup program to this namespace")?;
-        let link = Some(prog.take_link(id)?);
-        Ok(Steering { sockets, link })
-    }
-
-    /// Detaches the lookup program (a successor takes over: its own takes the datagrams).
-    pub fn detach(&mut self) {
-        self.link = None;
+        let link = prog.take_link(id)?;
+        Ok(Steering {
+            sockets,
+            _link: link,
+        })
     }
 }
