@@ -199,66 +199,47 @@ pub fn recv_original_destination(socket: &UdpSocket) -> io::Result<()> {
     }
 }
 
-/// The destination port of a datagram, from its IP_ORIGDSTADDR / IPV6_ORIGDSTADDR message.
-fn local_port_from_control(control: &[u8], len: usize) -> Option<u16> {
+/// Where a datagram was sent, from its control messages: the address (IP_PKTINFO /
+/// IPV6_PKTINFO) and, on a socket that asked for it, the port (IP_ORIGDSTADDR /
+/// IPV6_ORIGDSTADDR).
+fn destination_from_control(control: &[u8], len: usize) -> (Option<IpAddr>, Option<u16>) {
+    let (mut addr, mut port) = (None, None);
     // SAFETY: all-zero is a valid msghdr; only the control fields are used by the CMSG macros.
     let mut msg: libc::msghdr = unsafe { zeroed() };
     msg.msg_control = control.as_ptr() as *mut libc::c_void;
     msg.msg_controllen = len;
     // SAFETY: `msg` describes `control`, which the kernel filled with `len` bytes of
     // well-formed cmsgs; the CMSG macros stay inside that buffer, and each message's data is
-    // the socket address its type says.
+    // the structure its type says.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
-            let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
-            if level == libc::IPPROTO_IP && kind == libc::IP_ORIGDSTADDR {
-                let sin = libc::CMSG_DATA(cmsg)
-                    .cast::<libc::sockaddr_in>()
-                    .read_unaligned();
-                return Some(u16::from_be(sin.sin_port));
-            }
-            if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_ORIGDSTADDR {
-                let sin6 = libc::CMSG_DATA(cmsg)
-                    .cast::<libc::sockaddr_in6>()
-                    .read_unaligned();
-                return Some(u16::from_be(sin6.sin6_port));
+            let data = libc::CMSG_DATA(cmsg);
+            match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info = data.cast::<libc::in_pktinfo>().read_unaligned();
+                    addr = Some(IpAddr::V4(Ipv4Addr::from(
+                        info.ipi_addr.s_addr.to_ne_bytes(),
+                    )));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info = data.cast::<libc::in6_pktinfo>().read_unaligned();
+                    addr = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                }
+                (libc::IPPROTO_IP, libc::IP_ORIGDSTADDR) => {
+                    let sin = data.cast::<libc::sockaddr_in>().read_unaligned();
+                    port = Some(u16::from_be(sin.sin_port));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_ORIGDSTADDR) => {
+                    let sin6 = data.cast::<libc::sockaddr_in6>().read_unaligned();
+                    port = Some(u16::from_be(sin6.sin6_port));
+                }
+                _ => {}
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    None
-}
-
-fn local_addr_from_control(control: &[u8], len: usize) -> Option<IpAddr> {
-    // SAFETY: all-zero is a valid msghdr; only the control fields are used by the CMSG macros.
-    let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_control = control.as_ptr() as *mut libc::c_void;
-    msg.msg_controllen = len;
-    // SAFETY: `msg` describes `control`, which the kernel filled with `len` bytes of
-    // well-formed cmsgs; the CMSG macros stay inside that buffer.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
-            if level == libc::IPPROTO_IP && kind == libc::IP_PKTINFO {
-                let info = libc::CMSG_DATA(cmsg)
-                    .cast::<libc::in_pktinfo>()
-                    .read_unaligned();
-                return Some(IpAddr::V4(Ipv4Addr::from(
-                    info.ipi_addr.s_addr.to_ne_bytes(),
-                )));
-            }
-            if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_PKTINFO {
-                let info = libc::CMSG_DATA(cmsg)
-                    .cast::<libc::in6_pktinfo>()
-                    .read_unaligned();
-                return Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-    }
-    None
+    (addr, port)
 }
 
 /// Receives up to [`BATCH`] datagrams without blocking and hands them to `f` as one batch.
@@ -299,9 +280,8 @@ pub fn recv_batch(fd: RawFd, f: impl FnOnce(&[Datagram<'_>])) -> io::Result<usiz
         }
         let mut batch = Vec::with_capacity(n);
         for i in 0..n {
-            let control_len = hdrs[i].msg_hdr.msg_controllen;
-            let local = local_addr_from_control(&b.control[i], control_len);
-            let local_port = local_port_from_control(&b.control[i], control_len);
+            let (local, local_port) =
+                destination_from_control(&b.control[i], hdrs[i].msg_hdr.msg_controllen);
             let Some(peer) = socket_addr(&b.names[i]) else {
                 continue;
             };

@@ -915,39 +915,28 @@ impl Sessions {
             return;
         };
         let Some(socket) = &io.socket else { return };
-        let fd = socket.as_raw_fd();
-        loop {
-            if socket.readable().await.is_err() {
-                return;
-            }
-            let r = socket.try_io(Interest::READABLE, || {
-                udp::recv_batch(fd, |batch| {
-                    let now = monotonic_ns();
-                    let out: Vec<udp::Outgoing<'_>> = batch
-                        .iter()
-                        .filter(|d| !d.truncated && d.peer == io.ends.upstream)
-                        .map(|d| udp::Outgoing {
-                            data: d.data,
-                            to: Some(io.ends.client),
-                            from: Some(io.ends.front.ip()),
-                        })
-                        .collect();
-                    match udp::send_batch(listener, &out) {
-                        Ok(n) => {
-                            for m in &out[..n] {
-                                io.slow.add(TO_CLIENT, m.data.len(), now);
-                            }
-                        }
-                        Err(e) => debug!("session {}: sending to the client: {e}", io.id),
-                    }
+        let name = format!("session {}", io.id);
+        receive(socket, &name, |batch| {
+            let now = monotonic_ns();
+            let out: Vec<udp::Outgoing<'_>> = batch
+                .iter()
+                .filter(|d| !d.truncated && d.peer == io.ends.upstream)
+                .map(|d| udp::Outgoing {
+                    data: d.data,
+                    to: Some(io.ends.client),
+                    from: Some(io.ends.front.ip()),
                 })
-            });
-            if let Err(e) = r {
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    debug!("session {}: receiving: {e}", io.id);
+                .collect();
+            match udp::send_batch(listener, &out) {
+                Ok(n) => {
+                    for m in &out[..n] {
+                        io.slow.add(TO_CLIENT, m.data.len(), now);
+                    }
                 }
+                Err(e) => debug!("session {}: sending to the client: {e}", io.id),
             }
-        }
+        })
+        .await;
     }
 
     /// Relays what reaches the steered socket ([`super::steer`]), forever: datagrams from the
@@ -955,40 +944,28 @@ impl Sessions {
     /// client, from the address the client sends to; one that matches no session (it ended
     /// meanwhile) is dropped.
     pub(super) async fn steered(self: Arc<Self>, socket: UdpSocket) {
-        let fd = socket.as_raw_fd();
-        loop {
-            if socket.readable().await.is_err() {
-                return;
+        receive(&socket, "steered datagrams", |batch| {
+            let now = monotonic_ns();
+            for d in batch.iter().filter(|d| !d.truncated) {
+                let Some(port) = d.local_port else { continue };
+                let io = {
+                    let st = self.lock();
+                    st.table
+                        .on_port_in(port, datapath::pool_of(d.peer))
+                        .and_then(|id| st.live.get(&id))
+                        .map(|l| Arc::clone(&l.io))
+                };
+                let Some(io) = io.filter(|io| io.ends.upstream == d.peer) else {
+                    debug!(
+                        "steered datagram from {} to port {port}: no session",
+                        d.peer
+                    );
+                    continue;
+                };
+                self.to_client(&io, d.data, now);
             }
-            let r = socket.try_io(Interest::READABLE, || {
-                udp::recv_batch(fd, |batch| {
-                    let now = monotonic_ns();
-                    for d in batch.iter().filter(|d| !d.truncated) {
-                        let Some(port) = d.local_port else { continue };
-                        let io = {
-                            let st = self.lock();
-                            st.table
-                                .on_port_in(port, datapath::pool_of(d.peer))
-                                .and_then(|id| st.live.get(&id))
-                                .map(|l| Arc::clone(&l.io))
-                        };
-                        let Some(io) = io.filter(|io| io.ends.upstream == d.peer) else {
-                            debug!(
-                                "steered datagram from {} to port {port}: no session",
-                                d.peer
-                            );
-                            continue;
-                        };
-                        self.to_client(&io, d.data, now);
-                    }
-                })
-            });
-            if let Err(e) = r {
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    debug!("steered datagrams: {e}");
-                }
-            }
-        }
+        })
+        .await;
     }
 
     /// Sends a datagram of session `io`'s upstream to its client through the rule's listening
@@ -1220,6 +1197,23 @@ fn client_key(rule: &Rule, client: SocketAddr) -> relay_common::session::FlowKey
 /// Whether a pinned record is one the kernel opened (no socket of its own).
 pub(super) fn kernel_opened(record: &Session) -> bool {
     record.origin == ORIGIN_KERNEL
+}
+
+/// Receives batches of datagrams on `socket` until it fails, handing each to `f` (`what`
+/// names the socket in debug messages).
+async fn receive(socket: &UdpSocket, what: &str, mut f: impl FnMut(&[udp::Datagram<'_>])) {
+    let fd = socket.as_raw_fd();
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        let r = socket.try_io(Interest::READABLE, || udp::recv_batch(fd, |b| f(b)));
+        if let Err(e) = r {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                debug!("{what}: receiving: {e}");
+            }
+        }
+    }
 }
 
 /// Relays a client's datagram to the upstream through the session's socket (a plain
