@@ -1136,10 +1136,10 @@ pub fn session_port(ctx: SkLookupContext) -> u32 {
     }
     // Replacing what an earlier program chose: during a handover the predecessor's program,
     // attached before this one, runs until it exits, and this controller's socket takes
-    // over at once. With no socket here (this controller is going), nothing is chosen and
-    // the normal lookup finds none: XDP, which looks sockets up the same way before it
-    // passes anything of these sessions, drops and counts such a datagram as `no_socket`.
-    // (SK_DROP would end the whole lookup, a successor's choice included.)
+    // over at once. With no socket here (this controller is going, or has no IPv6 loopback
+    // and gave those sessions sockets of their own), nothing is chosen and the normal lookup
+    // decides: XDP, which looks sockets up the same way before it passes anything of these
+    // sessions, drops and counts as `no_socket` what would find none.
     const BPF_SK_LOOKUP_F_REPLACE: u64 = 1;
     let _ = SLOW_SOCKETS.redirect_sk_lookup(&ctx, slot, BPF_SK_LOOKUP_F_REPLACE);
     SK_PASS

@@ -575,13 +575,14 @@ impl Datapath {
             .count()
     }
 
-    /// Takes every id and port back from the kernel's queue of pool `pool`.
-    pub fn pool_drain(&self, pool: usize) -> Vec<PoolSlot> {
+    /// Takes up to `max` ids and ports back from the kernel's queue of pool `pool` (the ones
+    /// lent first).
+    pub fn pool_drain(&self, pool: usize, max: usize) -> Vec<PoolSlot> {
         let mut m = self.lock();
         let Some(queue) = m.pools.get_mut(pool) else {
             return Vec::new();
         };
-        std::iter::from_fn(|| queue.pop(0).ok()).collect()
+        std::iter::from_fn(|| queue.pop(0).ok()).take(max).collect()
     }
 
     /// Makes `ifindex` a possible redirect target.

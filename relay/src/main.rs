@@ -634,7 +634,7 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
     let files = system::raise_fd_limit(u64::from(config.session_capacity) + 4096);
     if u64::from(config.session_capacity) + 64 > files {
         warn!(
-            "the open-file limit ({files}) is below session_capacity ({}): each session needs a socket",
+            "the open-file limit ({files}) is below session_capacity ({}): each session the controller opens (or all, without XDP) needs a socket",
             config.session_capacity
         );
     }

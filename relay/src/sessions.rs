@@ -355,10 +355,15 @@ impl Table {
         if pool >= POOLS {
             return out;
         }
-        // An eighth of the table is never lent: the sessions the kernel leaves to the
-        // controller still find an id while other pools hold lent ones.
-        let room = (self.capacity - self.capacity / 8) as usize;
-        while out.len() < n && (self.entries.len() + self.lent.len()) < room {
+        // An eighth of the table (rounded up) and a thirty-second of the pool's ports are never
+        // lent: the sessions the kernel leaves to the controller (a pool ran dry for a
+        // moment) still find an id and a port while the pools hold lent ones.
+        let room = (self.capacity - self.capacity.div_ceil(8)) as usize;
+        let keep = self.ports[pool].len() / 32;
+        while out.len() < n
+            && (self.entries.len() + self.lent.len()) < room
+            && self.ports[pool].available > keep
+        {
             let Some(port) = self.ports[pool].take() else {
                 break;
             };
@@ -581,6 +586,15 @@ impl Table {
         let entry = Entry::new(id, rule, client, port, now).in_pool(pool);
         self.insert(entry.clone());
         Ok(Opened { entry, evicted })
+    }
+
+    /// Gives back the new-session token [`Table::open`] took for `rule` (an open refused for
+    /// want of room, tried again once the caller made some).
+    pub fn give_back_token(&mut self, rule: u16, limits: RuleLimits) {
+        if let Some(b) = self.buckets.get_mut(&rule) {
+            let cap = u128::from(limits.new_sessions_burst.max(1)) * 1_000_000_000;
+            b.nano_tokens = (b.nano_tokens + 1_000_000_000).min(cap);
+        }
     }
 
     /// Closes the oldest unanswered session (of `rule` only, if given), after `observe`
@@ -1261,6 +1275,35 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_for_room_gives_its_token_back_for_the_retry() {
+        // One new session a second, a burst of one; one port.
+        let mut t = table(10, (20000, 20000));
+        let l = RuleLimits {
+            new_sessions_per_second: 1,
+            new_sessions_burst: 1,
+            ..limits(100)
+        };
+        let a = t.open(0, 0, l, client(1), true, 0, answered).unwrap().entry;
+        // A second later: a token, but no port (the one port is a's, answered).
+        let sec = 1_000_000_000;
+        assert_eq!(
+            t.open(0, 0, l, client(2), true, sec, answered)
+                .map(|o| o.entry),
+            Err(Refusal::NoPort)
+        );
+        // The caller makes room and gives the token back: the retry is not rate-limited.
+        t.close(a.id);
+        t.give_back_token(0, l);
+        assert!(t.open(0, 0, l, client(2), true, sec, answered).is_ok());
+        assert_eq!(
+            t.open(0, 0, l, client(3), true, sec, answered)
+                .map(|o| o.entry),
+            Err(Refusal::RateLimited),
+            "one token, used once"
+        );
+    }
+
+    #[test]
     fn a_claimed_port_is_skipped_and_comes_back_once() {
         let mut pool = PortPool::new(PortRange {
             first: 100,
@@ -1320,9 +1363,10 @@ mod tests {
             .map(|o| o.entry)
             .unwrap();
         assert!(lent[1..].iter().any(|(id, _)| *id == again.id));
-        // Closing an adopted session frees its id and port.
+        // Closing an adopted session frees its id and port; two ids are free, and the
+        // table's last eighth (rounded up: one id) is never lent.
         assert!(t.close(id).is_some());
-        assert_eq!(t.lend(0, 10).len(), 2);
+        assert_eq!(t.lend(0, 10).len(), 1);
     }
 
     #[test]

@@ -73,7 +73,9 @@ impl Forward {
             Arc::clone(&rules),
             datapath,
             nexthops.clone(),
-            steering.is_some(),
+            steering
+                .as_ref()
+                .map_or([false; 2], steer::Steering::families),
         ));
         sessions.drain_pool().await;
         sessions.recover(handed).await;

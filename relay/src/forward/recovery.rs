@@ -122,8 +122,18 @@ impl Sessions {
         if !self.reserve_recovered(entry) {
             return None;
         }
-        if super::sessions::kernel_opened(record) && self.socketless_kernel_sessions() {
-            return Some((rule.index, None));
+        if super::sessions::kernel_opened(record) {
+            if self.socketless(ends.upstream) {
+                return Some((rule.index, None));
+            }
+            // XDP relays it either way: without a socket only what XDP declines of it is lost.
+            return match super::sessions::own_socket(ends.back.port(), ends.upstream) {
+                Ok(s) => Some((rule.index, Some(s))),
+                Err(e) => {
+                    warn!("session {id}: cannot re-bind {}: {e}", ends.back);
+                    Some((rule.index, None))
+                }
+            };
         }
         let socket = match handed {
             Some(fd) => crate::handover::socket::<std::net::UdpSocket>(fd)

@@ -178,10 +178,11 @@ pub struct Sessions {
     proxied: Arc<tcp::Proxied>,
     /// Ids and ports kept lent to the kernel's pool while a rule opens sessions there.
     pool_target: usize,
-    /// What XDP declines of the UDP sessions it opens reaches the controller's steered
-    /// sockets ([`super::steer`]); without them (the kernel refused the lookup program),
-    /// each such session gets a socket of its own, as the controller's do.
-    steered: bool,
+    /// Per family (IPv4, IPv6): what XDP declines of the UDP sessions it opens reaches the
+    /// controller's steered socket ([`super::steer`]); without one (the kernel refused the
+    /// lookup program, or there is no IPv6 loopback), each such session gets a socket of
+    /// its own, as the controller's do.
+    steered: [bool; 2],
 }
 
 impl Sessions {
@@ -190,7 +191,7 @@ impl Sessions {
         rules: Arc<Rules>,
         datapath: Arc<Datapath>,
         nexthops: Option<Arc<NextHops>>,
-        steered: bool,
+        steered: [bool; 2],
     ) -> Sessions {
         Sessions {
             rules,
@@ -214,7 +215,7 @@ impl Sessions {
     /// session holds them, which recovery finds). Call before recovery.
     pub(super) async fn drain_pool(&self) {
         let drained: usize = (0..POOLS)
-            .map(|pool| self.datapath.pool_drain(pool).len())
+            .map(|pool| self.datapath.pool_drain(pool, usize::MAX).len())
             .sum();
         if drained > 0 {
             debug!("took {drained} ids back from the kernel's pool");
@@ -264,7 +265,7 @@ impl Sessions {
             if (target == 0 && have > 0) || have > 2 * target + 64 {
                 let back: Vec<u32> = self
                     .datapath
-                    .pool_drain(pool)
+                    .pool_drain(pool, usize::MAX)
                     .iter()
                     .map(|s| s.id)
                     .collect();
@@ -384,7 +385,7 @@ impl Sessions {
         }
         // No socket of its own: a session the kernel opens costs the controller no system
         // call and no descriptor (a burst of them would otherwise hit the open-file limit).
-        let socket = if self.steered {
+        let socket = if self.socketless(ends.upstream) {
             None
         } else {
             match own_socket(ends.back.port(), ends.upstream) {
@@ -490,9 +491,9 @@ impl Sessions {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether the UDP sessions XDP opens go without a socket of their own.
-    pub(super) fn socketless_kernel_sessions(&self) -> bool {
-        self.steered
+    /// Whether the UDP sessions XDP opens to `upstream` go without a socket of their own.
+    pub(super) fn socketless(&self, upstream: SocketAddr) -> bool {
+        self.steered[usize::from(upstream.is_ipv6())]
     }
 
     /// Takes session `entry` (found in the pinned maps) into the table; false if it cannot be.
@@ -793,21 +794,27 @@ impl Sessions {
         let mut opened = open(&mut self.lock());
         if matches!(opened, Err(Refusal::NoPort | Refusal::Full)) {
             // The ports or ids it needs may be lent to the kernel, which handed this client
-            // over while its pool was dry for a moment (and full again since): take them
-            // back and try once more.
-            let lent: Vec<usize> = {
-                let st = self.lock();
-                (0..POOLS)
-                    .filter(|&p| opened == Err(Refusal::Full) || p == pool)
-                    .filter(|&p| st.table.lent(p) > 0)
-                    .collect()
-            };
-            for p in &lent {
-                let back: Vec<u32> = self.datapath.pool_drain(*p).iter().map(|s| s.id).collect();
-                self.lock().table.unlend(back);
+            // over while its pool was dry for a moment (and full again since): take a few
+            // back (from its pool, or from any for an id) and try once more, with the
+            // new-session token the refusal took given back.
+            let mut back = 0;
+            for p in (0..POOLS).filter(|&p| opened == Err(Refusal::Full) || p == pool) {
+                if back > 0 {
+                    break;
+                }
+                let ids: Vec<u32> = self
+                    .datapath
+                    .pool_drain(p, RECLAIM)
+                    .iter()
+                    .map(|s| s.id)
+                    .collect();
+                back += ids.len();
+                self.lock().table.unlend(ids);
             }
-            if !lent.is_empty() {
-                opened = open(&mut self.lock());
+            if back > 0 {
+                let mut st = self.lock();
+                st.table.give_back_token(rule.index, rule.limits());
+                opened = open(&mut st);
             }
         }
         let mut st = self.lock();
@@ -1198,6 +1205,10 @@ fn client_key(rule: &Rule, client: SocketAddr) -> relay_common::session::FlowKey
 pub(super) fn kernel_opened(record: &Session) -> bool {
     record.origin == ORIGIN_KERNEL
 }
+
+/// Lent slots the controller takes back from a kernel queue for one client it has no room
+/// for (a bounded cost per refused datagram).
+const RECLAIM: usize = 16;
 
 /// Receives batches of datagrams on `socket` until it fails, handing each to `f` (`what`
 /// names the socket in debug messages).

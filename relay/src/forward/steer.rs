@@ -6,9 +6,10 @@
 //! runs, hands such datagrams to one socket of the controller per family (`SLOW_SOCKETS`);
 //! [`crate::forward::Sessions::steered`] reads them and relays them to the client.
 //!
-//! The link and the sockets are this controller's: they go when it stops or hands over (a
-//! successor attaches its own), and while none runs the fast path drops what it declines of
-//! those sessions, counted as `no_socket`.
+//! The link and the sockets are this controller's: they go when its process exits. A
+//! successor attaches its own before it asks for the handover, and its program replaces
+//! the predecessor's choice. While no controller runs the fast path drops what it declines
+//! of those sessions, counted as `no_socket`.
 
 use std::os::fd::AsRawFd as _;
 
@@ -30,8 +31,10 @@ const STEERED_BUFFER: i32 = 8 << 20;
 
 /// The attached lookup program and the sockets it hands datagrams to.
 pub struct Steering {
-    /// IPv4, then IPv6 (when this host has IPv6).
+    /// IPv4, then IPv6 (when this host has IPv6 loopback).
     pub sockets: Vec<std::net::UdpSocket>,
+    /// The families that have a socket (IPv4, IPv6).
+    families: [bool; 2],
     /// Detached when dropped (when this process exits).
     _link: SkLookupLink,
 }
@@ -50,7 +53,7 @@ impl Steering {
             let socket = match udp::bind(local.parse()?, false) {
                 Ok(s) => s,
                 Err(e) if slot == 1 => {
-                    warn!("no IPv6 loopback ({e}): what XDP declines of IPv6 sessions it opens is dropped");
+                    warn!("no IPv6 loopback ({e}): the IPv6 sessions XDP opens get a socket each");
                     break;
                 }
                 Err(e) => return Err(anyhow!(e).context("binding the steered-datagram socket")),
@@ -73,8 +76,14 @@ impl Steering {
             .context("attaching the socket-lookup program to this namespace")?;
         let link = prog.take_link(id)?;
         Ok(Steering {
+            families: [true, sockets.len() > 1],
             sockets,
             _link: link,
         })
+    }
+
+    /// The families (IPv4, IPv6) whose sessions XDP opens need no socket of their own.
+    pub fn families(&self) -> [bool; 2] {
+        self.families
     }
 }
