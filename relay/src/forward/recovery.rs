@@ -17,7 +17,6 @@ use crate::{
     nexthop::Hops,
     sessions::Entry,
     system::monotonic_ns,
-    udp,
 };
 
 impl Sessions {
@@ -127,7 +126,7 @@ impl Sessions {
                 return Some((rule.index, None));
             }
             // XDP relays it either way: without a socket only what XDP declines of it is lost.
-            return match super::sessions::own_socket(ends.back.port(), ends.upstream) {
+            return match super::sessions::port_socket(ends.back.port(), ends.upstream) {
                 Ok(s) => Some((rule.index, Some(s))),
                 Err(e) => {
                     warn!("session {id}: cannot re-bind {}: {e}", ends.back);
@@ -138,8 +137,7 @@ impl Sessions {
         let socket = match handed {
             Some(fd) => crate::handover::socket::<std::net::UdpSocket>(fd)
                 .map_err(|e| warn!("session {id}: handed-over socket: {e:#}")),
-            None => udp::bind(ends.back, super::sessions::SHARED_PORTS)
-                .and_then(|s| s.connect(ends.upstream).map(|()| s))
+            None => super::sessions::port_socket(ends.back.port(), ends.upstream)
                 .map_err(|e| warn!("session {id}: cannot re-bind {}: {e}", ends.back)),
         };
         match socket {

@@ -388,7 +388,7 @@ impl Sessions {
         let socket = if self.socketless(ends.upstream) {
             None
         } else {
-            match own_socket(ends.back.port(), ends.upstream) {
+            match port_socket(ends.back.port(), ends.upstream) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     warn!(
@@ -913,35 +913,14 @@ impl Sessions {
     /// Relays what reaches a session's socket (replies the fast path declined, or all of them
     /// without XDP) to the client, from exactly the address the client sent to.
     async fn replies(self: Arc<Self>, io: Arc<SessionIo>) {
-        let Some(listener) = self
-            .rules
-            .get(io.rule)
-            .and_then(|r| r.socket.udp())
-            .map(|s| s.as_raw_fd())
-        else {
-            return;
-        };
         let Some(socket) = &io.socket else { return };
         let name = format!("session {}", io.id);
         receive(socket, &name, |batch| {
-            let now = monotonic_ns();
-            let out: Vec<udp::Outgoing<'_>> = batch
+            let from_upstream = batch
                 .iter()
                 .filter(|d| !d.truncated && d.peer == io.ends.upstream)
-                .map(|d| udp::Outgoing {
-                    data: d.data,
-                    to: Some(io.ends.client),
-                    from: Some(io.ends.front.ip()),
-                })
-                .collect();
-            match udp::send_batch(listener, &out) {
-                Ok(n) => {
-                    for m in &out[..n] {
-                        io.slow.add(TO_CLIENT, m.data.len(), now);
-                    }
-                }
-                Err(e) => debug!("session {}: sending to the client: {e}", io.id),
-            }
+                .map(|d| d.data);
+            self.to_client(&io, from_upstream, monotonic_ns());
         })
         .await;
     }
@@ -969,25 +948,31 @@ impl Sessions {
                     );
                     continue;
                 };
-                self.to_client(&io, d.data, now);
+                self.to_client(&io, std::iter::once(d.data), now);
             }
         })
         .await;
     }
 
-    /// Sends a datagram of session `io`'s upstream to its client through the rule's listening
-    /// socket, from the address the client sends to.
-    fn to_client(&self, io: &SessionIo, data: &[u8], now: u64) {
+    /// Sends datagrams of session `io`'s upstream to its client through the rule's listening
+    /// socket, from the address the client sends to, and counts them.
+    fn to_client<'a>(&self, io: &SessionIo, data: impl Iterator<Item = &'a [u8]>, now: u64) {
         let Some(listener) = self.rules.get(io.rule).and_then(|r| r.socket.udp()) else {
             return;
         };
-        let out = [udp::Outgoing {
-            data,
-            to: Some(io.ends.client),
-            from: Some(io.ends.front.ip()),
-        }];
+        let out: Vec<udp::Outgoing<'_>> = data
+            .map(|data| udp::Outgoing {
+                data,
+                to: Some(io.ends.client),
+                from: Some(io.ends.front.ip()),
+            })
+            .collect();
         match udp::send_batch(listener.as_raw_fd(), &out) {
-            Ok(_) => io.slow.add(TO_CLIENT, data.len(), now),
+            Ok(n) => {
+                for m in &out[..n] {
+                    io.slow.add(TO_CLIENT, m.data.len(), now);
+                }
+            }
             Err(e) => debug!("session {}: sending to the client: {e}", io.id),
         }
     }
@@ -1249,23 +1234,17 @@ fn send_upstream(io: &SessionIo, data: &[u8], now: u64) {
     }
 }
 
-/// A socket of a session the kernel opened, on its relay port, connected to its upstream.
-pub(super) fn own_socket(port: u16, upstream: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    let s = udp::bind(
-        SocketAddr::new(unspecified(upstream.is_ipv4()), port),
-        SHARED_PORTS,
-    )?;
+/// A session's socket: bound to its relay port, connected to its upstream. With
+/// SO_REUSEADDR: sessions to upstreams of different pools share relay ports, each socket
+/// connected to its own upstream (the kernel delivers a datagram to the socket connected to
+/// its sender); a port another program holds without it stays refused.
+pub(super) fn port_socket(port: u16, upstream: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let s = udp::bind(SocketAddr::new(unspecified(upstream.is_ipv4()), port), true)?;
     s.connect(upstream)?;
     Ok(s)
 }
 
-/// A socket bound to the session's port (or the next free one) and connected upstream.
-/// Session sockets bind with SO_REUSEADDR: sessions to upstreams of different pools share
-/// relay ports, each socket connected to its own upstream (the kernel delivers a datagram to
-/// the socket connected to its sender). A port another program holds without it stays
-/// refused.
-pub(super) const SHARED_PORTS: bool = true;
-
+/// A new session's socket on its port, or on the next free one if another program holds it.
 fn session_socket(
     table: &mut Table,
     entry: &Entry,
@@ -1273,21 +1252,14 @@ fn session_socket(
 ) -> anyhow::Result<std::net::UdpSocket> {
     let mut port = entry.port;
     for _ in 0..64 {
-        match udp::bind(
-            SocketAddr::new(unspecified(upstream.is_ipv4()), port),
-            SHARED_PORTS,
-        ) {
-            Ok(s) => {
-                s.connect(upstream)
-                    .with_context(|| format!("connecting to {upstream}"))?;
-                return Ok(s);
-            }
+        match port_socket(port, upstream) {
+            Ok(s) => return Ok(s),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
                 port = table
                     .replace_port(entry.id)
                     .ok_or_else(|| anyhow!("no free session port"))?;
             }
-            Err(e) => return Err(anyhow!(e).context(format!("binding session port {port}"))),
+            Err(e) => return Err(anyhow!(e).context(format!("session port {port} to {upstream}"))),
         }
     }
     Err(anyhow!(
