@@ -223,6 +223,23 @@ fn stale(name: &str) -> bool {
         .any(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
+/// Whether the host's /sys/fs/bpf is a mounted bpffs, and what it holds (names, sorted).
+fn host_bpffs() -> (bool, Vec<String>) {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some("/sys/fs/bpf"));
+    let mut names: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort_unstable();
+    (mounted, names)
+}
+
 /// Removes the namespaces, private bpffs mounts and temp files a killed test or benchmark run
 /// left behind. A run that ends, even by a failed assertion or a signal, removes its own.
 fn clean_stale_test_state() {
@@ -314,6 +331,7 @@ fn dispatch(command: Cmd) -> anyhow::Result<()> {
             bootstrap::build_prerequisites()?;
             bootstrap::test_prerequisites()?;
             clean_stale_test_state();
+            let before = host_bpffs();
             let mut test = cargo();
             test.args(["test", "--workspace", "--exclude", "relay-ebpf"]);
             if let Some(f) = &filter {
@@ -325,6 +343,15 @@ fn dispatch(command: Cmd) -> anyhow::Result<()> {
             }
             // Only checks that the benchmark runs and writes its files; not a timed test.
             bench(true)?;
+            // Tests pin into private bpffs mounts of their own: the host's must be as it was
+            // (a relay run on a default pin directory would mount one there, and the kernel
+            // would fill it with its own iterators).
+            let after = host_bpffs();
+            if after != before {
+                bail!(
+                    "the tests changed the host's /sys/fs/bpf: before {before:?}, after {after:?}"
+                );
+            }
             println!("{passed} passed, {failed} failed");
             Ok(())
         }
