@@ -48,6 +48,7 @@ pub mod maps {
     pub const SPLICE_LINKS: &str = "SPLICE_LINKS";
     pub const SPLICE_COUNTS: &str = "SPLICE_COUNTS";
     pub const SPLICE_TOTALS: &str = "SPLICE_TOTALS";
+    pub const SPLICE_BEHIND: &str = "SPLICE_BEHIND";
     pub const USER_LIMITS: &str = "USER_LIMITS";
     pub const USER_SPENT: &str = "USER_SPENT";
     /// Every map the relay pins.
@@ -78,6 +79,7 @@ pub mod maps {
         SPLICE_LINKS,
         SPLICE_COUNTS,
         SPLICE_TOTALS,
+        SPLICE_BEHIND,
         USER_LIMITS,
         USER_SPENT,
     ];

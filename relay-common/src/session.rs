@@ -493,6 +493,8 @@ pub const LAYOUT: u64 = {
         size_of::<Event>() as u64,
         size_of::<crate::limits::UserLimit>() as u64,
         size_of::<crate::limits::UserSpent>() as u64,
+        size_of::<crate::splice::SpliceLink>() as u64,
+        size_of::<crate::splice::SpliceCount>() as u64,
         crate::counters::OPEN_SLOTS as u64,
         EVENT_RING_BYTES as u64,
         PORT_SLOTS as u64,

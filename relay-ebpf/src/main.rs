@@ -45,8 +45,9 @@ use relay_common::{
 };
 
 use relay_common::splice::{
-    may_redirect, within_credit, SpliceCount, SpliceLink, SPLICE_NO_CREDIT, SPLICE_NO_PEER,
-    SPLICE_PASSED, SPLICE_REDIRECTED, SPLICE_SOCKETS, SPLICE_TOTAL_SLOTS, SPLICE_UNKNOWN,
+    may_redirect, room, sent_into, tell_behind, Room, SpliceCount, SpliceLink,
+    SPLICE_BEHIND_RING_BYTES, SPLICE_FELL_BEHIND, SPLICE_NO_CREDIT, SPLICE_NO_PEER, SPLICE_PASSED,
+    SPLICE_REDIRECTED, SPLICE_SOCKETS, SPLICE_TOTAL_SLOTS, SPLICE_UNKNOWN,
 };
 use relay_ebpf::frame::XdpFrame;
 
@@ -179,6 +180,11 @@ static SPLICE_LINKS: HashMap<u64, SpliceLink> = HashMap::pinned(SPLICE_SOCKETS, 
 #[map]
 static SPLICE_COUNTS: HashMap<u64, SpliceCount> = HashMap::pinned(SPLICE_SOCKETS, 0);
 
+/// Cookies of CONNECT sockets whose peer fell behind (the verdict's; the controller closes
+/// their receive window until the peer catches up).
+#[map]
+static SPLICE_BEHIND: RingBuf = RingBuf::pinned(SPLICE_BEHIND_RING_BYTES, 0);
+
 /// What the verdict did, over every socket, per CPU (`SPLICE_*` slots of `relay_common::splice`).
 #[map]
 static SPLICE_TOTALS: PerCpuArray<u64> = PerCpuArray::pinned(SPLICE_TOTAL_SLOTS, 0);
@@ -208,6 +214,16 @@ static SESSION_PORT_LAST: Global<u16> = Global::new(0);
 static SOCKS_PORT_FIRST: Global<u16> = Global::new(0);
 #[unsafe(no_mangle)]
 static SOCKS_PORT_LAST: Global<u16> = Global::new(0);
+
+/// Offsets of `bytes_acked`, `snd_una` and `write_seq` in this kernel's `struct tcp_sock`,
+/// found in its BTF by the controller at load time (`relay_common::splice::sent_into`). 0:
+/// unknown; the CONNECT verdict then redirects within the controller's credit alone.
+#[unsafe(no_mangle)]
+static TCP_BYTES_ACKED: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static TCP_SND_UNA: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static TCP_WRITE_SEQ: Global<u32> = Global::new(0);
 
 #[xdp]
 pub fn relay(ctx: XdpContext) -> u32 {
@@ -1022,7 +1038,14 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     let (link, held) = unsafe { (SPLICE_LINKS.get(cookie), *count) };
     if let Some(link) = link {
         if may_redirect(link, &held) {
-            if !within_credit(link, &held, len) {
+            // The peer's progress is read only once the controller's credit is used up.
+            let queued = if held.redirected + len <= link.allow {
+                None
+            } else {
+                peer_sent(link.peer)
+            };
+            let room = room(link, &held, len, queued);
+            if room == Room::Full {
                 // The peer fell behind: this chunk and the next go to the controller, whose
                 // reading follows the peer, so the sender's window closes meanwhile.
                 total(SPLICE_NO_CREDIT, 1);
@@ -1035,6 +1058,15 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
                     );
                 }
                 total(SPLICE_REDIRECTED, len);
+                if room == Room::Behind && tell_behind(&held) {
+                    // Into the overflow: the controller stops the sender. Told again a quarter
+                    // window later should this message be lost (the ring full).
+                    // SAFETY: as above (`behind` is written only here).
+                    unsafe { (*count).behind = held.redirected + len };
+                    if SPLICE_BEHIND.output::<u64>(&cookie, 0).is_ok() {
+                        total(SPLICE_FELL_BEHIND, 1);
+                    }
+                }
                 return SK_PASS;
             } else {
                 total(SPLICE_NO_PEER, 1);
@@ -1045,6 +1077,67 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     unsafe { (*count).passed = held.passed.wrapping_add(len) };
     total(SPLICE_PASSED, len);
     SK_PASS
+}
+
+/// What the CONNECT socket with cookie `peer` has taken into its send queue
+/// (`relay_common::splice::sent_into`), read from its `tcp_sock`; `None` if the offsets are
+/// unknown or the socket is gone.
+#[inline(always)]
+fn peer_sent(peer: u64) -> Option<u64> {
+    use aya_ebpf::{
+        cty::c_void,
+        helpers::generated::{
+            bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_release, bpf_skc_to_tcp_sock,
+        },
+    };
+    let (acked_at, una_at, seq_at) = (
+        TCP_BYTES_ACKED.load(),
+        TCP_SND_UNA.load(),
+        TCP_WRITE_SEQ.load(),
+    );
+    if acked_at == 0 || una_at == 0 || seq_at == 0 {
+        return None;
+    }
+    let key = peer;
+    // SAFETY: a lookup in the sockhash by a key on the stack; the kernel returns the socket
+    // with a reference taken (or null), released below on every path.
+    let sk = unsafe {
+        bpf_map_lookup_elem(
+            (&raw const SPLICE).cast_mut().cast(),
+            (&raw const key).cast(),
+        )
+    };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is the referenced socket from the lookup; the helper returns it as a
+    // `tcp_sock` if it is one, else null.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>();
+    let (mut acked, mut una, mut seq) = (0u64, 0u32, 0u32);
+    // SAFETY: reads of 8 and 4 bytes at offsets inside the `tcp_sock` (from the kernel's own
+    // BTF) of a socket held by the reference above; the helper checks each read and fails
+    // instead of faulting.
+    let read = !tp.is_null()
+        && unsafe {
+            bpf_probe_read_kernel(
+                (&raw mut acked).cast::<c_void>(),
+                8,
+                tp.wrapping_add(acked_at as usize).cast(),
+            ) == 0
+                && bpf_probe_read_kernel(
+                    (&raw mut una).cast::<c_void>(),
+                    4,
+                    tp.wrapping_add(una_at as usize).cast(),
+                ) == 0
+                && bpf_probe_read_kernel(
+                    (&raw mut seq).cast::<c_void>(),
+                    4,
+                    tp.wrapping_add(seq_at as usize).cast(),
+                ) == 0
+        };
+    // SAFETY: releases the reference the lookup took, once.
+    unsafe { bpf_sk_release(sk) };
+    read.then(|| sent_into(acked, una, seq))
 }
 
 #[inline(always)]

@@ -74,6 +74,7 @@ pub fn load_maps(opts: &LoadOptions) -> anyhow::Result<Ebpf> {
     let (socks_first, socks_last) = opts.socks_ports.unwrap_or((0, 0));
     let flows = opts.capacity.saturating_mul(2);
     let pool = relay_common::session::pool_slots(opts.capacity);
+    let [acked, una, seq] = tcp_sock_offsets();
     let ebpf = EbpfLoader::new()
         .default_map_pin_directory(&opts.pin_dir)
         .override_global(aya_log::LEVEL, &opts.log_level, false)
@@ -81,6 +82,9 @@ pub fn load_maps(opts: &LoadOptions) -> anyhow::Result<Ebpf> {
         .override_global("SESSION_PORT_LAST", &last, true)
         .override_global("SOCKS_PORT_FIRST", &socks_first, true)
         .override_global("SOCKS_PORT_LAST", &socks_last, true)
+        .override_global("TCP_BYTES_ACKED", &acked, true)
+        .override_global("TCP_SND_UNA", &una, true)
+        .override_global("TCP_WRITE_SEQ", &seq, true)
         .map_max_entries(maps::FLOWS, flows)
         .map_max_entries(maps::SESSIONS, opts.capacity)
         .map_max_entries(maps::SLOWPATH, opts.capacity)
@@ -117,6 +121,68 @@ pub fn load_maps(opts: &LoadOptions) -> anyhow::Result<Ebpf> {
         }
     }
     Ok(ebpf)
+}
+
+/// Byte offsets of `bytes_acked`, `snd_una` and `write_seq` in the running kernel's
+/// `struct tcp_sock`, from its BTF, for the CONNECT verdict (`relay_common::splice::sent_into`):
+/// zeros if the kernel has no BTF or the fields are not where this build looks (the verdict
+/// then redirects within the controller's credit alone). Read once per process.
+pub fn tcp_sock_offsets() -> [u32; 3] {
+    static OFFSETS: std::sync::OnceLock<[u32; 3]> = std::sync::OnceLock::new();
+    *OFFSETS.get_or_init(|| match find_tcp_sock_offsets() {
+        Ok(o) => o,
+        Err(e) => {
+            info!("CONNECT kernel path: {e:#}; the controller paces it instead");
+            [0; 3]
+        }
+    })
+}
+
+fn find_tcp_sock_offsets() -> anyhow::Result<[u32; 3]> {
+    use btf_rs::{Btf, Type};
+    const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+    let btf = Btf::from_file(VMLINUX).with_context(|| format!("reading {VMLINUX}"))?;
+    let types = btf
+        .resolve_types_by_name("tcp_sock")
+        .context("no struct tcp_sock in the kernel's BTF")?;
+    let Some(Type::Struct(tcp)) = types.into_iter().find(|t| matches!(t, Type::Struct(_))) else {
+        bail!("no struct tcp_sock in the kernel's BTF");
+    };
+    let mut found = [0u32; 3];
+    for m in &tcp.members {
+        let Ok(name) = btf.resolve_name(m) else {
+            continue;
+        };
+        // (field, its size in bytes): a field of another size is not the one this reads.
+        let slot = match name.as_str() {
+            "bytes_acked" => 0,
+            "snd_una" => 1,
+            "write_seq" => 2,
+            _ => continue,
+        };
+        let want = if slot == 0 { 8 } else { 4 };
+        // Through typedefs (`u64`, `u32`) and qualifiers down to the integer.
+        let mut ty = btf.resolve_chained_type(m).ok();
+        for _ in 0..8 {
+            match &ty {
+                Some(Type::Typedef(t)) => ty = btf.resolve_chained_type(t).ok(),
+                Some(Type::Volatile(t)) => ty = btf.resolve_chained_type(t).ok(),
+                _ => break,
+            }
+        }
+        let size = match ty {
+            Some(Type::Int(i)) => Some(i.size()),
+            _ => None,
+        };
+        if m.bit_offset() % 8 != 0 || m.bitfield_size().unwrap_or(0) != 0 || size != Some(want) {
+            bail!("struct tcp_sock's {name} is not a plain {want}-byte field in this kernel");
+        }
+        found[slot] = m.bit_offset() / 8;
+    }
+    if found.contains(&0) {
+        bail!("struct tcp_sock lacks bytes_acked, snd_una or write_seq in this kernel's BTF");
+    }
+    Ok(found)
 }
 
 /// Loads the data-path program (the verifier runs here).
@@ -379,7 +445,7 @@ pub fn mode_name(m: XdpMode) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::verifier_reason;
+    use super::{find_tcp_sock_offsets, verifier_reason};
 
     #[test]
     fn verifier_reason_skips_statistics() {
@@ -390,5 +456,20 @@ mod tests {
                    stack depth 0\nverification time 52 usec\n\n";
         assert_eq!(verifier_reason(log), "R3 offset is outside of the packet");
         assert_eq!(verifier_reason(""), "no verifier message");
+    }
+
+    /// This machine's kernel has BTF: the offsets are found, distinct, and inside a
+    /// `tcp_sock` (which is larger than 1 KiB on every kernel with these fields).
+    #[test]
+    fn finds_the_tcp_sock_fields_in_the_kernels_btf() {
+        if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+            return;
+        }
+        let [acked, una, seq] = find_tcp_sock_offsets().expect("offsets");
+        assert!(
+            acked > 1024 && una > 1024 && seq > 1024,
+            "{acked} {una} {seq}"
+        );
+        assert!(acked != una && una != seq && acked % 8 == 0 && una % 4 == 0 && seq % 4 == 0);
     }
 }

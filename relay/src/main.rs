@@ -1267,9 +1267,13 @@ fn connect_path(
     mode: relay::ebpf::AttachMode,
     fresh: bool,
 ) -> anyhow::Result<Option<Arc<relay::socks5::splice::Splicer>>> {
-    let splicer =
-        relay::socks5::splice::Splicer::take(bpf, mode != relay::ebpf::AttachMode::Off, fresh)?;
-    Ok(Some(Arc::new(splicer)))
+    let splicer = Arc::new(relay::socks5::splice::Splicer::take(
+        bpf,
+        mode != relay::ebpf::AttachMode::Off,
+        fresh,
+    )?);
+    tokio::spawn(Arc::clone(&splicer).watch());
+    Ok(Some(splicer))
 }
 
 async fn forward_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {

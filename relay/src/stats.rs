@@ -31,6 +31,7 @@ const SPLICE_NAMES: [&str; relay_common::splice::SPLICE_TOTAL_SLOTS as usize] = 
     "no_peer",
     "unknown_socket",
     "no_credit",
+    "fell_behind",
 ];
 
 /// `SPLICE_TOTALS` summed over CPUs, by name.

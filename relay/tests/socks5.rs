@@ -215,9 +215,9 @@ fn curl_fetches_a_page_with_a_username_and_password() {
 }
 
 /// The CONNECT kernel path with curl: a page comes wholly through the kernel (sockmap
-/// redirects); a 32 MiB download from a destination faster than the client comes through the
-/// kernel up to the credit (`SPLICE_WINDOW`) and then through the controller, at the
-/// client's pace; both byte-exact, and the user's account counts every byte once.
+/// redirects); a 32 MiB download, nine tenths of it at least through the kernel (the verdict
+/// follows the client socket's progress itself); both byte-exact, and the user's account
+/// counts every byte once.
 #[test]
 fn curl_through_the_kernel_path() {
     let s = setup_kernel();
@@ -258,10 +258,13 @@ fn curl_through_the_kernel_path() {
     );
     fetch("http://198.18.2.2:8080/big.bin", &big);
     let redirected = kernel("redirected_bytes") - redirected;
-    // Up to the credit, less the chunk that did not fit.
+    // The kernel carries it while less than its window waits for the client's socket; the
+    // controller only what arrives while more does (the client fell behind for a moment).
     assert!(
-        redirected >= relay_common::splice::SPLICE_WINDOW - (128 << 10),
-        "the kernel carried the download up to its credit: {redirected} bytes redirected"
+        redirected >= big.len() as u64 * 9 / 10,
+        "the kernel carried the download: {redirected} of {} bytes redirected; {}",
+        big.len(),
+        stats(&s.t.relay, "cli0", &s.pin)["connect_kernel"]
     );
     let st = published_stats(&s);
     let alice = user(&st, "alice");
@@ -370,15 +373,15 @@ fn a_slow_reader_holds_back_the_sender() {
     slow_reader(&s);
 }
 
-/// The kernel path: the verdict redirects only within a credit the controller grants while
-/// the client keeps up; past it the bytes come through the controller at the client's pace.
+/// The kernel path: once the client falls a window behind, the verdict tells the controller,
+/// which closes the destination's receive window until the client catches up.
 #[test]
 fn a_slow_reader_holds_back_the_sender_on_the_kernel_path() {
     let s = setup_kernel();
     let st = slow_reader(&s);
     assert!(
-        st["connect_kernel"]["no_credit"].as_u64() > Some(0),
-        "the credit ran out: {}",
+        st["connect_kernel"]["fell_behind"].as_u64() > Some(0),
+        "the verdict saw the client fall behind: {}",
         st["connect_kernel"]
     );
 }

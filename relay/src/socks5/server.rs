@@ -1773,10 +1773,60 @@ impl Server {
         let mut over = self.handing_over.subscribe();
         let mut buf = Vec::new();
         let mut end = Direction::Failed;
+        // `from`'s receive window is closed (the clamp it had is kept here) while its peer is
+        // behind: when the verdict says so (it redirects the overflow meanwhile), and while the
+        // controller holds bytes the verdict handed over (only once it has forwarded all of
+        // them can the kernel take over again, which a sender faster than `to` would otherwise
+        // never let happen). It opens once `to` has caught up and the kernel is linked.
+        let mut clamped: Option<libc::c_int> = None;
+        let unclamp = |clamped: &mut Option<libc::c_int>| {
+            if let Some(was) = clamped.take() {
+                let _ = super::splice::unclamp_window(from.as_raw_fd(), was);
+            }
+        };
+        let cookie = lock().cookies[d];
+        let behind = splicer.waiter(cookie);
+        // Closes the window, and lets the verdict redirect what it had offered.
+        // Given back at most `SPLICE_OFFERED_MAX`: a sender whose peer fell behind needs no
+        // larger window, and then all it may send past the window fits the overflow.
+        let clamp = || {
+            use relay_common::splice::SPLICE_OFFERED_MAX;
+            let was = super::splice::clamp_window(from.as_raw_fd()).ok()?;
+            let was = match u64::try_from(was) {
+                Ok(w) if w > 0 => w.min(SPLICE_OFFERED_MAX),
+                _ => SPLICE_OFFERED_MAX,
+            };
+            splicer.offer(cookie, was);
+            libc::c_int::try_from(was).ok()
+        };
         loop {
+            let holds_nothing = {
+                let c = lock();
+                splicer.count(cookie).passed == c.read[d]
+            };
             tokio::select! {
                 biased;
-                () = handing_over(&mut over) => return Direction::Stopped,
+                () = handing_over(&mut over) => {
+                    unclamp(&mut clamped);
+                    return Direction::Stopped;
+                }
+                () = behind.notified(), if clamped.is_none() && cookie != 0 => {
+                    // Unless `to` caught up meanwhile (the message is old).
+                    if waiting(splicer, to, d, state) > relay_common::splice::SPLICE_WINDOW {
+                        clamped = clamp();
+                    }
+                    continue;
+                }
+                linked = relink(splicer, [from, to], d, state, limit), if clamped.is_some() && holds_nothing => {
+                    if linked {
+                        unclamp(&mut clamped);
+                    } else {
+                        // `to` did not catch up within `limit`, or failed (the tally
+                        // notices a reset): look again a little later.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    continue;
+                }
                 r = from.readable() => if r.is_err() { break },
             }
             // Only bytes the verdict passed (rare) come here: the buffer is made on first use.
@@ -1792,23 +1842,16 @@ impl Server {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(_) => break,
             };
+            if clamped.is_none() && cookie != 0 {
+                clamped = clamp();
+            } else if clamped.is_some() {
+                let _ = super::splice::close_window(from.as_raw_fd());
+            }
             if !forward(splicer, to, d, state, &buf[..n], acct, moved, limit).await {
                 break;
             }
-            let over = over.clone();
-            match catch_up(
-                over, splicer, from, to, d, state, &mut buf, acct, moved, limit,
-            )
-            .await
-            {
-                Some(true) => {}
-                Some(false) => break,
-                None => {
-                    end = Direction::Done;
-                    break;
-                }
-            }
         }
+        unclamp(&mut clamped);
         let (want, cookie) = {
             let c = lock();
             (c.expect[1 - d], c.cookies[d])
@@ -2342,94 +2385,64 @@ async fn forward(
     true
 }
 
-/// Lets the kernel carry direction `d` again once the other side keeps up (less than half
-/// the window waiting for its send queue): holds what arrives on `from` in its receive queue (the verdict
-/// does not run below the raised low-water mark, and the sender's window closes), forwards
-/// every byte the verdict handed over until then, links `from` at the verdict's `passed`
-/// count with credit for what the window leaves, and lowers the mark, so the held bytes go
-/// through the verdict, in order, redirected. A chunk the verdict hands over meanwhile leaves
-/// `passed` past the link's: it and the next still come here. `None` at the end of the
-/// stream, `Some(false)` if a side failed.
-#[allow(clippy::too_many_arguments)]
-async fn catch_up(
-    mut over: watch::Receiver<bool>,
+/// Bytes redirected toward `to` (direction `d`) that are not in its send queue yet: they wait
+/// in the kernel's queue for it, which nothing else bounds (the send queue has its own limit).
+fn waiting(splicer: &Splicer, to: &TcpStream, d: usize, state: &Mutex<Carried>) -> u64 {
+    let c = *state.lock().unwrap_or_else(|e| e.into_inner());
+    let owed = c.expect[1 - d] + splicer.count(c.cookies[d]).redirected;
+    super::splice::queued(to.as_raw_fd())
+        .map(|q| owed.saturating_sub(q))
+        .unwrap_or(relay_common::splice::SPLICE_WINDOW)
+}
+
+/// Lets the kernel carry direction `d` again once the controller holds nothing the verdict
+/// handed over (it forwarded every byte passed so far) and `to` keeps up again (less than half
+/// the window waits for its send queue; this waits for that, for at most `limit`): links
+/// `from` at the verdict's `passed` count, so that the next chunk is redirected, behind what
+/// the controller wrote. A chunk the verdict hands over meanwhile leaves `passed` past the
+/// link's: it and the next still come to the controller, which tries again after forwarding
+/// them. Where the verdict cannot read `tcp_sock`, the link carries the controller's credit:
+/// what the window leaves. Whether it linked.
+async fn relink(
     splicer: &Splicer,
-    from: &TcpStream,
-    to: &TcpStream,
+    [from, to]: [&TcpStream; 2],
     d: usize,
     state: &Mutex<Carried>,
-    buf: &mut [u8],
-    acct: &Account,
-    moved: &AtomicU64,
     limit: Duration,
-) -> Option<bool> {
+) -> bool {
     use relay_common::splice::{SpliceLink, SPLICE_WINDOW};
     let lock = || *state.lock().unwrap_or_else(|e| e.into_inner());
     let c = lock();
     let (cookie, peer) = (c.cookies[d], c.cookies[1 - d]);
-    if cookie == 0 || peer == 0 {
-        return Some(true);
+    if cookie == 0 || peer == 0 || splicer.count(cookie).passed != c.read[d] {
+        return false;
     }
-    // Bytes redirected toward `to` that are not in its send queue yet: they wait in the
-    // kernel's queue for it, which nothing else bounds (the send queue has its own limit).
-    let waiting = |c: &Carried| {
-        let redirected = splicer.count(cookie).redirected;
-        super::splice::queued(to.as_raw_fd())
-            .map(|q| (c.expect[1 - d] + redirected).saturating_sub(q))
-            .unwrap_or(SPLICE_WINDOW)
-    };
-    if waiting(&c) >= SPLICE_WINDOW / 2 {
-        return Some(true);
+    // Everything the kernel redirected toward `to` and the controller wrote to it: what its
+    // send queue must have taken once nothing waits in the kernel's queue for it (which
+    // nothing else bounds; the send queue has its own limit).
+    let owed = c.expect[1 - d] + splicer.count(cookie).redirected;
+    let target = owed.saturating_sub(SPLICE_WINDOW / 2);
+    let hold = Some(from.as_raw_fd());
+    if !super::splice::flushed_holding(to, target, limit, hold).await {
+        return false;
     }
-    let fd = from.as_raw_fd();
-    let _ = super::splice::set_rcvlowat(fd, libc::c_int::MAX);
-    // Up to what was handed over now: if more comes meanwhile (the held bytes passed the
-    // low-water mark), the next look tries again, so a handover is never kept waiting.
-    let target = splicer.count(cookie).passed;
-    let done = loop {
-        let c = lock();
-        if c.read[d] >= target {
-            let count = splicer.count(cookie);
-            if count.passed == c.read[d] {
-                let room = SPLICE_WINDOW.saturating_sub(waiting(&c));
-                splicer.link(
-                    cookie,
-                    SpliceLink {
-                        peer,
-                        drained: count.passed,
-                        allow: count.redirected + room,
-                    },
-                );
-            }
-            break Some(true);
-        }
-        // Exactly the bytes handed over (the verdict's queue is read first; what waits
-        // behind it has not been through the verdict).
-        let want = usize::try_from(target - c.read[d])
-            .unwrap_or(usize::MAX)
-            .min(buf.len());
-        let n = match from.try_read(&mut buf[..want]) {
-            Ok(0) => break None,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // Not there yet (the kernel's worker moves them): wait a little, but never
-                // past a handover, which the caller watches for.
-                tokio::select! {
-                    biased;
-                    () = handing_over(&mut over) => break Some(true),
-                    r = from.readable() => if r.is_err() { break Some(false) },
-                    () = tokio::time::sleep(Duration::from_millis(50)) => break Some(true),
-                }
-                continue;
-            }
-            Err(_) => break Some(false),
-        };
-        if !forward(splicer, to, d, state, &buf[..n], acct, moved, limit).await {
-            break Some(false);
-        }
-    };
-    let _ = super::splice::kick(fd);
-    done
+    let c = lock();
+    let count = splicer.count(cookie);
+    if count.passed != c.read[d] {
+        return false;
+    }
+    let waiting = waiting(splicer, to, d, state);
+    splicer.link(
+        cookie,
+        SpliceLink {
+            peer,
+            drained: count.passed,
+            allow: count.redirected + SPLICE_WINDOW.saturating_sub(waiting),
+            expect: c.expect[1 - d],
+            offered: 0,
+        },
+    );
+    true
 }
 
 /// Adds what the kernel redirected since the last look to the user's account and `moved`.

@@ -10,14 +10,15 @@
 //! `SPLICE_COUNTS` entries (whose counts the verdict alone writes).
 
 use std::{
+    collections::HashMap as StdHashMap,
     os::fd::{AsRawFd as _, RawFd},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{HashMap, MapData, SockHash},
+    maps::{HashMap, MapData, RingBuf, SockHash},
     programs::SkSkb,
     Ebpf,
 };
@@ -27,7 +28,7 @@ use relay_common::{
     splice::{SpliceCount, SpliceLink, SPLICE_WINDOW},
 };
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::Notify};
 
 /// The stream verdict's name in the object.
 const VERDICT: &str = "splice";
@@ -37,6 +38,11 @@ pub struct Splicer {
     sockets: Mutex<SockHash<MapData, u64>>,
     links: Mutex<HashMap<MapData, u64, SpliceLink>>,
     counts: Mutex<HashMap<MapData, u64, SpliceCount>>,
+    /// The verdict's messages that a socket's peer fell behind, until [`Splicer::watch`]
+    /// takes them.
+    behind: Mutex<Option<RingBuf<MapData>>>,
+    /// Who to wake when a socket's peer fell behind, by cookie (the CONNECT's task).
+    waiters: Mutex<StdHashMap<u64, Arc<Notify>>>,
     /// The verdict is attached: new CONNECTs are carried in the kernel.
     enabled: bool,
 }
@@ -74,6 +80,7 @@ impl Splicer {
         let links: HashMap<MapData, u64, SpliceLink> = take(bpf, maps::SPLICE_LINKS)?.try_into()?;
         let counts: HashMap<MapData, u64, SpliceCount> =
             take(bpf, maps::SPLICE_COUNTS)?.try_into()?;
+        let behind: RingBuf<MapData> = take(bpf, maps::SPLICE_BEHIND)?.try_into()?;
         let enabled = attach
             && match attach_verdict(bpf, &sockets) {
                 Ok(()) => true,
@@ -86,6 +93,8 @@ impl Splicer {
             sockets: Mutex::new(sockets),
             links: Mutex::new(links),
             counts: Mutex::new(counts),
+            behind: Mutex::new(Some(behind)),
+            waiters: Mutex::new(StdHashMap::new()),
             enabled,
         };
         if fresh {
@@ -97,6 +106,59 @@ impl Splicer {
     /// Whether new CONNECTs are carried in the kernel.
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// Reads the verdict's messages that a socket's peer fell behind, forever, and wakes the
+    /// CONNECT that waits for them (call once, in the runtime).
+    pub async fn watch(self: Arc<Self>) {
+        let Some(ring) = self.behind.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        // SAFETY: the ring's descriptor belongs to the map it wraps, which the AsyncFd owns
+        // for its whole life; it is never closed or replaced meanwhile.
+        let mut ring = match unsafe { tokio::io::unix::AsyncFd::register(ring) } {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("watching the CONNECT verdict's ring: {e}; a CONNECT whose client falls behind goes through the controller");
+                return;
+            }
+        };
+        loop {
+            let mut guard = match ring.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    warn!("CONNECT verdict ring: {e}");
+                    return;
+                }
+            };
+            let mut cookies = Vec::new();
+            while let Some(item) = guard.get_inner_mut().next() {
+                if let Some(bytes) = item.get(..8) {
+                    cookies.push(u64::from_ne_bytes(bytes.try_into().unwrap_or_default()));
+                }
+            }
+            guard.clear_ready();
+            let waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            for c in cookies {
+                if let Some(w) = waiters.get(&c) {
+                    w.notify_one();
+                }
+            }
+        }
+    }
+
+    /// What wakes when the peer of the socket `cookie` falls behind (until [`Splicer::unwatch`]).
+    pub fn waiter(&self, cookie: u64) -> Arc<Notify> {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(waiters.entry(cookie).or_default())
+    }
+
+    /// Stops waking anyone for `cookie`.
+    pub fn unwatch(&self, cookie: u64) {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&cookie);
     }
 
     /// Drops every link and count (their sockets closed with a controller that did not hand
@@ -115,9 +177,10 @@ impl Splicer {
     }
 
     /// Puts a socket in the sockhash, sending what arrives on it out of `peer` (0: to the
-    /// controller). Returns its cookie, or 0 if it could not be added (then nothing changed).
-    fn add(&self, s: &TcpStream, peer: u64) -> u64 {
-        match self.try_add(s, peer) {
+    /// controller), whose send queue has taken `expect` bytes (as [`queued`] counts them).
+    /// Returns its cookie, or 0 if it could not be added (then nothing changed).
+    fn add(&self, s: &TcpStream, peer: u64, expect: u64) -> u64 {
+        match self.try_add(s, peer, expect) {
             Ok(cookie) => cookie,
             Err(e) => {
                 debug!("CONNECT socket not carried in the kernel: {e:#}");
@@ -126,7 +189,7 @@ impl Splicer {
         }
     }
 
-    fn try_add(&self, s: &TcpStream, peer: u64) -> anyhow::Result<u64> {
+    fn try_add(&self, s: &TcpStream, peer: u64, expect: u64) -> anyhow::Result<u64> {
         let cookie = cookie(s.as_raw_fd())?;
         let fd = s.as_raw_fd();
         self.counts
@@ -139,6 +202,8 @@ impl Splicer {
                 peer,
                 drained: 0,
                 allow: SPLICE_WINDOW,
+                expect,
+                offered: 0,
             },
         );
         let added = self
@@ -172,6 +237,18 @@ impl Splicer {
         }
     }
 
+    /// Lets the verdict redirect `offered` more bytes from `cookie` toward a peer that fell
+    /// behind: the receive window the sender had been offered before the controller closed it.
+    pub fn offer(&self, cookie: u64, offered: u64) {
+        if cookie == 0 {
+            return;
+        }
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(link) = links.get(&cookie, 0) {
+            let _ = links.insert(cookie, SpliceLink { offered, ..link }, 0);
+        }
+    }
+
     /// What the verdict counted for `cookie` (zero for a socket it does not carry).
     pub fn count(&self, cookie: u64) -> SpliceCount {
         if cookie == 0 {
@@ -189,6 +266,7 @@ impl Splicer {
         if cookie == 0 {
             return;
         }
+        self.unwatch(cookie);
         let _ = self
             .links
             .lock()
@@ -214,7 +292,7 @@ impl Splicer {
     /// linked to the upstream at once. Call after the early bytes went to the
     /// upstream and before the reply; `None` if neither socket could be added.
     pub fn start(&self, client: &TcpStream, upstream: &TcpStream) -> Option<Carried> {
-        let up = self.add(upstream, 0);
+        let up = self.add(upstream, 0, 0);
         if up != 0 {
             // Until it is linked, what the upstream sends waits in its receive queue rather
             // than going to the controller (TCP signals "data ready" only past the low-water
@@ -223,7 +301,7 @@ impl Splicer {
         }
         // The base is taken before the client's bytes can be redirected into the upstream.
         let base = queued(upstream.as_raw_fd()).unwrap_or(0);
-        let cl = self.add(client, up);
+        let cl = self.add(client, up, base);
         if up == 0 && cl == 0 {
             return None;
         }
@@ -244,6 +322,8 @@ impl Splicer {
                 peer: c.cookies[0],
                 drained: c.read[1],
                 allow: SPLICE_WINDOW,
+                expect: c.expect[0],
+                offered: 0,
             },
         );
         // What arrived since `start` goes through the verdict now, after the reply.
@@ -299,13 +379,42 @@ pub fn kick(fd: RawFd) -> std::io::Result<()> {
 /// the verdict does not run and arriving bytes wait in the receive queue (TCP caps it at half
 /// the receive buffer).
 pub fn set_rcvlowat(fd: RawFd, bytes: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: setsockopt reads one c_int from `bytes`.
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+/// Closes a socket's receive window to the least TCP allows (`TCP_WINDOW_CLAMP`): the sender
+/// stops once it has sent what the window already offered. Returns the clamp to restore.
+pub fn clamp_window(fd: RawFd) -> std::io::Result<libc::c_int> {
+    let was = sockopt::<libc::c_int>(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP)?;
+    close_window(fd)?;
+    Ok(was)
+}
+
+/// Sets the least window clamp TCP allows (again: its receive buffer tuning raises the clamp
+/// when it grows the buffer, as bytes are taken from the socket).
+pub fn close_window(fd: RawFd) -> std::io::Result<()> {
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, 1)
+}
+
+/// Gives a socket back the window clamp [`clamp_window`] returned (TCP's receive buffer
+/// tuning raises it from there as before).
+pub fn unclamp_window(fd: RawFd, was: libc::c_int) -> std::io::Result<()> {
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, was)
+}
+
+fn set_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads one c_int from `v`.
     let rc = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&raw const bytes).cast(),
+            level,
+            name,
+            (&raw const v).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -351,9 +460,23 @@ pub fn reset(fd: RawFd) -> bool {
 /// for at most `limit`: the bytes the kernel redirected into it are sent by a kernel worker,
 /// and shutting down its writing half before they are in would lose them.
 pub async fn flushed(to: &TcpStream, want: u64, limit: Duration) -> bool {
+    flushed_holding(to, want, limit, None).await
+}
+
+/// [`flushed`], keeping the receive window of `hold` closed meanwhile (TCP's receive buffer
+/// tuning may open it again as bytes are taken from the socket).
+pub async fn flushed_holding(
+    to: &TcpStream,
+    want: u64,
+    limit: Duration,
+    hold: Option<RawFd>,
+) -> bool {
     let start = tokio::time::Instant::now();
     let mut step = Duration::from_micros(200);
     loop {
+        if let Some(fd) = hold {
+            let _ = close_window(fd);
+        }
         match queued(to.as_raw_fd()) {
             Ok(q) if q >= want => return true,
             Ok(_) => {}
