@@ -138,10 +138,10 @@ reasons! {
     /// FIN or RST, no flags at all, FIN without ACK) or a SYN carrying data: dropped, never
     /// relayed into a session.
     TcpBadFlags = 27, "tcp_bad_flags", Drop;
-    /// A TCP session's segment the fast path cannot carry (TTL expiring, larger than the
-    /// egress MTU, next hop unresolved, wrong IPv4 header checksum): dropped, because the
-    /// host's stack, which has no socket for it, would answer with a reset; the sender
-    /// retransmits.
+    /// A TCP session's segment neither the fast path nor the controller can carry (a wrong
+    /// IPv4 header checksum, as a router drops it; one the controller could not be handed:
+    /// no controller runs, or its buffer is full): dropped, because the host's stack, which
+    /// has no socket for it, would answer with a reset; the sender retransmits.
     TcpUncarried = 28, "tcp_uncarried", Drop;
     /// A flow's first packet (TCP SYN, UDP datagram) to a rule, refused by its allow list,
     /// the client's share, the rule's limit or its new-session rate (the cause, per rule, is
@@ -167,6 +167,11 @@ reasons! {
     UserOverQuota = 34, "user_over_quota", Drop;
     /// A SOCKS5 datagram beyond its user's bandwidth limit this instant: dropped.
     UserOverRate = 35, "user_over_rate", Drop;
+    /// A TCP session's segment the fast path cannot carry (its next hop unresolved, larger
+    /// than the egress MTU without DF): handed to the controller (`TCP_SLOW`), which relays
+    /// it with the same rewrite through the host's stack (which resolves the neighbour; the
+    /// controller fragments). Dropped here.
+    TcpToController = 36, "tcp_to_controller", Drop;
 }
 
 /// What became of a flow's first packet (a TCP SYN, a UDP datagram) that could open a

@@ -340,6 +340,19 @@ pub struct SlowPath {
     pub opened: u64,
 }
 
+/// What XDP hands the controller with a TCP session's segment it cannot carry (`TCP_SLOW`,
+/// followed by the frame's bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlowSegment {
+    pub session: u32,
+    /// [`TO_UPSTREAM`] or [`TO_CLIENT`].
+    pub direction: u32,
+    /// Bytes of the frame that follows.
+    pub len: u32,
+    pub _pad: u32,
+}
+
 /// Value of `RULES` (indexed by rule): totals the controller keeps per forward rule.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -361,6 +374,11 @@ pub struct RuleStats {
     pub evicted_unanswered: u64,
     /// Sessions closed because the upstream never answered within `unanswered_timeout`.
     pub closed_unanswered: u64,
+    /// TCP segments XDP handed to the controller (`tcp_to_controller`) that it relayed, per
+    /// direction (IP bytes before fragmenting).
+    pub tcp_slow: [Traffic; 2],
+    /// Such segments it could not relay (no session any more, a send refused).
+    pub tcp_slow_dropped: u64,
     /// The rule's name (NUL-padded UTF-8), for `relay stats`.
     pub name: [u8; 32],
     pub listen: [u8; 16],

@@ -19,8 +19,8 @@ use aya_ebpf::{
     helpers::bpf_get_socket_cookie,
     macros::{map, sk_lookup, stream_verdict, xdp},
     maps::{
-        lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, Queue, RingBuf, SockHash,
-        SockMap,
+        lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, PerfEventArray, Queue,
+        RingBuf, SockHash, SockMap,
     },
     programs::{SkBuffContext, SkLookupContext, XdpContext},
     Global,
@@ -37,10 +37,10 @@ use relay_common::{
     rewrite::{apply, plan, Head, SocksHeader},
     session::{
         AllowKey, Bucket, Event, Flow, FlowKey, Listen, ListenKey, Meta, Nexthop, NexthopKey,
-        PoolSlot, RuleStats, Session, SlowPath, SourceKey, UserStats, EVENT_CLOSING, EVENT_OPENED,
-        EVENT_RING_BYTES, FLOW_SOCKS, LISTEN_ALLOW_LIST, LISTEN_FULL, NEXTHOP_NONE, NEXTHOP_OWN,
-        NEXTHOP_SLOTS, ORIGIN_KERNEL, PORT_SLOTS, RULE_SLOTS, RULE_SOCKS, STATE_ACTIVE, STATE_FREE,
-        TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
+        PoolSlot, RuleStats, Session, SlowPath, SlowSegment, SourceKey, UserStats, EVENT_CLOSING,
+        EVENT_OPENED, EVENT_RING_BYTES, FLOW_SOCKS, LISTEN_ALLOW_LIST, LISTEN_FULL, NEXTHOP_NONE,
+        NEXTHOP_OWN, NEXTHOP_SLOTS, ORIGIN_KERNEL, PORT_SLOTS, RULE_SLOTS, RULE_SOCKS,
+        STATE_ACTIVE, STATE_FREE, TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
     },
 };
 
@@ -179,6 +179,11 @@ static SPLICE_LINKS: HashMap<u64, SpliceLink> = HashMap::pinned(SPLICE_SOCKETS, 
 /// and removed by the controller).
 #[map]
 static SPLICE_COUNTS: HashMap<u64, SpliceCount> = HashMap::pinned(SPLICE_SOCKETS, 0);
+
+/// TCP sessions' segments XDP cannot carry, with their frames, for the controller to relay
+/// (`tcp_to_controller`). Not pinned: each controller reads its own program's.
+#[map]
+static TCP_SLOW: PerfEventArray<SlowSegment> = PerfEventArray::new(0);
 
 /// Cookies of CONNECT sockets whose peer fell behind (the verdict's; the controller closes
 /// their receive window until the peer catches up).
@@ -338,6 +343,39 @@ fn relay_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
     }
     note_tcp_state(h, &found);
     carried
+}
+
+/// Hands a TCP session's segment to the controller with its frame (`TCP_SLOW`):
+/// `tcp_to_controller`, or `tcp_uncarried` if it could not be handed over (no controller
+/// reads the buffer, or it is full). Not inlined: its frame stays off the fast path's.
+#[inline(never)]
+fn to_controller(ctx: &XdpContext, found: &Found) -> Reason {
+    use aya_ebpf::{cty::c_void, helpers::generated::bpf_perf_event_output, EbpfContext as _};
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let meta = SlowSegment {
+        session: found.id,
+        direction: found.direction,
+        len: len as u32,
+        _pad: 0,
+    };
+    // The frame's bytes follow the record (the helper copies them from the packet).
+    let flags = (len << 32) | aya_ebpf::bindings::BPF_F_CURRENT_CPU;
+    // SAFETY: the helper reads `meta` (on the stack, of the size given) and `len` bytes of
+    // the packet this program runs for; the map is the perf event array above.
+    let rc = unsafe {
+        bpf_perf_event_output(
+            ctx.as_ptr(),
+            (&raw const TCP_SLOW).cast_mut().cast(),
+            flags,
+            (&raw const meta).cast_mut().cast::<c_void>(),
+            core::mem::size_of::<SlowSegment>() as u64,
+        )
+    };
+    if rc == 0 {
+        Reason::TcpToController
+    } else {
+        Reason::TcpUncarried
+    }
 }
 
 /// Records in the session what a relayed segment says about the connection: the client's
@@ -743,8 +781,9 @@ fn carry(
         if reason.verdict() != Verdict::Pass {
             reason
         } else if h.proto == PROTO_TCP {
-            // No socket would take it: the host's stack would reset the connection.
-            Reason::TcpUncarried
+            // No socket would take it (the host's stack would reset the connection): the
+            // controller relays it.
+            to_controller(ctx, found)
         } else if !socket_for(ctx, h) {
             Reason::NoSocket
         } else {
@@ -757,7 +796,13 @@ fn carry(
         // What a router answers for a packet it will not forward.
         Err(Reason::TooBig) if h.proto == PROTO_TCP => {
             let kind = IcmpError::TooBig { mtu: nexthop.mtu };
-            return icmp::reply(frame, h, kind).map(|()| Reason::TcpTooBig);
+            return match icmp::reply(frame, h, kind) {
+                Ok(()) => Ok(Reason::TcpTooBig),
+                // Not answered, the frame untouched: without DF (the controller fragments
+                // it), or a header layout the answer is not built for.
+                Err(Reason::TcpUncarried) => Err(declined(Reason::TooBig)),
+                Err(other) => Err(other),
+            };
         }
         Err(Reason::TtlExpiring) if h.proto == PROTO_TCP => {
             return icmp::reply(frame, h, IcmpError::TimeExceeded).map(|()| Reason::TcpTtlExpired);

@@ -687,6 +687,13 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
     } else {
         None
     };
+    // TCP segments XDP cannot carry (next hop unresolved, too big without DF) come to the
+    // controller, which relays them through raw sockets (opened now, with the privileges).
+    if fast_path {
+        if let Err(e) = relay::forward::slowtcp::SlowTcp::start(&mut bpf, Arc::clone(&datapath)) {
+            warn!("{e:#}; TCP segments XDP cannot carry are dropped (tcp_uncarried)");
+        }
+    }
     // Everything is loaded and verified: only now is the running relay asked to hand over
     // (a new program the kernel refuses leaves it running as it was).
     let mut received = match &predecessor {

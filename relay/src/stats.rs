@@ -246,6 +246,11 @@ pub struct RuleReport {
     pub slow_path: Directions,
     /// Traffic of sessions that have ended (both relayers together).
     pub closed_sessions: Directions,
+    /// TCP segments XDP could not carry (next hop unresolved, too big without DF) that the
+    /// controller relayed for it (IP bytes before fragmenting; not in `xdp`), and those it
+    /// could not.
+    pub tcp_slow_relayed: Directions,
+    pub tcp_slow_dropped: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -350,6 +355,8 @@ pub fn sessions_and_rules(pin_dir: &Path) -> anyhow::Result<(Vec<SessionReport>,
         report.evicted_unanswered = r.evicted_unanswered;
         report.closed_unanswered = r.closed_unanswered;
         report.closed_sessions.add(&r.retired);
+        report.tcp_slow_relayed.add(&r.tcp_slow);
+        report.tcp_slow_dropped = r.tcp_slow_dropped;
         rules.insert(index, report);
     }
     let mut sessions = Vec::new();

@@ -619,6 +619,129 @@ fn a_smaller_route_mtu_is_found_by_path_mtu_discovery() {
     assert_eq!(reason(&s, "tcp_uncarried"), 0, "{s}");
 }
 
+/// The same smaller route MTU for a client that does not set DF (path MTU discovery off):
+/// XDP cannot carry its full segments and no ICMP is due; the controller relays them in
+/// fragments that fit (without that they were dropped, and the connection stalled on its
+/// retransmissions of the same size).
+#[test]
+fn segments_too_big_without_df_are_fragmented_by_the_controller() {
+    let Lab { rt, t, pin } = lab();
+    t.relay.ip(&[
+        "route",
+        "replace",
+        "198.18.2.0/24",
+        "dev",
+        "up0",
+        "mtu",
+        "1300",
+    ]);
+    let _relay = start(&t, &pin, &[]);
+    let to: SocketAddr = V4.parse().unwrap();
+    let socks = sockets(&t.client, 4, false);
+    for s in &socks {
+        let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+        // SAFETY: setsockopt reads one c_int from `dont`, on a socket this test owns.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&raw const dont).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "IP_MTU_DISCOVER");
+    }
+    let failures: Vec<String> = rt.block_on(async {
+        let tasks: Vec<_> = socks
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| tokio::spawn(echo_once(s, to, payload(i as u64, 200_000))))
+            .collect();
+        let mut failures = Vec::new();
+        for t in tasks {
+            if let Err(e) = t.await.expect("task") {
+                failures.push(e);
+            }
+        }
+        failures
+    });
+    assert!(failures.is_empty(), "{failures:?}");
+    let s = stats(&t.relay, "cli0", &pin);
+    assert!(
+        reason(&s, "tcp_to_controller") > 0,
+        "XDP handed the too-big segments to the controller: {s}"
+    );
+    let relayed = &rule(&s, "forward0")["tcp_slow_relayed"]["to_upstream"]["packets"];
+    assert!(
+        relayed.as_u64() > Some(0),
+        "the controller relayed them: {s}"
+    );
+    assert_eq!(rule(&s, "forward0")["tcp_slow_dropped"], 0, "{s}");
+    assert_eq!(reason(&s, "tcp_uncarried"), 0, "{s}");
+    assert_eq!(reason(&s, "tcp_too_big"), 0, "no DF, no ICMP: {s}");
+}
+
+/// While the relay cannot resolve the upstream's link-layer address (its ARP replies are
+/// dropped, its neighbour entry flushed), XDP has no next hop for the session; it hands the
+/// segments to the controller, whose raw socket leaves them with the host's stack, which
+/// holds them until the neighbour answers. Nothing is dropped as `tcp_uncarried`.
+#[test]
+fn segments_while_the_next_hop_is_unresolved_go_through_the_controller() {
+    let Lab { rt, t, pin } = lab();
+    let _relay = start(&t, &pin, &[]);
+    let mut c = connect(&rt, &t, V4.parse().unwrap());
+    ping(&rt, &mut c, b"before");
+    // No ARP reply reaches the relay's stack from now on.
+    for cmd in [
+        "add table arp relaytest",
+        "add chain arp relaytest in { type filter hook input priority 0; policy accept; }",
+        "add rule arp relaytest in arp operation reply drop",
+    ] {
+        let args: Vec<&str> = std::iter::once("nft").chain(cmd.split(' ')).collect();
+        t.relay.exec(&args);
+    }
+    t.relay.ip(&["neigh", "flush", "dev", "up0"]);
+    // The next-hop thread looks again within a second and finds the neighbour unresolved.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = t.relay.ip(&["neigh", "show", "198.18.2.2", "dev", "up0"]);
+        if out.contains("INCOMPLETE") || out.contains("FAILED") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the neighbour stayed resolved: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = stats(&t.relay, "cli0", &pin);
+    // Bytes sent now wait in the host's neighbour queue until ARP answers again.
+    let data = payload(7, 20_000);
+    rt.block_on(c.write_all(&data)).expect("write");
+    std::thread::sleep(Duration::from_millis(300));
+    t.relay
+        .exec(&["nft", "delete", "table", "arp", "relaytest"]);
+    let mut back = vec![0u8; data.len()];
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut back))
+            .await
+            .expect("the echo once the neighbour answered")
+            .expect("echo");
+    });
+    assert_eq!(back, data);
+    let s = stats(&t.relay, "cli0", &pin);
+    let handed = reason(&s, "tcp_to_controller") - reason(&before, "tcp_to_controller");
+    assert!(handed > 0, "XDP handed the segments over: {s}");
+    let relayed = &rule(&s, "forward0")["tcp_slow_relayed"]["to_upstream"]["packets"];
+    assert!(
+        relayed.as_u64() > Some(0),
+        "the controller relayed them: {s}"
+    );
+    assert_eq!(reason(&s, "tcp_uncarried"), 0, "{s}");
+}
+
 /// Half-open connections (a SYN whose sender never completes the handshake: a spoofed
 /// source, a SYN flood) end after the unanswered timeout, although the upstream answered
 /// them; an established connection stays.

@@ -15,6 +15,7 @@
 mod recovery;
 mod rules;
 mod sessions;
+pub mod slowtcp;
 pub mod steer;
 pub mod tcp;
 
