@@ -530,13 +530,13 @@ fn tcp_table() -> Vec<Fixture> {
             Some(1500),
         ),
         dropped(
-            "TCP a segment too big, without DF",
+            "TCP a segment too big, without DF: handed to the controller (TCP_SLOW)",
             {
                 let mut f = seg(TCP_CLIENT, TCP_FRONT, ACK, &[0x33; 1461]);
                 f.ipv4_frag = 0;
                 f.build()
             },
-            Reason::TcpUncarried,
+            Reason::TcpToController,
         ),
         up(
             "TCP FIN from the client",
@@ -1206,6 +1206,17 @@ fn run_fixtures() -> Vec<String> {
     let mut dp = Datapath::take(&mut bpf).expect("maps");
     install(&mut dp);
     install_tcp(&dp);
+    // The controller's side of `TCP_SLOW`: a buffer per CPU, as `forward::slowtcp` opens.
+    let mut slow: aya::maps::PerfEventArray<aya::maps::MapData> = bpf
+        .take_map("TCP_SLOW")
+        .expect("TCP_SLOW")
+        .try_into()
+        .expect("a perf event array");
+    let mut slow_buffers: Vec<_> = aya::util::online_cpus()
+        .expect("online CPUs")
+        .into_iter()
+        .map(|cpu| slow.open(cpu, None).expect("a perf buffer"))
+        .collect();
     let prog = ebpf::program(&mut bpf).expect("program");
     let mut failures = Vec::new();
     let mut expected_counts: BTreeMap<Reason, (u64, u64)> = BTreeMap::new();
@@ -1231,6 +1242,50 @@ fn run_fixtures() -> Vec<String> {
         let e = expected_counts.entry(f.reason).or_default();
         e.0 += 1;
         e.1 += f.input.len() as u64;
+    }
+
+    // What XDP handed to the controller: each such segment, once, with the session and
+    // direction it belongs to and its frame byte for byte.
+    let mut handed = Vec::new();
+    for b in &mut slow_buffers {
+        b.for_each(|e| {
+            if let aya::maps::perf::PerfEvent::Sample { head, tail } = e {
+                handed.push([head, tail].concat());
+            }
+        });
+    }
+    let want: Vec<&Fixture> = fixtures
+        .iter()
+        .filter(|f| f.reason == Reason::TcpToController)
+        .collect();
+    if handed.len() != want.len() {
+        failures.push(format!(
+            "TCP_SLOW holds {} records, want {}",
+            handed.len(),
+            want.len()
+        ));
+    }
+    for (record, f) in handed.iter().zip(&want) {
+        let meta_len = std::mem::size_of::<relay_common::session::SlowSegment>();
+        let word = |at: usize| {
+            record
+                .get(at..at + 4)
+                .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
+        };
+        let frame = record.get(meta_len..meta_len + f.input.len());
+        let meta = (word(0), word(4), word(8));
+        let len = Some(f.input.len() as u32);
+        if meta != (Some(12), Some(TO_UPSTREAM), len) || frame != Some(&f.input[..]) {
+            failures.push(format!(
+                "{}: handed over as session/direction/length {meta:?}, frame {}",
+                f.what,
+                if frame == Some(&f.input[..]) {
+                    "intact"
+                } else {
+                    "differs"
+                }
+            ));
+        }
     }
 
     // Per-session counters: IP bytes of what each session relayed, per direction.
