@@ -336,9 +336,12 @@ fn relay_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
         return Err(Reason::TcpBadFlags);
     }
     let carried = carry(ctx, frame, h, &found, Head::Keep);
-    // Only a segment that went on marks the session: one answered with ICMP or dropped is
-    // sent again by its sender.
+    // Only a segment that goes on marks the session (relayed here, or by the controller it
+    // was handed to): one answered with ICMP or dropped is sent again by its sender.
     if let Ok(Reason::TcpTooBig | Reason::TcpTtlExpired) | Err(_) = carried {
+        if carried == Err(Reason::TcpToController) {
+            note_tcp_state(h, &found);
+        }
         return carried;
     }
     note_tcp_state(h, &found);
@@ -1080,8 +1083,10 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     };
     // SAFETY: map values live while the map does; `passed` is written only here, and the
     // kernel runs a socket's verdict for one chunk at a time (under the socket's lock).
-    let (link, held) = unsafe { (SPLICE_LINKS.get(cookie), *count) };
-    if let Some(link) = link {
+    // The link is copied once: the controller may replace it meanwhile (a preallocated
+    // hash reuses elements), and every decision below must see one version of it.
+    let (link, held) = unsafe { (SPLICE_LINKS.get(cookie).copied(), *count) };
+    if let Some(link) = &link {
         if may_redirect(link, &held) {
             // The peer's progress is read only once the controller's credit is used up.
             let queued = if held.redirected + len <= link.allow {

@@ -623,6 +623,11 @@ impl Datapath {
             .context("reading NEXTHOPS")
     }
 
+    /// The next hop back to the client of a session XDP opened (`HOPS`, XDP's).
+    pub fn hop(&self, id: u32) -> anyhow::Result<Nexthop> {
+        self.lock().hops.get(&id, 0).context("reading HOPS")
+    }
+
     pub fn set_nexthop(&self, slot: u16, nh: &Nexthop) -> anyhow::Result<()> {
         self.lock()
             .nexthops

@@ -18,7 +18,7 @@ use relay_common::{
     frame::HostFrame,
     packet::{parse, FAMILY_V4, PROTO_TCP},
     rewrite::{apply, plan, Head},
-    session::{Nexthop, SlowSegment, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM},
+    session::{Nexthop, SlowSegment, NEXTHOP_OWN, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM},
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -143,9 +143,24 @@ impl SlowTcp {
         };
         let mut host = HostFrame::new(frame, 0);
         let h = parse(&host).map_err(|r| anyhow!("unparsable frame ({})", r.name()))?;
+        // The record may have been reused since XDP handed the segment over: it must still be
+        // this flow's, as XDP checked it.
+        let (local, local_port, remote, remote_port) = if direction == TO_UPSTREAM {
+            (s.front, s.front_port, s.client, s.client_port)
+        } else {
+            (s.back, s.back_port, s.upstream, s.upstream_port)
+        };
+        if (h.dst, h.dst_port, h.src, h.src_port) != (local, local_port, remote, remote_port) {
+            return Err(anyhow!("the session is gone"));
+        }
         // The route's MTU if the next hop is known; the host's stack sends to the link.
         let slot = s.nexthop[direction as usize];
-        let mtu = self.datapath.nexthop(slot).map_or(0, |n| n.mtu);
+        let hop = if slot == NEXTHOP_OWN {
+            self.datapath.hop(meta.session)
+        } else {
+            self.datapath.nexthop(slot)
+        };
+        let mtu = hop.map_or(0, |n| n.mtu);
         let through_stack = Nexthop {
             // Any interface: the Ethernet header this writes is cut off, the stack routes.
             ifindex: 1,
@@ -219,15 +234,21 @@ pub fn fragment_v4(packet: &[u8], mtu: usize) -> Option<Vec<Vec<u8>>> {
     if flags & 0x4000 != 0 {
         return None;
     }
-    let (first_header, payload) = (&packet[..ihl], &packet[ihl..total]);
-    let later_header = copied_options(first_header)?;
+    let mut first_header = packet[..ihl].to_vec();
+    if first_header[4..6] == [0, 0] {
+        // The raw socket gives a packet with identification 0 one of its own, each fragment
+        // a different one, and the receiver could not put them together.
+        first_header[4..6].copy_from_slice(&next_id().to_be_bytes());
+    }
+    let payload = &packet[ihl..total];
+    let later_header = copied_options(&first_header)?;
     let base = usize::from(flags & 0x1fff) * 8;
     let more_after = flags & 0x2000 != 0;
     let mut out = Vec::new();
     let mut at = 0;
     while at < payload.len() {
         let header = if at == 0 {
-            first_header
+            &first_header[..]
         } else {
             &later_header[..]
         };
@@ -250,6 +271,18 @@ pub fn fragment_v4(packet: &[u8], mtu: usize) -> Option<Vec<Vec<u8>>> {
         at += take;
     }
     Some(out)
+}
+
+/// An identification for a packet that had none (0): never 0, different for each.
+fn next_id() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(1);
+    loop {
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        if id != 0 {
+            return id;
+        }
+    }
 }
 
 /// The header for fragments after the first: the fixed 20 bytes, then only the options
@@ -313,7 +346,7 @@ mod tests {
             let at = usize::from(flags & 0x1fff) * 8;
             assert_eq!(at, out.len(), "fragments in order, without gaps");
             assert_eq!(usize::from(u16::from_be_bytes([p[2], p[3]])), p.len());
-            assert_eq!(&p[4..6], &[0x12, 0x34], "the identification is kept");
+            assert_eq!(&p[4..6], &pieces[0][4..6], "one identification for all");
             out.extend_from_slice(&p[ihl..]);
             ended = flags & 0x2000 == 0;
         }
@@ -325,6 +358,11 @@ mod tests {
         let p = packet(1460, &[], 0);
         let pieces = fragment_v4(&p, 1280).expect("fragments");
         assert_eq!(pieces.len(), 2);
+        assert_eq!(
+            &pieces[0][4..6],
+            &[0x12, 0x34],
+            "the identification is kept"
+        );
         assert!(pieces.iter().all(|f| f.len() <= 1280));
         // All but the last carry a multiple of 8 payload bytes.
         assert_eq!((pieces[0].len() - 20) % 8, 0);
@@ -335,6 +373,19 @@ mod tests {
         let pieces = fragment_v4(&p, 576).unwrap();
         assert_eq!(pieces.len(), 3);
         assert_eq!(reassemble(&pieces).0, p[20..]);
+    }
+
+    #[test]
+    fn a_packet_without_identification_gets_one_for_all_its_fragments() {
+        let mut p = packet(1460, &[], 0);
+        p[4..6].copy_from_slice(&[0, 0]);
+        let pieces = fragment_v4(&p, 576).unwrap();
+        let id = &pieces[0][4..6];
+        assert_ne!(id, &[0, 0]);
+        assert!(
+            pieces.iter().all(|f| &f[4..6] == id),
+            "one identification for all"
+        );
     }
 
     #[test]

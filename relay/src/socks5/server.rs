@@ -1712,13 +1712,22 @@ impl Server {
             let busy = Duration::from_millis(250);
             let quiet = (idle_timeout / 4).clamp(busy, Duration::from_secs(4));
             let mut every = busy;
+            // What each socket's receiver acknowledged: bytes the kernel still delivers from
+            // its queue while nothing new is redirected (a slow client catching up) keep the
+            // connection from idling out.
+            let mut acked = [0u64; 2];
             loop {
                 tokio::time::sleep(every).await;
-                every = if tally(splicer, &state, acct, &moved) {
-                    busy
-                } else {
-                    (every * 2).min(quiet)
-                };
+                let mut any = tally(splicer, &state, acct, &moved);
+                for (s, last) in sockets.iter().zip(acked.iter_mut()) {
+                    let now = super::splice::acked(s.as_raw_fd()).unwrap_or(*last);
+                    if now != *last {
+                        *last = now;
+                        add(&moved, 1);
+                        any = true;
+                    }
+                }
+                every = if any { busy } else { (every * 2).min(quiet) };
                 if sockets.iter().any(|s| super::splice::reset(s.as_raw_fd())) {
                     debug!("SOCKS5 CONNECT to {dest}: one side reset; resetting the other");
                     return;
@@ -1785,6 +1794,11 @@ impl Server {
             }
         };
         let cookie = lock().cookies[d];
+        // Both sockets in the sockhash: the kernel can carry this direction (else the
+        // controller copies all of it, as splice would, and never stops the sender).
+        let linkable = cookie != 0 && lock().cookies[1 - d] != 0;
+        // The kernel must be linked again: bytes were handed over, or the sender was stopped.
+        let mut due = false;
         let behind = splicer.waiter(cookie);
         // Closes the window, and lets the verdict redirect what it had offered.
         // Given back at most `SPLICE_OFFERED_MAX`: a sender whose peer fell behind needs no
@@ -1810,15 +1824,17 @@ impl Server {
                     unclamp(&mut clamped);
                     return Direction::Stopped;
                 }
-                () = behind.notified(), if clamped.is_none() && cookie != 0 => {
+                () = behind.notified(), if clamped.is_none() && linkable => {
                     // Unless `to` caught up meanwhile (the message is old).
                     if waiting(splicer, to, d, state) > relay_common::splice::SPLICE_WINDOW {
                         clamped = clamp();
+                        due = true;
                     }
                     continue;
                 }
-                linked = relink(splicer, [from, to], d, state, limit), if clamped.is_some() && holds_nothing => {
+                linked = relink(splicer, [from, to], d, state, limit, clamped.is_some()), if due && holds_nothing => {
                     if linked {
+                        due = false;
                         unclamp(&mut clamped);
                     } else {
                         // `to` did not catch up within `limit`, or failed (the tally
@@ -1842,10 +1858,13 @@ impl Server {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(_) => break,
             };
-            if clamped.is_none() && cookie != 0 {
-                clamped = clamp();
-            } else if clamped.is_some() {
-                let _ = super::splice::close_window(from.as_raw_fd());
+            if linkable {
+                due = true;
+                if clamped.is_none() {
+                    clamped = clamp();
+                } else {
+                    let _ = super::splice::close_window(from.as_raw_fd());
+                }
             }
             if !forward(splicer, to, d, state, &buf[..n], acct, moved, limit).await {
                 break;
@@ -2409,6 +2428,7 @@ async fn relink(
     d: usize,
     state: &Mutex<Carried>,
     limit: Duration,
+    holding: bool,
 ) -> bool {
     use relay_common::splice::{SpliceLink, SPLICE_WINDOW};
     let lock = || *state.lock().unwrap_or_else(|e| e.into_inner());
@@ -2422,7 +2442,8 @@ async fn relink(
     // nothing else bounds; the send queue has its own limit).
     let owed = c.expect[1 - d] + splicer.count(cookie).redirected;
     let target = owed.saturating_sub(SPLICE_WINDOW / 2);
-    let hold = Some(from.as_raw_fd());
+    // `from`'s window stays closed meanwhile, if the caller closed it.
+    let hold = holding.then(|| from.as_raw_fd());
     if !super::splice::flushed_holding(to, target, limit, hold).await {
         return false;
     }

@@ -457,7 +457,7 @@ pub fn reset(fd: RawFd) -> bool {
 }
 
 /// Waits until `to` has taken `want` bytes (as [`queued`] counts them) into its send queue, or
-/// for at most `limit`: the bytes the kernel redirected into it are sent by a kernel worker,
+/// for at most `limit` without progress: the bytes the kernel redirected into it are sent by a kernel worker,
 /// and shutting down its writing half before they are in would lose them.
 pub async fn flushed(to: &TcpStream, want: u64, limit: Duration) -> bool {
     flushed_holding(to, want, limit, None).await
@@ -471,15 +471,23 @@ pub async fn flushed_holding(
     limit: Duration,
     hold: Option<RawFd>,
 ) -> bool {
-    let start = tokio::time::Instant::now();
+    let mut start = tokio::time::Instant::now();
     let mut step = Duration::from_micros(200);
+    // `limit` counts from the last progress: a slow receiver that keeps taking bytes is
+    // waited for.
+    let mut last = None;
     loop {
         if let Some(fd) = hold {
             let _ = close_window(fd);
         }
         match queued(to.as_raw_fd()) {
             Ok(q) if q >= want => return true,
-            Ok(_) => {}
+            Ok(q) => {
+                if last.is_some_and(|l| q > l) {
+                    start = tokio::time::Instant::now();
+                }
+                last = Some(q);
+            }
             Err(_) => return false,
         }
         // A connection that is over takes nothing more (its queue was dropped with it).
