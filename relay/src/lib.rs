@@ -17,6 +17,7 @@ pub mod pin;
 pub mod policy;
 pub mod privileges;
 pub mod quickstart;
+pub mod readable;
 pub mod sessions;
 pub mod socks5;
 pub mod stats;

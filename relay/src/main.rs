@@ -1284,27 +1284,11 @@ fn connect_path(
 }
 
 async fn forward_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    // SAFETY: the logger owns its ring buffer's fd and keeps it open, unchanged, for its whole
-    // life, which the AsyncFd now owns.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    };
-    let mut fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!("cannot poll the XDP program's log buffer: {e}");
-            return;
-        }
-    };
-    loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                warn!("polling the XDP program's log buffer: {e}");
-                return;
-            }
-        };
-        guard.get_inner_mut().flush();
-        guard.clear_ready();
+    let what = "the XDP program's log buffer";
+    // SAFETY: the logger owns its ring buffer's fd and keeps it open, unchanged, for its
+    // whole life.
+    unsafe {
+        relay::readable::each_readable(logger, what, "its records are not shown", |l| l.flush())
     }
+    .await;
 }

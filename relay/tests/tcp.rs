@@ -593,12 +593,10 @@ fn a_connection_reusing_the_ports_of_one_just_reset_outlives_the_linger() {
 /// How long a closed TCP session lingers.
 const LINGER: Duration = relay::config::TCP_LINGER;
 
-#[test]
-fn a_smaller_route_mtu_is_found_by_path_mtu_discovery() {
-    let Lab { rt, t, pin } = lab();
-    // The way to the upstream takes 1300-byte packets; both ends' links take 1500, so both
-    // announce an MSS of 1460 and the client's full segments are too big for the relay.
-    t.relay.ip(&[
+/// The relay's way to the upstream takes 1300-byte packets; both ends' links take 1500, so
+/// both announce an MSS of 1460 and the client's full segments are too big for the relay.
+fn smaller_route_to_the_upstream(t: &Topology) {
+    let route = [
         "route",
         "replace",
         "198.18.2.0/24",
@@ -606,7 +604,14 @@ fn a_smaller_route_mtu_is_found_by_path_mtu_discovery() {
         "up0",
         "mtu",
         "1300",
-    ]);
+    ];
+    t.relay.ip(&route);
+}
+
+#[test]
+fn a_smaller_route_mtu_is_found_by_path_mtu_discovery() {
+    let Lab { rt, t, pin } = lab();
+    smaller_route_to_the_upstream(&t);
     let _relay = start(&t, &pin, &[]);
     let failures = concurrent(&rt, &t, V4.parse().unwrap(), 4);
     assert!(failures.is_empty(), "{failures:?}");
@@ -626,15 +631,7 @@ fn a_smaller_route_mtu_is_found_by_path_mtu_discovery() {
 #[test]
 fn segments_too_big_without_df_are_fragmented_by_the_controller() {
     let Lab { rt, t, pin } = lab();
-    t.relay.ip(&[
-        "route",
-        "replace",
-        "198.18.2.0/24",
-        "dev",
-        "up0",
-        "mtu",
-        "1300",
-    ]);
+    smaller_route_to_the_upstream(&t);
     let _relay = start(&t, &pin, &[]);
     let to: SocketAddr = V4.parse().unwrap();
     let socks = sockets(&t.client, 4, false);

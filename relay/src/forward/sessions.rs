@@ -289,32 +289,15 @@ impl Sessions {
     /// Reads what XDP reports through `EVENTS`, forever: sessions it opened (taken into the
     /// table for accounting, limits and expiry) and sessions that started closing.
     pub(super) async fn events(self: Arc<Self>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
-        // SAFETY: the ring's descriptor belongs to the map it wraps, which the AsyncFd owns
-        // for its whole life; it is never closed or replaced meanwhile.
-        let mut ring = match unsafe { tokio::io::unix::AsyncFd::register(ring) } {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("watching the kernel's event ring: {e}; kernel-opened sessions are not accounted");
-                return;
-            }
-        };
-        loop {
-            let mut guard = match ring.readable_mut().await {
-                Ok(g) => g,
-                Err(e) => {
-                    warn!("kernel event ring: {e}");
-                    return;
-                }
-            };
+        let read = |ring: &mut aya::maps::RingBuf<aya::maps::MapData>| {
             let mut events = Vec::new();
-            while let Some(item) = guard.get_inner_mut().next() {
+            while let Some(item) = ring.next() {
                 if item.len() >= std::mem::size_of::<Event>() {
                     // SAFETY: the ring holds `Event`s written by the XDP program; the length
                     // was checked and the read is unaligned-safe.
                     events.push(unsafe { item.as_ptr().cast::<Event>().read_unaligned() });
                 }
             }
-            guard.clear_ready();
             let now = monotonic_ns();
             for e in events {
                 match e.kind {
@@ -326,7 +309,12 @@ impl Sessions {
                 }
             }
             self.refill();
-        }
+        };
+        let lost = "kernel-opened sessions are not accounted";
+        // SAFETY: the ring's descriptor belongs to the map it wraps, which lives as long as
+        // the ring; it is never closed or replaced meanwhile.
+        unsafe { crate::readable::each_readable(ring, "the kernel's event ring", lost, read) }
+            .await;
     }
 
     /// XDP opened session `id`: take it into the table and count it against the limits; a

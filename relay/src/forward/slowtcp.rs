@@ -12,8 +12,11 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::{anyhow, Context as _};
-use aya::maps::{perf::PerfEvent, MapData, PerfEventArray};
-use log::{debug, warn};
+use aya::maps::{
+    perf::{PerfEvent, PerfEventArrayBuffer},
+    MapData, PerfEventArray,
+};
+use log::debug;
 use relay_common::{
     frame::HostFrame,
     packet::{parse, FAMILY_V4, PROTO_TCP},
@@ -59,42 +62,31 @@ impl SlowTcp {
             .ok_or_else(|| anyhow!("the XDP object has no map {MAP}"))?;
         let mut perf: PerfEventArray<MapData> = map.try_into()?;
         let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-        let mut buffers = Vec::new();
+        let slow = Arc::new(SlowTcp { datapath, v4, v6 });
         for cpu in cpus {
             let buf = perf
                 .open(cpu, Some(PAGES))
                 .with_context(|| format!("opening CPU {cpu}'s buffer of {MAP}"))?;
-            // SAFETY: the buffer's descriptor belongs to it, and the AsyncFd owns the buffer
-            // for its whole life; it is never closed or replaced meanwhile.
-            let watched = unsafe { tokio::io::unix::AsyncFd::register(buf) };
-            buffers.push(watched.context("watching a perf buffer")?);
-        }
-        let slow = Arc::new(SlowTcp { datapath, v4, v6 });
-        for mut buf in buffers {
             let slow = Arc::clone(&slow);
+            let mut frame = Vec::new();
+            let read = move |buf: &mut PerfEventArrayBuffer<MapData>| {
+                buf.for_each(|event| match event {
+                    PerfEvent::Sample { head, tail } => {
+                        frame.clear();
+                        frame.extend_from_slice(head);
+                        frame.extend_from_slice(tail);
+                        slow.handle(&frame);
+                    }
+                    PerfEvent::Lost { count } => {
+                        debug!("{MAP}: {count} segments lost (the buffer was full)");
+                    }
+                });
+            };
+            let lost = "TCP segments XDP cannot carry are dropped";
             tokio::spawn(async move {
-                let mut frame = Vec::new();
-                loop {
-                    let mut guard = match buf.readable_mut().await {
-                        Ok(g) => g,
-                        Err(e) => {
-                            warn!("{MAP}: {e}; TCP segments XDP cannot carry are dropped");
-                            return;
-                        }
-                    };
-                    guard.get_inner_mut().for_each(|event| match event {
-                        PerfEvent::Sample { head, tail } => {
-                            frame.clear();
-                            frame.extend_from_slice(head);
-                            frame.extend_from_slice(tail);
-                            slow.handle(&frame);
-                        }
-                        PerfEvent::Lost { count } => {
-                            debug!("{MAP}: {count} segments lost (the buffer was full)");
-                        }
-                    });
-                    guard.clear_ready();
-                }
+                // SAFETY: the buffer owns its descriptor and keeps it open, unchanged, for its
+                // whole life.
+                unsafe { crate::readable::each_readable(buf, MAP, lost, read) }.await;
             });
         }
         Ok(())

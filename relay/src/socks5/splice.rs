@@ -114,37 +114,25 @@ impl Splicer {
         let Some(ring) = self.behind.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return;
         };
-        // SAFETY: the ring's descriptor belongs to the map it wraps, which the AsyncFd owns
-        // for its whole life; it is never closed or replaced meanwhile.
-        let mut ring = match unsafe { tokio::io::unix::AsyncFd::register(ring) } {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("watching the CONNECT verdict's ring: {e}; a CONNECT whose client falls behind goes through the controller");
-                return;
-            }
-        };
-        loop {
-            let mut guard = match ring.readable_mut().await {
-                Ok(g) => g,
-                Err(e) => {
-                    warn!("CONNECT verdict ring: {e}");
-                    return;
-                }
-            };
+        let read = |ring: &mut RingBuf<MapData>| {
             let mut cookies = Vec::new();
-            while let Some(item) = guard.get_inner_mut().next() {
+            while let Some(item) = ring.next() {
                 if let Some(bytes) = item.get(..8) {
                     cookies.push(u64::from_ne_bytes(bytes.try_into().unwrap_or_default()));
                 }
             }
-            guard.clear_ready();
             let waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
             for c in cookies {
                 if let Some(w) = waiters.get(&c) {
                     w.notify_one();
                 }
             }
-        }
+        };
+        let lost = "a CONNECT whose client falls behind goes through the controller";
+        // SAFETY: the ring's descriptor belongs to the map it wraps, which lives as long as
+        // the ring; it is never closed or replaced meanwhile.
+        unsafe { crate::readable::each_readable(ring, "the CONNECT verdict's ring", lost, read) }
+            .await;
     }
 
     /// What wakes when the peer of the socket `cookie` falls behind (until [`Splicer::unwatch`]).
