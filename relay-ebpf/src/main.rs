@@ -45,7 +45,7 @@ use relay_common::{
 };
 
 use relay_common::splice::{
-    may_redirect, room, sent_into, tell_behind, Room, SpliceCount, SpliceLink,
+    may_redirect, room, sent_into, tell_behind, within_credit, Room, SpliceCount, SpliceLink,
     SPLICE_BEHIND_RING_BYTES, SPLICE_FELL_BEHIND, SPLICE_NO_CREDIT, SPLICE_NO_PEER, SPLICE_PASSED,
     SPLICE_REDIRECTED, SPLICE_SOCKETS, SPLICE_TOTAL_SLOTS, SPLICE_UNKNOWN,
 };
@@ -338,13 +338,11 @@ fn relay_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
     let carried = carry(ctx, frame, h, &found, Head::Keep);
     // Only a segment that goes on marks the session (relayed here, or by the controller it
     // was handed to): one answered with ICMP or dropped is sent again by its sender.
-    if let Ok(Reason::TcpTooBig | Reason::TcpTtlExpired) | Err(_) = carried {
-        if carried == Err(Reason::TcpToController) {
-            note_tcp_state(h, &found);
-        }
-        return carried;
+    match carried {
+        Ok(Reason::TcpTooBig | Reason::TcpTtlExpired) => {}
+        Err(r) if r != Reason::TcpToController => {}
+        _ => note_tcp_state(h, &found),
     }
-    note_tcp_state(h, &found);
     carried
 }
 
@@ -1089,7 +1087,7 @@ pub fn splice(ctx: SkBuffContext) -> u32 {
     if let Some(link) = &link {
         if may_redirect(link, &held) {
             // The peer's progress is read only once the controller's credit is used up.
-            let queued = if held.redirected + len <= link.allow {
+            let queued = if within_credit(link, &held, len) {
                 None
             } else {
                 peer_sent(link.peer)

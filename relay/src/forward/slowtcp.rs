@@ -21,7 +21,7 @@ use relay_common::{
     frame::HostFrame,
     packet::{parse, FAMILY_V4, PROTO_TCP},
     rewrite::{apply, plan, Head},
-    session::{Nexthop, SlowSegment, NEXTHOP_OWN, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM},
+    session::{Nexthop, Session, SlowSegment, NEXTHOP_OWN, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM},
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -108,7 +108,7 @@ impl SlowTcp {
             return;
         };
         let direction = usize::from(meta.direction == TO_CLIENT);
-        let sent = self.relay(&meta, frame);
+        let sent = self.relay(&meta, &session, frame);
         let _ = self.datapath.update_rule(session.rule, |r| match sent {
             Ok(bytes) => {
                 r.tcp_slow[direction].packets += 1;
@@ -123,8 +123,7 @@ impl SlowTcp {
 
     /// Rewrites the frame as XDP would and sends its IP packet (in fragments if it has to);
     /// the IP bytes sent.
-    fn relay(&self, meta: &SlowSegment, frame: &[u8]) -> anyhow::Result<u64> {
-        let s = self.datapath.session(meta.session)?;
+    fn relay(&self, meta: &SlowSegment, s: &Session, frame: &[u8]) -> anyhow::Result<u64> {
         if s.state != STATE_ACTIVE || s.proto != PROTO_TCP {
             return Err(anyhow!("the session is gone"));
         }
