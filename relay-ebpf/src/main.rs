@@ -230,6 +230,12 @@ static TCP_SND_UNA: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static TCP_WRITE_SEQ: Global<u32> = Global::new(0);
 
+/// 1: what would leave by XDP_TX leaves by XDP_REDIRECT to the interface it came in on (set by
+/// the controller when it attaches to a veth: a veth wakes its peer for redirected frames, but
+/// for XDP_TX frames only if the peer has an XDP program, so these could wait in its queue).
+#[unsafe(no_mangle)]
+static TX_BY_REDIRECT: Global<u32> = Global::new(0);
+
 #[xdp]
 pub fn relay(ctx: XdpContext) -> u32 {
     let mut frame = XdpFrame::new(&ctx);
@@ -238,7 +244,17 @@ pub fn relay(ctx: XdpContext) -> u32 {
         Ok(reason) | Err(reason) => reason,
     };
     count(reason, len);
-    reason.verdict().action()
+    let verdict = reason.verdict();
+    if verdict == Verdict::Tx && TX_BY_REDIRECT.load() != 0 {
+        // An interface not in `EGRESS` (never one the controller attached to) gets XDP_TX:
+        // the helper returns the flags' low bits when its lookup fails.
+        let action = Verdict::Tx.action();
+        return match EGRESS.redirect(ctx.ingress_ifindex() as u32, u64::from(action)) {
+            Ok(redirect) => redirect,
+            Err(fallback) => fallback,
+        };
+    }
+    verdict.action()
 }
 
 /// Decides what to do with a frame. `Err` is a frame the fast path declined.

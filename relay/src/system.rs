@@ -41,6 +41,54 @@ pub fn ifindex(name: &str) -> anyhow::Result<u32> {
     Ok(index)
 }
 
+/// The name of the driver behind interface `name` ("veth", "mlx5_core", ...), as `ethtool -i`
+/// reports it; `None` if the kernel does not say (no such interface, or no driver information).
+pub fn driver(name: &str) -> Option<String> {
+    use std::os::fd::AsRawFd as _;
+    /// `struct ethtool_drvinfo` (include/uapi/linux/ethtool.h).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        counts: [u32; 5],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).ok()?;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        counts: [0; 5],
+    };
+    // SAFETY: `ifreq` is plain old data, valid all zeros.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: SIOCETHTOOL with ETHTOOL_GDRVINFO reads the NUL-terminated name in `req` and
+    // writes one `ethtool_drvinfo` through `ifru_data`, which points at `info`, alive and of
+    // that layout for the whole call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
+    if rc != 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
 /// The kernel gives the initial network namespace this fixed inode number
 /// (`PROC_NET_INIT_INO`); every other namespace gets a dynamic one.
 const INIT_NETNS_INO: u64 = 0xEFFF_FFF9;
@@ -242,6 +290,13 @@ impl Drop for ReservedPorts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_driver_for_an_interface_that_is_not_there() {
+        assert_eq!(driver("relay-no-such0"), None);
+        assert_eq!(driver(""), None);
+        assert_eq!(driver("a-name-longer-than-ifnamsiz"), None);
+    }
 
     #[test]
     fn a_successor_keeps_its_ranges_and_gives_back_the_rest() {

@@ -243,7 +243,7 @@ fn ipv6_flows_relayed_by_xdp() {
 }
 
 #[test]
-fn one_interface_relay_sends_with_xdp_tx() {
+fn one_interface_relay_sends_back_out_its_interface() {
     let one = Topology::one_nic();
     let t = &one.t;
     let pin = PinDir::new();
