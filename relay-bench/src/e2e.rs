@@ -31,6 +31,7 @@ use relay_common::{
     bench::StatelessNat,
     counters::Counter,
     frame::{socks5_udp_header, Frame},
+    packet::{TCP_ACK, TCP_PSH},
 };
 use relay_lab::{self as lab, BpfMount, Netns};
 use serde::Serialize;
@@ -353,12 +354,14 @@ struct Topology {
 }
 
 /// One flow the generator sends: from `src` to `dst`, each datagram starting with `header`
-/// (a SOCKS5 UDP request header, or nothing).
+/// (a SOCKS5 UDP request header, or nothing); or, if `tcp`, segments of an established TCP
+/// connection between them.
 #[derive(Clone)]
 struct Flow {
     src: SocketAddr,
     dst: SocketAddr,
     header: Vec<u8>,
+    tcp: bool,
 }
 
 /// `n` client ports sending to `dst`.
@@ -368,6 +371,7 @@ fn flows(client: IpAddr, dst: SocketAddr, n: u16) -> Vec<Flow> {
             src: SocketAddr::new(client, 41000 + f),
             dst,
             header: Vec::new(),
+            tcp: false,
         })
         .collect()
 }
@@ -422,22 +426,41 @@ impl Topology {
     }
 
     /// Sends a few datagrams on each flow from real sockets, so that every session and
-    /// association exists (and the next hops have time to resolve) before the run.
-    fn warm_up(&self, flows: &[Flow]) -> anyhow::Result<()> {
+    /// association exists (and the next hops have time to resolve) before the run. A TCP
+    /// flow gets a real connection instead, returned to be held while the run lasts.
+    fn warm_up(&self, flows: &[Flow]) -> anyhow::Result<Vec<TcpStream>> {
         let flows = flows.to_vec();
-        self.client.run(move || -> anyhow::Result<()> {
-            for f in flows {
-                let s = UdpSocket::bind(f.src)?;
-                let mut d = f.header.clone();
-                d.extend_from_slice(b"warm up");
-                for _ in 0..3 {
-                    s.send_to(&d, f.dst)?;
+        let held = self
+            .client
+            .run(move || -> anyhow::Result<Vec<TcpStream>> {
+                let mut held = Vec::new();
+                for f in flows {
+                    if f.tcp {
+                        let s = socket2::Socket::new(
+                            socket2::Domain::for_address(f.src),
+                            socket2::Type::STREAM,
+                            None,
+                        )?;
+                        // Closed with a RST: the same ports connect again through the next peer.
+                        s.set_linger(Some(Duration::ZERO))?;
+                        s.set_reuse_address(true)?;
+                        s.bind(&f.src.into())?;
+                        s.connect_timeout(&f.dst.into(), Duration::from_secs(2))
+                            .with_context(|| format!("connecting {} to {}", f.src, f.dst))?;
+                        held.push(TcpStream::from(s));
+                        continue;
+                    }
+                    let s = UdpSocket::bind(f.src)?;
+                    let mut d = f.header.clone();
+                    d.extend_from_slice(b"warm up");
+                    for _ in 0..3 {
+                        s.send_to(&d, f.dst)?;
+                    }
                 }
-            }
-            Ok(())
-        })??;
+                Ok(held)
+            })??;
         thread::sleep(Duration::from_millis(2500));
-        Ok(())
+        Ok(held)
     }
 
     /// Generates `per_flow` frames of about `frame_bytes` (FCS excluded) on each flow.
@@ -446,15 +469,20 @@ impl Topology {
         let frames: Vec<Vec<u8>> = flows
             .iter()
             .map(|f| {
-                let headers = if f.src.is_ipv4() { 42 } else { 62 };
+                let l4 = if f.tcp { 20 } else { 8 };
+                let headers = if f.src.is_ipv4() { 34 } else { 54 } + l4;
                 let mut payload = f.header.clone();
                 payload.resize(
                     frame_bytes.saturating_sub(headers).max(f.header.len() + 1),
                     0x5a,
                 );
-                Frame::udp(f.src, f.dst, &payload)
-                    .macs(src_mac, dst_mac)
-                    .build()
+                let frame = if f.tcp {
+                    // PSH and ACK: what the sink counts (the connection's own segments pass).
+                    Frame::tcp(f.src, f.dst, TCP_PSH | TCP_ACK, &payload)
+                } else {
+                    Frame::udp(f.src, f.dst, &payload)
+                };
+                frame.macs(src_mac, dst_mac).build()
             })
             .collect();
         let before = self.delivered()?;
@@ -805,19 +833,44 @@ fn bulk(t: &Topology, to: SocketAddr, seconds: u32) -> anyhow::Result<(u64, f64,
     Ok((bytes, elapsed, busy))
 }
 
+/// A TCP server in `ns` on `addr` that accepts connections and holds them, silent: the far
+/// end of the TCP forward run's connections (the sink drops the segments generated on them).
+fn holding_server(ns: &Netns, addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = ns.run(move || std::net::TcpListener::bind(addr))??;
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    Ok(())
+}
+
 /// TCP through each peer on the same topology: the relay with XDP (sessions opened in the
 /// kernel), nftables DNAT with masquerade (conntrack), HAProxy in TCP mode (one thread), and
 /// the relay without XDP (userspace, a connection per client). Each forwards
 /// 198.18.1.1:40000 to iperf3 on 198.18.2.2:5201 and 198.18.1.1:40001 to a one-byte server
-/// on 198.18.2.2:7001.
+/// on 198.18.2.2:7001. The two that forward packets (the relay with XDP and nftables) also
+/// forward 198.18.1.1:40002 to 198.18.2.2:6001, where the generator sends 64-byte segments
+/// on established connections (`TCP_FORWARD`, in `r`'s results: packets per second).
 fn tcp_peers(
-    t: &Topology,
+    r: &mut Runner,
     relay_bin: &Path,
     pins: &BpfMount,
     smoke: bool,
 ) -> anyhow::Result<Vec<TcpResult>> {
+    let t = r.t;
     let (seconds, conns) = if smoke { (1, 400) } else { (5, 4000) };
     one_byte_server(&t.upstream, "198.18.2.2:7001".parse()?)?;
+    holding_server(&t.upstream, "198.18.2.2:6001".parse()?)?;
+    let segments: Vec<Flow> = (0..16)
+        .map(|f| Flow {
+            src: SocketAddr::from(([198, 18, 1, 2], 42000 + f)),
+            dst: SocketAddr::from(([198, 18, 1, 1], 40002)),
+            header: Vec::new(),
+            tcp: true,
+        })
+        .collect();
     let bulk_to: SocketAddr = "198.18.1.1:40000".parse()?;
     let conn_to: SocketAddr = "198.18.1.1:40001".parse()?;
     let mut out = Vec::new();
@@ -847,19 +900,33 @@ fn tcp_peers(
          [[forward]]\nprotocol = \"tcp\"\nlisten = \"198.18.1.1:40001\"\n\
          upstream = \"198.18.2.2:7001\"\nallow_private_upstream = true\n\
          max_sessions_per_source = 40000\n\
-         new_sessions_per_second = 1000000\nnew_sessions_burst = 1000000\n",
+         new_sessions_per_second = 1000000\nnew_sessions_burst = 1000000\n\n\
+         [[forward]]\nprotocol = \"tcp\"\nlisten = \"198.18.1.1:40002\"\n\
+         upstream = \"198.18.2.2:6001\"\nallow_private_upstream = true\n",
     )?;
     {
         let _relay = relay_with(relay_bin, &t.relay, &pins.dir("tcp-xdp"), &config, "auto")?;
         measure(RELAY_XDP)?;
+        r.measure(RELAY_XDP, TCP_FORWARD, &segments, 64)?;
     }
     nft(
         t,
         "table ip relaybenchtcp {\n chain pre {\n  type nat hook prerouting priority dstnat;\n  \
-         tcp dport 40000 dnat to 198.18.2.2:5201\n  tcp dport 40001 dnat to 198.18.2.2:7001\n }\n \
+         tcp dport 40000 dnat to 198.18.2.2:5201\n  tcp dport 40001 dnat to 198.18.2.2:7001\n  \
+         tcp dport 40002 dnat to 198.18.2.2:6001\n }\n \
          chain post {\n  type nat hook postrouting priority srcnat;\n  oifname \"up0\" masquerade\n }\n}\n",
     )?;
     measure(NFT)?;
+    // The generated segments repeat one sequence number: conntrack, which checks TCP windows,
+    // would call them invalid and leave them un-NATed. Liberal window tracking accepts them
+    // (and spares nftables that check, in its favour).
+    t.relay.exec(&[
+        "sysctl",
+        "-q",
+        "-w",
+        "net.netfilter.nf_conntrack_tcp_be_liberal=1",
+    ])?;
+    r.measure(NFT, TCP_FORWARD, &segments, 64)?;
     t.relay
         .exec(&["nft", "delete", "table", "ip", "relaybenchtcp"])?;
     {
@@ -1151,6 +1218,7 @@ fn socks_flows(
                     src,
                     dst: relay,
                     header: header.clone(),
+                    tcp: false,
                 });
             }
             Ok((controls, flows))
@@ -1188,6 +1256,8 @@ pub const RELAY_SPLICE: &str = "relay (CONNECT with splice)";
 pub const RELAY_SOCKMAP: &str = "relay (CONNECT in the kernel, sockmap)";
 /// What they relay.
 pub const FORWARD: &str = "UDP forward";
+/// Segments of established TCP connections through a forward rule.
+pub const TCP_FORWARD: &str = "TCP forward";
 pub const SOCKS: &str = "SOCKS5 UDP";
 
 struct Runner<'a> {
@@ -1204,8 +1274,9 @@ impl Runner<'_> {
         flows: &[Flow],
         bytes: usize,
     ) -> anyhow::Result<()> {
-        self.t.warm_up(flows)?;
+        let held = self.t.warm_up(flows)?;
         let b = self.t.blast(flows, self.per_flow, bytes)?;
+        drop(held);
         let family = if flows.first().is_some_and(|f| f.src.is_ipv6()) {
             "IPv6"
         } else {
@@ -1390,7 +1461,7 @@ pub fn run(relay_bin: &Path, pins: &BpfMount, smoke: bool) -> anyhow::Result<E2e
         r.measure(peer, SOCKS, &flows, 60)?;
     }
     drop(pg);
-    let mut tcp = tcp_peers(&t, relay_bin, pins, smoke)?;
+    let mut tcp = tcp_peers(&mut r, relay_bin, pins, smoke)?;
     tcp.extend(connect_peers(&t, relay_bin, pins, smoke)?);
     Ok(E2e {
         peers: r.results,

@@ -76,6 +76,7 @@ pub const PROTO_UDP: u8 = 17;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
 pub const TCP_ACK: u8 = 0x10;
 
 /// Whether a TCP segment's flags are ones a TCP sends: not SYN with FIN or RST, not no flags

@@ -7,8 +7,8 @@
 //! - `generate_flows`: like `generate`, for TCP SYNs or UDP datagrams: every run changes the
 //!   source port and address (with both checksums), so one live-frames run sends that many
 //!   new flows.
-//! - `sink`: counts the UDP (and the session-rate run's SYNs, to port 7000) that arrive and
-//!   drops them (the receiving end of a benchmark).
+//! - `sink`: counts the UDP (and the session-rate run's SYNs, to port 7000, and the TCP forward
+//!   run's segments, to port 6001) that arrive and drops them (the receiving end of a benchmark).
 //! - `nat`: a minimal stateless NAT, the fastest thing an XDP relay could be (one rule, no
 //!   sessions, no counters): the peer the relay's end-to-end rate is compared with.
 
@@ -110,7 +110,11 @@ pub fn generate_flows(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Counts and drops UDP and the session-rate run's SYNs; passes the rest (ARP and neighbour
+/// The upstream port of the TCP forward run's connections.
+const TCP_SINK_PORT: u16 = 6001;
+
+/// Counts and drops UDP, the session-rate run's SYNs and the TCP forward run's segments;
+/// passes the rest (ARP and neighbour
 /// discovery, and the TCP connections of other measurements, must keep working).
 #[xdp]
 pub fn sink(ctx: XdpContext) -> u32 {
@@ -123,6 +127,12 @@ pub fn sink(ctx: XdpContext) -> u32 {
             if h.proto == relay_common::packet::PROTO_TCP
                 && h.tcp_flags == 0x02
                 && h.dst_port == 7000 => {}
+        // The generated segments of the TCP forward run (PSH and ACK, to port 6001); that
+        // run's connections themselves (handshake, RST) pass to the server.
+        Ok(h)
+            if h.proto == relay_common::packet::PROTO_TCP
+                && h.tcp_flags == 0x18
+                && h.dst_port == TCP_SINK_PORT => {}
         _ => return xdp_action::XDP_PASS,
     }
     if let Some(c) = SINK.get_ptr_mut(0) {
