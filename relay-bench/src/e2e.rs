@@ -1248,6 +1248,7 @@ pub const RELAY_XDP: &str = "relay (XDP)";
 pub const RELAY_OFF: &str = "relay without XDP (userspace)";
 pub const RELAY_FLEET: &str = "relay (XDP, fleet store in PostgreSQL)";
 pub const NAT: &str = "stateless XDP NAT (minimal)";
+pub const NAT_FIB: &str = "stateless XDP NAT (minimal, bpf_fib_lookup per packet)";
 pub const NFT: &str = "nftables DNAT + masquerade";
 pub const SOCAT: &str = "socat (userspace forwarder)";
 pub const DANTE: &str = "dante";
@@ -1371,7 +1372,7 @@ pub fn run(relay_bin: &Path, pins: &BpfMount, smoke: bool) -> anyhow::Result<E2e
 
     // The minimal stateless XDP NAT on cli0, redirecting to up0.
     {
-        let mut nat = load(&["nat"])?;
+        let mut nat = load(&["nat", "nat_fib"])?;
         let rule = StatelessNat {
             ifindex: lab::on_this_thread_in(&t.relay.path(), || relay::system::ifindex("up0"))??,
             match_port: 5000u16.to_be_bytes(),
@@ -1387,6 +1388,14 @@ pub fn run(relay_bin: &Path, pins: &BpfMount, smoke: bool) -> anyhow::Result<E2e
         let p: &mut Xdp = nat.program_mut("nat").context("nat")?.try_into()?;
         let link = lab::on_this_thread_in(&t.relay.path(), || p.attach("cli0", XdpMode::Driver))??;
         r.measure(NAT, FORWARD, &v4, 60)?;
+        p.detach(link)?;
+        // The same NAT with a FIB lookup per packet, the upstream's neighbour resolved first
+        // (an unresolved one passes the packet to the kernel).
+        t.relay
+            .exec(&["ping", "-q", "-c", "1", "-W", "1", "198.18.2.2"])?;
+        let p: &mut Xdp = nat.program_mut("nat_fib").context("nat_fib")?.try_into()?;
+        let link = lab::on_this_thread_in(&t.relay.path(), || p.attach("cli0", XdpMode::Driver))??;
+        r.measure(NAT_FIB, FORWARD, &v4, 60)?;
         p.detach(link)?;
     }
 

@@ -386,10 +386,10 @@ fn targets(r: &Results) -> Vec<Target> {
         |v| v <= 256.0,
         " B",
     );
-    use e2e::{DANTE, FORWARD, NAT, NFT, RELAY_OFF, SOCAT, SOCKS};
+    use e2e::{DANTE, FORWARD, NAT, NAT_FIB, NFT, RELAY_OFF, SOCAT, SOCKS};
     /// Target, traffic, peer, and whether the relay's rate over the peer's meets it.
     type PeerTarget = (&'static str, &'static str, &'static str, fn(f64) -> bool);
-    let peers: [PeerTarget; 5] = [
+    let peers: [PeerTarget; 6] = [
         ("≥ 5x nftables DNAT (64 B)", FORWARD, NFT, |v| v >= 5.0),
         (
             "≥ 15x a userspace forwarder: socat (64 B)",
@@ -408,6 +408,12 @@ fn targets(r: &Results) -> Vec<Target> {
             FORWARD,
             NAT,
             |v| v >= 0.9,
+        ),
+        (
+            "≥ 1.2x a minimal stateless XDP NAT calling bpf_fib_lookup per packet (64 B)",
+            FORWARD,
+            NAT_FIB,
+            |v| v >= 1.2,
         ),
         (
             "≥ 10x dante, SOCKS5 UDP ASSOCIATE (64 B)",

@@ -10,7 +10,10 @@
 //! - `sink`: counts the UDP (and the session-rate run's SYNs, to port 7000, and the TCP forward
 //!   run's segments, to port 6001) that arrive and drops them (the receiving end of a benchmark).
 //! - `nat`: a minimal stateless NAT, the fastest thing an XDP relay could be (one rule, no
-//!   sessions, no counters): the peer the relay's end-to-end rate is compared with.
+//!   sessions, no counters, a fixed next hop): the peer the relay's end-to-end rate is
+//!   compared with.
+//! - `nat_fib`: the same NAT with a `bpf_fib_lookup` per packet for its next hop, as XDP
+//!   forwarders commonly do (the relay caches next hops instead).
 
 #![no_std]
 #![no_main]
@@ -146,10 +149,57 @@ pub fn sink(ctx: XdpContext) -> u32 {
 }
 
 /// The stateless NAT: Ethernet + IPv4 without options + UDP to the rule's port, rewritten
-/// with incremental checksums (addresses, TTL, port) and redirected; everything else passes.
+/// with incremental checksums (addresses, TTL, port) and redirected to the rule's fixed next
+/// hop; everything else passes.
 #[xdp]
 pub fn nat(ctx: XdpContext) -> u32 {
-    let frame = XdpFrame::new(&ctx);
+    stateless_nat(&ctx, false)
+}
+
+/// The same NAT asking the kernel's FIB for the next hop of every packet (`bpf_fib_lookup`:
+/// egress interface and both MAC addresses), as XDP forwarders commonly do; a packet whose
+/// next hop is not resolved passes to the kernel.
+#[xdp]
+pub fn nat_fib(ctx: XdpContext) -> u32 {
+    stateless_nat(&ctx, true)
+}
+
+/// The next hop of a packet from `src` to `dst` (IPv4, `tot_len` bytes) that came in on
+/// `ctx`'s interface, from the kernel's FIB: (egress ifindex, source MAC, destination MAC).
+#[inline(always)]
+fn fib_next_hop(
+    ctx: &XdpContext,
+    src: [u8; 4],
+    dst: [u8; 4],
+    tot_len: u16,
+) -> Option<(u32, [u8; 6], [u8; 6])> {
+    use aya_ebpf::{
+        bindings::bpf_fib_lookup as FibParams, helpers::generated::bpf_fib_lookup, EbpfContext as _,
+    };
+    // SAFETY: a plain C struct of integers and unions of integers: all zeros is valid.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = 2; // AF_INET
+    p.l4_protocol = 17;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: the helper reads and writes `p`, on the stack and of the size given, for the
+    // packet this program runs for.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &raw mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    (rc == 0).then_some((p.ifindex, p.smac, p.dmac))
+}
+
+#[inline(always)]
+fn stateless_nat(ctx: &XdpContext, fib: bool) -> u32 {
+    let frame = XdpFrame::new(ctx);
     let Some(rule) = NAT.get(0).copied() else {
         return xdp_action::XDP_PASS;
     };
@@ -191,9 +241,18 @@ pub fn nat(ctx: XdpContext) -> u32 {
     let udp_check = addrs
         .add(port)
         .apply_udp(u16::from_be_bytes([udp[6], udp[7]]));
+    let (ifindex, src_mac, dst_mac) = if fib {
+        let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
+        match fib_next_hop(ctx, rule.src, rule.to, tot_len) {
+            Some(hop) => hop,
+            None => return xdp_action::XDP_PASS,
+        }
+    } else {
+        (rule.ifindex, rule.src_mac, rule.dst_mac)
+    };
     let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&rule.dst_mac);
-    macs[6..].copy_from_slice(&rule.src_mac);
+    macs[..6].copy_from_slice(&dst_mac);
+    macs[6..].copy_from_slice(&src_mac);
     let written = frame
         .write(0, macs)
         .and_then(|()| frame.write(22, ip[8] - 1))
@@ -206,7 +265,7 @@ pub fn nat(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     // SAFETY: a BPF helper call with plain integer arguments.
-    unsafe { bpf_redirect(rule.ifindex, 0) as u32 }
+    unsafe { bpf_redirect(ifindex, 0) as u32 }
 }
 
 #[unsafe(link_section = "license")]
