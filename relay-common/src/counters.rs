@@ -44,6 +44,27 @@ impl Verdict {
     }
 }
 
+/// Slots of the XDP program's `TX_BY_REDIRECT` list: the interfaces on which a `Tx` verdict
+/// leaves by XDP_REDIRECT to the interface the frame came in on (veths, whose peer the kernel
+/// does not wake for XDP_TX frames unless the peer has an XDP program).
+pub const TX_BY_REDIRECT_SLOTS: usize = 4;
+/// A `TX_BY_REDIRECT` entry that stands for every interface.
+pub const TX_BY_REDIRECT_ALL: u32 = u32::MAX;
+
+/// The `TX_BY_REDIRECT` list for interfaces `ifindexes`: them, or every interface if they do
+/// not fit.
+pub fn tx_by_redirect(ifindexes: &[u32]) -> [u32; TX_BY_REDIRECT_SLOTS] {
+    let mut list = [0; TX_BY_REDIRECT_SLOTS];
+    if ifindexes.len() > TX_BY_REDIRECT_SLOTS {
+        list[0] = TX_BY_REDIRECT_ALL;
+        return list;
+    }
+    for (slot, &ifindex) in list.iter_mut().zip(ifindexes) {
+        *slot = ifindex;
+    }
+    list
+}
+
 macro_rules! reasons {
     ($( $(#[$doc:meta])* $variant:ident = $id:literal, $name:literal, $verdict:ident; )*) => {
         /// Every reason the XDP program gives a verdict. The numeric value is the slot in the
@@ -254,6 +275,18 @@ unsafe impl aya::Pod for Counter {}
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_tx_by_redirect_list_names_its_interfaces_or_all() {
+        use super::{tx_by_redirect, TX_BY_REDIRECT_ALL};
+        assert_eq!(tx_by_redirect(&[]), [0; 4]);
+        assert_eq!(tx_by_redirect(&[7, 9]), [7, 9, 0, 0]);
+        assert_eq!(tx_by_redirect(&[1, 2, 3, 4]), [1, 2, 3, 4]);
+        assert_eq!(
+            tx_by_redirect(&[1, 2, 3, 4, 5]),
+            [TX_BY_REDIRECT_ALL, 0, 0, 0]
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -27,7 +27,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use relay_common::{
-    counters::{Counter, Open, Reason, Verdict, COUNTER_SLOTS, OPEN_SLOTS},
+    counters::{
+        Counter, Open, Reason, Verdict, COUNTER_SLOTS, OPEN_SLOTS, TX_BY_REDIRECT_ALL,
+        TX_BY_REDIRECT_SLOTS,
+    },
     icmp::{self, IcmpError},
     limits::{UserLimit, UserSpent},
     packet::{
@@ -230,11 +233,12 @@ static TCP_SND_UNA: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static TCP_WRITE_SEQ: Global<u32> = Global::new(0);
 
-/// 1: what would leave by XDP_TX leaves by XDP_REDIRECT to the interface it came in on (set by
-/// the controller when it attaches to a veth: a veth wakes its peer for redirected frames, but
-/// for XDP_TX frames only if the peer has an XDP program, so these could wait in its queue).
+/// Interfaces (ifindexes, 0: none; `TX_BY_REDIRECT_ALL`: every one) on which what would leave
+/// by XDP_TX leaves by XDP_REDIRECT to the interface it came in on: the veths the controller
+/// attaches to. A veth wakes its peer for redirected frames, but for XDP_TX frames only if the
+/// peer has an XDP program, so these could wait in its queue.
 #[unsafe(no_mangle)]
-static TX_BY_REDIRECT: Global<u32> = Global::new(0);
+static TX_BY_REDIRECT: Global<[u32; TX_BY_REDIRECT_SLOTS]> = Global::new([0; TX_BY_REDIRECT_SLOTS]);
 
 #[xdp]
 pub fn relay(ctx: XdpContext) -> u32 {
@@ -245,14 +249,21 @@ pub fn relay(ctx: XdpContext) -> u32 {
     };
     count(reason, len);
     let verdict = reason.verdict();
-    if verdict == Verdict::Tx && TX_BY_REDIRECT.load() != 0 {
-        // An interface not in `EGRESS` (never one the controller attached to) gets XDP_TX:
-        // the helper returns the flags' low bits when its lookup fails.
-        let action = Verdict::Tx.action();
-        return match EGRESS.redirect(ctx.ingress_ifindex() as u32, u64::from(action)) {
-            Ok(redirect) => redirect,
-            Err(fallback) => fallback,
-        };
+    if verdict == Verdict::Tx {
+        let ingress = ctx.ingress_ifindex() as u32;
+        let listed = TX_BY_REDIRECT.load();
+        if listed
+            .iter()
+            .any(|&i| i != 0 && (i == ingress || i == TX_BY_REDIRECT_ALL))
+        {
+            // An interface not in `EGRESS` (never one the controller attached to) gets
+            // XDP_TX: the helper returns the flags' low bits when its lookup fails.
+            let action = Verdict::Tx.action();
+            return match EGRESS.redirect(ingress, u64::from(action)) {
+                Ok(redirect) => redirect,
+                Err(fallback) => fallback,
+            };
+        }
     }
     verdict.action()
 }

@@ -42,10 +42,11 @@ pub struct LoadOptions {
     pub session_ports: Option<(u16, u16)>,
     /// SOCKS5 UDP ASSOCIATE ports (datagrams to them may have a SOCKS5 header to strip).
     pub socks_ports: Option<(u16, u16)>,
-    /// Send what would leave by XDP_TX with a redirect to the interface it came in on: a veth
-    /// wakes its peer for redirected frames, but for XDP_TX only if the peer has an XDP
-    /// program of its own (`veth_xdp_flush`), so XDP_TX frames may wait in the peer's queue.
-    pub tx_by_redirect: bool,
+    /// Interfaces (ifindexes) on which what would leave by XDP_TX leaves by a redirect to the
+    /// interface it came in on: veths, which wake their peer for redirected frames but for
+    /// XDP_TX frames only if the peer has an XDP program of its own (`veth_xdp_flush`), so
+    /// XDP_TX frames may wait in the peer's queue.
+    pub tx_by_redirect: Vec<u32>,
 }
 
 impl LoadOptions {
@@ -57,7 +58,7 @@ impl LoadOptions {
             capacity: 1024,
             session_ports: None,
             socks_ports: None,
-            tx_by_redirect: false,
+            tx_by_redirect: Vec::new(),
         }
     }
 }
@@ -80,7 +81,7 @@ pub fn load_maps(opts: &LoadOptions) -> anyhow::Result<Ebpf> {
     let flows = opts.capacity.saturating_mul(2);
     let pool = relay_common::session::pool_slots(opts.capacity);
     let [acked, una, seq] = tcp_sock_offsets();
-    let tx_by_redirect = u32::from(opts.tx_by_redirect);
+    let tx_by_redirect = relay_common::counters::tx_by_redirect(&opts.tx_by_redirect);
     let ebpf = EbpfLoader::new()
         .default_map_pin_directory(&opts.pin_dir)
         .override_global(aya_log::LEVEL, &opts.log_level, false)

@@ -638,17 +638,10 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
             config.session_capacity
         );
     }
-    let veths: Vec<&str> = ifaces
+    let veths: Vec<&(String, u32)> = ifaces
         .iter()
-        .map(|(name, _)| name.as_str())
-        .filter(|name| system::driver(name).as_deref() == Some("veth"))
+        .filter(|(name, _)| system::driver(name).as_deref() == Some("veth"))
         .collect();
-    if !veths.is_empty() {
-        info!(
-            "veth ({}): frames sent back out the interface they came in on leave by XDP_REDIRECT, not XDP_TX (a veth wakes its peer for XDP_TX frames only if the peer has an XDP program)",
-            veths.join(", ")
-        );
-    }
     let opts = ebpf::LoadOptions {
         pin_dir: dir.clone(),
         log_level: log::max_level() as u8,
@@ -658,7 +651,7 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
             .socks5
             .as_ref()
             .map(|s| (s.udp_ports.first, s.udp_ports.last)),
-        tx_by_redirect: !veths.is_empty(),
+        tx_by_redirect: veths.iter().map(|(_, index)| *index).collect(),
     };
     let had_pins = dir.join(relay_common::maps::SESSIONS).exists();
     let mut bpf = ebpf::load_maps(&opts)?;
@@ -674,6 +667,13 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
         }
     } else {
         info!("--xdp-mode off: the controller relays every packet itself");
+    }
+    if fast_path && !veths.is_empty() {
+        let names: Vec<&str> = veths.iter().map(|(name, _)| name.as_str()).collect();
+        info!(
+            "veth ({}): frames sent back out the interface they came in on leave by XDP_REDIRECT, not XDP_TX (a veth wakes its peer for XDP_TX frames only if the peer has an XDP program)",
+            names.join(", ")
+        );
     }
     // The services: the maps' one writer, next hops on their own thread, the forward rules
     // with their sessions, the SOCKS5 server; the loaded object attaches and detaches.

@@ -1148,10 +1148,10 @@ fn table() -> Vec<Fixture> {
 }
 
 fn load(pin: &PinDir) -> aya::Ebpf {
-    load_with(pin, false)
+    load_with(pin, Vec::new())
 }
 
-fn load_with(pin: &PinDir, tx_by_redirect: bool) -> aya::Ebpf {
+fn load_with(pin: &PinDir, tx_by_redirect: Vec<u32>) -> aya::Ebpf {
     pin::prepare(pin.path()).expect("bpffs");
     let mut opts = ebpf::LoadOptions::new(pin.path());
     opts.tx_by_redirect = tx_by_redirect;
@@ -1204,6 +1204,8 @@ enum SendBack {
     /// Loaded as for a veth, but the interface is not one the controller attached to (not in
     /// `EGRESS`): XDP_TX after all.
     RedirectNotInEgress,
+    /// Loaded for a veth that is another interface (attached too): XDP_TX on this one.
+    RedirectOnAnother,
 }
 
 fn fixtures_in_a_namespace(send_back: SendBack) {
@@ -1222,21 +1224,28 @@ fn fixtures_through_the_verified_program() {
 
 /// Loaded for a veth, the program sends what the table sends back out with XDP_REDIRECT to
 /// the interface it came in on, rewritten and counted the same (the veth peer is then woken
-/// for it, which it is not for XDP_TX frames unless the peer has an XDP program).
+/// for it, which it is not for XDP_TX frames unless the peer has an XDP program); on the
+/// other interfaces, and if the veth is not in `EGRESS`, with XDP_TX as before.
 #[test]
 fn fixtures_sent_back_by_redirect_for_a_veth() {
     fixtures_in_a_namespace(SendBack::Redirect);
     fixtures_in_a_namespace(SendBack::RedirectNotInEgress);
+    fixtures_in_a_namespace(SendBack::RedirectOnAnother);
 }
 
 fn run_fixtures(send_back: SendBack) -> Vec<String> {
     let _sockets = sockets();
     let pin = PinDir::new();
-    let mut bpf = load_with(&pin, send_back != SendBack::Tx);
+    // BPF_PROG_TEST_RUN's frames come in on loopback (ifindex 1 in this namespace).
+    let veths = match send_back {
+        SendBack::Tx => vec![],
+        SendBack::Redirect | SendBack::RedirectNotInEgress => vec![1],
+        SendBack::RedirectOnAnother => vec![99],
+    };
+    let mut bpf = load_with(&pin, veths);
     let mut dp = Datapath::take(&mut bpf).expect("maps");
     install(&mut dp);
-    if send_back == SendBack::Redirect {
-        // BPF_PROG_TEST_RUN's frames come in on loopback (ifindex 1 in this namespace).
+    if matches!(send_back, SendBack::Redirect | SendBack::RedirectOnAnother) {
         dp.add_egress(1).expect("loopback in EGRESS");
     }
     install_tcp(&dp);
