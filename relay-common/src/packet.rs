@@ -211,6 +211,66 @@ fn is_ipv6_extension(next: u8) -> bool {
     )
 }
 
+/// An IPv4 fragment of a TCP segment (no VLAN tag), which [`parse`] declines as
+/// `Ipv4Fragment`: its headers (the ports only in the first fragment, which must hold them;
+/// 0 in the others) and the datagram it belongs to. `None` for anything else.
+pub fn parse_tcp_fragment<P: Packet + ?Sized>(
+    pkt: &P,
+) -> Option<(Headers, crate::session::FragKey)> {
+    let eth: EthHdr = pkt.read(0)?;
+    if eth.ether_type != ETH_P_IPV4 {
+        return None;
+    }
+    let l3 = EthHdr::LEN;
+    let ip: Ipv4Hdr = pkt.read(l3)?;
+    let ihl = (ip.vihl & 0x0f) as usize * 4;
+    let total = u16::from_be_bytes(ip.tot_len) as usize;
+    let frags = u16::from_be_bytes(ip.frags);
+    if ip.vihl >> 4 != 4
+        || ihl < Ipv4Hdr::LEN
+        || total < ihl
+        || l3 + total > pkt.len()
+        || ip.proto != PROTO_TCP
+        || frags & 0x3fff == 0
+    {
+        return None;
+    }
+    let mut h = Headers {
+        l3: l3 as u16,
+        l4: (l3 + ihl) as u16,
+        l4_len: (total - ihl) as u16,
+        family: FAMILY_V4,
+        proto: PROTO_TCP,
+        hop_limit: ip.ttl,
+        tcp_flags: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+        ip_check: u16::from_be_bytes(ip.check),
+        l4_check: 0,
+        l4_header: 0,
+    };
+    h.src[..4].copy_from_slice(&ip.src_addr);
+    h.dst[..4].copy_from_slice(&ip.dst_addr);
+    if frags & 0x1fff == 0 {
+        // The first fragment: its ports must be in it (a tinier one is not a TCP's).
+        if total - ihl < 4 {
+            return None;
+        }
+        let ports: [u8; 4] = pkt.read(l3 + ihl)?;
+        h.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+        h.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+    }
+    let key = crate::session::FragKey {
+        src: ip.src_addr,
+        dst: ip.dst_addr,
+        id: u16::from_be_bytes(ip.id),
+        _pad: 0,
+    };
+    Some((h, key))
+}
+
 /// Parses Ethernet (with at most one 802.1Q/802.1ad tag), IPv4 (honouring IHL) or IPv6, and the
 /// ports of UDP and TCP. Returns the reason to leave the packet alone when it is not a whole,
 /// unfragmented IP packet the fast path could own.
@@ -444,6 +504,41 @@ mod tests {
         // Turn the inner ethertype into another 802.1Q tag.
         qinq[16..18].copy_from_slice(&0x8100u16.to_be_bytes());
         assert_eq!(parse(&qinq[..]), Err(Reason::VlanStacked));
+    }
+
+    #[test]
+    fn tcp_fragments_are_recognised_with_their_datagram() {
+        let (src, dst) = (sa("198.18.1.2:40000"), sa("198.18.1.1:443"));
+        let first = Frame::tcp(src, dst, 0x18, &[7; 64])
+            .fragment(true, 0)
+            .build();
+        assert_eq!(parse(&first[..]), Err(Reason::Ipv4Fragment));
+        let (h, key) = parse_tcp_fragment(&first[..]).expect("a TCP fragment");
+        assert_eq!(
+            (h.src_port, h.dst_port, h.proto, h.l4),
+            (40000, 443, PROTO_TCP, 34)
+        );
+        assert_eq!((key.src, key.dst), ([198, 18, 1, 2], [198, 18, 1, 1]));
+        let later = Frame::tcp(src, dst, 0x18, &[7; 64])
+            .fragment(false, 10)
+            .build();
+        let (h2, key2) = parse_tcp_fragment(&later[..]).expect("a TCP fragment");
+        assert_eq!(
+            (h2.src_port, h2.dst_port),
+            (0, 0),
+            "no ports in a later fragment"
+        );
+        assert_eq!(key2, key, "the same datagram");
+        // Not fragments, or not TCP: none of its business.
+        let whole = Frame::tcp(src, dst, 0x18, &[7; 64]).build();
+        assert_eq!(parse_tcp_fragment(&whole[..]), None);
+        let udp = Frame::udp(src, dst, &[7; 64]).fragment(true, 0).build();
+        assert_eq!(parse_tcp_fragment(&udp[..]), None);
+        // A first fragment too short for the ports.
+        let mut tiny = Frame::tcp(src, dst, 0x18, &[]).fragment(true, 0).build();
+        tiny.truncate(14 + 20 + 2);
+        tiny[16..18].copy_from_slice(&22u16.to_be_bytes());
+        assert_eq!(parse_tcp_fragment(&tiny[..]), None);
     }
 
     #[test]

@@ -194,6 +194,21 @@ pub struct Flow {
     pub direction: u32,
 }
 
+/// Key of `FRAGS`: an IPv4 datagram in fragments (source, destination, identification), whose
+/// first fragment XDP found to be a TCP session's segment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub id: u16,
+    pub _pad: u16,
+}
+
+/// `SlowSegment::flags`: the frame is an IPv4 fragment of the session's segment, for the
+/// controller to reassemble before relaying.
+pub const SLOW_FRAGMENT: u32 = 1;
+
 /// Packets and bytes (IP packets: L3 header and payload) in one direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -350,7 +365,8 @@ pub struct SlowSegment {
     pub direction: u32,
     /// Bytes of the frame that follows.
     pub len: u32,
-    pub _pad: u32,
+    /// [`SLOW_FRAGMENT`] or 0.
+    pub flags: u32,
 }
 
 /// Value of `RULES` (indexed by rule): totals the controller keeps per forward rule.
@@ -540,6 +556,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Flow {}
+    // SAFETY: `repr(C)`, plain integers and byte arrays, no padding (4 + 4 + 2 + 2).
+    unsafe impl aya::Pod for super::FragKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Session {}
     // SAFETY: as above.

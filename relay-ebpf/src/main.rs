@@ -19,8 +19,8 @@ use aya_ebpf::{
     helpers::bpf_get_socket_cookie,
     macros::{map, sk_lookup, stream_verdict, xdp},
     maps::{
-        lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, PerfEventArray, Queue,
-        RingBuf, SockHash, SockMap,
+        lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray,
+        PerfEventArray, Queue, RingBuf, SockHash, SockMap,
     },
     programs::{SkBuffContext, SkLookupContext, XdpContext},
     Global,
@@ -34,16 +34,16 @@ use relay_common::{
     icmp::{self, IcmpError},
     limits::{UserLimit, UserSpent},
     packet::{
-        ipv4_header_ok, parse, tcp_flags_ok, Headers, Packet, FAMILY_V4, FAMILY_V6, PROTO_TCP,
-        PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+        ipv4_header_ok, parse, parse_tcp_fragment, tcp_flags_ok, Headers, Packet, FAMILY_V4,
+        FAMILY_V6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
     rewrite::{apply, plan, Head, SocksHeader},
     session::{
-        AllowKey, Bucket, Event, Flow, FlowKey, Listen, ListenKey, Meta, Nexthop, NexthopKey,
-        PoolSlot, RuleStats, Session, SlowPath, SlowSegment, SourceKey, UserStats, EVENT_CLOSING,
-        EVENT_OPENED, EVENT_RING_BYTES, FLOW_SOCKS, LISTEN_ALLOW_LIST, LISTEN_FULL, NEXTHOP_NONE,
-        NEXTHOP_OWN, NEXTHOP_SLOTS, ORIGIN_KERNEL, PORT_SLOTS, RULE_SLOTS, RULE_SOCKS,
-        STATE_ACTIVE, STATE_FREE, TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
+        AllowKey, Bucket, Event, Flow, FlowKey, FragKey, Listen, ListenKey, Meta, Nexthop,
+        NexthopKey, PoolSlot, RuleStats, Session, SlowPath, SlowSegment, SourceKey, UserStats,
+        EVENT_CLOSING, EVENT_OPENED, EVENT_RING_BYTES, FLOW_SOCKS, LISTEN_ALLOW_LIST, LISTEN_FULL,
+        NEXTHOP_NONE, NEXTHOP_OWN, NEXTHOP_SLOTS, ORIGIN_KERNEL, PORT_SLOTS, RULE_SLOTS,
+        RULE_SOCKS, SLOW_FRAGMENT, STATE_ACTIVE, STATE_FREE, TO_CLIENT, TO_UPSTREAM, USER_SLOTS,
     },
 };
 
@@ -183,6 +183,12 @@ static SPLICE_LINKS: HashMap<u64, SpliceLink> = HashMap::pinned(SPLICE_SOCKETS, 
 #[map]
 static SPLICE_COUNTS: HashMap<u64, SpliceCount> = HashMap::pinned(SPLICE_SOCKETS, 0);
 
+/// IPv4 datagrams in fragments whose first fragment was a TCP session's segment: the session
+/// and direction their later fragments go to the controller with (XDP's; least recently used
+/// evicted). Not pinned: a fragment in flight across a restart is resent by TCP.
+#[map]
+static FRAGS: LruHashMap<FragKey, Flow> = LruHashMap::with_max_entries(1024, 0);
+
 /// TCP sessions' segments XDP cannot carry, with their frames, for the controller to relay
 /// (`tcp_to_controller`). Not pinned: each controller reads its own program's.
 #[map]
@@ -271,7 +277,11 @@ pub fn relay(ctx: XdpContext) -> u32 {
 /// Decides what to do with a frame. `Err` is a frame the fast path declined.
 #[inline(always)]
 fn classify(ctx: &XdpContext, frame: &mut XdpFrame) -> Result<Reason, Reason> {
-    let headers = parse(frame).inspect_err(|reason| {
+    let parsed = parse(frame);
+    if parsed == Err(Reason::Ipv4Fragment) {
+        return tcp_fragment(ctx, frame);
+    }
+    let headers = parsed.inspect_err(|reason| {
         let reason = *reason as u32;
         debug!(ctx, "declined frame: reason {}", reason);
     })?;
@@ -373,18 +383,19 @@ fn relay_tcp(ctx: &XdpContext, frame: &mut XdpFrame, h: &Headers) -> Result<Reas
     carried
 }
 
-/// Hands a TCP session's segment to the controller with its frame (`TCP_SLOW`):
-/// `tcp_to_controller`, or `tcp_uncarried` if it could not be handed over (no controller
-/// reads the buffer, or it is full). Not inlined: its frame stays off the fast path's.
+/// Hands a segment (or, `flags` [`SLOW_FRAGMENT`], a fragment of one) of TCP session
+/// `session` to the controller with its frame (`TCP_SLOW`): `tcp_to_controller`, or
+/// `tcp_uncarried` if it could not be handed over (no controller reads the buffer, or it is
+/// full). Not inlined: its frame stays off the fast path's.
 #[inline(never)]
-fn to_controller(ctx: &XdpContext, found: &Found) -> Reason {
+fn to_controller(ctx: &XdpContext, session: u32, direction: u32, flags: u32) -> Reason {
     use aya_ebpf::{cty::c_void, helpers::generated::bpf_perf_event_output, EbpfContext as _};
     let len = (ctx.data_end() - ctx.data()) as u64;
     let meta = SlowSegment {
-        session: found.id,
-        direction: found.direction,
+        session,
+        direction,
         len: len as u32,
-        _pad: 0,
+        flags,
     };
     // The frame's bytes follow the record (the helper copies them from the packet).
     let flags = (len << 32) | aya_ebpf::bindings::BPF_F_CURRENT_CPU;
@@ -404,6 +415,49 @@ fn to_controller(ctx: &XdpContext, found: &Found) -> Reason {
     } else {
         Reason::TcpUncarried
     }
+}
+
+/// An IPv4 fragment: one of a TCP session's segment goes to the controller, which reassembles
+/// the segment and relays it (the host's stack would reassemble it and, having no socket for
+/// the session, reset the connection). The first fragment is matched to its session as a
+/// whole segment is and notes its datagram in `FRAGS`, where the later ones find it.
+/// Anything else (the host's own fragments, or a later fragment that arrived before its
+/// first) passes to the kernel.
+#[inline(always)]
+fn tcp_fragment(ctx: &XdpContext, frame: &XdpFrame) -> Result<Reason, Reason> {
+    let Some((h, key)) = parse_tcp_fragment(frame) else {
+        return Err(Reason::Ipv4Fragment);
+    };
+    let (session, direction) = if h.src_port != 0 {
+        let Some(flow) = FLOWS.get_ptr(flow_key(&h)) else {
+            return Err(Reason::Ipv4Fragment);
+        };
+        // SAFETY: a pointer the map lookup returned, valid for this program run.
+        let flow = unsafe { *flow };
+        let Ok(found) = session_of(frame, flow, &h) else {
+            return Err(Reason::Ipv4Fragment);
+        };
+        let to = Flow {
+            session: found.id,
+            direction: found.direction,
+        };
+        if FRAGS.insert(key, to, 0).is_err() {
+            return Err(Reason::Ipv4Fragment);
+        }
+        (found.id, found.direction)
+    } else {
+        let Some(to) = FRAGS.get_ptr(key) else {
+            return Err(Reason::Ipv4Fragment);
+        };
+        // SAFETY: as above.
+        let to = unsafe { *to };
+        // The session must still be the one the first fragment found.
+        if active_session(frame, to.session, &h).is_err() {
+            return Err(Reason::Ipv4Fragment);
+        }
+        (to.session, to.direction)
+    };
+    Err(to_controller(ctx, session, direction, SLOW_FRAGMENT))
 }
 
 /// Records in the session what a relayed segment says about the connection: the client's
@@ -811,7 +865,7 @@ fn carry(
         } else if h.proto == PROTO_TCP {
             // No socket would take it (the host's stack would reset the connection): the
             // controller relays it.
-            to_controller(ctx, found)
+            to_controller(ctx, found.id, found.direction, 0)
         } else if !socket_for(ctx, h) {
             Reason::NoSocket
         } else {

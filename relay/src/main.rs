@@ -668,13 +668,6 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
     } else {
         info!("--xdp-mode off: the controller relays every packet itself");
     }
-    if fast_path && !veths.is_empty() {
-        let names: Vec<&str> = veths.iter().map(|(name, _)| name.as_str()).collect();
-        info!(
-            "veth ({}): frames sent back out the interface they came in on leave by XDP_REDIRECT, not XDP_TX (a veth wakes its peer for XDP_TX frames only if the peer has an XDP program)",
-            names.join(", ")
-        );
-    }
     // The services: the maps' one writer, next hops on their own thread, the forward rules
     // with their sessions, the SOCKS5 server; the loaded object attaches and detaches.
     let socks_ids = config.session_capacity
@@ -883,6 +876,13 @@ async fn run(plan: Plan, reread: impl Fn() -> anyhow::Result<Config>) -> anyhow:
     if fast_path {
         for name in &names {
             program.attach(name, mode)?;
+        }
+        if !veths.is_empty() {
+            let names: Vec<&str> = veths.iter().map(|(name, _)| name.as_str()).collect();
+            info!(
+                "veth ({}): frames sent back out the interface they came in on leave by XDP_REDIRECT, not XDP_TX (a veth wakes its peer for XDP_TX frames only if the peer has an XDP program)",
+                names.join(", ")
+            );
         }
     }
     // The old process may exit now: everything it handed over runs here.

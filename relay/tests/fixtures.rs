@@ -538,6 +538,34 @@ fn tcp_table() -> Vec<Fixture> {
             },
             Reason::TcpToController,
         ),
+        dropped(
+            "TCP a segment's first IPv4 fragment: handed to the controller, its datagram noted",
+            seg(TCP_CLIENT, TCP_FRONT, ACK, &[0x44; 64])
+                .fragment(true, 0)
+                .build(),
+            Reason::TcpToController,
+        ),
+        dropped(
+            "TCP a later fragment of that datagram: handed to the controller",
+            seg(TCP_CLIENT, TCP_FRONT, ACK, &[0x44; 64])
+                .fragment(false, 4)
+                .build(),
+            Reason::TcpToController,
+        ),
+        pass(
+            "TCP a later fragment of a datagram whose first XDP has not seen: the host's",
+            seg("198.18.1.9:50000", TCP_FRONT, ACK, &[0x44; 64])
+                .fragment(false, 4)
+                .build(),
+            Reason::Ipv4Fragment,
+        ),
+        pass(
+            "TCP a first fragment of a flow without a session: the host's",
+            seg("198.18.1.9:50000", TCP_FRONT, ACK, &[0x44; 64])
+                .fragment(true, 0)
+                .build(),
+            Reason::Ipv4Fragment,
+        ),
         up(
             "TCP FIN from the client",
             seg(TCP_CLIENT, TCP_FRONT, FIN | ACK, b""),
@@ -1317,11 +1345,18 @@ fn run_fixtures(send_back: SendBack) -> Vec<String> {
                 .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
         };
         let frame = record.get(meta_len..meta_len + f.input.len());
-        let meta = (word(0), word(4), word(8));
+        let meta = (word(0), word(4), word(8), word(12));
         let len = Some(f.input.len() as u32);
-        if meta != (Some(12), Some(TO_UPSTREAM), len) || frame != Some(&f.input[..]) {
+        // A fragment says so, for the controller to reassemble its segment.
+        let fragment = relay_common::packet::parse_tcp_fragment(&f.input[..]).is_some();
+        let flags = Some(if fragment {
+            relay_common::session::SLOW_FRAGMENT
+        } else {
+            0
+        });
+        if meta != (Some(12), Some(TO_UPSTREAM), len, flags) || frame != Some(&f.input[..]) {
             failures.push(format!(
-                "{}: handed over as session/direction/length {meta:?}, frame {}",
+                "{}: handed over as session/direction/length/flags {meta:?}, frame {}",
                 f.what,
                 if frame == Some(&f.input[..]) {
                     "intact"
@@ -1540,6 +1575,7 @@ fn the_relay_object_is_the_relays_only() {
             "EGRESS",
             "EVENTS",
             "FLOWS",
+            "FRAGS",
             "HOPS",
             "KERNEL_OPENS",
             "LISTEN",

@@ -687,6 +687,53 @@ fn segments_too_big_without_df_are_fragmented_by_the_controller() {
     assert_eq!(reason(&s, "tcp_too_big"), 0, "no DF, no ICMP: {s}");
 }
 
+/// A client behind a router that reaches the relay through a link of a smaller MTU, without
+/// DF: its full segments arrive at the relay in IPv4 fragments. XDP hands them to the
+/// controller, which reassembles each segment and relays it; before, they went to the relay
+/// host's stack, which reassembled them, found no socket and reset the connection.
+#[test]
+fn segments_arriving_in_fragments_are_reassembled_and_relayed() {
+    let Lab { rt, t, pin } = lab();
+    let behind = Netns::new("b");
+    support::veth(
+        &behind,
+        "eth0",
+        &["198.18.9.2/24"],
+        &t.client,
+        "lan0",
+        &["198.18.9.1/24"],
+    );
+    behind.ip(&["route", "add", "default", "via", "198.18.9.1"]);
+    t.client.sysctl("net.ipv4.ip_forward", "1");
+    t.client.ip(&[
+        "route",
+        "replace",
+        "198.18.1.0/24",
+        "dev",
+        "eth0",
+        "mtu",
+        "1000",
+    ]);
+    t.relay
+        .ip(&["route", "add", "198.18.9.0/24", "via", "198.18.1.2"]);
+    let _relay = start(&t, &pin, &[]);
+    let to: SocketAddr = V4.parse().unwrap();
+    let socks = sockets(&behind, 4, false);
+    socks.iter().for_each(without_df);
+    let failures = echo_each(&rt, socks, to);
+    let s = stats(&t.relay, "cli0", &pin);
+    assert!(failures.is_empty(), "{failures:?}: {s}");
+    assert!(
+        reason(&s, "tcp_to_controller") > 0,
+        "XDP handed the fragments to the controller: {s}"
+    );
+    let relayed = &rule(&s, "forward0")["tcp_slow_relayed"]["to_upstream"]["packets"];
+    assert!(
+        relayed.as_u64() > Some(0),
+        "the controller relayed the reassembled segments: {s}"
+    );
+}
+
 /// After a connection without DF (relayed by the controller, nothing sent back to the client
 /// since), a new connection from the same client with DF: its too-big segments are answered
 /// with ICMP "fragmentation needed", which must reach the client at once. Before, XDP sent

@@ -12,6 +12,7 @@
 //! accounted and expired by [`crate::sessions::Table`]. The maps are written through
 //! [`Datapath`], next hops come from [`NextHops`].
 
+mod reassembly;
 mod recovery;
 mod rules;
 mod sessions;

@@ -6,10 +6,17 @@
 //! IP socket: the host's stack routes it, holds it while the neighbour is resolved, and takes
 //! the fragments this cuts from a packet too big for the route.
 //!
+//! A TCP segment that reaches the relay in IPv4 fragments comes here too, fragment by
+//! fragment, and is relayed once whole (`super::reassembly`).
+//!
 //! What it relays or cannot relay is counted per rule (`tcp_slow_relayed`,
 //! `tcp_slow_dropped` in `relay stats`).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use anyhow::{anyhow, Context as _};
 use aya::maps::{
@@ -21,10 +28,14 @@ use relay_common::{
     frame::HostFrame,
     packet::{parse, FAMILY_V4, PROTO_TCP},
     rewrite::{apply, plan, Head},
-    session::{Nexthop, Session, SlowSegment, NEXTHOP_OWN, STATE_ACTIVE, TO_CLIENT, TO_UPSTREAM},
+    session::{
+        Nexthop, Session, SlowSegment, NEXTHOP_OWN, SLOW_FRAGMENT, STATE_ACTIVE, TO_CLIENT,
+        TO_UPSTREAM,
+    },
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use super::reassembly::{Outcome, Reassembly};
 use crate::datapath::Datapath;
 
 /// The map's name in the object.
@@ -42,6 +53,9 @@ pub struct SlowTcp {
     datapath: Arc<Datapath>,
     v4: Socket,
     v6: Option<Socket>,
+    /// Fragments of segments, until their segment is whole (each CPU's buffer is read by its
+    /// own task).
+    fragments: Mutex<Reassembly>,
 }
 
 impl SlowTcp {
@@ -62,7 +76,12 @@ impl SlowTcp {
             .ok_or_else(|| anyhow!("the XDP object has no map {MAP}"))?;
         let mut perf: PerfEventArray<MapData> = map.try_into()?;
         let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-        let slow = Arc::new(SlowTcp { datapath, v4, v6 });
+        let slow = Arc::new(SlowTcp {
+            datapath,
+            v4,
+            v6,
+            fragments: Mutex::new(Reassembly::default()),
+        });
         for cpu in cpus {
             let buf = perf
                 .open(cpu, Some(PAGES))
@@ -104,11 +123,54 @@ impl SlowTcp {
         let Some(frame) = record.get(meta_len..meta_len + meta.len as usize) else {
             return;
         };
+        if meta.flags & SLOW_FRAGMENT == 0 {
+            self.relay_counted(&meta, frame);
+            return;
+        }
+        let (outcome, dropped) = {
+            let mut r = self.fragments.lock().unwrap_or_else(|e| e.into_inner());
+            let outcome = r.add(frame, meta.session, meta.direction, Instant::now());
+            (outcome, r.take_dropped())
+        };
+        for session in dropped {
+            self.count_dropped(session);
+        }
+        match outcome {
+            Outcome::Held => {}
+            Outcome::Dropped => self.count_dropped(meta.session),
+            Outcome::Whole {
+                frame,
+                session,
+                direction,
+            } => {
+                let meta = SlowSegment {
+                    session,
+                    direction,
+                    len: frame.len() as u32,
+                    flags: 0,
+                };
+                self.relay_counted(&meta, &frame);
+            }
+        }
+    }
+
+    /// A datagram of `session` that could not be reassembled: counted as its rule's
+    /// `tcp_slow_dropped`.
+    fn count_dropped(&self, session: u32) {
+        if let Ok(s) = self.datapath.session(session) {
+            let _ = self
+                .datapath
+                .update_rule(s.rule, |r| r.tcp_slow_dropped += 1);
+        }
+    }
+
+    /// Relays one whole segment's frame and counts what became of it.
+    fn relay_counted(&self, meta: &SlowSegment, frame: &[u8]) {
         let Ok(session) = self.datapath.session(meta.session) else {
             return;
         };
         let direction = usize::from(meta.direction == TO_CLIENT);
-        let sent = self.relay(&meta, &session, frame);
+        let sent = self.relay(meta, &session, frame);
         let _ = self.datapath.update_rule(session.rule, |r| match sent {
             Ok(bytes) => {
                 r.tcp_slow[direction].packets += 1;
