@@ -213,10 +213,11 @@ fn is_ipv6_extension(next: u8) -> bool {
 
 /// An IPv4 fragment of a TCP segment (no VLAN tag), which [`parse`] declines as
 /// `Ipv4Fragment`: its headers (the ports only in the first fragment, which must hold them;
-/// 0 in the others) and the datagram it belongs to. `None` for anything else.
+/// 0 in the others), the datagram it belongs to, and whether it is the first. `None` for
+/// anything else.
 pub fn parse_tcp_fragment<P: Packet + ?Sized>(
     pkt: &P,
-) -> Option<(Headers, crate::session::FragKey)> {
+) -> Option<(Headers, crate::session::FragKey, bool)> {
     let eth: EthHdr = pkt.read(0)?;
     if eth.ether_type != ETH_P_IPV4 {
         return None;
@@ -253,7 +254,8 @@ pub fn parse_tcp_fragment<P: Packet + ?Sized>(
     };
     h.src[..4].copy_from_slice(&ip.src_addr);
     h.dst[..4].copy_from_slice(&ip.dst_addr);
-    if frags & 0x1fff == 0 {
+    let first = frags & 0x1fff == 0;
+    if first {
         // The first fragment: its ports must be in it (a tinier one is not a TCP's).
         if total - ihl < 4 {
             return None;
@@ -268,7 +270,7 @@ pub fn parse_tcp_fragment<P: Packet + ?Sized>(
         id: u16::from_be_bytes(ip.id),
         _pad: 0,
     };
-    Some((h, key))
+    Some((h, key, first))
 }
 
 /// Parses Ethernet (with at most one 802.1Q/802.1ad tag), IPv4 (honouring IHL) or IPv6, and the
@@ -513,7 +515,8 @@ mod tests {
             .fragment(true, 0)
             .build();
         assert_eq!(parse(&first[..]), Err(Reason::Ipv4Fragment));
-        let (h, key) = parse_tcp_fragment(&first[..]).expect("a TCP fragment");
+        let (h, key, is_first) = parse_tcp_fragment(&first[..]).expect("a TCP fragment");
+        assert!(is_first);
         assert_eq!(
             (h.src_port, h.dst_port, h.proto, h.l4),
             (40000, 443, PROTO_TCP, 34)
@@ -522,7 +525,8 @@ mod tests {
         let later = Frame::tcp(src, dst, 0x18, &[7; 64])
             .fragment(false, 10)
             .build();
-        let (h2, key2) = parse_tcp_fragment(&later[..]).expect("a TCP fragment");
+        let (h2, key2, is_first) = parse_tcp_fragment(&later[..]).expect("a TCP fragment");
+        assert!(!is_first);
         assert_eq!(
             (h2.src_port, h2.dst_port),
             (0, 0),

@@ -425,17 +425,23 @@ fn to_controller(ctx: &XdpContext, session: u32, direction: u32, flags: u32) -> 
 /// first) passes to the kernel.
 #[inline(always)]
 fn tcp_fragment(ctx: &XdpContext, frame: &XdpFrame) -> Result<Reason, Reason> {
-    let Some((h, key)) = parse_tcp_fragment(frame) else {
+    let Some((h, key, first)) = parse_tcp_fragment(frame) else {
         return Err(Reason::Ipv4Fragment);
     };
-    let (session, direction) = if h.src_port != 0 {
+    let (session, direction) = if first {
+        // No session: the host's own datagram, whose later fragments must not find an older
+        // one's entry (identifications repeat).
+        let not_ours = || {
+            let _ = FRAGS.remove(key);
+            Err(Reason::Ipv4Fragment)
+        };
         let Some(flow) = FLOWS.get_ptr(flow_key(&h)) else {
-            return Err(Reason::Ipv4Fragment);
+            return not_ours();
         };
         // SAFETY: a pointer the map lookup returned, valid for this program run.
         let flow = unsafe { *flow };
         let Ok(found) = session_of(frame, flow, &h) else {
-            return Err(Reason::Ipv4Fragment);
+            return not_ours();
         };
         let to = Flow {
             session: found.id,

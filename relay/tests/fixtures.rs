@@ -553,6 +553,21 @@ fn tcp_table() -> Vec<Fixture> {
             Reason::TcpToController,
         ),
         pass(
+            "TCP a first fragment of the same client's with no session (the identification \
+             again): the host's, and the datagram noted before is forgotten",
+            seg("198.18.1.2:50001", TCP_FRONT, ACK, &[0x44; 64])
+                .fragment(true, 0)
+                .build(),
+            Reason::Ipv4Fragment,
+        ),
+        pass(
+            "TCP a later fragment of that identification now: the host's",
+            seg(TCP_CLIENT, TCP_FRONT, ACK, &[0x44; 64])
+                .fragment(false, 4)
+                .build(),
+            Reason::Ipv4Fragment,
+        ),
+        pass(
             "TCP a later fragment of a datagram whose first XDP has not seen: the host's",
             seg("198.18.1.9:50000", TCP_FRONT, ACK, &[0x44; 64])
                 .fragment(false, 4)
@@ -1347,8 +1362,9 @@ fn run_fixtures(send_back: SendBack) -> Vec<String> {
         let frame = record.get(meta_len..meta_len + f.input.len());
         let meta = (word(0), word(4), word(8), word(12));
         let len = Some(f.input.len() as u32);
-        // A fragment says so, for the controller to reassemble its segment.
-        let fragment = relay_common::packet::parse_tcp_fragment(&f.input[..]).is_some();
+        // A fragment (more fragments, or an offset) says so, for the controller to
+        // reassemble its segment.
+        let fragment = u16::from_be_bytes([f.input[20], f.input[21]]) & 0x3fff != 0;
         let flags = Some(if fragment {
             relay_common::session::SLOW_FRAGMENT
         } else {

@@ -732,6 +732,8 @@ fn segments_arriving_in_fragments_are_reassembled_and_relayed() {
         relayed.as_u64() > Some(0),
         "the controller relayed the reassembled segments: {s}"
     );
+    assert_eq!(rule(&s, "forward0")["tcp_slow_dropped"], 0, "{s}");
+    assert_eq!(reason(&s, "tcp_uncarried"), 0, "{s}");
 }
 
 /// After a connection without DF (relayed by the controller, nothing sent back to the client

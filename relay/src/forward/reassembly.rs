@@ -3,10 +3,11 @@
 //! session, answer with a reset; here they become the whole segment again, which the slow path
 //! relays as it relays any other (cut into fragments again if the route needs it).
 //!
-//! Bounded: at most [`PENDING`] datagrams at once (the oldest is dropped for a new one), each
-//! at most an IP packet's 65,535 bytes, each dropped [`TIMEOUT`] after its first fragment.
-//! Overlapping fragments drop their datagram, as Linux does since 2018 (RFC 5722 asks it for
-//! IPv6): no fragment rewrites bytes another one brought.
+//! Bounded: at most [`PENDING`] datagrams at once, [`PER_SESSION`] of one session (the oldest
+//! is dropped for a new one), each at most an IP packet's 65,535 bytes in at most [`PIECES`]
+//! pieces, each dropped [`TIMEOUT`] after its first fragment. A fragment that overlaps another
+//! drops its datagram (as Linux does since 2018, and RFC 5722 asks for IPv6): no fragment
+//! rewrites bytes another one brought; the same fragment twice is held once.
 
 use std::{
     collections::HashMap,
@@ -17,6 +18,15 @@ use relay_common::session::FragKey;
 
 /// Datagrams reassembled at once.
 pub const PENDING: usize = 64;
+
+/// Datagrams one session has reassembled at once.
+pub const PER_SESSION: usize = 8;
+
+/// Pieces one datagram may come in (a 64 KB segment in fragments of a 576-byte MTU is 120).
+pub const PIECES: usize = 256;
+
+/// The least IPv4 header.
+const MIN_IHL: usize = 20;
 
 /// How long a datagram waits for its missing fragments (TCP resends the segment).
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,17 +117,12 @@ impl Reassembly {
         let Some(p) = piece(frame) else {
             return Outcome::Dropped;
         };
-        if !self.pending.contains_key(&p.key) && self.pending.len() >= PENDING {
-            if let Some(oldest) = self
-                .pending
-                .iter()
-                .min_by_key(|(_, d)| d.started)
-                .map(|(k, _)| *k)
-            {
-                if let Some(d) = self.pending.remove(&oldest) {
-                    self.dropped.push(d.session);
-                }
-            }
+        if p.data.is_empty() {
+            // No data: nothing to place (Linux drops such a fragment too).
+            return Outcome::Dropped;
+        }
+        if !self.pending.contains_key(&p.key) {
+            self.make_room(session);
         }
         let d = self.pending.entry(p.key).or_insert_with(|| Datagram {
             started: now,
@@ -129,15 +134,21 @@ impl Reassembly {
             length: None,
         });
         let (start, end) = (p.offset, p.offset + p.data.len());
-        let ihl = p.headers.len() - ETH;
+        if d.have.contains(&(start, end)) {
+            // The same fragment again (a duplicate on the way): nothing new.
+            return Outcome::Held;
+        }
         let overlaps = d.have.iter().any(|&(s, e)| start < e && s < end);
         // A middle fragment's data comes in multiples of 8 bytes; the last one fixes the
-        // length, once; nothing lies past it; the whole fits in an IP packet.
+        // length, once; nothing lies past it; the whole fits in an IP packet (with the least
+        // header; checked again with the first fragment's once whole); a datagram comes in a
+        // bounded number of pieces.
         let misfit = (p.more && p.data.len() % 8 != 0)
             || (!p.more && d.length.is_some_and(|l| l != end))
             || d.length.is_some_and(|l| end > l)
             || (!p.more && d.have.iter().any(|&(_, e)| e > end))
-            || ihl + end > usize::from(u16::MAX);
+            || MIN_IHL + end > usize::from(u16::MAX)
+            || d.have.len() >= PIECES;
         if overlaps || misfit {
             self.pending.remove(&p.key);
             return Outcome::Dropped;
@@ -164,13 +175,19 @@ impl Reassembly {
         let Some(d) = self.pending.remove(&p.key) else {
             return Outcome::Dropped;
         };
-        let mut frame = d.headers.unwrap_or_default();
+        let Some(mut frame) = d.headers else {
+            return Outcome::Dropped;
+        };
+        // The first fragment's header is the datagram's (a later one's may be shorter: only
+        // copied options go into later fragments).
+        let ihl = frame.len() - ETH;
+        let Ok(total) = u16::try_from(ihl + d.payload.len()) else {
+            return Outcome::Dropped;
+        };
         frame.extend_from_slice(&d.payload);
         let ip = &mut frame[ETH..];
-        let total = (ip.len() as u16).to_be_bytes();
-        ip[2..4].copy_from_slice(&total);
-        // Whole: no offset, no more fragments; DF as the first fragment had it (never set on
-        // a fragment, so clear).
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        // Whole: no offset, no more fragments, and no DF (a fragment never had it).
         ip[6..8].copy_from_slice(&[0, 0]);
         ip[10..12].copy_from_slice(&[0, 0]);
         let check = header_checksum(&ip[..ihl]);
@@ -179,6 +196,34 @@ impl Reassembly {
             frame,
             session: d.session,
             direction: d.direction,
+        }
+    }
+
+    /// Before a new datagram of `session` is held: a session holding [`PER_SESSION`] gives up
+    /// its oldest, and a full table its oldest of all (one client cannot push out everyone
+    /// else's).
+    fn make_room(&mut self, session: u32) {
+        let oldest = |pending: &HashMap<FragKey, Datagram>, of: Option<u32>| {
+            pending
+                .iter()
+                .filter(|(_, d)| of.is_none_or(|s| d.session == s))
+                .min_by_key(|(_, d)| d.started)
+                .map(|(k, _)| *k)
+        };
+        let held = self
+            .pending
+            .values()
+            .filter(|d| d.session == session)
+            .count();
+        let evict = if held >= PER_SESSION {
+            oldest(&self.pending, Some(session))
+        } else if self.pending.len() >= PENDING {
+            oldest(&self.pending, None)
+        } else {
+            None
+        };
+        if let Some(d) = evict.and_then(|k| self.pending.remove(&k)) {
+            self.dropped.push(d.session);
         }
     }
 
@@ -309,9 +354,90 @@ mod tests {
         let mut r = Reassembly::default();
         let now = Instant::now();
         assert_eq!(r.add(&pieces[0], 3, 1, now), Outcome::Held);
-        // The first fragment again: its bytes overlap what came.
-        assert_eq!(r.add(&pieces[0], 3, 1, now), Outcome::Dropped);
+        // The second fragment moved 8 bytes into the first's range.
+        let mut over = pieces[1].clone();
+        let frags = u16::from_be_bytes([over[ETH + 6], over[ETH + 7]]);
+        over[ETH + 6..ETH + 8].copy_from_slice(&(frags - 1).to_be_bytes());
+        assert_eq!(r.add(&over, 3, 1, now), Outcome::Dropped);
         assert!(r.pending.is_empty());
+    }
+
+    #[test]
+    fn the_same_fragment_twice_is_held_once() {
+        let whole = undf(&segment(2000));
+        let mut pieces = cut(&whole, 576);
+        pieces.insert(1, pieces[0].clone());
+        pieces.push(pieces[2].clone());
+        let mut r = Reassembly::default();
+        let now = Instant::now();
+        let last = pieces.pop().unwrap();
+        assert_eq!(whole_again(&mut r, &pieces), Some(whole));
+        // Once whole, a late copy starts a datagram of its own, which never completes.
+        assert_eq!(r.add(&last, 3, 1, now), Outcome::Held);
+    }
+
+    #[test]
+    fn fragments_without_data_are_dropped_alone() {
+        let whole = undf(&segment(2000));
+        let pieces = cut(&whole, 576);
+        let mut r = Reassembly::default();
+        let now = Instant::now();
+        assert_eq!(r.add(&pieces[0], 3, 1, now), Outcome::Held);
+        let mut empty = pieces[1][..ETH + 20].to_vec();
+        empty[ETH + 2..ETH + 4].copy_from_slice(&20u16.to_be_bytes());
+        for _ in 0..1000 {
+            assert_eq!(r.add(&empty, 3, 1, now), Outcome::Dropped);
+        }
+        assert_eq!(whole_again(&mut r, &pieces[1..]), Some(whole));
+    }
+
+    #[test]
+    fn the_first_fragments_header_is_the_datagrams() {
+        // An option that is not copied into later fragments (type 0x44, timestamp): the first
+        // fragment's header is 4 bytes longer than the others'.
+        let mut whole = Frame::tcp(
+            "198.18.1.2:40000".parse().unwrap(),
+            "198.18.1.1:443".parse().unwrap(),
+            0x18,
+            &[9; 2000],
+        )
+        .ipv4_options(&[0x44, 4, 5, 0])
+        .build();
+        whole = {
+            whole[ETH + 6] = 0;
+            whole[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
+            let c = header_checksum(&whole[ETH..ETH + 24]);
+            whole[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
+            whole
+        };
+        let pieces = cut(&whole, 576);
+        assert_eq!(pieces[0][ETH] & 0x0f, 6);
+        assert_eq!(pieces[1][ETH] & 0x0f, 5);
+        let mut r = Reassembly::default();
+        let mut reversed = pieces.clone();
+        reversed.reverse();
+        assert_eq!(whole_again(&mut r, &reversed), Some(whole));
+        // A last fragment with a longer header than the first's (its own options): the
+        // datagram keeps the first's, and nothing reads past it.
+        let first = cut(&undf(&segment(8)), 28).remove(0);
+        assert_eq!(first.len(), ETH + 28);
+        let mut last = undf(&segment(40))[..ETH + 60 + 1].to_vec();
+        last[ETH] = 0x4f;
+        last[ETH + 2..ETH + 4].copy_from_slice(&61u16.to_be_bytes());
+        last[ETH + 4..ETH + 6].copy_from_slice(&first[ETH + 4..ETH + 6]);
+        last[ETH + 6..ETH + 8].copy_from_slice(&1u16.to_be_bytes());
+        assert_eq!(r.add(&first, 3, 1, Instant::now()), Outcome::Held);
+        match r.add(&last, 3, 1, Instant::now()) {
+            Outcome::Whole { frame, .. } => assert_eq!(frame.len(), ETH + 20 + 9),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The first fragment of datagram `id`.
+    fn first_of(id: u16) -> Vec<u8> {
+        let mut f = cut(&undf(&segment(1200)), 576).remove(0);
+        f[ETH + 4..ETH + 6].copy_from_slice(&id.to_be_bytes());
+        f
     }
 
     #[test]
@@ -319,14 +445,27 @@ mod tests {
         let mut r = Reassembly::default();
         let start = Instant::now();
         for i in 0..(PENDING + 3) {
-            let mut f = cut(&undf(&segment(1200)), 576).remove(0);
-            // Another datagram each: its identification.
-            f[ETH + 4..ETH + 6].copy_from_slice(&(i as u16).to_be_bytes());
             let now = start + Duration::from_millis(i as u64);
-            assert_eq!(r.add(&f, 3, 1, now), Outcome::Held);
+            // One datagram per session.
+            assert_eq!(r.add(&first_of(i as u16), i as u32, 1, now), Outcome::Held);
         }
         assert_eq!(r.pending.len(), PENDING);
-        assert_eq!(r.take_dropped(), vec![3; 3]);
+        assert_eq!(r.take_dropped(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn one_session_cannot_push_out_the_others() {
+        let mut r = Reassembly::default();
+        let start = Instant::now();
+        for i in 0..10u16 {
+            assert_eq!(r.add(&first_of(i), 7, 1, start), Outcome::Held);
+        }
+        for i in 0..(PENDING as u16 * 2) {
+            let now = start + Duration::from_millis(u64::from(i) + 1);
+            assert_eq!(r.add(&first_of(100 + i), 3, 1, now), Outcome::Held);
+        }
+        let of = |s: u32| r.pending.values().filter(|d| d.session == s).count();
+        assert_eq!((of(3), of(7)), (PER_SESSION, PER_SESSION));
     }
 
     #[test]

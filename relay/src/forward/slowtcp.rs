@@ -26,7 +26,7 @@ use aya::maps::{
 use log::debug;
 use relay_common::{
     frame::HostFrame,
-    packet::{parse, FAMILY_V4, PROTO_TCP},
+    packet::{parse, tcp_flags_ok, FAMILY_V4, PROTO_TCP},
     rewrite::{apply, plan, Head},
     session::{
         Nexthop, Session, SlowSegment, NEXTHOP_OWN, SLOW_FRAGMENT, STATE_ACTIVE, TO_CLIENT,
@@ -143,6 +143,12 @@ impl SlowTcp {
                 session,
                 direction,
             } => {
+                // What XDP checks of a whole segment before it relays one (flags a TCP sends).
+                let flags_ok = parse(&frame[..]).is_ok_and(|h| tcp_flags_ok(&h));
+                if !flags_ok {
+                    self.count_dropped(session);
+                    return;
+                }
                 let meta = SlowSegment {
                     session,
                     direction,
