@@ -23,7 +23,7 @@ use aya::maps::{
     perf::{PerfEvent, PerfEventArrayBuffer},
     MapData, PerfEventArray,
 };
-use log::debug;
+use log::{debug, warn};
 use relay_common::{
     frame::HostFrame,
     packet::{parse, tcp_flags_ok, FAMILY_V4, PROTO_TCP},
@@ -94,7 +94,17 @@ impl SlowTcp {
                         frame.clear();
                         frame.extend_from_slice(head);
                         frame.extend_from_slice(tail);
-                        slow.handle(&frame);
+                        // A defect in handling one record costs that record, not this CPU's
+                        // reader for good.
+                        let handled =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                slow.handle(&frame)
+                            }));
+                        if handled.is_err() {
+                            warn!(
+                                "{MAP}: a record could not be handled (a defect: please report it)"
+                            );
+                        }
                     }
                     PerfEvent::Lost { count } => {
                         debug!("{MAP}: {count} segments lost (the buffer was full)");
