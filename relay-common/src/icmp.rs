@@ -11,7 +11,6 @@
 
 use crate::{
     checksum::fold,
-    counters::Reason,
     packet::{FrameMut, Headers, FAMILY_V4},
 };
 
@@ -58,10 +57,18 @@ fn sum_frame<F: FrameMut + ?Sized>(frame: &F, off: usize, n: usize) -> Option<u3
     Some(sum)
 }
 
-/// Turns the frame into the ICMP error `kind` for it. Declines, the frame untouched, what a
-/// router would not answer this way (an IPv4 packet without DF is fragmented, not refused;
-/// the relay drops it) and layouts it does not build (a VLAN tag); after the first change a
-/// failure is `adjust_failed`.
+/// Why [`reply`] did not answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoReply {
+    /// Not answered, the frame untouched: what a router would not answer this way (an IPv4
+    /// packet without DF is fragmented, not refused) or a layout this does not build (a VLAN
+    /// tag, IPv4 options). The packet goes whatever other way its caller has.
+    Declined,
+    /// Failed after the frame changed (`adjust_failed`): it can only be dropped.
+    Broken,
+}
+
+/// Turns the frame into the ICMP error `kind` for it, or says why not ([`NoReply`]).
 ///
 /// The frame grows at its front by the new IP and ICMP headers: the packet's own IP header
 /// and transport header then sit 14 bytes (its old Ethernet header, read first) further on,
@@ -72,11 +79,11 @@ pub fn reply<F: FrameMut + ?Sized>(
     frame: &mut F,
     h: &Headers,
     kind: IcmpError,
-) -> Result<(), Reason> {
+) -> Result<(), NoReply> {
     // The quote is the IP header and 8 bytes of TCP where they lie: an IPv4 header with
     // options is not built here.
     if h.l3 != 14 || (h.family == FAMILY_V4 && h.l4 != 14 + 20) {
-        return Err(Reason::TcpUncarried);
+        return Err(NoReply::Declined);
     }
     let v4 = h.family == FAMILY_V4;
     let (head, quote) = if v4 {
@@ -85,27 +92,25 @@ pub fn reply<F: FrameMut + ?Sized>(
         (V6_HEAD, V6_QUOTE)
     };
     if frame.len() < 14 + quote {
-        return Err(Reason::TcpUncarried);
+        return Err(NoReply::Declined);
     }
     if v4 && matches!(kind, IcmpError::TooBig { .. }) {
         // Flags and fragment offset: DF is 0x4000.
-        let frags: [u8; 2] = frame.read(20).ok_or(Reason::TcpUncarried)?;
+        let frags: [u8; 2] = frame.read(20).ok_or(NoReply::Declined)?;
         if frags[0] & 0x40 == 0 {
-            return Err(Reason::TcpUncarried);
+            return Err(NoReply::Declined);
         }
     }
-    let macs: [u8; 12] = frame.read(0).ok_or(Reason::TcpUncarried)?;
-    let quoted = sum_frame(frame, 14, quote).ok_or(Reason::TcpUncarried)?;
-    frame
-        .adjust_head(-(head as i32))
-        .ok_or(Reason::TcpUncarried)?;
+    let macs: [u8; 12] = frame.read(0).ok_or(NoReply::Declined)?;
+    let quoted = sum_frame(frame, 14, quote).ok_or(NoReply::Declined)?;
+    frame.adjust_head(-(head as i32)).ok_or(NoReply::Declined)?;
     // From here on the frame has changed.
     let done = if v4 {
         write_v4(frame, h, kind, &macs, quoted)
     } else {
         write_v6(frame, h, kind, &macs, quoted)
     };
-    done.ok_or(Reason::AdjustFailed)
+    done.ok_or(NoReply::Broken)
 }
 
 /// The Ethernet header back to the sender.
@@ -229,7 +234,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn answer(input: &[u8], kind: IcmpError) -> Result<Vec<u8>, Reason> {
+    fn answer(input: &[u8], kind: IcmpError) -> Result<Vec<u8>, NoReply> {
         let mut f = HostFrame::new(input, XDP_HEADROOM);
         let h = parse(&f).unwrap();
         reply(&mut f, &h, kind).map(|()| f.bytes().to_vec())
@@ -279,7 +284,7 @@ mod tests {
         let input = seg.build();
         assert_eq!(
             answer(&input, IcmpError::TooBig { mtu: 100 }),
-            Err(Reason::TcpUncarried)
+            Err(NoReply::Declined)
         );
         // Time exceeded needs no DF.
         let out = answer(&input, IcmpError::TimeExceeded).unwrap();
@@ -335,7 +340,7 @@ mod tests {
             .build();
         assert_eq!(
             answer(&input, IcmpError::TimeExceeded),
-            Err(Reason::TcpUncarried)
+            Err(NoReply::Declined)
         );
     }
 }

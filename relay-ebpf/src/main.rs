@@ -31,7 +31,7 @@ use relay_common::{
         Counter, Open, Reason, Verdict, COUNTER_SLOTS, OPEN_SLOTS, TX_BY_REDIRECT_ALL,
         TX_BY_REDIRECT_SLOTS,
     },
-    icmp::{self, IcmpError},
+    icmp::{self, IcmpError, NoReply},
     limits::{UserLimit, UserSpent},
     packet::{
         ipv4_header_ok, parse, parse_tcp_fragment, tcp_flags_ok, Headers, Packet, FAMILY_V4,
@@ -881,19 +881,21 @@ fn carry(
     let nexthop = nexthop_of(found.id, s, direction).map_err(declined)?;
     let plan = match plan(h, s.target(direction), nexthop, head) {
         Ok(p) => p,
-        // What a router answers for a packet it will not forward.
-        Err(Reason::TooBig) if h.proto == PROTO_TCP => {
-            let kind = IcmpError::TooBig { mtu: nexthop.mtu };
-            return match icmp::reply(frame, h, kind) {
-                Ok(()) => Ok(Reason::TcpTooBig),
-                // Not answered, the frame untouched: without DF (the controller fragments
-                // it), or a header layout the answer is not built for.
-                Err(Reason::TcpUncarried) => Err(declined(Reason::TooBig)),
-                Err(other) => Err(other),
+        // What a router answers for a packet it will not forward. Not answered: one too big
+        // (without DF) goes the declined way (the controller fragments it); one whose TTL is
+        // spent has none (a router drops it too).
+        Err(reason @ (Reason::TooBig | Reason::TtlExpiring)) if h.proto == PROTO_TCP => {
+            let (kind, answered) = if reason == Reason::TooBig {
+                (IcmpError::TooBig { mtu: nexthop.mtu }, Reason::TcpTooBig)
+            } else {
+                (IcmpError::TimeExceeded, Reason::TcpTtlExpired)
             };
-        }
-        Err(Reason::TtlExpiring) if h.proto == PROTO_TCP => {
-            return icmp::reply(frame, h, IcmpError::TimeExceeded).map(|()| Reason::TcpTtlExpired);
+            return match icmp::reply(frame, h, kind) {
+                Ok(()) => Ok(answered),
+                Err(NoReply::Declined) if reason == Reason::TooBig => Err(declined(reason)),
+                Err(NoReply::Declined) => Err(Reason::TcpUncarried),
+                Err(NoReply::Broken) => Err(Reason::AdjustFailed),
+            };
         }
         Err(reason) => return Err(declined(reason)),
     };
