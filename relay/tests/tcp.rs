@@ -624,10 +624,14 @@ fn a_smaller_route_mtu_is_found_by_path_mtu_discovery() {
     assert_eq!(reason(&s, "tcp_uncarried"), 0, "{s}");
 }
 
-/// The same smaller route MTU for a client that does not set DF (path MTU discovery off):
-/// XDP cannot carry its full segments and no ICMP is due; the controller relays them in
-/// fragments that fit (without that they were dropped, and the connection stalled on its
-/// retransmissions of the same size).
+/// `n` IPv4 client sockets in `ns` with path MTU discovery off: their segments leave without
+/// DF.
+fn sockets_without_df(ns: &Netns, n: usize) -> Vec<TcpSocket> {
+    let socks = sockets(ns, n, false);
+    socks.iter().for_each(without_df);
+    socks
+}
+
 /// Turns path MTU discovery off on a client socket: its segments leave without DF.
 fn without_df(s: &TcpSocket) {
     let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
@@ -662,15 +666,17 @@ fn echo_each(rt: &tokio::runtime::Runtime, socks: Vec<TcpSocket>, to: SocketAddr
     })
 }
 
+/// The same smaller route MTU for a client that does not set DF (path MTU discovery off):
+/// XDP cannot carry its full segments and no ICMP is due; the controller relays them in
+/// fragments that fit (without that they were dropped, and the connection stalled on its
+/// retransmissions of the same size).
 #[test]
 fn segments_too_big_without_df_are_fragmented_by_the_controller() {
     let Lab { rt, t, pin } = lab();
     smaller_route_to_the_upstream(&t);
     let _relay = start(&t, &pin, &[]);
     let to: SocketAddr = V4.parse().unwrap();
-    let socks = sockets(&t.client, 4, false);
-    socks.iter().for_each(without_df);
-    let failures = echo_each(&rt, socks, to);
+    let failures = echo_each(&rt, sockets_without_df(&t.client, 4), to);
     assert!(failures.is_empty(), "{failures:?}");
     let s = stats(&t.relay, "cli0", &pin);
     all_relayed_by_the_controller(&s);
@@ -724,9 +730,7 @@ fn segments_arriving_in_fragments_are_reassembled_and_relayed() {
         .ip(&["route", "add", "198.18.9.0/24", "via", "198.18.1.2"]);
     let _relay = start(&t, &pin, &[]);
     let to: SocketAddr = V4.parse().unwrap();
-    let socks = sockets(&behind, 4, false);
-    socks.iter().for_each(without_df);
-    let failures = echo_each(&rt, socks, to);
+    let failures = echo_each(&rt, sockets_without_df(&behind, 4), to);
     let s = stats(&t.relay, "cli0", &pin);
     assert!(failures.is_empty(), "{failures:?}: {s}");
     all_relayed_by_the_controller(&s);
@@ -748,9 +752,7 @@ fn path_mtu_discovery_works_after_a_connection_without_df() {
     // path MTU it learnt before each.
     for round in 0..3 {
         t.client.ip(&["route", "flush", "cache"]);
-        let socks = sockets(&t.client, 1, false);
-        socks.iter().for_each(without_df);
-        let failures = echo_each(&rt, socks, to);
+        let failures = echo_each(&rt, sockets_without_df(&t.client, 1), to);
         assert!(
             failures.is_empty(),
             "without DF, round {round}: {failures:?}"

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use relay_common::session::FragKey;
+use relay_common::{checksum::checksum, session::FragKey};
 
 /// Datagrams reassembled at once.
 pub const PENDING: usize = 64;
@@ -190,7 +190,7 @@ impl Reassembly {
         // Whole: no offset, no more fragments, and no DF (a fragment never had it).
         ip[6..8].copy_from_slice(&[0, 0]);
         ip[10..12].copy_from_slice(&[0, 0]);
-        let check = header_checksum(&ip[..ihl]);
+        let check = checksum(&ip[..ihl]);
         ip[10..12].copy_from_slice(&check.to_be_bytes());
         Outcome::Whole {
             frame,
@@ -242,18 +242,6 @@ impl Reassembly {
             keep
         });
     }
-}
-
-/// The IPv4 header checksum of `header` (whose checksum field reads 0).
-fn header_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 #[cfg(test)]
@@ -308,7 +296,7 @@ mod tests {
         let mut f = whole.to_vec();
         f[ETH + 6] = 0;
         f[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
-        let c = header_checksum(&f[ETH..ETH + 20]);
+        let c = checksum(&f[ETH..ETH + 20]);
         f[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
         f
     }
@@ -406,7 +394,7 @@ mod tests {
         whole = {
             whole[ETH + 6] = 0;
             whole[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
-            let c = header_checksum(&whole[ETH..ETH + 24]);
+            let c = checksum(&whole[ETH..ETH + 24]);
             whole[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
             whole
         };
